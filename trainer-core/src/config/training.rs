@@ -1,0 +1,728 @@
+//! The training config, read from any of the three forms SimpleTuner users
+//! have: an env file (`config.env`, `sdxl-env.sh`: `KEY=value` lines), a
+//! `config.json` or a `config.toml` (option names with or without `--`).
+//! All three become one map of SimpleTuner option names, read into
+//! [`TrainingConfig`] by one function, so they behave identically.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::dataset::{resolve_path, DatasetDefaults};
+use super::values::Reader;
+use crate::error::{nearest, Diagnostics, Error, Result};
+
+/// SimpleTuner env names -> option names.
+const ENV_NAMES: &str = include_str!("env_names.tsv");
+/// Every SimpleTuner option name (first word) and its aliases.
+const SIMPLETUNER_OPTIONS: &str = include_str!("simpletuner_options.txt");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigFormat {
+    Env,
+    Json,
+    Toml,
+}
+
+impl ConfigFormat {
+    /// `.json` and `.toml` by extension; anything else (`.env`, `.sh`) is an env file.
+    pub fn from_path(path: &str) -> Self {
+        let lower = path.to_ascii_lowercase();
+        if lower.ends_with(".json") {
+            Self::Json
+        } else if lower.ends_with(".toml") {
+            Self::Toml
+        } else {
+            Self::Env
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelFamily {
+    Sd1x,
+    Sd2x,
+    Sdxl,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelType {
+    Lora,
+    Full,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    Constant,
+    ConstantWithWarmup,
+    Linear,
+    Cosine,
+    CosineWithRestarts,
+    Sine,
+    Polynomial,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Optimizer {
+    /// AdamW with f32 weights and state.
+    Adamw,
+    /// AdamW with bf16 weights and state and stochastic rounding (SimpleTuner's
+    /// `adamw_bf16`); f32 state on backends without bf16.
+    AdamwBf16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DatasetSampling {
+    Uniform,
+    AutoWeighting,
+}
+
+/// How datasets marked `is_regularisation_data` are trained (decisions.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegularisationMode {
+    /// Ordinary training data.
+    Mixed,
+    /// Classic Dreambooth: instance and class loss in one step.
+    PriorPreservation,
+    /// The target is the base model's own prediction (adapter off).
+    ParentPrediction,
+}
+
+/// A resolved training config. Defaults are SimpleTuner's registry defaults
+/// unless a comment says otherwise.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainingConfig {
+    /// The file this was read from (for messages).
+    pub source_name: String,
+    pub model_family: ModelFamily,
+    pub model_type: ModelType,
+    pub pretrained_model_name_or_path: Option<String>,
+    pub output_dir: String,
+    /// The dataloader config path, resolved against the config file's folder.
+    pub data_backend_config: String,
+    pub resolution: f64,
+    pub resolution_type: String,
+    pub minimum_image_size: Option<f64>,
+    pub caption_strategy: String,
+    pub instance_prompt: Option<String>,
+    pub prepend_instance_prompt: bool,
+    pub only_instance_prompt: bool,
+    /// Seeds sampling and training. Unset means 0 (SimpleTuner picks a time-based seed).
+    pub seed: u64,
+    pub train_batch_size: u32,
+    pub gradient_accumulation_steps: u32,
+    pub learning_rate: f64,
+    pub lr_scheduler: LrSchedule,
+    pub lr_warmup_steps: u64,
+    pub lr_end: f64,
+    pub lr_power: f64,
+    pub lr_num_cycles: f64,
+    pub optimizer: Optimizer,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_weight_decay: f64,
+    pub adam_epsilon: f64,
+    pub max_grad_norm: f64,
+    /// Stop after this many optimizer steps (MAX_NUM_STEPS).
+    pub max_train_steps: Option<u64>,
+    /// Stop after this many epochs (NUM_EPOCHS). With both set, whichever comes first.
+    pub num_train_epochs: Option<u64>,
+    pub checkpoint_step_interval: u64,
+    pub checkpoints_total_limit: u32,
+    pub resume_from_checkpoint: Option<String>,
+    pub validation_step_interval: u64,
+    pub validation_prompt: Option<String>,
+    pub validation_negative_prompt: String,
+    pub validation_guidance: f64,
+    pub validation_num_inference_steps: u32,
+    pub validation_resolution: String,
+    pub validation_seed: Option<u64>,
+    pub lora_rank: u32,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub mixed_precision: String,
+    pub gradient_checkpointing: bool,
+    pub caption_dropout_probability: f64,
+    pub offset_noise: bool,
+    pub noise_offset: f64,
+    pub noise_offset_probability: f64,
+    pub snr_gamma: Option<f64>,
+    pub prediction_type: Option<String>,
+    pub data_backend_sampling: DatasetSampling,
+    pub allow_dataset_oversubscription: bool,
+    pub regularisation_mode: RegularisationMode,
+    pub prior_loss_weight: f64,
+    pub aspect_bucket_alignment: u32,
+    pub aspect_bucket_rounding: u32,
+    /// Unknown dataset-config keys are errors rather than warnings.
+    pub strict_config: bool,
+    pub warnings: Vec<String>,
+}
+
+impl TrainingConfig {
+    /// Reads a training config from its text. `source_name` is the file's
+    /// path (its folder anchors a relative DATALOADER_CONFIG); `env` looks up
+    /// environment variables for `${VAR}` and `{env:VAR}`.
+    pub fn parse(
+        text: &str,
+        format: ConfigFormat,
+        source_name: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self> {
+        let mut diagnostics = Diagnostics::default();
+        let map = match format {
+            ConfigFormat::Env => env_to_map(text, env, &mut diagnostics),
+            ConfigFormat::Json => {
+                let value: Value = serde_json::from_str(text).map_err(|e| config_error(source_name, format!("not valid JSON: {e}")))?;
+                object_to_map(value, &mut diagnostics).map_err(|e| config_error(source_name, e))?
+            }
+            ConfigFormat::Toml => {
+                let value: toml::Table = toml::from_str(text).map_err(|e| config_error(source_name, format!("not valid TOML: {e}")))?;
+                let value = serde_json::to_value(value).map_err(|e| config_error(source_name, e.to_string()))?;
+                object_to_map(value, &mut diagnostics).map_err(|e| config_error(source_name, e))?
+            }
+        };
+        let map = expand_env_placeholders(map, env, &mut diagnostics);
+        let base_dir = Path::new(source_name).parent().map(|p| p.to_string_lossy().into_owned());
+        let config = read_config(&map, format == ConfigFormat::Env, source_name, base_dir.as_deref(), &mut diagnostics);
+        let warnings = diagnostics.into_result(source_name)?;
+        let mut config = config.expect("a config without errors is complete");
+        config.warnings = warnings;
+        Ok(config)
+    }
+
+    /// The dataset fallbacks this config provides (SimpleTuner's globals).
+    pub fn dataset_defaults(&self) -> DatasetDefaults {
+        DatasetDefaults {
+            model_family: self.model_family_name().to_string(),
+            output_dir: self.output_dir.clone(),
+            resolution: self.resolution,
+            resolution_type: self.resolution_type.clone(),
+            minimum_image_size: self.minimum_image_size,
+            caption_strategy: self.caption_strategy.clone(),
+            instance_prompt: self.instance_prompt.clone(),
+            prepend_instance_prompt: self.prepend_instance_prompt,
+            only_instance_prompt: self.only_instance_prompt,
+            train_batch_size: self.train_batch_size,
+            alignment: self.aspect_bucket_alignment,
+            rounding: self.aspect_bucket_rounding,
+            strict: self.strict_config,
+        }
+    }
+
+    pub fn model_family_name(&self) -> &'static str {
+        match self.model_family {
+            ModelFamily::Sd1x => "sd1x",
+            ModelFamily::Sd2x => "sd2x",
+            ModelFamily::Sdxl => "sdxl",
+        }
+    }
+}
+
+fn config_error(source_name: &str, message: String) -> Error {
+    Error::Config { source_name: source_name.to_string(), problems: vec![message] }
+}
+
+/// The env-file name -> option name table.
+fn env_names() -> BTreeMap<&'static str, &'static str> {
+    let mut names = BTreeMap::new();
+    for line in ENV_NAMES.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        if let Some((env, option)) = line.split_once('\t') {
+            names.entry(env).or_insert(option);
+        }
+    }
+    names
+}
+
+/// Option name for every SimpleTuner option name or alias.
+fn option_aliases() -> BTreeMap<&'static str, &'static str> {
+    let mut aliases = BTreeMap::new();
+    for line in SIMPLETUNER_OPTIONS.lines().filter(|l| !l.starts_with('#')) {
+        let mut words = line.split_whitespace();
+        if let Some(name) = words.next() {
+            aliases.insert(name, name);
+            for alias in words {
+                aliases.insert(alias, name);
+            }
+        }
+    }
+    aliases
+}
+
+/// Parses `KEY=value` lines as a shell would for simple assignments:
+/// optional `export`, single or double quotes, `#` comments, `KEY+=more`,
+/// `$VAR`/`${VAR}` from earlier lines or the environment.
+pub fn parse_env_file(text: &str, env: &dyn Fn(&str) -> Option<String>, diagnostics: &mut Diagnostics) -> Vec<(String, String)> {
+    let mut assignments: Vec<(String, String)> = Vec::new();
+    for (number, raw_line) in text.lines().enumerate() {
+        let line = raw_line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").map(str::trim_start).unwrap_or(line);
+        let Some(eq) = line.find('=') else {
+            diagnostics.warn(format!("line {}: ignored, not a KEY=value assignment: {raw_line}", number + 1));
+            continue;
+        };
+        let (mut key, append) = (&line[..eq], false);
+        let append = if let Some(stripped) = key.strip_suffix('+') {
+            key = stripped;
+            true
+        } else {
+            append
+        };
+        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || key.starts_with(|c: char| c.is_ascii_digit()) {
+            diagnostics.warn(format!("line {}: ignored, '{key}' is not a variable name", number + 1));
+            continue;
+        }
+        let lookup = |name: &str| {
+            assignments.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone()).or_else(|| env(name))
+        };
+        let value = match shell_value(&line[eq + 1..], &lookup) {
+            Ok(value) => value,
+            Err(message) => {
+                diagnostics.error(format!("line {}: {key}: {message}", number + 1));
+                continue;
+            }
+        };
+        let value = if append { lookup(key).unwrap_or_default() + &value } else { value };
+        assignments.retain(|(k, _)| k != key);
+        assignments.push((key.to_string(), value));
+    }
+    assignments
+}
+
+/// One shell word: quotes removed, variables expanded (not in single quotes),
+/// an unquoted ` #` starting a comment.
+fn shell_value(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> std::result::Result<String, String> {
+    let mut out = String::new();
+    let mut chars = text.trim().chars().peekable();
+    let mut quote: Option<char> = None;
+    let mut previous_was_space = false;
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (None, '\'' | '"') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, '#') if previous_was_space || out.is_empty() => break,
+            (None, ' ' | '\t') => {
+                previous_was_space = true;
+                // Spaces outside quotes end the value (trailing comment or junk).
+                continue;
+            }
+            (q, '\\') if q != Some('\'') => {
+                if let Some(next) = chars.next() {
+                    out.push(next);
+                }
+            }
+            (q, '$') if q != Some('\'') => {
+                let braced = chars.peek() == Some(&'{');
+                if braced {
+                    chars.next();
+                }
+                let mut name = String::new();
+                while let Some(&n) = chars.peek() {
+                    if n.is_ascii_alphanumeric() || n == '_' {
+                        name.push(n);
+                        chars.next();
+                    } else {
+                        break;
+                    }
+                }
+                if braced && chars.next() != Some('}') {
+                    return Err("unterminated ${...}".into());
+                }
+                if name.is_empty() {
+                    out.push('$');
+                } else {
+                    out.push_str(&lookup(&name).unwrap_or_default());
+                }
+            }
+            (_, c) => {
+                if previous_was_space && quote.is_none() {
+                    // `KEY=a b` is a command in a shell, not a value; keep the first word.
+                    break;
+                }
+                out.push(c);
+            }
+        }
+        previous_was_space = false;
+    }
+    if let Some(q) = quote {
+        return Err(format!("unterminated {q} quote"));
+    }
+    Ok(out)
+}
+
+fn env_to_map(text: &str, env: &dyn Fn(&str) -> Option<String>, diagnostics: &mut Diagnostics) -> Map<String, Value> {
+    let names = env_names();
+    let known_env: Vec<&str> = names.keys().copied().collect();
+    let mut map = Map::new();
+    for (key, value) in parse_env_file(text, env, diagnostics) {
+        if key == "TRAINER_EXTRA_ARGS" {
+            extra_args_to_map(&value, &mut map);
+            continue;
+        }
+        match names.get(key.as_str()) {
+            Some(option) => {
+                map.insert(option.to_string(), Value::String(value));
+            }
+            None => {
+                let hint = nearest(&key, known_env.iter().copied()).map(|n| format!("; did you mean {n}?")).unwrap_or_default();
+                diagnostics.warn(format!("{key} is not a training setting{hint} (ignored)"));
+            }
+        }
+    }
+    map
+}
+
+/// `--key=value`, `--key value` and `--flag` words, as argparse reads them.
+fn extra_args_to_map(args: &str, map: &mut Map<String, Value>) {
+    let words: Vec<&str> = args.split_whitespace().collect();
+    let mut i = 0;
+    while i < words.len() {
+        if let Some(option) = words[i].strip_prefix("--") {
+            if let Some((key, value)) = option.split_once('=') {
+                map.insert(key.to_string(), Value::String(value.to_string()));
+            } else if i + 1 < words.len() && !words[i + 1].starts_with("--") {
+                map.insert(option.to_string(), Value::String(words[i + 1].to_string()));
+                i += 1;
+            } else {
+                map.insert(option.to_string(), Value::String("true".into()));
+            }
+        }
+        i += 1;
+    }
+}
+
+fn object_to_map(value: Value, diagnostics: &mut Diagnostics) -> std::result::Result<Map<String, Value>, String> {
+    let Value::Object(object) = value else {
+        return Err("must be an object of option names and values".into());
+    };
+    let mut map = Map::new();
+    for (key, value) in object {
+        let name = key.trim_start_matches("--").to_string();
+        if map.contains_key(&name) {
+            diagnostics.warn(format!("'{key}' is given twice (with and without --); using the first"));
+            continue;
+        }
+        map.insert(name, value);
+    }
+    Ok(map)
+}
+
+fn expand_env_placeholders(map: Map<String, Value>, env: &dyn Fn(&str) -> Option<String>, diagnostics: &mut Diagnostics) -> Map<String, Value> {
+    map.into_iter()
+        .map(|(key, value)| {
+            let value = match value {
+                Value::String(s) if s.contains("{env:") => {
+                    let context = super::placeholders::PlaceholderContext { model_family: "{model_family}", output_dir: "{output_dir}", env };
+                    match super::placeholders::expand(&s, "", &context) {
+                        Ok(expanded) => Value::String(expanded),
+                        Err(message) => {
+                            diagnostics.error(format!("'{key}' {message}"));
+                            Value::String(s)
+                        }
+                    }
+                }
+                other => other,
+            };
+            (key, value)
+        })
+        .collect()
+}
+
+/// Resolves aliases (`validation_steps` -> `validation_step_interval`, ...)
+/// so each option is read under its one name.
+fn canonical_keys(map: &Map<String, Value>, diagnostics: &mut Diagnostics) -> Map<String, Value> {
+    let aliases = option_aliases();
+    let mut out = Map::new();
+    for (key, value) in map {
+        let name = match key.as_str() {
+            "learning_rate_end" => "lr_end",
+            "regularization_mode" => "regularisation_mode",
+            other => aliases.get(other).copied().unwrap_or(other),
+        };
+        if out.contains_key(name) {
+            diagnostics.warn(format!("'{key}' sets '{name}' a second time; using the first value"));
+            continue;
+        }
+        out.insert(name.to_string(), value.clone());
+    }
+    out
+}
+
+fn read_config(
+    raw: &Map<String, Value>,
+    from_env: bool,
+    source_name: &str,
+    base_dir: Option<&str>,
+    diagnostics: &mut Diagnostics,
+) -> Option<TrainingConfig> {
+    let map = canonical_keys(raw, diagnostics);
+    let mut r = Reader::new("training config".into(), &map, from_env, diagnostics);
+
+    let model_family = match r.string(&["model_family"]).map(|s| s.to_ascii_lowercase()) {
+        None => {
+            r.error("'model_family' (MODEL_FAMILY) is missing: use sd1x, sd2x or sdxl");
+            None
+        }
+        Some(family) => match family.as_str() {
+            "sd1x" | "sd1" | "sd15" => Some(ModelFamily::Sd1x),
+            "sd2x" | "sd2" | "sd21" => Some(ModelFamily::Sd2x),
+            "sdxl" => Some(ModelFamily::Sdxl),
+            other => {
+                r.error(format!("model_family '{other}' is not supported; Burnbooth trains sd1x, sd2x and sdxl"));
+                None
+            }
+        },
+    };
+    let model_type = match r.choice(&["model_type"], &["lora", "full"]).as_deref() {
+        Some("lora") => ModelType::Lora,
+        _ => ModelType::Full,
+    };
+    let pretrained = r.string(&["pretrained_model_name_or_path"]).filter(|s| !s.trim().is_empty());
+    let output_dir = resolve_path(&r.string(&["output_dir"]).unwrap_or_else(|| "output".into()), base_dir);
+    let data_backend_config = match r.string(&["data_backend_config"]) {
+        Some(path) if !path.trim().is_empty() => resolve_path(&path, base_dir),
+        _ => {
+            r.error("'data_backend_config' (DATALOADER_CONFIG) is missing: it names the dataloader JSON file");
+            String::new()
+        }
+    };
+
+    let resolution = r.f64(&["resolution"]).unwrap_or(1024.0);
+    let resolution_type = r.choice(&["resolution_type"], &["pixel", "area", "pixel_area"]).unwrap_or_else(|| "pixel_area".into());
+    let minimum_image_size = r.f64(&["minimum_image_size"]).filter(|v| *v > 0.0);
+    let caption_strategy = r.string(&["caption_strategy"]).unwrap_or_else(|| "filename".into());
+    let instance_prompt = r.string(&["instance_prompt"]);
+    let prepend_instance_prompt = r.bool(&["prepend_instance_prompt"]).unwrap_or(false);
+    let only_instance_prompt = r.bool(&["only_instance_prompt"]).unwrap_or(false);
+
+    let seed = r.int(&["seed"], i64::MIN).map(|s| s as u64).unwrap_or(0);
+    let train_batch_size = r.int(&["train_batch_size"], 1).unwrap_or(4) as u32;
+    let gradient_accumulation_steps = r.int(&["gradient_accumulation_steps"], 1).unwrap_or(1) as u32;
+    let learning_rate = r.f64(&["learning_rate"]).unwrap_or(4e-7);
+    if learning_rate <= 0.0 {
+        r.error(format!("learning_rate must be positive, not {learning_rate}"));
+    }
+    let lr_end_given = r.has("lr_end");
+    let lr_end = r.f64(&["lr_end"]).unwrap_or(4e-7);
+    let lr_warmup_steps = r.int(&["lr_warmup_steps"], 0).unwrap_or(0) as u64;
+    let lr_power = r.f64(&["lr_power"]).unwrap_or(0.8);
+    let lr_num_cycles = r.f64(&["lr_num_cycles"]).unwrap_or(1.0);
+    let schedule_text = r.string(&["lr_scheduler"]);
+    let lr_scheduler = match schedule_text.as_deref().map(|s| s.trim().to_ascii_lowercase()) {
+        // LEARNING_RATE_END / LR_END alone means a decay toward it (decisions.md).
+        None if lr_end_given => LrSchedule::Polynomial,
+        None => LrSchedule::ConstantWithWarmup,
+        Some(s) => match s.as_str() {
+            "constant" if lr_warmup_steps > 0 => LrSchedule::ConstantWithWarmup,
+            "constant" => LrSchedule::Constant,
+            "constant_with_warmup" => LrSchedule::ConstantWithWarmup,
+            "linear" => LrSchedule::Linear,
+            "cosine" | "cosine_with_warmup" => LrSchedule::Cosine,
+            "cosine_with_restarts" => LrSchedule::CosineWithRestarts,
+            "sine" => LrSchedule::Sine,
+            "polynomial" => LrSchedule::Polynomial,
+            other => {
+                r.error(format!(
+                    "lr_scheduler '{other}' is not one of: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, sine, polynomial"
+                ));
+                LrSchedule::Constant
+            }
+        },
+    };
+    if lr_scheduler == LrSchedule::Polynomial && lr_end >= learning_rate {
+        r.error(format!("the polynomial schedule decays from learning_rate {learning_rate} to lr_end {lr_end}, so lr_end must be smaller"));
+    }
+
+    let optimizer = match r.string(&["optimizer"]).map(|s| s.trim().to_ascii_lowercase().replace('-', "_")).as_deref() {
+        None | Some("adamw_bf16") | Some("adam_bfloat16") => Optimizer::AdamwBf16,
+        Some("adamw") | Some("adamw_torch") | Some("optimi_adamw") => Optimizer::Adamw,
+        Some(other) => {
+            r.error(format!("optimizer '{other}' is not supported yet; use adamw or adamw_bf16"));
+            Optimizer::Adamw
+        }
+    };
+    // SimpleTuner's adamw_bf16 defaults (optimizer_param.py): wd 1e-2, eps 1e-6.
+    let adam_beta1 = r.f64(&["adam_beta1", "optimizer_beta1"]).unwrap_or(0.9);
+    let adam_beta2 = r.f64(&["adam_beta2", "optimizer_beta2"]).unwrap_or(0.999);
+    let adam_weight_decay = r.f64(&["adam_weight_decay"]).unwrap_or(1e-2);
+    let adam_epsilon = r.f64(&["adam_epsilon"]).unwrap_or(1e-6);
+    let max_grad_norm = r.f64(&["max_grad_norm"]).unwrap_or(2.0);
+
+    let max_train_steps = r.int(&["max_train_steps"], 0).filter(|s| *s > 0).map(|s| s as u64);
+    let epochs_given = r.has("num_train_epochs");
+    let mut num_train_epochs = r.int(&["num_train_epochs"], 0).map(|s| s as u64);
+    if !epochs_given && max_train_steps.is_none() {
+        num_train_epochs = Some(1);
+    }
+    let num_train_epochs = num_train_epochs.filter(|e| *e > 0);
+    if max_train_steps.is_none() && num_train_epochs.is_none() {
+        r.error("neither max_train_steps (MAX_NUM_STEPS) nor num_train_epochs (NUM_EPOCHS) is above 0: set at least one");
+    }
+
+    let checkpoint_step_interval = r.int(&["checkpoint_step_interval"], 0).unwrap_or(500) as u64;
+    let checkpoints_total_limit = r.int(&["checkpoints_total_limit"], 0).unwrap_or(5) as u32;
+    let resume_from_checkpoint = r.string(&["resume_from_checkpoint"]);
+    let validation_step_interval = r.int(&["validation_step_interval"], 0).unwrap_or(100) as u64;
+    let validation_prompt = r.string(&["validation_prompt"]);
+    let validation_negative_prompt = r.string(&["validation_negative_prompt"]).unwrap_or_else(|| "blurry, cropped, ugly".into());
+    let validation_guidance = r.f64(&["validation_guidance"]).unwrap_or(7.5);
+    let validation_num_inference_steps = r.int(&["validation_num_inference_steps"], 1).unwrap_or(30) as u32;
+    let validation_resolution = match r.raw(&["validation_resolution"]) {
+        Some((_, Value::String(s))) => s.clone(),
+        Some((_, Value::Number(n))) => n.to_string(),
+        Some((key, other)) => {
+            let other = other.clone();
+            r.error(format!("'{key}' must be a size such as 512 or 768x512, not {other}"));
+            String::new()
+        }
+        None => "256".into(),
+    };
+    let validation_seed = r.int(&["validation_seed"], 0).map(|s| s as u64);
+
+    let lora_rank = r.int(&["lora_rank"], 1).unwrap_or(16) as u32;
+    let lora_alpha = r.f64(&["lora_alpha"]).unwrap_or(lora_rank as f64);
+    let lora_dropout = r.f64(&["lora_dropout"]).unwrap_or(0.1);
+    let mixed_precision = r.choice(&["mixed_precision"], &["no", "fp16", "bf16", "fp8"]).unwrap_or_else(|| "bf16".into());
+    let gradient_checkpointing = r.bool(&["gradient_checkpointing"]).unwrap_or(true);
+    let caption_dropout_probability = r.f64(&["caption_dropout_probability"]).unwrap_or(0.1);
+    if !(0.0..=1.0).contains(&caption_dropout_probability) {
+        r.error(format!("caption_dropout_probability must be between 0 and 1, not {caption_dropout_probability}"));
+    }
+    let offset_noise = r.bool(&["offset_noise"]).unwrap_or(false);
+    let noise_offset = r.f64(&["noise_offset"]).unwrap_or(0.1);
+    let noise_offset_probability = r.f64(&["noise_offset_probability"]).unwrap_or(0.25);
+    let snr_gamma = r.f64(&["snr_gamma"]).filter(|g| *g > 0.0);
+    let prediction_type = r.choice(&["prediction_type"], &["epsilon", "v_prediction", "sample"]);
+    let data_backend_sampling = match r.choice(&["data_backend_sampling"], &["uniform", "auto-weighting", "auto_weighting"]).as_deref() {
+        Some("uniform") => DatasetSampling::Uniform,
+        _ => DatasetSampling::AutoWeighting,
+    };
+    let allow_dataset_oversubscription = r.bool(&["allow_dataset_oversubscription"]).unwrap_or(false);
+    let regularisation_mode = match r
+        .choice(&["regularisation_mode"], &["mixed", "prior_preservation", "parent_prediction"])
+        .as_deref()
+    {
+        Some("mixed") => RegularisationMode::Mixed,
+        Some("prior_preservation") => RegularisationMode::PriorPreservation,
+        Some("parent_prediction") => RegularisationMode::ParentPrediction,
+        // SimpleTuner's behaviour: parent prediction for LoRA, plain data for full.
+        _ if model_type == ModelType::Lora => RegularisationMode::ParentPrediction,
+        _ => RegularisationMode::Mixed,
+    };
+    let prior_loss_weight = r.f64(&["prior_loss_weight"]).unwrap_or(1.0);
+    let aspect_bucket_alignment = r.int(&["aspect_bucket_alignment"], 8).unwrap_or(64) as u32;
+    let aspect_bucket_rounding = r.int(&["aspect_bucket_rounding"], 1).unwrap_or(2) as u32;
+    let strict_config = r.bool(&["strict_config"]).unwrap_or(false);
+
+    report_leftover_keys(&mut r, raw);
+    let model_family = model_family?;
+    Some(TrainingConfig {
+        source_name: source_name.to_string(),
+        model_family,
+        model_type,
+        pretrained_model_name_or_path: pretrained,
+        output_dir,
+        data_backend_config,
+        resolution,
+        resolution_type,
+        minimum_image_size,
+        caption_strategy,
+        instance_prompt,
+        prepend_instance_prompt,
+        only_instance_prompt,
+        seed,
+        train_batch_size,
+        gradient_accumulation_steps,
+        learning_rate,
+        lr_scheduler,
+        lr_warmup_steps,
+        lr_end,
+        lr_power,
+        lr_num_cycles,
+        optimizer,
+        adam_beta1,
+        adam_beta2,
+        adam_weight_decay,
+        adam_epsilon,
+        max_grad_norm,
+        max_train_steps,
+        num_train_epochs,
+        checkpoint_step_interval,
+        checkpoints_total_limit,
+        resume_from_checkpoint,
+        validation_step_interval,
+        validation_prompt,
+        validation_negative_prompt,
+        validation_guidance,
+        validation_num_inference_steps,
+        validation_resolution,
+        validation_seed,
+        lora_rank,
+        lora_alpha,
+        lora_dropout,
+        mixed_precision,
+        gradient_checkpointing,
+        caption_dropout_probability,
+        offset_noise,
+        noise_offset,
+        noise_offset_probability,
+        snr_gamma,
+        prediction_type,
+        data_backend_sampling,
+        allow_dataset_oversubscription,
+        regularisation_mode,
+        prior_loss_weight,
+        aspect_bucket_alignment,
+        aspect_bucket_rounding,
+        strict_config,
+        warnings: Vec::new(),
+    })
+}
+
+/// SimpleTuner options Burnbooth does not use are noted; unknown names get a
+/// suggestion.
+fn report_leftover_keys(reader: &mut Reader<'_>, _raw: &Map<String, Value>) {
+    let aliases = option_aliases();
+    for key in reader.unknown_keys() {
+        if aliases.contains_key(key.as_str()) {
+            reader.warn(format!("'{key}' is a SimpleTuner option Burnbooth does not use (ignored)"));
+        } else {
+            let hint = nearest(&key, aliases.keys().copied()).map(|n| format!("; did you mean '{n}'?")).unwrap_or_default();
+            reader.warn(format!("unknown option '{key}'{hint} (ignored)"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn env_file_syntax() {
+        let text = "# comment\nexport A=1\nB=\"two words\" # trailing\nC='single $A'\nD=$A/x\nD+=y\nE=${B}!\nnot an assignment\n";
+        let mut d = Diagnostics::default();
+        let got = parse_env_file(text, &no_env, &mut d);
+        let get = |k: &str| got.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("A"), Some("1"));
+        assert_eq!(get("B"), Some("two words"));
+        assert_eq!(get("C"), Some("single $A"));
+        assert_eq!(get("D"), Some("1/xy"));
+        assert_eq!(get("E"), Some("two words!"));
+        assert_eq!(d.warnings.len(), 1, "{d}");
+    }
+}

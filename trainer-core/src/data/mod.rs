@@ -1,0 +1,8 @@
+//! The image pipeline: from files to sized, captioned, batched samples.
+
+pub mod captions;
+pub mod geometry;
+pub mod preprocess;
+pub mod probe;
+pub mod sampler;
+pub mod source;

@@ -1,0 +1,16 @@
+//! Burnbooth's core, shared by the native runner and the browser app.
+//!
+//! - [`config`]: SimpleTuner-compatible training and dataloader configs.
+//! - [`data`]: image discovery, sizing, captions, preprocessing and the batch sampler.
+//! - [`plan`]: what a training run would do, computed without loading a model.
+//!
+//! Nothing here touches the filesystem directly: files come through the
+//! [`data::source::ImageSource`] trait, so the same code runs in a browser tab.
+
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod plan;
+pub mod rng;
+
+pub use error::{Error, Result};

@@ -1,1 +1,35 @@
-fn main(){}
+//! Burnbooth's command-line runner.
+
+mod folder;
+mod plan_command;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "native-runner", version, about = "Burnbooth: Dreambooth training for Stable Diffusion, natively")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show what training would do (datasets, buckets, captions, steps) without loading a model.
+    Plan(plan_command::PlanArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Plan(args) => plan_command::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

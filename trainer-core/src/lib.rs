@@ -12,5 +12,6 @@ pub mod data;
 pub mod error;
 pub mod plan;
 pub mod rng;
+pub mod schedule;
 
 pub use error::{Error, Result};

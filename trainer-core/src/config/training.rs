@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::dataset::{resolve_path, DatasetDefaults};
@@ -63,7 +63,6 @@ pub enum LrSchedule {
     Linear,
     Cosine,
     CosineWithRestarts,
-    Sine,
     Polynomial,
 }
 
@@ -77,7 +76,7 @@ pub enum Optimizer {
     AdamwBf16,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DatasetSampling {
     Uniform,
@@ -530,11 +529,14 @@ fn read_config(
             "linear" => LrSchedule::Linear,
             "cosine" | "cosine_with_warmup" => LrSchedule::Cosine,
             "cosine_with_restarts" => LrSchedule::CosineWithRestarts,
-            "sine" => LrSchedule::Sine,
+            "sine" => {
+                r.warn("lr_scheduler 'sine' is treated as 'cosine'");
+                LrSchedule::Cosine
+            }
             "polynomial" => LrSchedule::Polynomial,
             other => {
                 r.error(format!(
-                    "lr_scheduler '{other}' is not one of: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, sine, polynomial"
+                    "lr_scheduler '{other}' is not one of: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial"
                 ));
                 LrSchedule::Constant
             }

@@ -1,0 +1,88 @@
+//! From file bytes to the exact training crop: decode, apply the EXIF
+//! orientation, convert to RGB (transparency composited on white), Lanczos
+//! resize to the planned size and crop at the planned offset.
+
+use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageReader, RgbImage};
+
+use super::geometry::{ImageGeometry, Size};
+use super::probe::{probe, ImageInfo};
+use super::source::SliceAccess;
+
+/// Decodes an image with its EXIF orientation applied, as RGB.
+pub fn decode_oriented(bytes: &[u8]) -> Result<RgbImage, String> {
+    let info = probe_bytes(bytes)?;
+    let reader = ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let mut image = reader.decode().map_err(|e| format!("cannot decode: {e}"))?;
+    if let Some(orientation) = Orientation::from_exif(info.orientation) {
+        image.apply_orientation(orientation);
+    }
+    Ok(to_rgb_on_white(image))
+}
+
+fn probe_bytes(bytes: &[u8]) -> Result<ImageInfo, String> {
+    probe(&mut SliceAccess(bytes)).map_err(|e| e.to_string())?
+}
+
+/// RGB with any transparency composited on white (a transparent background
+/// would otherwise turn black and teach the model black backgrounds).
+pub fn to_rgb_on_white(image: DynamicImage) -> RgbImage {
+    if !image.color().has_alpha() {
+        return image.into_rgb8();
+    }
+    let rgba = image.into_rgba8();
+    let (width, height) = rgba.dimensions();
+    let mut rgb = RgbImage::new(width, height);
+    for (out, pixel) in rgb.pixels_mut().zip(rgba.pixels()) {
+        let alpha = pixel[3] as u32;
+        for c in 0..3 {
+            out[c] = ((pixel[c] as u32 * alpha + 255 * (255 - alpha) + 127) / 255) as u8;
+        }
+    }
+    rgb
+}
+
+/// Lanczos-3 resize (the filter Pillow calls LANCZOS).
+pub fn resize_lanczos(image: &RgbImage, size: Size, resizer: &mut Resizer) -> RgbImage {
+    if image.dimensions() == (size[0], size[1]) {
+        return image.clone();
+    }
+    let mut out = RgbImage::new(size[0], size[1]);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3));
+    resizer.resize(image, &mut out, &options).expect("RGB to RGB resize with matching pixel types");
+    out
+}
+
+/// Resizes to `geometry.resize_size` and crops `geometry.target_size` at
+/// `geometry.crop_offset`.
+pub fn resize_and_crop(image: &RgbImage, geometry: &ImageGeometry, resizer: &mut Resizer) -> Result<RgbImage, String> {
+    if image.dimensions() != (geometry.original_size[0], geometry.original_size[1]) {
+        return Err(format!(
+            "decoded size {}x{} differs from the planned {}x{} (the file changed since planning?)",
+            image.width(),
+            image.height(),
+            geometry.original_size[0],
+            geometry.original_size[1]
+        ));
+    }
+    let resized = resize_lanczos(image, geometry.resize_size, resizer);
+    let [top, left] = geometry.crop_offset;
+    let [width, height] = geometry.target_size;
+    if left + width > resized.width() || top + height > resized.height() {
+        return Err(format!(
+            "crop {width}x{height} at (top {top}, left {left}) does not fit the resized {}x{}",
+            resized.width(),
+            resized.height()
+        ));
+    }
+    Ok(image::imageops::crop_imm(&resized, left, top, width, height).to_image())
+}
+
+/// The whole preprocessing of one file.
+pub fn prepare(bytes: &[u8], geometry: &ImageGeometry, resizer: &mut Resizer) -> Result<RgbImage, String> {
+    let image = decode_oriented(bytes)?;
+    resize_and_crop(&image, geometry, resizer)
+}

@@ -1,7 +1,6 @@
 //! Burnbooth's command-line runner.
 
-mod folder;
-mod plan_command;
+use native_runner::plan_command;
 
 use std::process::ExitCode;
 

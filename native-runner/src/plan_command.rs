@@ -59,11 +59,20 @@ pub fn run(args: PlanArgs) -> Result<()> {
     Ok(())
 }
 
+/// A config value as it is spelled in config files (`sd1x`, `adamw_bf16`).
+fn config_name<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(name)) => name,
+        Ok(other) => other.to_string(),
+        Err(_) => "?".into(),
+    }
+}
+
 /// The plan as a person reads it.
 pub fn describe(plan: &Plan) -> String {
     let mut out = String::new();
     let model = plan.model.as_deref().unwrap_or("(no model set)");
-    let _ = writeln!(out, "Burnbooth plan: {:?} {:?} training of {model}", plan.model_family, plan.model_type);
+    let _ = writeln!(out, "Burnbooth plan: {} {} training of {model}", config_name(&plan.model_family), config_name(&plan.model_type));
     let _ = writeln!(out, "Output: {}   seed: {}", plan.output_dir, plan.seed);
     for dataset in &plan.datasets {
         let role = if dataset.is_regularisation_data { "  [regularisation]" } else { "" };
@@ -78,11 +87,11 @@ pub fn describe(plan: &Plan) -> String {
         );
         let _ = writeln!(
             out,
-            "  repeats {}, probability {}, batch size {}, captions: {:?}{}",
+            "  repeats {}, probability {}, batch size {}, captions: {}{}",
             dataset.repeats,
             dataset.probability,
             dataset.train_batch_size,
-            dataset.caption_strategy,
+            config_name(&dataset.caption_strategy),
             if dataset.ignore_epochs { ", ignore_epochs (does not hold epochs open)" } else { "" }
         );
         let _ = writeln!(out, "  buckets:");
@@ -125,12 +134,12 @@ pub fn describe(plan: &Plan) -> String {
         "Batch: {} x {} accumulation step(s)",
         plan.train_batch_size, plan.gradient_accumulation_steps
     );
-    let _ = writeln!(out, "Optimizer: {:?} ({})", plan.optimizer.name, plan.optimizer.note);
+    let _ = writeln!(out, "Optimizer: {} ({})", config_name(&plan.optimizer.name), plan.optimizer.note);
     let s = &plan.lr_schedule;
     let _ = writeln!(
         out,
-        "Learning rate: {:?}, {} -> {} over {} steps (warmup {}); at 0/25/50/75/100%: {}",
-        s.kind,
+        "Learning rate: {}, {:e} -> {:e} over {} steps (warmup {}); at 0/25/50/75/100%: {}",
+        config_name(&s.kind),
         s.learning_rate,
         s.at(s.total_steps),
         s.total_steps,
@@ -141,7 +150,7 @@ pub fn describe(plan: &Plan) -> String {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let _ = writeln!(out, "Regularisation mode: {:?}", plan.regularisation_mode);
+    let _ = writeln!(out, "Regularisation mode: {}", config_name(&plan.regularisation_mode));
     for warning in &plan.warnings {
         let _ = writeln!(out, "warning: {warning}");
     }

@@ -1,0 +1,4 @@
+//! The native runner's pieces, shared by its binaries and tests.
+
+pub mod folder;
+pub mod plan_command;

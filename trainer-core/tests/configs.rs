@@ -1,0 +1,260 @@
+//! Training and dataloader configs: SimpleTuner's real examples, the guide's
+//! setup, the three file forms, and every documented error.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use trainer_core::config::dataset::CaptionStrategy;
+use trainer_core::config::training::{ConfigFormat, LrSchedule, ModelFamily, Optimizer, TrainingConfig};
+use trainer_core::data::geometry::ResolutionType;
+use trainer_core::plan::StopsOn;
+
+const GUIDE_ENV: &str = r#"
+export MODEL_FAMILY=sdxl
+MODEL_TYPE=lora
+TRAIN_BATCH_SIZE=1
+LEARNING_RATE=4e-6
+LEARNING_RATE_END=4e-7
+OPTIMIZER=adamw-bf16
+MAX_NUM_STEPS=1000
+NUM_EPOCHS=25
+VALIDATION_STEPS=100
+VALIDATION_PROMPT="a photograph of subjectname"
+DATALOADER_CONFIG="multidatabackend-dreambooth.json"
+"#;
+
+fn shared_config(name: &str) -> String {
+    std::fs::read_to_string(format!("{}/tests/fixtures/configs/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+#[test]
+fn guide_env_config_resolves_as_decisions_say() {
+    let config = TrainingConfig::parse(GUIDE_ENV, ConfigFormat::Env, "/home/me/training/sdxl-env.sh", &no_env).unwrap();
+    assert_eq!(config.model_family, ModelFamily::Sdxl);
+    assert_eq!(config.train_batch_size, 1);
+    assert_eq!(config.learning_rate, 4e-6);
+    assert_eq!(config.lr_end, 4e-7);
+    assert_eq!(config.lr_scheduler, LrSchedule::Polynomial, "LEARNING_RATE_END implies a decaying schedule");
+    assert_eq!(config.optimizer, Optimizer::AdamwBf16);
+    assert_eq!(config.max_train_steps, Some(1000));
+    assert_eq!(config.num_train_epochs, Some(25));
+    assert_eq!(config.validation_step_interval, 100);
+    assert_eq!(config.validation_prompt.as_deref(), Some("a photograph of subjectname"));
+    // A relative DATALOADER_CONFIG is relative to the config file's folder.
+    assert_eq!(config.data_backend_config, "/home/me/training/multidatabackend-dreambooth.json");
+}
+
+#[test]
+fn json_and_toml_forms_resolve_to_the_same_config() {
+    let env = TrainingConfig::parse(GUIDE_ENV, ConfigFormat::Env, "/t/config.env", &no_env).unwrap();
+    let json = r#"{"--model_family": "sdxl", "model_type": "lora", "train_batch_size": 1, "learning_rate": 4e-6,
+        "lr_end": 4e-7, "optimizer": "adamw_bf16", "max_train_steps": 1000, "num_train_epochs": 25,
+        "validation_steps": 100, "validation_prompt": "a photograph of subjectname",
+        "data_backend_config": "multidatabackend-dreambooth.json"}"#;
+    let json = TrainingConfig::parse(json, ConfigFormat::Json, "/t/config.json", &no_env).unwrap();
+    let toml = r#"
+model_family = "sdxl"
+model_type = "lora"
+"--train_batch_size" = 1
+learning_rate = 4e-6
+lr_end = 4e-7
+optimizer = "adamw-bf16"
+max_train_steps = 1000
+num_train_epochs = 25
+validation_step_interval = 100
+validation_prompt = "a photograph of subjectname"
+data_backend_config = "multidatabackend-dreambooth.json"
+"#;
+    let toml = TrainingConfig::parse(toml, ConfigFormat::Toml, "/t/config.toml", &no_env).unwrap();
+    let canonical = |c: &TrainingConfig| {
+        let mut value = serde_json::to_value(c).unwrap();
+        value.as_object_mut().unwrap().remove("source_name");
+        value.as_object_mut().unwrap().remove("warnings");
+        value
+    };
+    assert_eq!(canonical(&env), canonical(&json));
+    assert_eq!(canonical(&env), canonical(&toml));
+}
+
+#[test]
+fn guide_dataloader_config_00_loads_with_its_settings() {
+    let training = training(GUIDE_ENV);
+    let config = dataloader(&shared_config("00-dreambooth-single-subject.json"), &training).unwrap();
+    assert_eq!(config.datasets.len(), 2);
+    let subject = &config.datasets[0];
+    assert_eq!(subject.id, "subjectname-data");
+    assert_eq!(subject.caption_strategy, CaptionStrategy::InstancePrompt);
+    assert_eq!(subject.instance_prompts, ["subjectname"]);
+    assert_eq!(subject.geometry.resolution_type, ResolutionType::Area);
+    assert_eq!(subject.geometry.resolution, 0.5);
+    assert_eq!(subject.geometry.minimum_image_size, Some(0.25));
+    let reg = &config.datasets[1];
+    assert_eq!(reg.repeats, 10);
+    assert!(reg.ignore_epochs);
+    assert_eq!(config.default_text_embeds().id, "textembeds");
+    assert_eq!(subject.text_embeds, "textembeds");
+}
+
+/// The guide's setup end to end: env config + config 00, with images in
+/// memory standing in for the two folders.
+fn guide_plan(env: &str) -> trainer_core::plan::Plan {
+    let training = training(env);
+    let config = dataloader(&shared_config("00-dreambooth-single-subject.json"), &training).unwrap();
+    let subject = source_with(&[("a.jpg", jpeg(800, 600)), ("b.jpg", jpeg(600, 800)), ("c.png", png(768, 768)), ("tiny.jpg", jpeg(300, 200))]);
+    let reg: Vec<(String, Vec<u8>)> = (0..12).map(|i| (format!("man_{i}.jpg"), jpeg(900, 900))).collect();
+    let reg = source_with(&reg.iter().map(|(p, b)| (p.as_str(), b.clone())).collect::<Vec<_>>());
+    let sources = BTreeMap::from([("subjectname-data".to_string(), subject), ("regularisation-data".to_string(), reg)]);
+    plan_memory(&training, &config, sources).unwrap()
+}
+
+#[test]
+fn guide_setup_plans_and_names_the_limit_that_stops() {
+    let plan = guide_plan(GUIDE_ENV);
+    let subject = &plan.datasets[0];
+    assert_eq!(subject.images_used, 3);
+    assert_eq!(subject.skipped.len(), 1);
+    assert!(subject.skipped[0].reason.contains("minimum_image_size"), "{:?}", subject.skipped);
+    // area 0.5: 800x600 -> 832x640 bucket 1.3; square -> 768 (SimpleTuner's remap).
+    let a = subject.images.iter().find(|i| i.path == "a.jpg").unwrap();
+    assert_eq!((a.target_size, a.aspect_bucket.as_str()), ([832, 640], "1.3"));
+    let c = subject.images.iter().find(|i| i.path == "c.png").unwrap();
+    assert_eq!(c.target_size, [768, 768]);
+    assert_eq!(a.caption, "subjectname");
+    // 25 epochs take far longer than 1000 steps when the regularisation set,
+    // which does not hold epochs open, is drawn most of the time.
+    assert_eq!(plan.stops_on, StopsOn::MaxSteps);
+    assert_eq!(plan.max_steps, 1000);
+    assert!(plan.steps_per_epoch > 6, "{}", plan.steps_per_epoch);
+    assert!(plan.warnings.iter().any(|w| w.contains("whichever comes first")));
+
+    let short = guide_plan(&GUIDE_ENV.replace("NUM_EPOCHS=25", "NUM_EPOCHS=2"));
+    assert_eq!(short.stops_on, StopsOn::Epochs);
+    assert!(short.max_steps < 1000);
+    assert_eq!(short.epochs, 2);
+}
+
+#[test]
+fn every_shared_config_loads_or_fails_naming_dataset_and_reason() {
+    let training = training(GUIDE_ENV);
+    let loads = ["00-dreambooth-single-subject.json", "02-simpletuner-config-multidatabackend-multiresolution.json", "06-simpletuner-doc-DREAMBOOTH-md-subject-plus-regularisation.json"];
+    for name in loads {
+        let config = dataloader(&shared_config(name), &training).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(!config.datasets.is_empty());
+    }
+    let multi = dataloader(&shared_config("02-simpletuner-config-multidatabackend-multiresolution.json"), &training).unwrap();
+    assert_eq!(multi.datasets.len(), 4);
+    assert_eq!(multi.datasets[0].geometry.resolution, 512.0 * 512.0 / 1e6);
+    assert_eq!(multi.datasets[0].cache_dir_vae, "/cfg/cache/vae-512", "relative cache dirs resolve against the config's folder");
+
+    let huggingface = error_text(dataloader(&shared_config("04-simpletuner-examples-small-dreambooth-512px.json"), &training));
+    assert!(huggingface.contains("dataset 'dreambooth-512'") && huggingface.contains("huggingface"), "{huggingface}");
+    for name in ["01-simpletuner-config-multidatabackend.json.example.json", "05-simpletuner-v0.9.7.5-multidatabackend.example.json"] {
+        let text = error_text(dataloader(&shared_config(name), &training));
+        assert!(text.contains("dataset 'something-special-to-remember-by'") && text.contains("crop_style"), "{name}: {text}");
+        assert!(text.contains("dataset 'another-special-name-for-another-backend'") && text.contains("'aws'"), "{name}: {text}");
+    }
+}
+
+#[test]
+fn env_placeholders_expand_or_name_the_missing_variable() {
+    let training = training(GUIDE_ENV);
+    let json = r#"[{"id": "d", "type": "local", "instance_data_dir": "{env:DATA_ROOT}/photos", "cache_dir_vae": "{output_dir}/vae/{model_family}/{id}"}]"#;
+    let text = error_text(dataloader(json, &training));
+    assert!(text.contains("dataset 'd'") && text.contains("DATA_ROOT"), "{text}");
+    let env = |name: &str| (name == "DATA_ROOT").then(|| "/data".to_string());
+    let config = trainer_core::config::dataset::parse_dataloader_config(json, "x.json", None, &training.dataset_defaults(), &env).unwrap();
+    assert_eq!(config.datasets[0].instance_data_dir, "/data/photos");
+    assert!(config.datasets[0].cache_dir_vae.ends_with("/vae/sdxl/d"), "{}", config.datasets[0].cache_dir_vae);
+}
+
+#[test]
+fn dataloader_errors_name_the_dataset_key_and_value() {
+    let cases: &[(&str, &[&str])] = &[
+        (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "crop": "yes"}]"#, &["dataset 'a'", "'crop'", "\"yes\""]),
+        (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "repeats": -1}]"#, &["dataset 'a'", "'repeats'", "-1"]),
+        (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "repeats": "many"}]"#, &["dataset 'a'", "'repeats'", "many"]),
+        (r#"[{"id": "a", "type": "local", "instance_data_dir": "x"}, {"id": "a", "type": "local", "instance_data_dir": "y"}]"#, &["dataset 'a'", "twice"]),
+        (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "cache_dir_vae": "c"}, {"id": "b", "type": "local", "instance_data_dir": "y", "cache_dir_vae": "c/"}]"#, &["'a'", "'b'", "cache_dir_vae"]),
+        (r#"[{"id": "a", "type": "local"}]"#, &["dataset 'a'", "instance_data_dir"]),
+        (r#"[{"id": "a", "type": "csv", "instance_data_dir": "x"}]"#, &["dataset 'a'", "'csv'", "not supported"]),
+        (r#"[{"id": "a", "type": "ftp", "instance_data_dir": "x"}]"#, &["dataset 'a'", "'ftp'"]),
+        (r#"[{"id": "a", "instance_data_dir": "x"}]"#, &["dataset 'a'", "'type'"]),
+        (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "caption_strategy": "instanceprompt"}]"#, &["dataset 'a'", "instance_prompt"]),
+        (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "resolution": 512.5, "resolution_type": "pixel_area"}]"#, &["dataset 'a'", "pixel_area", "512.5"]),
+        (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "crop_style": "middle"}]"#, &["dataset 'a'", "crop_style", "middle"]),
+        (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "crop": true, "crop_aspect": "closest"}]"#, &["dataset 'a'", "crop_aspect_buckets"]),
+        (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "text_embeds": "nope"}]"#, &["dataset 'a'", "'nope'"]),
+        (r#"[{"id": "a", "type": "local", "instance_data_dir": "x"}, {"id": "t1", "type": "local", "dataset_type": "text_embeds", "default": true}, {"id": "t2", "type": "local", "dataset_type": "text_embeds", "default": true}]"#, &["t1", "t2", "default"]),
+        (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "dataset_type": "video"}]"#, &["dataset 'a'", "video"]),
+        (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "resolution_type": "area", "minimum_image_size": 512}]"#, &["dataset 'a'", "minimum_image_size", "megapixels"]),
+        (r#"[]"#, &["empty"]),
+        (r#"{"id": "a"}"#, &["array"]),
+        (r#"[{"id": "a",]"#, &["not valid JSON"]),
+    ];
+    for (json, needles) in cases {
+        let text = error_text(dataloader_with_defaults(json));
+        assert!(text.contains("/cfg/dataloader.json"), "the file is named: {text}");
+        for needle in *needles {
+            assert!(text.contains(needle), "error for {json} should mention {needle}: {text}");
+        }
+    }
+}
+
+#[test]
+fn string_booleans_and_numbers_are_accepted_with_a_warning() {
+    let json = r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "crop": "false", "repeats": "3"}]"#;
+    let config = dataloader_with_defaults(json).unwrap();
+    assert!(!config.datasets[0].geometry.crop, "\"false\" means false (SimpleTuner treats it as true)");
+    assert_eq!(config.datasets[0].repeats, 3);
+    assert!(config.warnings.iter().any(|w| w.contains("'crop'") && w.contains("dataset 'a'")), "{:?}", config.warnings);
+    assert!(config.warnings.iter().any(|w| w.contains("'repeats'")), "{:?}", config.warnings);
+}
+
+#[test]
+fn unknown_keys_warn_with_a_suggestion_or_fail_when_strict() {
+    let json = r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "instance_promt": "sks"}]"#;
+    let config = dataloader_with_defaults(json).unwrap();
+    let warning = config.warnings.iter().find(|w| w.contains("instance_promt")).expect("a warning for the unknown key");
+    assert!(warning.contains("dataset 'a'") && warning.contains("did you mean 'instance_prompt'"), "{warning}");
+
+    let mut defaults = trainer_core::config::dataset::DatasetDefaults::default();
+    defaults.strict = true;
+    let strict = trainer_core::config::dataset::parse_dataloader_config(json, "d.json", None, &defaults, &no_env);
+    assert!(error_text(strict).contains("instance_promt"));
+}
+
+#[test]
+fn training_config_errors_are_named() {
+    let cases: &[(&str, &str)] = &[
+        ("MODEL_FAMILY=flux\nDATALOADER_CONFIG=d.json", "model_family 'flux'"),
+        ("DATALOADER_CONFIG=d.json", "model_family"),
+        ("MODEL_FAMILY=sd1x", "data_backend_config"),
+        ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nMAX_NUM_STEPS=0\nNUM_EPOCHS=0", "num_train_epochs"),
+        ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nOPTIMIZER=prodigy", "optimizer 'prodigy'"),
+        ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nTRAIN_BATCH_SIZE=two", "train_batch_size"),
+        ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nLEARNING_RATE=1e-7\nLR_END=1e-6", "lr_end"),
+        ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nVALIDATION_PROMPT=\"unterminated", "quote"),
+    ];
+    for (text, needle) in cases {
+        let result = TrainingConfig::parse(text, ConfigFormat::Env, "/x/config.env", &no_env);
+        let message = error_text(result);
+        assert!(message.contains("/x/config.env") && message.contains(needle), "{text:?} -> {message}");
+    }
+    let json = TrainingConfig::parse("{\"model_family\": \"sd1x\", \"data_backend_config\": \"d.json\", \"gradient_checkpointing\": \"maybe\"}", ConfigFormat::Json, "c.json", &no_env);
+    assert!(error_text(json).contains("gradient_checkpointing"));
+    let unknown = TrainingConfig::parse("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nLEARNING_RAT=1", ConfigFormat::Env, "c.env", &no_env).unwrap();
+    assert!(unknown.warnings.iter().any(|w| w.contains("LEARNING_RAT") && w.contains("LEARNING_RATE")), "{:?}", unknown.warnings);
+}
+
+#[test]
+fn extra_args_and_legacy_keys_are_read() {
+    let config = training("MODEL_FAMILY=sd2x\nDATALOADER_CONFIG=d.json\nTRAINER_EXTRA_ARGS=\"--lora_rank=8 --snr_gamma 5 --offset_noise\"\nCHECKPOINTING_STEPS=250");
+    assert_eq!(config.lora_rank, 8);
+    assert_eq!(config.snr_gamma, Some(5.0));
+    assert!(config.offset_noise);
+    assert_eq!(config.checkpoint_step_interval, 250);
+    let json = TrainingConfig::parse(r#"{"model_family": "sd1x", "data_backend_config": "d.json", "checkpointing_steps": 50}"#, ConfigFormat::Json, "c.json", &no_env).unwrap();
+    assert_eq!(json.checkpoint_step_interval, 50);
+}

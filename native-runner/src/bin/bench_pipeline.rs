@@ -22,7 +22,6 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use fast_resize::Resizer;
 use image::codecs::jpeg::JpegEncoder;
 use image::codecs::png::PngEncoder;
 use image::{ExtendedColorType, ImageEncoder, RgbImage};
@@ -34,20 +33,6 @@ use trainer_core::plan::{plan, Plan, PlanTarget};
 use trainer_core::rng::SeededRng;
 
 use folder::FolderSource;
-
-/// fast_image_resize is a dependency of trainer-core only; its `Resizer`
-/// type is reached through the signature of `resize_and_crop`.
-mod fast_resize {
-    pub type Resizer = <ResizerOf as Extract>::Out;
-
-    pub trait Extract {
-        type Out;
-    }
-    pub struct ResizerOf;
-    impl Extract for ResizerOf {
-        type Out = super::ResizerFromSignature;
-    }
-}
 
 #[derive(Parser)]
 #[command(name = "bench-pipeline", about = "Times planning of many images and preprocessing of 12 MP JPEGs")]
@@ -84,6 +69,9 @@ fn run(args: Args) -> Result<(), String> {
     let work_dir = args.work_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("burnbooth-bench"));
     fs::create_dir_all(&work_dir).map_err(|e| format!("{}: {e}", work_dir.display()))?;
     let work_dir = work_dir.canonicalize().map_err(|e| format!("{}: {e}", work_dir.display()))?;
+    if args.images == 0 || args.jpegs == 0 {
+        return Err("--images and --jpegs must be at least 1".into());
+    }
     let runs = args.runs.max(1);
     println!("work dir: {}", work_dir.display());
     if cfg!(debug_assertions) {
@@ -153,7 +141,13 @@ fn run(args: Args) -> Result<(), String> {
     // Files are read into memory first: I/O is not timed (Pillow's side
     // does the same, decoding from BytesIO).
     let files: Vec<Vec<u8>> = jpegs.iter().map(|p| fs::read(p).map_err(|e| format!("{}: {e}", p.display()))).collect::<Result<_, _>>()?;
-    let mut resizer = Resizer::new();
+    // fast_image_resize is trainer-core's dependency, not this crate's: its
+    // `Resizer` (which picks the best CPU extensions) is reached by inference
+    // from `resize_and_crop`'s signature. One untimed warm-up image.
+    let mut resizer = Default::default();
+    let warm_up = decode_oriented(&files[0])?;
+    resize_and_crop(&warm_up, &geometry, &mut resizer)?;
+    drop(warm_up);
     println!("[preprocess] fast_image_resize CPU extensions: {:?}", resizer.cpu_extensions());
     let mut decode_totals = Vec::new();
     let mut resize_totals = Vec::new();
@@ -222,21 +216,6 @@ fn run(args: Args) -> Result<(), String> {
         println!("{:<44} {:>12}", "ratio ours / Pillow (images/s)", format!("{:.2}x", ours_per_s / p.images_per_s));
     }
     Ok(())
-}
-
-/// The `Resizer` that `resize_and_crop` takes, named without a direct
-/// dependency on fast_image_resize.
-type ResizerFromSignature = <fn(&mut ResizerArg) as ArgOf>::Arg;
-
-trait ArgOf {
-    type Arg;
-}
-impl<A> ArgOf for fn(&mut A) {
-    type Arg = A;
-}
-type ResizerArg = trainer_core_resizer::Resizer;
-mod trainer_core_resizer {
-    pub use ::fast_image_resize::Resizer;
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -392,6 +371,11 @@ fn ensure_photos(dir: &Path, count: usize) -> Result<(Vec<PathBuf>, Option<Durat
     Ok((paths, spent))
 }
 
+/// Noise strengths of the generated photos, tuned so that a 12 MP quality-90
+/// file is about the size of a phone photo's (3 to 5 MB).
+const NOISE_SIGMA: f32 = 5.0;
+const CHROMA_NOISE: f32 = 8.0;
+
 /// Small xorshift generator for image content.
 struct XorShift(u64);
 
@@ -442,16 +426,18 @@ fn photo_like(seed: u64) -> RgbImage {
                     offset = d.3;
                 }
             }
-            // Sum of three uniforms: roughly Gaussian noise, sigma ~2.5.
+            // Sensor-like noise: luma (sum of three uniforms, roughly
+            // Gaussian, sigma ~NOISE_SIGMA) plus a little chroma noise.
             let bits = rng.next();
-            let noise = (((bits & 0xFF) + ((bits >> 8) & 0xFF) + ((bits >> 16) & 0xFF)) as f32 / 255.0 - 1.5) * 5.0;
+            let noise = (((bits & 0xFF) + ((bits >> 8) & 0xFF) + ((bits >> 16) & 0xFF)) as f32 / 255.0 - 1.5) * 2.0 * NOISE_SIGMA;
+            let chroma = [(bits >> 24) & 0xFF, (bits >> 32) & 0xFF, (bits >> 40) & 0xFF].map(|b| (b as f32 / 255.0 - 0.5) * CHROMA_NOISE);
             for c in 0..3 {
                 let gradient = match c {
                     0 => 50.0 * (1.0 - t),
                     1 => 30.0 * t,
                     _ => 70.0 * (1.0 - t) * (xf / w as f32),
                 };
-                let value = base[c] + gradient + smooth * (1.0 - 0.3 * c as f32) + texture + offset[c] + noise;
+                let value = base[c] + gradient + smooth * (1.0 - 0.3 * c as f32) + texture + offset[c] + noise + chroma[c];
                 pixel[c] = value.clamp(0.0, 255.0) as u8;
             }
         }

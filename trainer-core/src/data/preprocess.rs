@@ -5,22 +5,58 @@
 use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
 use image::metadata::Orientation;
 use image::{DynamicImage, ImageReader, RgbImage};
+use zune_core::bytestream::ZCursor;
+use zune_core::colorspace::ColorSpace;
+use zune_core::options::DecoderOptions;
+use zune_jpeg::JpegDecoder;
 
 use super::geometry::{ImageGeometry, Size};
-use super::probe::{probe, ImageInfo};
+use super::probe::{probe, ImageFormat, ImageInfo};
 use super::source::SliceAccess;
 
 /// Decodes an image with its EXIF orientation applied, as RGB.
 pub fn decode_oriented(bytes: &[u8]) -> Result<RgbImage, String> {
     let info = probe_bytes(bytes)?;
-    let reader = ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| format!("cannot read: {e}"))?;
-    let mut image = reader.decode().map_err(|e| format!("cannot decode: {e}"))?;
+    let mut image = if info.format == ImageFormat::Jpeg {
+        DynamicImage::ImageRgb8(decode_jpeg(bytes, info.stored_size)?)
+    } else {
+        let reader = ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| format!("cannot read: {e}"))?;
+        let mut reader = reader;
+        reader.no_limits();
+        reader.decode().map_err(|e| format!("cannot decode: {e}"))?
+    };
     if let Some(orientation) = Orientation::from_exif(info.orientation) {
         image.apply_orientation(orientation);
     }
     Ok(to_rgb_on_white(image))
+}
+
+/// JPEG through zune-jpeg in strict mode, which (unlike the lenient default)
+/// rejects a truncated file instead of filling the missing part with grey.
+/// A file that ends properly but has a damaged entropy stream is still
+/// decoded leniently, as browsers and Pillow do.
+fn decode_jpeg(bytes: &[u8], size: [u32; 2]) -> Result<RgbImage, String> {
+    let decode = |strict: bool| {
+        let options = DecoderOptions::default()
+            .set_strict_mode(strict)
+            .set_max_width(size[0] as usize + 1)
+            .set_max_height(size[1] as usize + 1)
+            .jpeg_set_out_colorspace(ColorSpace::RGB);
+        JpegDecoder::new_with_options(ZCursor::new(bytes), options).decode()
+    };
+    let pixels = match decode(true) {
+        Ok(pixels) => pixels,
+        Err(strict_error) => {
+            let tail = &bytes[bytes.len().saturating_sub(32)..];
+            if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
+                return Err(format!("cannot decode JPEG: {strict_error}"));
+            }
+            decode(false).map_err(|e| format!("cannot decode JPEG: {e}"))?
+        }
+    };
+    RgbImage::from_raw(size[0], size[1], pixels).ok_or_else(|| "JPEG decoded to an unexpected size".to_string())
 }
 
 fn probe_bytes(bytes: &[u8]) -> Result<ImageInfo, String> {

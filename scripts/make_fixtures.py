@@ -43,6 +43,7 @@ PROMPTS = [
     "A Photograph of   ZWXROBOT, standing on a table!",
     "naïve café crème brûlée, 東京タワー, Ünïcödé",
     "a cat 🐱 wearing a hat 🎩 and 👩‍🚀 emoji",
+    "wow!!! so cool!? yes!",
     "it's 1234 o'clock; we'll see what's next (maybe) [really] {braces} <angle>",
     " ".join(["a very long prompt that keeps going"] * 20),
 ]

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod data;
+pub mod models;
 pub mod error;
 pub mod plan;
 pub mod rng;

@@ -1,0 +1,3 @@
+//! Stable Diffusion's components: tokenizer, CLIP text encoder, VAE, UNet.
+
+pub mod tokenizer;

@@ -388,6 +388,11 @@ def write_family(family):
     single = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in single.items()}
     save_file(single, out / "single_file.safetensors", metadata={"format": "pt"})
 
+    # References come from the pipeline as users load it (from the saved
+    # folder): diffusers' from_config keeps a saved timestep_spacing but drops
+    # one that was only a default, so an in-memory pipeline samples differently.
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
     ref, run = references(pipe, family)
     save_file({k: v.contiguous() for k, v in ref.items()}, out / "reference.safetensors")
     (out / "reference.json").write_text(json.dumps({

@@ -2,3 +2,4 @@
 
 pub mod folder;
 pub mod plan_command;
+pub mod sample_command;

@@ -1,6 +1,6 @@
 //! Burnbooth's command-line runner.
 
-use native_runner::plan_command;
+use native_runner::{plan_command, sample_command};
 
 use std::process::ExitCode;
 
@@ -17,12 +17,15 @@ struct Cli {
 enum Command {
     /// Show what training would do (datasets, buckets, captions, steps) without loading a model.
     Plan(plan_command::PlanArgs),
+    /// Generate an image from a prompt with a model (diffusers folder or single .safetensors file).
+    Sample(sample_command::SampleArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Plan(args) => plan_command::run(args),
+        Command::Sample(args) => sample_command::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,8 +11,10 @@ pub mod config;
 pub mod data;
 pub mod models;
 pub mod error;
+pub mod pipeline;
 pub mod plan;
 pub mod rng;
 pub mod schedule;
+pub mod schedulers;
 
 pub use error::{Error, Result};

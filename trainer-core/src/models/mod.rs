@@ -1,4 +1,301 @@
-//! Stable Diffusion's components: tokenizer, CLIP text encoder, VAE, UNet.
+//! Stable Diffusion's components (tokenizer, CLIP text encoder, VAE, UNet)
+//! and loading them from a diffusers folder or a single-file checkpoint.
 
+pub mod blocks;
+pub mod clip;
+pub mod config;
+pub mod loader;
 pub mod safetensors_file;
+pub mod single_file;
+pub mod standard;
 pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+
+use burn::tensor::Device;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use clip::ClipTextModel;
+use config::{parse, ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
+use loader::{Loader, TensorSource};
+use safetensors_file::SafetensorsFile;
+use single_file::{OpenClipView, OPENCLIP_PREFIX, SD1_TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use tokenizer::ClipTokenizer;
+use unet::UNet2DConditionModel;
+use vae::AutoencoderKl;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Sd1,
+    Sd2,
+}
+
+/// The configs of every component.
+#[derive(Debug, Clone)]
+pub struct ModelConfigs {
+    pub unet: UNetConfig,
+    pub vae: VaeConfig,
+    pub text: ClipTextConfig,
+    pub scheduler: SchedulerConfig,
+    pub pad_token: String,
+}
+
+impl ModelConfigs {
+    pub fn family(&self) -> Result<Family> {
+        if self.unet.addition_embed_type.as_deref() == Some("text_time") {
+            return Err(Error::Config {
+                source_name: "model".into(),
+                problems: vec!["this is an SDXL model; SDXL support is not built yet (SD 1.x and 2.x are)".into()],
+            });
+        }
+        // SD 2.x uses OpenCLIP-H (gelu); SD 1.x CLIP-L (quick_gelu).
+        Ok(if self.text.hidden_act == "gelu" { Family::Sd2 } else { Family::Sd1 })
+    }
+
+    /// The published SD 1.5 or SD 2.1 configs.
+    pub fn standard(family: Family) -> Self {
+        let (unet, text, scheduler, pad) = match family {
+            Family::Sd1 => (standard::SD15_UNET, standard::CLIP_L, standard::SD15_SCHEDULER, tokenizer::END_OF_TEXT),
+            Family::Sd2 => (standard::SD21_UNET, standard::OPENCLIP_H, standard::SD21_SCHEDULER, "!"),
+        };
+        Self {
+            unet: serde_json::from_str(unet).expect("valid built-in config"),
+            vae: serde_json::from_str(standard::SD_VAE).expect("valid built-in config"),
+            text: serde_json::from_str(text).expect("valid built-in config"),
+            scheduler: serde_json::from_str(scheduler).expect("valid built-in config"),
+            pad_token: pad.to_string(),
+        }
+    }
+}
+
+/// Files of a model, by path relative to the model (a folder natively,
+/// picked files in the browser).
+pub trait ModelFiles {
+    fn describe(&self) -> String;
+    fn exists(&self, relative: &str) -> bool;
+    fn read_text(&self, relative: &str) -> Result<String>;
+    fn safetensors(&self, relative: &str) -> Result<SafetensorsFile>;
+}
+
+/// A diffusers folder on disk; weights are memory-mapped.
+#[cfg(not(target_arch = "wasm32"))]
+pub struct DiskFolder {
+    pub root: std::path::PathBuf,
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl ModelFiles for DiskFolder {
+    fn describe(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn exists(&self, relative: &str) -> bool {
+        self.root.join(relative).exists()
+    }
+
+    fn read_text(&self, relative: &str) -> Result<String> {
+        let path = self.root.join(relative);
+        std::fs::read_to_string(&path).map_err(|e| Error::Io { path: path.display().to_string(), message: e.to_string() })
+    }
+
+    fn safetensors(&self, relative: &str) -> Result<SafetensorsFile> {
+        SafetensorsFile::open(&self.root.join(relative).display().to_string())
+    }
+}
+
+/// A loaded SD 1.x / 2.x model.
+pub struct StableDiffusion {
+    pub family: Family,
+    pub configs: ModelConfigs,
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub vae: AutoencoderKl,
+    pub unet: UNet2DConditionModel,
+}
+
+/// Reads the configs of a diffusers folder.
+pub fn read_folder_configs(files: &dyn ModelFiles) -> Result<ModelConfigs> {
+    for sub in ["unet", "vae", "text_encoder", "tokenizer"] {
+        if !files.exists(sub) {
+            return Err(Error::Io {
+                path: format!("{}/{sub}", files.describe()),
+                message: format!("missing sub-folder '{sub}/': a diffusers model folder has unet/, vae/, text_encoder/ and tokenizer/"),
+            });
+        }
+    }
+    let read = |path: &str| files.read_text(path);
+    let scheduler = if files.exists("scheduler/scheduler_config.json") {
+        parse(&read("scheduler/scheduler_config.json")?, "scheduler/scheduler_config.json")?
+    } else {
+        SchedulerConfig::default()
+    };
+    Ok(ModelConfigs {
+        unet: parse(&read("unet/config.json")?, &format!("{}/unet/config.json", files.describe()))?,
+        vae: parse(&read("vae/config.json")?, &format!("{}/vae/config.json", files.describe()))?,
+        text: parse(&read("text_encoder/config.json")?, &format!("{}/text_encoder/config.json", files.describe()))?,
+        scheduler,
+        pad_token: pad_token(files)?,
+    })
+}
+
+/// The pad token from `tokenizer_config.json` or `special_tokens_map.json`.
+fn pad_token(files: &dyn ModelFiles) -> Result<String> {
+    for name in ["tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json"] {
+        if files.exists(name) {
+            let value: serde_json::Value = serde_json::from_str(&files.read_text(name)?)
+                .map_err(|e| Error::Config { source_name: name.into(), problems: vec![e.to_string()] })?;
+            match &value["pad_token"] {
+                serde_json::Value::String(s) => return Ok(s.clone()),
+                serde_json::Value::Object(o) => {
+                    if let Some(s) = o.get("content").and_then(|c| c.as_str()) {
+                        return Ok(s.to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(tokenizer::END_OF_TEXT.to_string())
+}
+
+/// The weights file of a component: safetensors only (pickles are refused).
+fn component_weights(files: &dyn ModelFiles, component: &str, names: &[&str]) -> Result<SafetensorsFile> {
+    for name in names {
+        let path = format!("{component}/{name}");
+        if files.exists(&path) {
+            return files.safetensors(&path);
+        }
+    }
+    for pickle in ["diffusion_pytorch_model.bin", "pytorch_model.bin"] {
+        let path = format!("{component}/{pickle}");
+        if files.exists(&path) {
+            safetensors_file::refuse_pickle(&format!("{}/{path}", files.describe()))?;
+        }
+    }
+    Err(Error::Io {
+        path: format!("{}/{component}", files.describe()),
+        message: format!("no weights found (looked for {})", names.join(", ")),
+    })
+}
+
+fn tokenizer_from_folder(files: &dyn ModelFiles, pad: &str) -> Result<ClipTokenizer> {
+    let source = format!("{}/tokenizer", files.describe());
+    if files.exists("tokenizer/vocab.json") && files.exists("tokenizer/merges.txt") {
+        return ClipTokenizer::from_vocab_and_merges(&files.read_text("tokenizer/vocab.json")?, &files.read_text("tokenizer/merges.txt")?, pad, &source);
+    }
+    if files.exists("tokenizer/tokenizer.json") {
+        return ClipTokenizer::from_tokenizer_json(&files.read_text("tokenizer/tokenizer.json")?, pad, &source);
+    }
+    Err(Error::Io { path: source, message: "no vocab.json + merges.txt or tokenizer.json".into() })
+}
+
+/// Whether names in a file carry transformers' `text_model.` prefix.
+fn has_text_model_prefix(file: &dyn TensorSource, prefix: &str) -> bool {
+    file.tensor_names().iter().any(|n| n.starts_with(&format!("{prefix}text_model.")))
+}
+
+impl StableDiffusion {
+    /// Loads a diffusers folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
+    pub fn from_folder(files: &dyn ModelFiles, device: &Device) -> Result<Self> {
+        let configs = read_folder_configs(files)?;
+        let family = configs.family()?;
+        let tokenizer = tokenizer_from_folder(files, &configs.pad_token)?;
+        let model_names = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"];
+        let text_names = ["model.safetensors", "model.fp16.safetensors"];
+
+        let unet_file = component_weights(files, "unet", &model_names)?;
+        let mut loader = Loader::new(vec![&unet_file], Box::new(|n| n.to_string()), device.clone());
+        let unet = UNet2DConditionModel::load(&configs.unet, &mut loader);
+        loader.finish("UNet", &|_| false)?;
+
+        let vae_file = component_weights(files, "vae", &model_names)?;
+        let mut loader = Loader::new(vec![&vae_file], Box::new(|n| n.to_string()), device.clone());
+        let vae = AutoencoderKl::load(&configs.vae, &mut loader);
+        loader.finish("VAE", &|_| false)?;
+
+        let text_file = component_weights(files, "text_encoder", &text_names)?;
+        // transformers 5 saves CLIPTextModel without the `text_model.` prefix.
+        let prefix = if has_text_model_prefix(&text_file, "") { "text_model." } else { "" };
+        let mut loader = Loader::new(vec![&text_file], Box::new(|n| n.to_string()), device.clone());
+        let text_encoder = ClipTextModel::load(&configs.text, &mut loader, prefix, false);
+        loader.finish("text encoder", &|n| n.ends_with("position_ids"))?;
+
+        Ok(Self { family, configs, tokenizer, text_encoder, vae, unet })
+    }
+
+    /// Loads a single-file checkpoint. `configs` come from a diffusers folder
+    /// when given, else from the published model of the detected family.
+    pub fn from_single_file(file: &SafetensorsFile, configs: Option<ModelConfigs>, device: &Device) -> Result<Self> {
+        let family = detect_family(file)?;
+        let configs = configs.unwrap_or_else(|| ModelConfigs::standard(family));
+        let tokenizer = ClipTokenizer::standard(&configs.pad_token)?;
+
+        let unet_config = configs.unet.clone();
+        let mut loader = Loader::new(vec![file], Box::new(move |n| single_file::unet_name(n, &unet_config)), device.clone());
+        let unet = UNet2DConditionModel::load(&configs.unet, &mut loader);
+        loader.finish("UNet", &|n| !n.starts_with(UNET_PREFIX))?;
+
+        let vae_config = configs.vae.clone();
+        let mut loader = Loader::new(vec![file], Box::new(move |n| single_file::vae_name(n, &vae_config)), device.clone());
+        let vae = AutoencoderKl::load(&configs.vae, &mut loader);
+        loader.finish("VAE", &|n| !n.starts_with(VAE_PREFIX))?;
+
+        let text_encoder = match family {
+            Family::Sd1 => {
+                let with_prefix = has_text_model_prefix(file, SD1_TEXT_PREFIX);
+                let mut loader = Loader::new(vec![file], Box::new(move |n| single_file::sd1_text_name(n, with_prefix)), device.clone());
+                let model = ClipTextModel::load(&configs.text, &mut loader, "", false);
+                loader.finish("text encoder", &|n| !n.starts_with(SD1_TEXT_PREFIX) || n.ends_with("position_ids"))?;
+                model
+            }
+            Family::Sd2 => {
+                let view = OpenClipView::new(file, OPENCLIP_PREFIX, configs.text.num_hidden_layers, false);
+                let mut loader = Loader::new(vec![&view], Box::new(|n| n.to_string()), device.clone());
+                let model = ClipTextModel::load(&configs.text, &mut loader, "", false);
+                loader.finish("text encoder", &|_| false)?;
+                model
+            }
+        };
+        Ok(Self { family, configs, tokenizer, text_encoder, vae, unet })
+    }
+}
+
+/// SD 1.x or 2.x from a single file's tensors (diffusers' detection keys).
+pub fn detect_family(file: &dyn TensorSource) -> Result<Family> {
+    if file.shape("conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias").is_some() {
+        return Err(Error::Config {
+            source_name: file.path().to_string(),
+            problems: vec!["this is an SDXL checkpoint; SDXL support is not built yet (SD 1.x and 2.x are)".into()],
+        });
+    }
+    if file.shape(&format!("{OPENCLIP_PREFIX}token_embedding.weight")).is_some() {
+        return Ok(Family::Sd2);
+    }
+    if file.tensor_names().iter().any(|n| n.starts_with(SD1_TEXT_PREFIX)) {
+        return Ok(Family::Sd1);
+    }
+    Err(Error::Config {
+        source_name: file.path().to_string(),
+        problems: vec!["not a Stable Diffusion 1.x/2.x checkpoint: no text encoder under cond_stage_model.".into()],
+    })
+}
+
+/// Every tensor a model with these configs needs, with its shape, in
+/// diffusers names (`unet.`, `vae.`, `text_encoder.` prefixed). Computed by a
+/// dry run of the loaders: nothing is allocated.
+pub fn expected_keys(configs: &ModelConfigs) -> Vec<(String, Vec<usize>)> {
+    let device = Device::flex();
+    let mut all = Vec::new();
+    let mut loader = Loader::dry_run(device.clone());
+    let _ = UNet2DConditionModel::load(&configs.unet, &mut loader);
+    all.extend(loader.requested.into_iter().map(|(n, s)| (format!("unet.{n}"), s)));
+    let mut loader = Loader::dry_run(device.clone());
+    let _ = AutoencoderKl::load(&configs.vae, &mut loader);
+    all.extend(loader.requested.into_iter().map(|(n, s)| (format!("vae.{n}"), s)));
+    let mut loader = Loader::dry_run(device);
+    let _ = ClipTextModel::load(&configs.text, &mut loader, "text_model.", false);
+    all.extend(loader.requested.into_iter().map(|(n, s)| (format!("text_encoder.{n}"), s)));
+    all
+}

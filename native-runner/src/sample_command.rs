@@ -1,0 +1,130 @@
+//! `native-runner sample`: text to image with a base model.
+
+use std::path::Path;
+
+use burn::tensor::{Device, DeviceKind, Tensor, TensorData};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use trainer_core::models::safetensors_file::SafetensorsFile;
+use trainer_core::models::{read_folder_configs, DiskFolder, StableDiffusion};
+use trainer_core::pipeline::{a1111_parameters, png_with_parameters, to_rgb8, GenerateRequest};
+use trainer_core::schedulers::SamplerKind;
+use trainer_core::{Error, Result};
+
+#[derive(Args)]
+pub struct SampleArgs {
+    /// A diffusers model folder, or a single-file .safetensors checkpoint.
+    #[arg(long)]
+    model: String,
+    /// For a single-file checkpoint: take the component configs from this
+    /// diffusers folder instead of the published SD 1.5 / 2.1 configs.
+    #[arg(long)]
+    config_from: Option<String>,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    /// ddim, euler, euler_a, dpmpp_2m or dpmpp_2m_karras.
+    #[arg(long, default_value = "dpmpp_2m_karras")]
+    sampler: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Image width (default: the model's native size).
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    /// A .safetensors file with one tensor `latents` [1, 4, H/8, W/8] to start from.
+    #[arg(long)]
+    init_latents: Option<String>,
+    /// Where to compute: gpu (wgpu on the best adapter), cpu-gpu (wgpu on a
+    /// CPU Vulkan adapter such as lavapipe) or cpu (burn's CPU backend).
+    #[arg(long, default_value = "gpu")]
+    device: String,
+    #[arg(long)]
+    out: String,
+}
+
+pub fn device(name: &str) -> Result<Device> {
+    Ok(match name {
+        "gpu" => Device::wgpu(DeviceKind::DefaultDevice),
+        "cpu-gpu" | "lavapipe" => Device::wgpu(DeviceKind::Cpu),
+        "cpu" => Device::flex(),
+        other => {
+            return Err(Error::Config { source_name: "--device".into(), problems: vec![format!("unknown device '{other}': use gpu, cpu-gpu or cpu")] })
+        }
+    })
+}
+
+pub fn load_model(model: &str, config_from: Option<&str>, device: &Device) -> Result<StableDiffusion> {
+    let path = Path::new(model);
+    if path.is_dir() {
+        return StableDiffusion::from_folder(&DiskFolder { root: path.to_path_buf() }, device);
+    }
+    if !path.exists() {
+        return Err(Error::Io { path: model.to_string(), message: "no such file or folder".into() });
+    }
+    let file = SafetensorsFile::open(model)?;
+    let configs = match config_from {
+        Some(folder) => Some(read_folder_configs(&DiskFolder { root: folder.into() })?),
+        None => None,
+    };
+    StableDiffusion::from_single_file(&file, configs, device)
+}
+
+fn read_latents(path: &str, device: &Device) -> Result<Tensor<4>> {
+    let file = SafetensorsFile::open(path)?;
+    let info = file.info("latents").ok_or_else(|| Error::Io { path: path.into(), message: "no tensor named 'latents'".into() })?;
+    let shape: [usize; 4] = info.shape.clone().try_into().map_err(|_| Error::Io {
+        path: path.into(),
+        message: format!("'latents' has shape {:?}; expected [1, 4, H/8, W/8]", info.shape),
+    })?;
+    Ok(Tensor::from_data(TensorData::new(file.to_f32("latents")?, shape), device))
+}
+
+pub fn run(args: SampleArgs) -> Result<()> {
+    let device = device(&args.device)?;
+    let model = load_model(&args.model, args.config_from.as_deref(), &device)?;
+    let native = model.configs.unet.sample_size.unwrap_or(64) * model.configs.vae.downscale();
+    let init = args.init_latents.as_deref().map(|p| read_latents(p, &device)).transpose()?;
+    let (mut width, mut height) = (args.width.unwrap_or(native), args.height.unwrap_or(native));
+    if let Some(latents) = &init {
+        let [_, _, h, w] = latents.dims();
+        let factor = model.configs.vae.downscale();
+        if args.width.is_none() && args.height.is_none() {
+            (width, height) = (w * factor, h * factor);
+        }
+    }
+    let request = GenerateRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        steps: args.steps,
+        guidance: args.guidance,
+        sampler: SamplerKind::parse(&args.sampler)?,
+        seed: args.seed,
+        width,
+        height,
+    };
+    if model.tokenizer.length(&request.prompt)? > model.tokenizer.max_length {
+        eprintln!("warning: the prompt is longer than {} tokens; the rest is cut off", model.tokenizer.max_length);
+    }
+    let bar = ProgressBar::new(request.steps as u64);
+    bar.set_style(ProgressStyle::with_template("sampling [{bar:30}] {pos}/{len} steps ({per_sec}, {eta})").expect("valid template").progress_chars("=> "));
+    let generated = model.generate(&request, init, &device, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    let generated = generated?;
+    let image = to_rgb8(generated.image)?;
+    let model_name = Path::new(&args.model).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let parameters = a1111_parameters(&request, &model_name, &[]);
+    let png = png_with_parameters(&image, &parameters)?;
+    std::fs::write(&args.out, png).map_err(|e| Error::Io { path: args.out.clone(), message: e.to_string() })?;
+    eprintln!("wrote {} ({}x{})", args.out, width, height);
+    Ok(())
+}

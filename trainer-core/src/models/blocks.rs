@@ -1,0 +1,131 @@
+//! Building blocks shared by the VAE and the UNet, named as in diffusers
+//! (`resnets.N.norm1`, `attentions.N.to_q`, `downsamplers.0.conv`, ...).
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::{GroupNorm, Linear};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::Tensor;
+
+use super::loader::Loader;
+
+/// diffusers' ResnetBlock2D.
+#[derive(Module, Debug)]
+pub struct ResnetBlock2D {
+    pub norm1: GroupNorm,
+    pub conv1: Conv2d,
+    /// Projects the time embedding (UNet only).
+    pub time_emb_proj: Option<Linear>,
+    pub norm2: GroupNorm,
+    pub conv2: Conv2d,
+    /// 1x1 convolution when the channel count changes.
+    pub conv_shortcut: Option<Conv2d>,
+}
+
+impl ResnetBlock2D {
+    pub fn load(loader: &mut Loader<'_>, prefix: &str, c_in: usize, c_out: usize, temb: Option<usize>, groups: usize, eps: f64) -> Self {
+        Self {
+            norm1: loader.group_norm(&format!("{prefix}.norm1"), groups, c_in, eps),
+            conv1: loader.conv2d(&format!("{prefix}.conv1"), c_in, c_out, 3, 1, 1),
+            time_emb_proj: temb.map(|t| loader.linear(&format!("{prefix}.time_emb_proj"), t, c_out, true)),
+            norm2: loader.group_norm(&format!("{prefix}.norm2"), groups, c_out, eps),
+            conv2: loader.conv2d(&format!("{prefix}.conv2"), c_out, c_out, 3, 1, 1),
+            conv_shortcut: (c_in != c_out).then(|| loader.conv2d(&format!("{prefix}.conv_shortcut"), c_in, c_out, 1, 1, 0)),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<4>, temb: Option<Tensor<2>>) -> Tensor<4> {
+        let mut h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        if let (Some(projection), Some(temb)) = (&self.time_emb_proj, temb) {
+            let [batch, channels] = [h.dims()[0], h.dims()[1]];
+            h = h + projection.forward(silu(temb)).reshape([batch, channels, 1, 1]);
+        }
+        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(x),
+            None => x,
+        };
+        shortcut + h
+    }
+}
+
+/// diffusers' Attention processor: `to_q`, `to_k`, `to_v`, `to_out.0`.
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub to_q: Linear,
+    pub to_k: Linear,
+    pub to_v: Linear,
+    pub to_out: Linear,
+    #[module(skip)]
+    pub heads: usize,
+}
+
+impl Attention {
+    /// `qkv_bias`: the VAE's attention has biases on q, k, v; the UNet's not.
+    pub fn load(loader: &mut Loader<'_>, prefix: &str, dim: usize, context_dim: usize, heads: usize, qkv_bias: bool) -> Self {
+        Self {
+            to_q: loader.linear(&format!("{prefix}.to_q"), dim, dim, qkv_bias),
+            to_k: loader.linear(&format!("{prefix}.to_k"), context_dim, dim, qkv_bias),
+            to_v: loader.linear(&format!("{prefix}.to_v"), context_dim, dim, qkv_bias),
+            to_out: loader.linear(&format!("{prefix}.to_out.0"), dim, dim, true),
+            heads,
+        }
+    }
+
+    /// `x`: [batch, tokens, dim]; `context`: [batch, context tokens, context dim]
+    /// (self-attention when `None`).
+    pub fn forward(&self, x: Tensor<3>, context: Option<Tensor<3>>) -> Tensor<3> {
+        let [batch, length, dim] = x.dims();
+        let context = context.unwrap_or_else(|| x.clone());
+        let context_length = context.dims()[1];
+        let head_dim = dim / self.heads;
+        let q = self.to_q.forward(x).reshape([batch, length, self.heads, head_dim]).swap_dims(1, 2);
+        let k = self.to_k.forward(context.clone()).reshape([batch, context_length, self.heads, head_dim]).swap_dims(1, 2);
+        let v = self.to_v.forward(context).reshape([batch, context_length, self.heads, head_dim]).swap_dims(1, 2);
+        let scores = q.matmul(k.swap_dims(2, 3)) * (head_dim as f64).powf(-0.5);
+        let out = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([batch, length, dim]);
+        self.to_out.forward(out)
+    }
+}
+
+/// Stride-2 convolution. The VAE pads asymmetrically (right and bottom by
+/// one, `padding=0` in diffusers); the UNet pads by one on every side.
+#[derive(Module, Debug)]
+pub struct Downsample2D {
+    pub conv: Conv2d,
+    #[module(skip)]
+    pub asymmetric: bool,
+}
+
+impl Downsample2D {
+    pub fn load(loader: &mut Loader<'_>, prefix: &str, channels: usize, asymmetric: bool) -> Self {
+        let padding = if asymmetric { 0 } else { 1 };
+        Self { conv: loader.conv2d(&format!("{prefix}.conv"), channels, channels, 3, 2, padding), asymmetric }
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = if self.asymmetric { x.pad((0, 1, 0, 1), burn::tensor::ops::PadMode::Constant(0.0)) } else { x };
+        self.conv.forward(x)
+    }
+}
+
+/// Nearest-neighbour 2x upsampling, then a 3x3 convolution.
+#[derive(Module, Debug)]
+pub struct Upsample2D {
+    pub conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub fn load(loader: &mut Loader<'_>, prefix: &str, channels: usize) -> Self {
+        Self { conv: loader.conv2d(&format!("{prefix}.conv"), channels, channels, 3, 1, 1) }
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.conv.forward(upsample_nearest_2x(x))
+    }
+}
+
+pub fn upsample_nearest_2x(x: Tensor<4>) -> Tensor<4> {
+    let [b, c, h, w] = x.dims();
+    x.reshape([b, c, h, 1, w, 1]).repeat_dim(3, 2).repeat_dim(5, 2).reshape([b, c, h * 2, w * 2])
+}

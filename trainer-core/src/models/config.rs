@@ -1,0 +1,227 @@
+//! The diffusers / transformers `config.json` of each component, read with
+//! the libraries' own defaults. Sizes always come from here, never from
+//! hard-coded model tables.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A value that configs give either once or per block.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock<T> {
+    One(T),
+    Each(Vec<T>),
+}
+
+impl<T: Clone> PerBlock<T> {
+    pub fn get(&self, block: usize) -> T {
+        match self {
+            PerBlock::One(value) => value.clone(),
+            PerBlock::Each(values) => values[block.min(values.len() - 1)].clone(),
+        }
+    }
+}
+
+fn default_norm_groups() -> usize {
+    32
+}
+fn default_norm_eps() -> f64 {
+    1e-5
+}
+fn default_true() -> bool {
+    true
+}
+fn default_layers() -> usize {
+    2
+}
+fn default_four() -> usize {
+    4
+}
+fn default_transformer_layers() -> PerBlock<usize> {
+    PerBlock::One(1)
+}
+fn default_head_dim() -> PerBlock<usize> {
+    PerBlock::One(8)
+}
+fn default_cross_attention() -> PerBlock<usize> {
+    PerBlock::One(1280)
+}
+
+/// `unet/config.json` (UNet2DConditionModel).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UNetConfig {
+    #[serde(default = "default_four")]
+    pub in_channels: usize,
+    #[serde(default = "default_four")]
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    #[serde(default = "default_layers")]
+    pub layers_per_block: usize,
+    /// Really the number of heads for SD 1.x/2.x/XL (a historic misnaming
+    /// that diffusers keeps), unless `num_attention_heads` is set.
+    #[serde(default = "default_head_dim")]
+    pub attention_head_dim: PerBlock<usize>,
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock<usize>>,
+    #[serde(default = "default_cross_attention")]
+    pub cross_attention_dim: PerBlock<usize>,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default)]
+    pub upcast_attention: bool,
+    #[serde(default = "default_norm_groups")]
+    pub norm_num_groups: usize,
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+    #[serde(default = "default_transformer_layers")]
+    pub transformer_layers_per_block: PerBlock<usize>,
+    #[serde(default = "default_true")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    #[serde(default)]
+    pub sample_size: Option<usize>,
+}
+
+impl UNetConfig {
+    pub fn heads(&self, block: usize) -> usize {
+        self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim).get(block)
+    }
+
+    pub fn time_embed_dim(&self) -> usize {
+        self.block_out_channels[0] * 4
+    }
+}
+
+fn default_latent_channels() -> usize {
+    4
+}
+fn default_scaling() -> f64 {
+    0.18215
+}
+fn default_three() -> usize {
+    3
+}
+fn default_layers_vae() -> usize {
+    1
+}
+
+/// `vae/config.json` (AutoencoderKL).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VaeConfig {
+    #[serde(default = "default_three")]
+    pub in_channels: usize,
+    #[serde(default = "default_three")]
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "default_layers_vae")]
+    pub layers_per_block: usize,
+    #[serde(default = "default_latent_channels")]
+    pub latent_channels: usize,
+    #[serde(default = "default_norm_groups")]
+    pub norm_num_groups: usize,
+    #[serde(default = "default_scaling")]
+    pub scaling_factor: f64,
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    #[serde(default = "default_true")]
+    pub use_quant_conv: bool,
+    #[serde(default = "default_true")]
+    pub use_post_quant_conv: bool,
+    #[serde(default = "default_true")]
+    pub mid_block_add_attention: bool,
+}
+
+impl VaeConfig {
+    /// How much smaller latents are than images (8 for the real VAEs).
+    pub fn downscale(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+}
+
+fn default_act() -> String {
+    "quick_gelu".into()
+}
+fn default_positions() -> usize {
+    77
+}
+fn default_clip_eps() -> f64 {
+    1e-5
+}
+
+/// `text_encoder/config.json` (transformers CLIPTextConfig).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default = "default_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_clip_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+}
+
+/// `scheduler/scheduler_config.json`: what the sampling schedulers need.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SchedulerConfig {
+    #[serde(default = "default_train_steps")]
+    pub num_train_timesteps: usize,
+    #[serde(default = "default_beta_start")]
+    pub beta_start: f64,
+    #[serde(default = "default_beta_end")]
+    pub beta_end: f64,
+    #[serde(default = "default_beta_schedule")]
+    pub beta_schedule: String,
+    #[serde(default = "default_prediction")]
+    pub prediction_type: String,
+    #[serde(default)]
+    pub steps_offset: usize,
+    #[serde(default)]
+    pub timestep_spacing: Option<String>,
+    #[serde(default)]
+    pub set_alpha_to_one: bool,
+}
+
+fn default_train_steps() -> usize {
+    1000
+}
+fn default_beta_start() -> f64 {
+    0.00085
+}
+fn default_beta_end() -> f64 {
+    0.012
+}
+fn default_beta_schedule() -> String {
+    "scaled_linear".into()
+}
+fn default_prediction() -> String {
+    "epsilon".into()
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("all fields have defaults")
+    }
+}
+
+/// Parses a component config, naming the file on error.
+pub fn parse<T: for<'de> Deserialize<'de>>(text: &str, path: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| Error::Config { source_name: path.to_string(), problems: vec![e.to_string()] })
+}

@@ -1,0 +1,194 @@
+//! Builds model modules from checkpoint tensors, by name.
+//!
+//! Model code asks the loader for each tensor under its diffusers name and
+//! the shape the model config implies; the loader finds it in the files
+//! (through a renaming for single-file checkpoints), checks the shape and
+//! collects every problem (missing, mis-shaped, unexpected tensors) so one
+//! error lists them all. In dry-run mode nothing is read: the loader only
+//! records the names and shapes the model needs, which is how
+//! [`expected_keys`](super) lists a real model's tensors without allocating it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use burn::module::Param;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Embedding, EmbeddingConfig, GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::tensor::{Device, Tensor, TensorData};
+
+use super::safetensors_file::SafetensorsFile;
+use crate::error::{Error, Result};
+
+/// Maps a model tensor name (diffusers layout) to its name in the file.
+pub type Rename<'a> = Box<dyn Fn(&str) -> String + 'a>;
+
+/// Named tensors: a safetensors file, or a view that renames or splits the
+/// tensors of one (OpenCLIP's packed q/k/v).
+pub trait TensorSource {
+    fn path(&self) -> &str;
+    fn tensor_names(&self) -> Vec<String>;
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+    fn values(&self, name: &str) -> Result<Vec<f32>>;
+}
+
+impl TensorSource for SafetensorsFile {
+    fn path(&self) -> &str {
+        &self.path
+    }
+
+    fn tensor_names(&self) -> Vec<String> {
+        self.names().map(str::to_string).collect()
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.info(name).map(|i| i.shape.clone())
+    }
+
+    fn values(&self, name: &str) -> Result<Vec<f32>> {
+        self.to_f32(name)
+    }
+}
+
+pub struct Loader<'a> {
+    files: Vec<&'a dyn TensorSource>,
+    /// Which file holds each tensor name.
+    index: BTreeMap<String, usize>,
+    rename: Rename<'a>,
+    pub device: Device,
+    dry_run: bool,
+    /// Model name -> shape, in request order.
+    pub requested: Vec<(String, Vec<usize>)>,
+    used: BTreeSet<String>,
+    problems: Vec<String>,
+}
+
+impl<'a> Loader<'a> {
+    pub fn new(files: Vec<&'a dyn TensorSource>, rename: Rename<'a>, device: Device) -> Self {
+        let mut index = BTreeMap::new();
+        for (i, file) in files.iter().enumerate() {
+            for name in file.tensor_names() {
+                index.insert(name, i);
+            }
+        }
+        Self { files, index, rename, device, dry_run: false, requested: Vec::new(), used: BTreeSet::new(), problems: Vec::new() }
+    }
+
+    /// A loader that reads nothing and records what the model needs.
+    pub fn dry_run(device: Device) -> Self {
+        let mut loader = Self::new(Vec::new(), Box::new(|name| name.to_string()), device);
+        loader.dry_run = true;
+        loader
+    }
+
+    fn describe_files(&self) -> String {
+        self.files.iter().map(|f| f.path()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Values of one tensor, shape-checked. `None` (and a recorded problem)
+    /// when missing or mis-shaped.
+    fn values(&mut self, name: &str, shape: &[usize]) -> Option<Vec<f32>> {
+        self.requested.push((name.to_string(), shape.to_vec()));
+        if self.dry_run {
+            return None;
+        }
+        let file_name = (self.rename)(name);
+        let Some(&file_index) = self.index.get(file_name.as_str()) else {
+            let shown = if file_name == name { format!("'{name}'") } else { format!("'{file_name}' (model tensor '{name}')") };
+            self.problems.push(format!("missing tensor {shown}, shape {shape:?}"));
+            return None;
+        };
+        let file = self.files[file_index];
+        let stored = file.shape(&file_name).expect("indexed");
+        let same = stored == shape;
+        // 1x1 convolutions stored where a linear layer is expected, and the reverse.
+        let squeezable = stored.iter().filter(|d| **d != 1).eq(shape.iter().filter(|d| **d != 1))
+            && stored.iter().product::<usize>() == shape.iter().product::<usize>();
+        if !same && !squeezable {
+            self.problems.push(format!("tensor '{file_name}' has shape {stored:?} but the model config needs {shape:?}"));
+            self.used.insert(file_name);
+            return None;
+        }
+        self.used.insert(file_name.clone());
+        match file.values(&file_name) {
+            Ok(values) => Some(values),
+            Err(error) => {
+                self.problems.push(error.to_string());
+                None
+            }
+        }
+    }
+
+    /// A tensor of the given shape.
+    pub fn tensor<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Tensor<D> {
+        match self.values(name, &shape) {
+            Some(values) => Tensor::from_data(TensorData::new(values, shape), &self.device),
+            // Placeholder: dry runs never compute, and failed loads end in an error.
+            None => Tensor::zeros([0; D], &self.device),
+        }
+    }
+
+    pub fn param<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Param<Tensor<D>> {
+        Param::from_tensor(self.tensor(name, shape))
+    }
+
+    /// `nn.Linear` (PyTorch stores the weight as [out, in]; burn as [in, out]).
+    pub fn linear(&mut self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Linear {
+        let mut linear = LinearConfig::new(d_in, d_out).with_bias(bias).init(&self.device);
+        linear.weight = Param::from_tensor(self.tensor(&format!("{prefix}.weight"), [d_out, d_in]).transpose());
+        linear.bias = bias.then(|| self.param(&format!("{prefix}.bias"), [d_out]));
+        linear
+    }
+
+    pub fn conv2d(&mut self, prefix: &str, c_in: usize, c_out: usize, kernel: usize, stride: usize, padding: usize) -> Conv2d {
+        let mut conv = Conv2dConfig::new([c_in, c_out], [kernel, kernel])
+            .with_stride([stride, stride])
+            .with_padding(PaddingConfig2d::Explicit(padding, padding, padding, padding))
+            .init(&self.device);
+        conv.weight = self.param(&format!("{prefix}.weight"), [c_out, c_in, kernel, kernel]);
+        conv.bias = Some(self.param(&format!("{prefix}.bias"), [c_out]));
+        conv
+    }
+
+    pub fn group_norm(&mut self, prefix: &str, groups: usize, channels: usize, epsilon: f64) -> GroupNorm {
+        let mut norm = GroupNormConfig::new(groups, channels).with_epsilon(epsilon).init(&self.device);
+        norm.gamma = Some(self.param(&format!("{prefix}.weight"), [channels]));
+        norm.beta = Some(self.param(&format!("{prefix}.bias"), [channels]));
+        norm
+    }
+
+    pub fn layer_norm(&mut self, prefix: &str, dim: usize, epsilon: f64) -> LayerNorm {
+        let mut norm = LayerNormConfig::new(dim).with_epsilon(epsilon).init(&self.device);
+        norm.gamma = self.param(&format!("{prefix}.weight"), [dim]);
+        norm.beta = Some(self.param(&format!("{prefix}.bias"), [dim]));
+        norm
+    }
+
+    pub fn embedding(&mut self, name: &str, count: usize, dim: usize) -> Embedding {
+        let mut embedding = EmbeddingConfig::new(count, dim).init(&self.device);
+        embedding.weight = self.param(name, [count, dim]);
+        embedding
+    }
+
+    /// Tensors in the files that nothing used, except those `ignore` accepts.
+    pub fn unused(&self, ignore: &dyn Fn(&str) -> bool) -> Vec<String> {
+        self.index.keys().filter(|name| !self.used.contains(*name) && !ignore(name)).cloned().collect()
+    }
+
+    /// Ends loading: every missing, mis-shaped and unexpected tensor in one error.
+    pub fn finish(self, what: &str, ignore: &dyn Fn(&str) -> bool) -> Result<()> {
+        let mut problems = self.problems.clone();
+        let unused = self.unused(ignore);
+        if !unused.is_empty() {
+            let shown: Vec<&str> = unused.iter().take(8).map(String::as_str).collect();
+            problems.push(format!(
+                "{} unexpected tensor(s) for this model config: {}{}",
+                unused.len(),
+                shown.join(", "),
+                if unused.len() > 8 { ", ..." } else { "" }
+            ));
+        }
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Config { source_name: format!("{what} ({})", self.describe_files()), problems })
+    }
+}

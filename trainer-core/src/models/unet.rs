@@ -1,0 +1,339 @@
+//! UNet2DConditionModel for SD 1.x and 2.x, built from the model's
+//! `config.json`. Field names follow diffusers' keys (`down_blocks.N.resnets.M`,
+//! `down_blocks.N.attentions.M.transformer_blocks.K.attn1.to_q`, ...).
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::{GroupNorm, LayerNorm, Linear};
+use burn::tensor::activation::{gelu, silu};
+use burn::tensor::{Tensor, TensorData};
+
+use super::blocks::{Attention, Downsample2D, ResnetBlock2D, Upsample2D};
+use super::config::UNetConfig;
+use super::loader::Loader;
+
+/// The UNet's transformer blocks normalise with GroupNorm eps 1e-6.
+const TRANSFORMER_NORM_EPS: f64 = 1e-6;
+
+/// GEGLU feed-forward: `net.0.proj` (to twice the inner width), gate, `net.2`.
+#[derive(Module, Debug)]
+pub struct FeedForward {
+    pub proj: Linear,
+    pub out: Linear,
+}
+
+impl FeedForward {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let mut halves = self.proj.forward(x).chunk(2, 2);
+        let gate = halves.pop().expect("two halves");
+        let hidden = halves.pop().expect("two halves");
+        self.out.forward(hidden * gelu(gate))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct BasicTransformerBlock {
+    pub norm1: LayerNorm,
+    pub attn1: Attention,
+    pub norm2: LayerNorm,
+    pub attn2: Attention,
+    pub norm3: LayerNorm,
+    pub ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    fn load(loader: &mut Loader<'_>, prefix: &str, dim: usize, context_dim: usize, heads: usize) -> Self {
+        let inner = dim * 4;
+        Self {
+            norm1: loader.layer_norm(&format!("{prefix}.norm1"), dim, 1e-5),
+            attn1: Attention::load(loader, &format!("{prefix}.attn1"), dim, dim, heads, false),
+            norm2: loader.layer_norm(&format!("{prefix}.norm2"), dim, 1e-5),
+            attn2: Attention::load(loader, &format!("{prefix}.attn2"), dim, context_dim, heads, false),
+            norm3: loader.layer_norm(&format!("{prefix}.norm3"), dim, 1e-5),
+            ff: FeedForward {
+                proj: loader.linear(&format!("{prefix}.ff.net.0.proj"), dim, inner * 2, true),
+                out: loader.linear(&format!("{prefix}.ff.net.2"), inner, dim, true),
+            },
+        }
+    }
+
+    fn forward(&self, x: Tensor<3>, context: Tensor<3>) -> Tensor<3> {
+        let x = self.attn1.forward(self.norm1.forward(x.clone()), None) + x;
+        let x = self.attn2.forward(self.norm2.forward(x.clone()), Some(context)) + x;
+        self.ff.forward(self.norm3.forward(x.clone())) + x
+    }
+}
+
+/// Input/output projection of a Transformer2DModel: 1x1 convolution (SD 1.x)
+/// or linear (SD 2.x, `use_linear_projection`).
+#[derive(Module, Debug)]
+pub enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+#[derive(Module, Debug)]
+pub struct Transformer2D {
+    pub norm: GroupNorm,
+    pub proj_in: Projection,
+    pub transformer_blocks: Vec<BasicTransformerBlock>,
+    pub proj_out: Projection,
+}
+
+impl Transformer2D {
+    #[allow(clippy::too_many_arguments)]
+    fn load(loader: &mut Loader<'_>, prefix: &str, dim: usize, context_dim: usize, heads: usize, depth: usize, groups: usize, linear: bool) -> Self {
+        let projection = |loader: &mut Loader<'_>, name: &str| {
+            let name = format!("{prefix}.{name}");
+            if linear {
+                Projection::Linear(loader.linear(&name, dim, dim, true))
+            } else {
+                Projection::Conv(loader.conv2d(&name, dim, dim, 1, 1, 0))
+            }
+        };
+        Self {
+            norm: loader.group_norm(&format!("{prefix}.norm"), groups, dim, TRANSFORMER_NORM_EPS),
+            proj_in: projection(loader, "proj_in"),
+            transformer_blocks: (0..depth)
+                .map(|k| BasicTransformerBlock::load(loader, &format!("{prefix}.transformer_blocks.{k}"), dim, context_dim, heads))
+                .collect(),
+            proj_out: projection(loader, "proj_out"),
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>, context: Tensor<3>) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let residual = x.clone();
+        let x = self.norm.forward(x);
+        let to_tokens = |x: Tensor<4>| x.reshape([b, c, h * w]).swap_dims(1, 2);
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(conv.forward(x)),
+            Projection::Linear(linear) => linear.forward(to_tokens(x)),
+        };
+        for block in &self.transformer_blocks {
+            tokens = block.forward(tokens, context.clone());
+        }
+        let to_image = |t: Tensor<3>| t.swap_dims(1, 2).reshape([b, c, h, w]);
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(to_image(tokens)),
+            Projection::Linear(linear) => to_image(linear.forward(tokens)),
+        };
+        out + residual
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct DownBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    pub attentions: Vec<Transformer2D>,
+    pub downsampler: Option<Downsample2D>,
+}
+
+#[derive(Module, Debug)]
+pub struct UpBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    pub attentions: Vec<Transformer2D>,
+    pub upsampler: Option<Upsample2D>,
+}
+
+#[derive(Module, Debug)]
+pub struct MidBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    pub attention: Transformer2D,
+}
+
+#[derive(Module, Debug)]
+pub struct TimestepEmbedding {
+    pub linear_1: Linear,
+    pub linear_2: Linear,
+}
+
+#[derive(Module, Debug)]
+pub struct UNet2DConditionModel {
+    pub conv_in: Conv2d,
+    pub time_embedding: TimestepEmbedding,
+    pub down_blocks: Vec<DownBlock>,
+    pub mid_block: MidBlock,
+    pub up_blocks: Vec<UpBlock>,
+    pub conv_norm_out: GroupNorm,
+    pub conv_out: Conv2d,
+    #[module(skip)]
+    pub time_channels: usize,
+    #[module(skip)]
+    pub flip_sin_to_cos: bool,
+    #[module(skip)]
+    pub freq_shift: f64,
+}
+
+impl UNet2DConditionModel {
+    pub fn load(config: &UNetConfig, loader: &mut Loader<'_>) -> Self {
+        let channels = &config.block_out_channels;
+        let levels = channels.len();
+        let groups = config.norm_num_groups;
+        let eps = config.norm_eps;
+        let temb = config.time_embed_dim();
+        let linear = config.use_linear_projection;
+        let lpb = config.layers_per_block;
+
+        let time_embedding = TimestepEmbedding {
+            linear_1: loader.linear("time_embedding.linear_1", channels[0], temb, true),
+            linear_2: loader.linear("time_embedding.linear_2", temb, temb, true),
+        };
+        let conv_in = loader.conv2d("conv_in", config.in_channels, channels[0], 3, 1, 1);
+
+        let mut down_blocks = Vec::new();
+        let mut c_out = channels[0];
+        for (i, kind) in config.down_block_types.iter().enumerate() {
+            let c_in = c_out;
+            c_out = channels[i];
+            let p = format!("down_blocks.{i}");
+            let cross = kind.starts_with("CrossAttn");
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..lpb {
+                let input = if j == 0 { c_in } else { c_out };
+                resnets.push(ResnetBlock2D::load(loader, &format!("{p}.resnets.{j}"), input, c_out, Some(temb), groups, eps));
+                if cross {
+                    attentions.push(Transformer2D::load(
+                        loader,
+                        &format!("{p}.attentions.{j}"),
+                        c_out,
+                        config.cross_attention_dim.get(i),
+                        config.heads(i),
+                        config.transformer_layers_per_block.get(i),
+                        groups,
+                        linear,
+                    ));
+                }
+            }
+            let downsampler = (i + 1 < levels).then(|| Downsample2D::load(loader, &format!("{p}.downsamplers.0"), c_out, false));
+            down_blocks.push(DownBlock { resnets, attentions, downsampler });
+        }
+
+        let top = channels[levels - 1];
+        let mid_block = MidBlock {
+            resnets: vec![
+                ResnetBlock2D::load(loader, "mid_block.resnets.0", top, top, Some(temb), groups, eps),
+                ResnetBlock2D::load(loader, "mid_block.resnets.1", top, top, Some(temb), groups, eps),
+            ],
+            attention: Transformer2D::load(
+                loader,
+                "mid_block.attentions.0",
+                top,
+                config.cross_attention_dim.get(levels - 1),
+                config.heads(levels - 1),
+                config.transformer_layers_per_block.get(levels - 1),
+                groups,
+                linear,
+            ),
+        };
+
+        let mut up_blocks = Vec::new();
+        let reversed: Vec<usize> = channels.iter().rev().copied().collect();
+        let mut previous = reversed[0];
+        for (i, kind) in config.up_block_types.iter().enumerate() {
+            let c_out = reversed[i];
+            let skip_in = reversed[(i + 1).min(levels - 1)];
+            let level = levels - 1 - i; // the matching down level, for per-block settings
+            let p = format!("up_blocks.{i}");
+            let cross = kind.starts_with("CrossAttn");
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..=lpb {
+                let skip = if j == lpb { skip_in } else { c_out };
+                let input = if j == 0 { previous } else { c_out };
+                resnets.push(ResnetBlock2D::load(loader, &format!("{p}.resnets.{j}"), input + skip, c_out, Some(temb), groups, eps));
+                if cross {
+                    attentions.push(Transformer2D::load(
+                        loader,
+                        &format!("{p}.attentions.{j}"),
+                        c_out,
+                        config.cross_attention_dim.get(level),
+                        config.heads(level),
+                        config.transformer_layers_per_block.get(level),
+                        groups,
+                        linear,
+                    ));
+                }
+            }
+            let upsampler = (i + 1 < levels).then(|| Upsample2D::load(loader, &format!("{p}.upsamplers.0"), c_out));
+            up_blocks.push(UpBlock { resnets, attentions, upsampler });
+            previous = c_out;
+        }
+
+        Self {
+            conv_in,
+            time_embedding,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: loader.group_norm("conv_norm_out", groups, channels[0], eps),
+            conv_out: loader.conv2d("conv_out", channels[0], config.out_channels, 3, 1, 1),
+            time_channels: channels[0],
+            flip_sin_to_cos: config.flip_sin_to_cos,
+            freq_shift: config.freq_shift,
+        }
+    }
+
+    /// Sinusoidal timestep features (diffusers' `get_timestep_embedding`).
+    pub fn timestep_features(&self, timesteps: &[f32], device: &burn::tensor::Device) -> Tensor<2> {
+        let half = self.time_channels / 2;
+        let mut values = Vec::with_capacity(timesteps.len() * self.time_channels);
+        for &t in timesteps {
+            let angles: Vec<f64> = (0..half)
+                .map(|k| t as f64 * (-(10000f64.ln()) * k as f64 / (half as f64 - self.freq_shift)).exp())
+                .collect();
+            let (sin, cos): (Vec<f32>, Vec<f32>) = angles.iter().map(|a| (a.sin() as f32, a.cos() as f32)).unzip();
+            if self.flip_sin_to_cos {
+                values.extend(cos);
+                values.extend(sin);
+            } else {
+                values.extend(sin);
+                values.extend(cos);
+            }
+        }
+        Tensor::from_data(TensorData::new(values, [timesteps.len(), self.time_channels]), device)
+    }
+
+    /// Predicts noise (or v) for `sample` `[batch, 4, h, w]` at `timesteps`
+    /// (one per batch item) given `context` `[batch, 77, dim]`.
+    pub fn forward(&self, sample: Tensor<4>, timesteps: &[f32], context: Tensor<3>) -> Tensor<4> {
+        let device = sample.device();
+        let features = self.timestep_features(timesteps, &device);
+        let temb = self.time_embedding.linear_2.forward(silu(self.time_embedding.linear_1.forward(features)));
+
+        let mut x = self.conv_in.forward(sample);
+        let mut skips = vec![x.clone()];
+        for block in &self.down_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                x = resnet.forward(x, Some(temb.clone()));
+                if let Some(attention) = block.attentions.get(j) {
+                    x = attention.forward(x, context.clone());
+                }
+                skips.push(x.clone());
+            }
+            if let Some(down) = &block.downsampler {
+                x = down.forward(x);
+                skips.push(x.clone());
+            }
+        }
+
+        x = self.mid_block.resnets[0].forward(x, Some(temb.clone()));
+        x = self.mid_block.attention.forward(x, context.clone());
+        x = self.mid_block.resnets[1].forward(x, Some(temb.clone()));
+
+        for block in &self.up_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips.pop().expect("one skip per up-block resnet");
+                x = resnet.forward(Tensor::cat(vec![x, skip], 1), Some(temb.clone()));
+                if let Some(attention) = block.attentions.get(j) {
+                    x = attention.forward(x, context.clone());
+                }
+            }
+            if let Some(up) = &block.upsampler {
+                x = up.forward(x);
+            }
+        }
+        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+    }
+}

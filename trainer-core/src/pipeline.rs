@@ -1,0 +1,173 @@
+//! Text to image: prompt encoding, classifier-free guidance, the sampling
+//! loop and decoding, plus PNGs that carry their parameters (A1111 style).
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use image::RgbImage;
+
+use crate::error::{Error, Result};
+use crate::models::StableDiffusion;
+use crate::rng::SeededRng;
+use crate::schedulers::{SamplerKind, Scheduler};
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub guidance: f64,
+    pub sampler: SamplerKind,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+}
+
+pub struct Generated {
+    /// Final latents (unscaled by the VAE factor, as diffusers' `output_type="latent"`).
+    pub latents: Tensor<4>,
+    /// `[1, 3, H, W]` in [0, 1].
+    pub image: Tensor<4>,
+}
+
+/// Standard normal noise from the seeded generator (Box-Muller), the same on
+/// every platform.
+pub fn gaussian_noise(shape: [usize; 4], rng: &mut SeededRng, device: &Device) -> Tensor<4> {
+    let count: usize = shape.iter().product();
+    let mut values = Vec::with_capacity(count);
+    while values.len() < count {
+        let u1 = rng.next_f64().max(f64::MIN_POSITIVE);
+        let u2 = rng.next_f64();
+        let radius = (-2.0 * u1.ln()).sqrt();
+        let angle = std::f64::consts::TAU * u2;
+        values.push((radius * angle.cos()) as f32);
+        values.push((radius * angle.sin()) as f32);
+    }
+    values.truncate(count);
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+impl StableDiffusion {
+    /// The text encoder's hidden states for prompts, `[batch, 77, dim]`.
+    pub fn encode_prompts(&self, prompts: &[&str], device: &Device) -> Result<Tensor<3>> {
+        let mut ids = Vec::new();
+        for prompt in prompts {
+            ids.extend(self.tokenizer.encode(prompt)?.into_iter().map(|i| i as i64));
+        }
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [prompts.len(), self.tokenizer.max_length]), device);
+        Ok(self.text_encoder.forward(ids).last_hidden_state)
+    }
+
+    /// Latent shape for an image size (must divide by the VAE's downscale).
+    pub fn latent_shape(&self, width: usize, height: usize) -> Result<[usize; 4]> {
+        let factor = self.configs.vae.downscale();
+        if width % factor != 0 || height % factor != 0 || width == 0 || height == 0 {
+            return Err(Error::Config {
+                source_name: "--width/--height".into(),
+                problems: vec![format!("{width}x{height} must be a positive multiple of {factor} (the VAE's downscale)")],
+            });
+        }
+        Ok([1, self.configs.vae.latent_channels, height / factor, width / factor])
+    }
+
+    /// Samples an image. `init_latents` replaces the seeded starting noise
+    /// (to compare with diffusers run from the same latents).
+    pub fn generate(
+        &self,
+        request: &GenerateRequest,
+        init_latents: Option<Tensor<4>>,
+        device: &Device,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Generated> {
+        let shape = self.latent_shape(request.width, request.height)?;
+        let mut rng = SeededRng::new(request.seed);
+        let noise = match init_latents {
+            Some(latents) => {
+                if latents.dims() != shape {
+                    return Err(Error::Config {
+                        source_name: "--init-latents".into(),
+                        problems: vec![format!("latents have shape {:?}, but {}x{} needs {shape:?}", latents.dims(), request.width, request.height)],
+                    });
+                }
+                latents
+            }
+            None => gaussian_noise(shape, &mut rng, device),
+        };
+        let context = self.encode_prompts(&[&request.negative_prompt, &request.prompt], device)?;
+        let mut scheduler = Scheduler::new(request.sampler, &self.configs.scheduler, request.steps)?;
+        let mut latents = noise * scheduler.init_noise_sigma();
+        let total = scheduler.timesteps.len();
+        for step in 0..total {
+            let t = scheduler.timesteps[step] as f32;
+            let input = scheduler.scale_model_input(Tensor::cat(vec![latents.clone(), latents.clone()], 0), step);
+            let output = self.unet.forward(input, &[t, t], context.clone());
+            let mut halves = output.chunk(2, 0);
+            let conditional = halves.pop().expect("two halves");
+            let unconditional = halves.pop().expect("two halves");
+            let guided = unconditional.clone() + (conditional - unconditional) * request.guidance;
+            let step_noise = (request.sampler == SamplerKind::EulerAncestral).then(|| gaussian_noise(shape, &mut rng, device));
+            latents = scheduler.step(guided, step, latents, step_noise);
+            progress(step + 1, total);
+        }
+        let image = self.decode_latents(latents.clone());
+        Ok(Generated { latents, image })
+    }
+
+    /// Latents (as sampled) to an image in [0, 1].
+    pub fn decode_latents(&self, latents: Tensor<4>) -> Tensor<4> {
+        let scaled = latents / self.configs.vae.scaling_factor;
+        (self.vae.decode(scaled) / 2.0 + 0.5).clamp(0.0, 1.0)
+    }
+}
+
+/// `[1, 3, H, W]` in [0, 1] to 8-bit RGB (rounding as diffusers' `numpy_to_pil`).
+pub fn to_rgb8(image: Tensor<4>) -> Result<RgbImage> {
+    let [_, _, height, width] = image.dims();
+    let data = image.into_data();
+    let values: Vec<f32> = data.try_to_vec::<f32>().map_err(|e| Error::Io { path: "image".into(), message: format!("{e:?}") })?;
+    let plane = width * height;
+    let mut rgb = RgbImage::new(width as u32, height as u32);
+    for (i, pixel) in rgb.pixels_mut().enumerate() {
+        for c in 0..3 {
+            pixel[c] = (values[c * plane + i] * 255.0).round().clamp(0.0, 255.0) as u8;
+        }
+    }
+    Ok(rgb)
+}
+
+/// The A1111 `parameters` text for an image.
+pub fn a1111_parameters(request: &GenerateRequest, model: &str, extra: &[(&str, String)]) -> String {
+    let mut text = request.prompt.clone();
+    if !request.negative_prompt.is_empty() {
+        text.push_str(&format!("\nNegative prompt: {}", request.negative_prompt));
+    }
+    let sampler = match request.sampler {
+        SamplerKind::Ddim => "DDIM",
+        SamplerKind::Euler => "Euler",
+        SamplerKind::EulerAncestral => "Euler a",
+        SamplerKind::DpmPp2m => "DPM++ 2M",
+        SamplerKind::DpmPp2mKarras => "DPM++ 2M Karras",
+    };
+    text.push_str(&format!(
+        "\nSteps: {}, Sampler: {sampler}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {model}",
+        request.steps, request.guidance, request.seed, request.width, request.height
+    ));
+    for (key, value) in extra {
+        text.push_str(&format!(", {key}: {value}"));
+    }
+    text
+}
+
+/// A PNG with a `parameters` tEXt chunk.
+pub fn png_with_parameters(image: &RgbImage, parameters: &str) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut bytes, image.width(), image.height());
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        encoder
+            .add_text_chunk("parameters".to_string(), parameters.to_string())
+            .map_err(|e| Error::Io { path: "png".into(), message: e.to_string() })?;
+        let mut writer = encoder.write_header().map_err(|e| Error::Io { path: "png".into(), message: e.to_string() })?;
+        writer.write_image_data(image.as_raw()).map_err(|e| Error::Io { path: "png".into(), message: e.to_string() })?;
+    }
+    Ok(bytes)
+}

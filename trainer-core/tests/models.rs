@@ -1,0 +1,175 @@
+//! Every model component against PyTorch (diffusers/transformers) on the
+//! tiny SD 1.x and SD 2.x fixtures written by scripts/make_fixtures.py, on
+//! the CPU backend (flex) and on wgpu (lavapipe in CI).
+//!
+//! Tolerance: relative L2 error `‖got − want‖ / ‖want‖`, 1e-4 on the CPU
+//! backend and 1e-3 on wgpu, for every tensor compared.
+
+use std::path::PathBuf;
+
+use burn::tensor::{Device, DeviceKind, Int, Tensor, TensorData};
+use trainer_core::models::safetensors_file::SafetensorsFile;
+use trainer_core::models::{read_folder_configs, DiskFolder, Family, StableDiffusion};
+use trainer_core::pipeline::GenerateRequest;
+use trainer_core::schedulers::SamplerKind;
+
+fn fixture(family: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(family)
+}
+
+fn reference(family: &str) -> SafetensorsFile {
+    SafetensorsFile::open(fixture(family).join("reference.safetensors").to_str().unwrap()).unwrap()
+}
+
+/// The CPU backend, and wgpu: on a CPU Vulkan adapter (lavapipe, what CI
+/// has) unless BURNBOOTH_TEST_WGPU=gpu picks the best adapter.
+fn devices() -> Vec<(&'static str, Device, f64)> {
+    let kind = match std::env::var("BURNBOOTH_TEST_WGPU").as_deref() {
+        Ok("gpu") => DeviceKind::DefaultDevice,
+        _ => DeviceKind::Cpu,
+    };
+    vec![("flex", Device::flex(), 1e-4), ("wgpu", Device::wgpu(kind), 1e-3)]
+}
+
+fn tensor<const D: usize>(file: &SafetensorsFile, name: &str, device: &Device) -> Tensor<D> {
+    let shape: [usize; D] = file.info(name).unwrap().shape.clone().try_into().unwrap();
+    Tensor::from_data(TensorData::new(file.to_f32(name).unwrap(), shape), device)
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_to_vec::<f32>().unwrap()
+}
+
+/// Relative L2 error and largest absolute difference.
+fn compare(got: &[f32], want: &[f32]) -> (f64, f64) {
+    assert_eq!(got.len(), want.len(), "sizes differ");
+    let (mut diff, mut norm, mut max) = (0.0f64, 0.0f64, 0.0f64);
+    for (g, w) in got.iter().zip(want) {
+        let d = (*g as f64 - *w as f64).abs();
+        diff += d * d;
+        norm += (*w as f64) * (*w as f64);
+        max = max.max(d);
+    }
+    ((diff / norm.max(1e-30)).sqrt(), max)
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tolerance: f64) {
+    let (relative, max) = compare(got, want);
+    assert!(relative <= tolerance, "{what}: relative error {relative:.2e} (max abs {max:.2e}) over {tolerance:.0e}");
+}
+
+fn load(family: &str, device: &Device) -> StableDiffusion {
+    StableDiffusion::from_folder(&DiskFolder { root: fixture(family).join("diffusers") }, device).unwrap()
+}
+
+fn load_single(family: &str, device: &Device) -> StableDiffusion {
+    let file = SafetensorsFile::open(fixture(family).join("single_file.safetensors").to_str().unwrap()).unwrap();
+    let configs = read_folder_configs(&DiskFolder { root: fixture(family).join("diffusers") }).unwrap();
+    StableDiffusion::from_single_file(&file, Some(configs), device).unwrap()
+}
+
+fn ids(file: &SafetensorsFile, device: &Device) -> Tensor<2, Int> {
+    let values = file.to_i64("text.input_ids").unwrap();
+    let rows = values.len() / 77;
+    Tensor::from_data(TensorData::new(values, [rows, 77]), device)
+}
+
+#[test]
+fn text_encoders_match_transformers() {
+    for family in ["sd1", "sd2"] {
+        let reference = reference(family);
+        for (name, device, tolerance) in devices() {
+            let model = load(family, &device);
+            let ids = ids(&reference, &device);
+            let out = model.text_encoder.forward(ids.clone());
+            let want = reference.to_f32("text.last_hidden_state").unwrap();
+            assert_close(&format!("{family} {name} last_hidden_state"), &values(out.last_hidden_state), &want, tolerance);
+            if family == "sd1" {
+                let skipped = model.text_encoder.encode_with_clip_skip(ids, 1);
+                assert_close(&format!("{family} {name} clip_skip 1"), &values(skipped), &reference.to_f32("text.clip_skip_1").unwrap(), tolerance);
+            }
+        }
+    }
+}
+
+#[test]
+fn vae_matches_diffusers() {
+    for family in ["sd1", "sd2"] {
+        let reference = reference(family);
+        for (name, device, tolerance) in devices() {
+            let model = load(family, &device);
+            let posterior = model.vae.encode(tensor(&reference, "vae.input", &device));
+            assert_close(&format!("{family} {name} posterior mean"), &values(posterior.mean), &reference.to_f32("vae.posterior_mean").unwrap(), tolerance);
+            assert_close(&format!("{family} {name} posterior logvar"), &values(posterior.logvar), &reference.to_f32("vae.posterior_logvar").unwrap(), tolerance);
+            let decoded = model.vae.decode(tensor(&reference, "vae.decode_input", &device));
+            assert_close(&format!("{family} {name} decode"), &values(decoded), &reference.to_f32("vae.decoded").unwrap(), tolerance);
+        }
+    }
+}
+
+#[test]
+fn unet_matches_diffusers() {
+    for family in ["sd1", "sd2"] {
+        let reference = reference(family);
+        for (name, device, tolerance) in devices() {
+            let model = load(family, &device);
+            let timesteps: Vec<f32> = reference.to_i64("unet.timesteps").unwrap().iter().map(|t| *t as f32).collect();
+            let out = model.unet.forward(tensor(&reference, "unet.sample", &device), &timesteps, tensor(&reference, "unet.context", &device));
+            assert_close(&format!("{family} {name} unet"), &values(out), &reference.to_f32("unet.output").unwrap(), tolerance);
+        }
+    }
+}
+
+#[test]
+fn whole_sampling_runs_match_diffusers() {
+    for family in ["sd1", "sd2"] {
+        let reference = reference(family);
+        let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(family).join("reference.json")).unwrap()).unwrap();
+        let run = &run["sampling"];
+        for (name, device, tolerance) in devices() {
+            let model = load(family, &device);
+            for sampler in [SamplerKind::Ddim, SamplerKind::Euler] {
+                let request = GenerateRequest {
+                    prompt: run["prompt"].as_str().unwrap().into(),
+                    negative_prompt: run["negative_prompt"].as_str().unwrap().into(),
+                    steps: run["steps"].as_u64().unwrap() as usize,
+                    guidance: run["guidance"].as_f64().unwrap(),
+                    sampler,
+                    seed: 0,
+                    width: run["width"].as_u64().unwrap() as usize,
+                    height: run["height"].as_u64().unwrap() as usize,
+                };
+                let init = tensor(&reference, "sampling.init_latents", &device);
+                let out = model.generate(&request, Some(init), &device, &mut |_, _| {}).unwrap();
+                let key = sampler.name();
+                assert_close(&format!("{family} {name} {key} latents"), &values(out.latents), &reference.to_f32(&format!("sampling.{key}.latents")).unwrap(), tolerance * 10.0);
+                let (relative, max) = compare(&values(out.image), &reference.to_f32(&format!("sampling.{key}.image")).unwrap());
+                println!("{family} {name} {key}: image relative error {relative:.2e}, max per-pixel error {max:.2e} (of 1.0)");
+                assert!(max < 1e-3, "{family} {name} {key}: per-pixel error {max:.2e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn single_file_loads_the_same_model_as_the_folder() {
+    for family in ["sd1", "sd2"] {
+        let reference = reference(family);
+        let device = Device::flex();
+        let folder = load(family, &device);
+        let single = load_single(family, &device);
+        assert_eq!(single.family, if family == "sd1" { Family::Sd1 } else { Family::Sd2 });
+        let timesteps = [10.0, 981.0];
+        let a = folder.unet.forward(tensor(&reference, "unet.sample", &device), &timesteps, tensor(&reference, "unet.context", &device));
+        let b = single.unet.forward(tensor(&reference, "unet.sample", &device), &timesteps, tensor(&reference, "unet.context", &device));
+        assert_close(&format!("{family} unet"), &values(b), &values(a), 1e-6);
+        let ids = ids(&reference, &device);
+        let a = folder.text_encoder.forward(ids.clone()).last_hidden_state;
+        let b = single.text_encoder.forward(ids).last_hidden_state;
+        assert_close(&format!("{family} text"), &values(b), &values(a), 1e-6);
+        let latents = tensor(&reference, "vae.decode_input", &device);
+        assert_close(&format!("{family} vae"), &values(single.vae.decode(latents.clone())), &values(folder.vae.decode(latents)), 1e-6);
+        // The bundled vocabulary tokenizes like the folder's.
+        assert_eq!(single.tokenizer.encode("a photo of sks dog").unwrap(), folder.tokenizer.encode("a photo of sks dog").unwrap());
+    }
+}

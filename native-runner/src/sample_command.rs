@@ -87,6 +87,8 @@ fn read_latents(path: &str, device: &Device) -> Result<Tensor<4>> {
 }
 
 pub fn run(args: SampleArgs) -> Result<()> {
+    // Cheap argument checks first, before a model is loaded.
+    let sampler = SamplerKind::parse(&args.sampler)?;
     let device = device(&args.device)?;
     let model = load_model(&args.model, args.config_from.as_deref(), &device)?;
     let native = model.configs.unet.sample_size.unwrap_or(64) * model.configs.vae.downscale();
@@ -104,7 +106,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         negative_prompt: args.negative_prompt.clone(),
         steps: args.steps,
         guidance: args.guidance,
-        sampler: SamplerKind::parse(&args.sampler)?,
+        sampler,
         seed: args.seed,
         width,
         height,

@@ -178,3 +178,96 @@ fn dataloader_config_flag_overrides_the_config_file() {
     assert_eq!(plan["max_steps"], 300);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn fixture(family: &str) -> PathBuf {
+    repo().join("trainer-core/tests/fixtures/models").join(family)
+}
+
+/// Writes the reference's starting latents as `latents` in a safetensors file.
+fn init_latents_file(family: &str, dir: &Path) -> PathBuf {
+    let reference = std::fs::read(fixture(family).join("reference.safetensors")).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&reference).unwrap();
+    let view = tensors.tensor("sampling.init_latents").unwrap();
+    let path = dir.join("latents.safetensors");
+    let owned = safetensors::tensor::TensorView::new(view.dtype(), view.shape().to_vec(), view.data()).unwrap();
+    safetensors::serialize_to_file([("latents", owned)], None, &path).unwrap();
+    path
+}
+
+fn read_png(path: &Path) -> (u32, u32, Vec<u8>, String) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buffer = vec![0; reader.output_buffer_size().unwrap()];
+    let frame = reader.next_frame(&mut buffer).unwrap();
+    let info = reader.info();
+    let parameters = info.uncompressed_latin1_text.iter().find(|t| t.keyword == "parameters").map(|t| t.text.clone()).unwrap_or_default();
+    (frame.width, frame.height, buffer[..frame.buffer_size()].to_vec(), parameters)
+}
+
+/// The reference image (`[1, 3, H, W]` floats in [0, 1]) as 8-bit RGB.
+fn reference_pixels(family: &str, sampler: &str) -> Vec<u8> {
+    let reference = std::fs::read(fixture(family).join("reference.safetensors")).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&reference).unwrap();
+    let view = tensors.tensor(&format!("sampling.{sampler}.image")).unwrap();
+    let values: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let (h, w) = (view.shape()[2], view.shape()[3]);
+    let mut rgb = Vec::new();
+    for i in 0..h * w {
+        for c in 0..3 {
+            rgb.push((values[c * h * w + i] * 255.0).round().clamp(0.0, 255.0) as u8);
+        }
+    }
+    rgb
+}
+
+#[test]
+fn sample_from_given_latents_reproduces_diffusers() {
+    let dir = scratch("sample");
+    for family in ["sd1", "sd2"] {
+        let latents = init_latents_file(family, &dir);
+        for (sampler, device) in [("ddim", "cpu"), ("euler", "cpu-gpu")] {
+            let out = dir.join(format!("{family}-{sampler}.png"));
+            let model = fixture(family).join("diffusers");
+            let output = runner(&[
+                "sample", "--model", model.to_str().unwrap(), "--prompt", "a photo of sks dog", "--negative-prompt", "blurry",
+                "--steps", "5", "--guidance", "7.5", "--sampler", sampler, "--init-latents", latents.to_str().unwrap(),
+                "--device", device, "--out", out.to_str().unwrap(),
+            ]);
+            assert!(output.status.success(), "{}", stderr(&output));
+            let (width, height, pixels, parameters) = read_png(&out);
+            assert_eq!((width, height), (16, 16));
+            let want = reference_pixels(family, sampler);
+            let worst = pixels.iter().zip(&want).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
+            assert!(worst <= 1, "{family} {sampler}: a pixel differs by {worst}/255 from diffusers");
+            assert!(parameters.starts_with("a photo of sks dog\nNegative prompt: blurry\nSteps: 5, Sampler:"), "{parameters}");
+            assert!(parameters.contains("CFG scale: 7.5") && parameters.contains("Size: 16x16"), "{parameters}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sample_single_file_and_every_sampler() {
+    let dir = scratch("samplers");
+    let single = fixture("sd1").join("single_file.safetensors");
+    let folder = fixture("sd1").join("diffusers");
+    let mut images = Vec::new();
+    for sampler in ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"] {
+        let out = dir.join(format!("{sampler}.png"));
+        let output = runner(&[
+            "sample", "--model", single.to_str().unwrap(), "--config-from", folder.to_str().unwrap(), "--prompt", "a robot",
+            "--steps", "4", "--sampler", sampler, "--seed", "3", "--device", "cpu", "--out", out.to_str().unwrap(),
+        ]);
+        assert!(output.status.success(), "{sampler}: {}", stderr(&output));
+        let (_, _, pixels, parameters) = read_png(&out);
+        assert!(parameters.contains("Seed: 3"));
+        images.push(pixels);
+    }
+    // Different samplers take different paths from the same noise.
+    assert_ne!(images[0], images[1]);
+    assert_ne!(images[3], images[4]);
+    let output = runner(&["sample", "--model", single.to_str().unwrap(), "--prompt", "x", "--sampler", "plms", "--device", "cpu", "--out", "/dev/null"]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("plms"), "{}", stderr(&output));
+    let _ = std::fs::remove_dir_all(&dir);
+}

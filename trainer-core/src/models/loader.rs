@@ -55,6 +55,9 @@ pub struct Loader<'a> {
     rename: Rename<'a>,
     pub device: Device,
     dry_run: bool,
+    /// Fill every tensor with seeded random values instead of reading files
+    /// (benchmarks and tests of untrained shapes).
+    random: Option<crate::rng::SeededRng>,
     /// Model name -> shape, in request order.
     pub requested: Vec<(String, Vec<usize>)>,
     used: BTreeSet<String>,
@@ -69,13 +72,21 @@ impl<'a> Loader<'a> {
                 index.insert(name, i);
             }
         }
-        Self { files, index, rename, device, dry_run: false, requested: Vec::new(), used: BTreeSet::new(), problems: Vec::new() }
+        Self { files, index, rename, device, dry_run: false, random: None, requested: Vec::new(), used: BTreeSet::new(), problems: Vec::new() }
     }
 
     /// A loader that reads nothing and records what the model needs.
     pub fn dry_run(device: Device) -> Self {
         let mut loader = Self::new(Vec::new(), Box::new(|name| name.to_string()), device);
         loader.dry_run = true;
+        loader
+    }
+
+    /// A loader that makes every tensor up: normal values with standard
+    /// deviation 0.02 (norm weights 1), from a seed.
+    pub fn random(seed: u64, device: Device) -> Self {
+        let mut loader = Self::new(Vec::new(), Box::new(|name| name.to_string()), device);
+        loader.random = Some(crate::rng::SeededRng::new(seed));
         loader
     }
 
@@ -89,6 +100,19 @@ impl<'a> Loader<'a> {
         self.requested.push((name.to_string(), shape.to_vec()));
         if self.dry_run {
             return None;
+        }
+        if let Some(rng) = &mut self.random {
+            let count: usize = shape.iter().product();
+            let is_norm_scale = shape.len() == 1 && name.ends_with(".weight");
+            return Some(
+                (0..count)
+                    .map(|_| {
+                        let (u1, u2) = (rng.next_f64().max(f64::MIN_POSITIVE), rng.next_f64());
+                        let normal = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                        (if is_norm_scale { 1.0 + 0.02 * normal } else { 0.02 * normal }) as f32
+                    })
+                    .collect(),
+            );
         }
         let file_name = (self.rename)(name);
         let Some(&file_index) = self.index.get(file_name.as_str()) else {

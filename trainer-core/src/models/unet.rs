@@ -175,6 +175,19 @@ impl UNet2DConditionModel {
         let linear = config.use_linear_projection;
         let lpb = config.layers_per_block;
 
+        // A Transformer2D with the settings of down level `level`.
+        let transformer = |loader: &mut Loader<'_>, prefix: &str, dim: usize, level: usize| {
+            Transformer2D::load(
+                loader,
+                prefix,
+                dim,
+                config.cross_attention_dim.get(level),
+                config.heads(level),
+                config.transformer_layers_per_block.get(level),
+                groups,
+                linear,
+            )
+        };
         let time_embedding = TimestepEmbedding {
             linear_1: loader.linear("time_embedding.linear_1", channels[0], temb, true),
             linear_2: loader.linear("time_embedding.linear_2", temb, temb, true),
@@ -194,16 +207,7 @@ impl UNet2DConditionModel {
                 let input = if j == 0 { c_in } else { c_out };
                 resnets.push(ResnetBlock2D::load(loader, &format!("{p}.resnets.{j}"), input, c_out, Some(temb), groups, eps));
                 if cross {
-                    attentions.push(Transformer2D::load(
-                        loader,
-                        &format!("{p}.attentions.{j}"),
-                        c_out,
-                        config.cross_attention_dim.get(i),
-                        config.heads(i),
-                        config.transformer_layers_per_block.get(i),
-                        groups,
-                        linear,
-                    ));
+                    attentions.push(transformer(loader, &format!("{p}.attentions.{j}"), c_out, i));
                 }
             }
             let downsampler = (i + 1 < levels).then(|| Downsample2D::load(loader, &format!("{p}.downsamplers.0"), c_out, false));
@@ -216,16 +220,7 @@ impl UNet2DConditionModel {
                 ResnetBlock2D::load(loader, "mid_block.resnets.0", top, top, Some(temb), groups, eps),
                 ResnetBlock2D::load(loader, "mid_block.resnets.1", top, top, Some(temb), groups, eps),
             ],
-            attention: Transformer2D::load(
-                loader,
-                "mid_block.attentions.0",
-                top,
-                config.cross_attention_dim.get(levels - 1),
-                config.heads(levels - 1),
-                config.transformer_layers_per_block.get(levels - 1),
-                groups,
-                linear,
-            ),
+            attention: transformer(loader, "mid_block.attentions.0", top, levels - 1),
         };
 
         let mut up_blocks = Vec::new();
@@ -244,16 +239,7 @@ impl UNet2DConditionModel {
                 let input = if j == 0 { previous } else { c_out };
                 resnets.push(ResnetBlock2D::load(loader, &format!("{p}.resnets.{j}"), input + skip, c_out, Some(temb), groups, eps));
                 if cross {
-                    attentions.push(Transformer2D::load(
-                        loader,
-                        &format!("{p}.attentions.{j}"),
-                        c_out,
-                        config.cross_attention_dim.get(level),
-                        config.heads(level),
-                        config.transformer_layers_per_block.get(level),
-                        groups,
-                        linear,
-                    ));
+                    attentions.push(transformer(loader, &format!("{p}.attentions.{j}"), c_out, level));
                 }
             }
             let upsampler = (i + 1 < levels).then(|| Upsample2D::load(loader, &format!("{p}.upsamplers.0"), c_out));

@@ -3,3 +3,4 @@
 pub mod folder;
 pub mod plan_command;
 pub mod sample_command;
+pub mod train_command;

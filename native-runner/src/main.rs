@@ -1,6 +1,6 @@
 //! Burnbooth's command-line runner.
 
-use native_runner::{plan_command, sample_command};
+use native_runner::{plan_command, sample_command, train_command};
 
 use std::process::ExitCode;
 
@@ -19,6 +19,10 @@ enum Command {
     Plan(plan_command::PlanArgs),
     /// Generate an image from a prompt with a model (diffusers folder or single .safetensors file).
     Sample(sample_command::SampleArgs),
+    /// Train a Dreambooth LoRA (or full fine-tune) from the training and dataloader configs.
+    Train(train_command::TrainArgs),
+    /// Fill the latent and text-embedding caches without training.
+    Cache(train_command::TrainArgs),
 }
 
 fn main() -> ExitCode {
@@ -26,6 +30,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Plan(args) => plan_command::run(args),
         Command::Sample(args) => sample_command::run(args),
+        Command::Train(args) => train_command::run(args),
+        Command::Cache(args) => train_command::run_cache(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

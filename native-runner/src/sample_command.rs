@@ -47,6 +47,34 @@ pub struct SampleArgs {
     device: String,
     #[arg(long)]
     out: String,
+    /// A LoRA to apply (kohya format, as `train` exports), optionally with a
+    /// strength: `file.safetensors` or `file.safetensors:0.8`. Repeatable.
+    #[arg(long)]
+    lora: Vec<String>,
+}
+
+/// `path` or `path:multiplier`.
+fn parse_lora(spec: &str) -> Result<(String, f64)> {
+    if let Some((path, strength)) = spec.rsplit_once(':') {
+        if let Ok(multiplier) = strength.parse::<f64>() {
+            return Ok((path.to_string(), multiplier));
+        }
+    }
+    Ok((spec.to_string(), 1.0))
+}
+
+/// Folds LoRA files into the model's weights.
+pub fn apply_loras(model: &mut StableDiffusion, specs: &[String], device: &Device) -> Result<Vec<String>> {
+    let mut applied = Vec::new();
+    for spec in specs {
+        let (path, multiplier) = parse_lora(spec)?;
+        let bytes = std::fs::read(&path).map_err(|e| Error::Io { path: path.clone(), message: e.to_string() })?;
+        let modules = trainer_core::train::export::merge_kohya(model, &path, bytes, multiplier, device)?;
+        eprintln!("applied LoRA {path} ({modules} layers, strength {multiplier})");
+        let name = Path::new(&path).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        applied.push(format!("<lora:{name}:{multiplier}>"));
+    }
+    Ok(applied)
 }
 
 pub fn device(name: &str) -> Result<Device> {
@@ -90,7 +118,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
     // Cheap argument checks first, before a model is loaded.
     let sampler = SamplerKind::parse(&args.sampler)?;
     let device = device(&args.device)?;
-    let model = load_model(&args.model, args.config_from.as_deref(), &device)?;
+    let mut model = load_model(&args.model, args.config_from.as_deref(), &device)?;
+    let loras = apply_loras(&mut model, &args.lora, &device)?;
     let native = model.configs.unet.sample_size.unwrap_or(64) * model.configs.vae.downscale();
     let init = args.init_latents.as_deref().map(|p| read_latents(p, &device)).transpose()?;
     let (mut width, mut height) = (args.width.unwrap_or(native), args.height.unwrap_or(native));
@@ -124,7 +153,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let generated = generated?;
     let image = to_rgb8(generated.image)?;
     let model_name = Path::new(&args.model).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let parameters = a1111_parameters(&request, &model_name, &[]);
+    let extra: Vec<(&str, String)> = if loras.is_empty() { Vec::new() } else { vec![("Lora", loras.join(" "))] };
+    let parameters = a1111_parameters(&request, &model_name, &extra);
     let png = png_with_parameters(&image, &parameters)?;
     std::fs::write(&args.out, png).map_err(|e| Error::Io { path: args.out.clone(), message: e.to_string() })?;
     eprintln!("wrote {} ({}x{})", args.out, width, height);

@@ -18,6 +18,9 @@ pub enum Error {
     /// An image could not be read or decoded.
     #[error("{path}: {reason}")]
     Image { path: String, reason: String },
+    /// Training had to stop (a NaN loss, an interrupted run, ...).
+    #[error("training stopped at step {step}: {message}")]
+    Training { step: u64, message: String },
 }
 
 fn format_problems(source_name: &str, problems: &[String]) -> String {

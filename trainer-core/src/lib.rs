@@ -16,5 +16,6 @@ pub mod plan;
 pub mod rng;
 pub mod schedule;
 pub mod schedulers;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -97,7 +97,10 @@ pub struct DatasetPlan {
     pub buckets: Vec<BucketPlan>,
     pub batches_per_epoch: u64,
     pub cache_dir_vae: String,
+    /// The id of the text-embeds dataset captions are cached in.
     pub text_embeds: String,
+    /// That dataset's cache folder.
+    pub text_cache_dir: String,
     pub notes: Vec<String>,
 }
 
@@ -181,7 +184,16 @@ pub fn plan(
             Err(other) => return Err(other),
         };
         match plan_dataset(training, dataset, source.as_ref(), progress) {
-            Ok(plan) => datasets.push(plan),
+            Ok(mut plan) => {
+                plan.text_cache_dir = dataloader
+                    .text_embeds
+                    .iter()
+                    .find(|t| t.id == plan.text_embeds)
+                    .or_else(|| dataloader.text_embeds.iter().find(|t| t.default))
+                    .map(|t| t.cache_dir.clone())
+                    .unwrap_or_else(|| crate::config::dataset::resolve_path("cache/text", Some(&training.output_dir)));
+                datasets.push(plan)
+            }
             Err(Error::Dataset { dataset, message }) => problems.push(format!("dataset '{dataset}': {message}")),
             Err(other) => return Err(other),
         }
@@ -190,13 +202,8 @@ pub fn plan(
         return Err(Error::Config { source_name: training.data_backend_config.clone(), problems });
     }
 
-    let sampler_datasets: Vec<SamplerDataset> = datasets.iter().map(sampler_dataset).collect();
-    let settings = SamplerSettings {
-        seed: training.seed,
-        sampling: training.data_backend_sampling,
-        caption_dropout_probability: training.caption_dropout_probability,
-    };
-    let schedule = simulate(training, Sampler::new(sampler_datasets, settings))?;
+    let (main, _) = build_samplers(&datasets, training);
+    let schedule = simulate(training, main.sampler)?;
     if training.max_train_steps.is_some() && training.num_train_epochs.is_some() {
         let which = match schedule.stops_on {
             StopsOn::MaxSteps => format!("max_train_steps ({}) comes first", schedule.total_steps),
@@ -248,6 +255,40 @@ fn optimizer_plan(training: &TrainingConfig, target: PlanTarget) -> OptimizerPla
         epsilon: training.adam_epsilon,
         max_grad_norm: training.max_grad_norm,
         note,
+    }
+}
+
+/// A sampler over some of the plan's datasets; `datasets[i]` is the plan
+/// index of the sampler's dataset `i`.
+pub struct PlannedSampler {
+    pub sampler: Sampler,
+    pub datasets: Vec<usize>,
+}
+
+/// The samplers a run draws from: one over every dataset, or under
+/// `prior_preservation` one over the instance datasets (it sets the pace:
+/// steps and epochs) and one over the class (regularisation) datasets.
+pub fn build_samplers(datasets: &[DatasetPlan], training: &TrainingConfig) -> (PlannedSampler, Option<PlannedSampler>) {
+    let settings = SamplerSettings {
+        seed: training.seed,
+        sampling: training.data_backend_sampling,
+        caption_dropout_probability: training.caption_dropout_probability,
+    };
+    let make = |indices: Vec<usize>, label: &str| {
+        let mut settings = settings;
+        if !label.is_empty() {
+            settings.seed = SeededRng::derived(training.seed, label).next_u64();
+        }
+        PlannedSampler { sampler: Sampler::new(indices.iter().map(|&i| sampler_dataset(&datasets[i])).collect(), settings), datasets: indices }
+    };
+    let has_class_data = datasets.iter().any(|d| d.is_regularisation_data);
+    let has_instance_data = datasets.iter().any(|d| !d.is_regularisation_data);
+    if training.regularisation_mode == RegularisationMode::PriorPreservation && has_class_data && has_instance_data {
+        let instance: Vec<usize> = (0..datasets.len()).filter(|&i| !datasets[i].is_regularisation_data).collect();
+        let class: Vec<usize> = (0..datasets.len()).filter(|&i| datasets[i].is_regularisation_data).collect();
+        (make(instance, ""), Some(make(class, "prior-sampler")))
+    } else {
+        (make((0..datasets.len()).collect(), ""), None)
     }
 }
 
@@ -476,6 +517,7 @@ pub fn plan_dataset(
         batches_per_epoch,
         cache_dir_vae: dataset.cache_dir_vae.clone(),
         text_embeds: dataset.text_embeds.clone(),
+        text_cache_dir: String::new(),
         notes,
     })
 }

@@ -487,7 +487,8 @@ fn read_config(
         Some("lora") => ModelType::Lora,
         _ => ModelType::Full,
     };
-    let pretrained = r.string(&["pretrained_model_name_or_path"]).filter(|s| !s.trim().is_empty());
+    // A relative model path is relative to the config file, like the other paths.
+    let pretrained = r.string(&["pretrained_model_name_or_path"]).filter(|s| !s.trim().is_empty()).map(|p| resolve_path(&p, base_dir));
     let output_dir = resolve_path(&r.string(&["output_dir"]).unwrap_or_else(|| "output".into()), base_dir);
     let data_backend_config = match r.string(&["data_backend_config"]) {
         Some(path) if !path.trim().is_empty() => resolve_path(&path, base_dir),

@@ -140,6 +140,10 @@ impl Sampler {
         &self.state
     }
 
+    pub fn settings(&self) -> SamplerSettings {
+        self.settings
+    }
+
     pub fn datasets(&self) -> &[SamplerDataset] {
         &self.datasets
     }

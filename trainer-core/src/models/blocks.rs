@@ -8,6 +8,7 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::Tensor;
 
 use super::loader::Loader;
+use super::lora::LoraLinear;
 
 /// diffusers' ResnetBlock2D.
 #[derive(Module, Debug)]
@@ -52,10 +53,10 @@ impl ResnetBlock2D {
 /// diffusers' Attention processor: `to_q`, `to_k`, `to_v`, `to_out.0`.
 #[derive(Module, Debug)]
 pub struct Attention {
-    pub to_q: Linear,
-    pub to_k: Linear,
-    pub to_v: Linear,
-    pub to_out: Linear,
+    pub to_q: LoraLinear,
+    pub to_k: LoraLinear,
+    pub to_v: LoraLinear,
+    pub to_out: LoraLinear,
     #[module(skip)]
     pub heads: usize,
 }
@@ -64,10 +65,10 @@ impl Attention {
     /// `qkv_bias`: the VAE's attention has biases on q, k, v; the UNet's not.
     pub fn load(loader: &mut Loader<'_>, prefix: &str, dim: usize, context_dim: usize, heads: usize, qkv_bias: bool) -> Self {
         Self {
-            to_q: loader.linear(&format!("{prefix}.to_q"), dim, dim, qkv_bias),
-            to_k: loader.linear(&format!("{prefix}.to_k"), context_dim, dim, qkv_bias),
-            to_v: loader.linear(&format!("{prefix}.to_v"), context_dim, dim, qkv_bias),
-            to_out: loader.linear(&format!("{prefix}.to_out.0"), dim, dim, true),
+            to_q: loader.lora_linear(&format!("{prefix}.to_q"), dim, dim, qkv_bias),
+            to_k: loader.lora_linear(&format!("{prefix}.to_k"), context_dim, dim, qkv_bias),
+            to_v: loader.lora_linear(&format!("{prefix}.to_v"), context_dim, dim, qkv_bias),
+            to_out: loader.lora_linear(&format!("{prefix}.to_out.0"), dim, dim, true),
             heads,
         }
     }

@@ -15,6 +15,9 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig, GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::{Device, Tensor, TensorData};
 
+use sha2::{Digest, Sha256};
+
+use super::lora::LoraLinear;
 use super::safetensors_file::SafetensorsFile;
 use crate::error::{Error, Result};
 
@@ -62,6 +65,9 @@ pub struct Loader<'a> {
     pub requested: Vec<(String, Vec<usize>)>,
     used: BTreeSet<String>,
     problems: Vec<String>,
+    /// Names, shapes and a sample of the values of everything loaded: the
+    /// component's identity for cache keys.
+    fingerprint: Sha256,
 }
 
 impl<'a> Loader<'a> {
@@ -72,7 +78,7 @@ impl<'a> Loader<'a> {
                 index.insert(name, i);
             }
         }
-        Self { files, index, rename, device, dry_run: false, random: None, requested: Vec::new(), used: BTreeSet::new(), problems: Vec::new() }
+        Self { files, index, rename, device, dry_run: false, random: None, requested: Vec::new(), used: BTreeSet::new(), problems: Vec::new(), fingerprint: Sha256::new() }
     }
 
     /// A loader that reads nothing and records what the model needs.
@@ -104,15 +110,15 @@ impl<'a> Loader<'a> {
         if let Some(rng) = &mut self.random {
             let count: usize = shape.iter().product();
             let is_norm_scale = shape.len() == 1 && name.ends_with(".weight");
-            return Some(
-                (0..count)
-                    .map(|_| {
-                        let (u1, u2) = (rng.next_f64().max(f64::MIN_POSITIVE), rng.next_f64());
-                        let normal = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
-                        (if is_norm_scale { 1.0 + 0.02 * normal } else { 0.02 * normal }) as f32
-                    })
-                    .collect(),
-            );
+            let values: Vec<f32> = (0..count)
+                .map(|_| {
+                    let (u1, u2) = (rng.next_f64().max(f64::MIN_POSITIVE), rng.next_f64());
+                    let normal = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                    (if is_norm_scale { 1.0 + 0.02 * normal } else { 0.02 * normal }) as f32
+                })
+                .collect();
+            self.add_to_fingerprint(name, shape, &values);
+            return Some(values);
         }
         let file_name = (self.rename)(name);
         let Some(&file_index) = self.index.get(file_name.as_str()) else {
@@ -133,12 +139,30 @@ impl<'a> Loader<'a> {
         }
         self.used.insert(file_name.clone());
         match file.values(&file_name) {
-            Ok(values) => Some(values),
+            Ok(values) => {
+                self.add_to_fingerprint(name, shape, &values);
+                Some(values)
+            }
             Err(error) => {
                 self.problems.push(error.to_string());
                 None
             }
         }
+    }
+
+    /// Hashing every value of a multi-GB model would take seconds; a strided
+    /// sample (plus names and shapes) changes whenever the weights do.
+    fn add_to_fingerprint(&mut self, name: &str, shape: &[usize], values: &[f32]) {
+        self.fingerprint.update(name.as_bytes());
+        self.fingerprint.update(format!("{shape:?}").as_bytes());
+        for value in values.iter().step_by(251).chain(values.last()) {
+            self.fingerprint.update(value.to_le_bytes());
+        }
+    }
+
+    /// The identity of what was loaded so far (hex SHA-256).
+    pub fn fingerprint(&self) -> String {
+        hex(&self.fingerprint.clone().finalize())
     }
 
     /// A tensor of the given shape.
@@ -160,6 +184,11 @@ impl<'a> Loader<'a> {
         linear.weight = Param::from_tensor(self.tensor(&format!("{prefix}.weight"), [d_out, d_in]).transpose());
         linear.bias = bias.then(|| self.param(&format!("{prefix}.bias"), [d_out]));
         linear
+    }
+
+    /// A Linear layer that can take a LoRA adapter, named by its module path.
+    pub fn lora_linear(&mut self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> LoraLinear {
+        LoraLinear::new(self.linear(prefix, d_in, d_out, bias), prefix.to_string())
     }
 
     pub fn conv2d(&mut self, prefix: &str, c_in: usize, c_out: usize, kernel: usize, stride: usize, padding: usize) -> Conv2d {
@@ -215,4 +244,8 @@ impl<'a> Loader<'a> {
         }
         Err(Error::Config { source_name: format!("{what} ({})", self.describe_files()), problems })
     }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -5,6 +5,7 @@ pub mod blocks;
 pub mod clip;
 pub mod config;
 pub mod loader;
+pub mod lora;
 pub mod safetensors_file;
 pub mod single_file;
 pub mod standard;
@@ -113,6 +114,15 @@ pub struct StableDiffusion {
     pub text_encoder: ClipTextModel,
     pub vae: AutoencoderKl,
     pub unet: UNet2DConditionModel,
+    pub fingerprints: Fingerprints,
+}
+
+/// Each component's identity (a hash of its weights), for cache keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Fingerprints {
+    pub unet: String,
+    pub vae: String,
+    pub text_encoder: String,
 }
 
 /// Reads the configs of a diffusers folder.
@@ -208,11 +218,13 @@ impl StableDiffusion {
         let unet_file = component_weights(files, "unet", &model_names)?;
         let mut loader = Loader::new(vec![&unet_file], Box::new(|n| n.to_string()), device.clone());
         let unet = UNet2DConditionModel::load(&configs.unet, &mut loader);
+        let mut fingerprints = Fingerprints { unet: loader.fingerprint(), ..Default::default() };
         loader.finish("UNet", &|_| false)?;
 
         let vae_file = component_weights(files, "vae", &model_names)?;
         let mut loader = Loader::new(vec![&vae_file], Box::new(|n| n.to_string()), device.clone());
         let vae = AutoencoderKl::load(&configs.vae, &mut loader);
+        fingerprints.vae = loader.fingerprint();
         loader.finish("VAE", &|_| false)?;
 
         let text_file = component_weights(files, "text_encoder", &text_names)?;
@@ -220,9 +232,10 @@ impl StableDiffusion {
         let prefix = if has_text_model_prefix(&text_file, "") { "text_model." } else { "" };
         let mut loader = Loader::new(vec![&text_file], Box::new(|n| n.to_string()), device.clone());
         let text_encoder = ClipTextModel::load(&configs.text, &mut loader, prefix, false);
+        fingerprints.text_encoder = loader.fingerprint();
         loader.finish("text encoder", &|n| n.ends_with("position_ids"))?;
 
-        Ok(Self { family, configs, tokenizer, text_encoder, vae, unet })
+        Ok(Self { family, configs, tokenizer, text_encoder, vae, unet, fingerprints })
     }
 
     /// Loads a single-file checkpoint. `configs` come from a diffusers folder
@@ -235,11 +248,13 @@ impl StableDiffusion {
         let unet_config = configs.unet.clone();
         let mut loader = Loader::new(vec![file], Box::new(move |n| single_file::unet_name(n, &unet_config)), device.clone());
         let unet = UNet2DConditionModel::load(&configs.unet, &mut loader);
+        let mut fingerprints = Fingerprints { unet: loader.fingerprint(), ..Default::default() };
         loader.finish("UNet", &|n| !n.starts_with(UNET_PREFIX))?;
 
         let vae_config = configs.vae.clone();
         let mut loader = Loader::new(vec![file], Box::new(move |n| single_file::vae_name(n, &vae_config)), device.clone());
         let vae = AutoencoderKl::load(&configs.vae, &mut loader);
+        fingerprints.vae = loader.fingerprint();
         loader.finish("VAE", &|n| !n.starts_with(VAE_PREFIX))?;
 
         let text_encoder = match family {
@@ -247,6 +262,7 @@ impl StableDiffusion {
                 let with_prefix = has_text_model_prefix(file, SD1_TEXT_PREFIX);
                 let mut loader = Loader::new(vec![file], Box::new(move |n| single_file::sd1_text_name(n, with_prefix)), device.clone());
                 let model = ClipTextModel::load(&configs.text, &mut loader, "", false);
+                fingerprints.text_encoder = loader.fingerprint();
                 loader.finish("text encoder", &|n| !n.starts_with(SD1_TEXT_PREFIX) || n.ends_with("position_ids"))?;
                 model
             }
@@ -254,11 +270,12 @@ impl StableDiffusion {
                 let view = OpenClipView::new(file, OPENCLIP_PREFIX, configs.text.num_hidden_layers, false);
                 let mut loader = Loader::new(vec![&view], Box::new(|n| n.to_string()), device.clone());
                 let model = ClipTextModel::load(&configs.text, &mut loader, "", false);
+                fingerprints.text_encoder = loader.fingerprint();
                 loader.finish("text encoder", &|_| false)?;
                 model
             }
         };
-        Ok(Self { family, configs, tokenizer, text_encoder, vae, unet })
+        Ok(Self { family, configs, tokenizer, text_encoder, vae, unet, fingerprints })
     }
 }
 

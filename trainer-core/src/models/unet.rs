@@ -11,6 +11,7 @@ use burn::tensor::{Tensor, TensorData};
 use super::blocks::{Attention, Downsample2D, ResnetBlock2D, Upsample2D};
 use super::config::UNetConfig;
 use super::loader::Loader;
+use super::lora::LoraLinear;
 
 /// The UNet's transformer blocks normalise with GroupNorm eps 1e-6.
 const TRANSFORMER_NORM_EPS: f64 = 1e-6;
@@ -18,8 +19,8 @@ const TRANSFORMER_NORM_EPS: f64 = 1e-6;
 /// GEGLU feed-forward: `net.0.proj` (to twice the inner width), gate, `net.2`.
 #[derive(Module, Debug)]
 pub struct FeedForward {
-    pub proj: Linear,
-    pub out: Linear,
+    pub proj: LoraLinear,
+    pub out: LoraLinear,
 }
 
 impl FeedForward {
@@ -51,8 +52,8 @@ impl BasicTransformerBlock {
             attn2: Attention::load(loader, &format!("{prefix}.attn2"), dim, context_dim, heads, false),
             norm3: loader.layer_norm(&format!("{prefix}.norm3"), dim, 1e-5),
             ff: FeedForward {
-                proj: loader.linear(&format!("{prefix}.ff.net.0.proj"), dim, inner * 2, true),
-                out: loader.linear(&format!("{prefix}.ff.net.2"), inner, dim, true),
+                proj: loader.lora_linear(&format!("{prefix}.ff.net.0.proj"), dim, inner * 2, true),
+                out: loader.lora_linear(&format!("{prefix}.ff.net.2"), inner, dim, true),
             },
         }
     }
@@ -69,7 +70,7 @@ impl BasicTransformerBlock {
 #[derive(Module, Debug)]
 pub enum Projection {
     Conv(Conv2d),
-    Linear(Linear),
+    Linear(LoraLinear),
 }
 
 #[derive(Module, Debug)]
@@ -86,7 +87,7 @@ impl Transformer2D {
         let projection = |loader: &mut Loader<'_>, name: &str| {
             let name = format!("{prefix}.{name}");
             if linear {
-                Projection::Linear(loader.linear(&name, dim, dim, true))
+                Projection::Linear(loader.lora_linear(&name, dim, dim, true))
             } else {
                 Projection::Conv(loader.conv2d(&name, dim, dim, 1, 1, 0))
             }
@@ -321,5 +322,69 @@ impl UNet2DConditionModel {
             }
         }
         self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+    }
+}
+
+impl Transformer2D {
+    /// Its adaptable layers in module order: projections (when linear), then
+    /// each block's attn1, attn2 and feed-forward.
+    fn lora_layers(&self) -> Vec<&LoraLinear> {
+        let mut layers: Vec<&LoraLinear> = [&self.proj_in, &self.proj_out]
+            .into_iter()
+            .filter_map(|p| match p {
+                Projection::Linear(linear) => Some(linear),
+                Projection::Conv(_) => None,
+            })
+            .collect();
+        for b in &self.transformer_blocks {
+            layers.extend([&b.attn1.to_q, &b.attn1.to_k, &b.attn1.to_v, &b.attn1.to_out, &b.attn2.to_q, &b.attn2.to_k, &b.attn2.to_v, &b.attn2.to_out, &b.ff.proj, &b.ff.out]);
+        }
+        layers
+    }
+
+    fn lora_layers_mut(&mut self) -> Vec<&mut LoraLinear> {
+        let mut layers: Vec<&mut LoraLinear> = [&mut self.proj_in, &mut self.proj_out]
+            .into_iter()
+            .filter_map(|p| match p {
+                Projection::Linear(linear) => Some(linear),
+                Projection::Conv(_) => None,
+            })
+            .collect();
+        for b in &mut self.transformer_blocks {
+            let (a1, a2, ff) = (&mut b.attn1, &mut b.attn2, &mut b.ff);
+            layers.extend([&mut a1.to_q, &mut a1.to_k, &mut a1.to_v, &mut a1.to_out, &mut a2.to_q, &mut a2.to_k, &mut a2.to_v, &mut a2.to_out, &mut ff.proj, &mut ff.out]);
+        }
+        layers
+    }
+}
+
+impl UNet2DConditionModel {
+    fn transformers(&self) -> Vec<&Transformer2D> {
+        let mut all: Vec<&Transformer2D> = self.down_blocks.iter().flat_map(|b| &b.attentions).collect();
+        all.push(&self.mid_block.attention);
+        all.extend(self.up_blocks.iter().flat_map(|b| &b.attentions));
+        all
+    }
+
+    /// Every layer that can carry a LoRA adapter, in module order.
+    pub fn lora_layers_mut(&mut self) -> Vec<&mut LoraLinear> {
+        let mut all: Vec<&mut Transformer2D> = self.down_blocks.iter_mut().flat_map(|b| &mut b.attentions).collect();
+        all.push(&mut self.mid_block.attention);
+        all.extend(self.up_blocks.iter_mut().flat_map(|b| &mut b.attentions));
+        all.into_iter().flat_map(|t| t.lora_layers_mut()).collect()
+    }
+
+    /// The layers that carry an adapter now, in module order.
+    pub fn adapted_layers(&self) -> Vec<&LoraLinear> {
+        self.transformers().into_iter().flat_map(|t| t.lora_layers()).filter(|l| l.lora.is_some()).collect()
+    }
+
+    /// A copy without adapters (the base model's prediction); tensors are shared, not copied.
+    pub fn without_lora(&self) -> Self {
+        let mut copy = self.clone();
+        for layer in copy.lora_layers_mut() {
+            layer.lora = None;
+        }
+        copy
     }
 }

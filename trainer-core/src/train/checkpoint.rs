@@ -1,0 +1,219 @@
+//! Checkpoints: the trainable weights, the optimizer's moments and where
+//! the run is (step, sampler positions), in one folder per step under
+//! `<output_dir>/checkpoints/`. A checkpoint is written into a `.partial`
+//! folder and renamed when complete, so a crash or `kill -9` mid-write leaves
+//! the previous checkpoints intact and no half-written one that looks whole.
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::optimizer::trainable_on;
+use super::storage::{join, Storage};
+use super::tensor_file::{self, HostTensor};
+use crate::data::sampler::SamplerState;
+use crate::error::{Error, Result};
+
+const PREFIX: &str = "checkpoint-";
+const PARTIAL: &str = ".partial";
+
+/// Where the run is, saved as `state.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    pub epoch: u64,
+    pub sampler: SamplerState,
+    /// The class-image sampler under prior preservation.
+    pub prior_sampler: Option<SamplerState>,
+    pub model_type: String,
+    pub lora_rank: Option<u32>,
+}
+
+pub struct Checkpoint {
+    pub path: String,
+    pub state: RunState,
+    pub trainable: BTreeMap<String, HostTensor>,
+    pub optimizer: BTreeMap<String, HostTensor>,
+}
+
+pub fn checkpoints_dir(output_dir: &str) -> String {
+    join(output_dir, "checkpoints")
+}
+
+fn step_of(name: &str) -> Option<u64> {
+    name.strip_prefix(PREFIX).filter(|rest| !rest.ends_with(PARTIAL)).and_then(|rest| rest.parse().ok())
+}
+
+/// Complete checkpoints, oldest first: (step, path).
+pub fn list(storage: &dyn Storage, output_dir: &str) -> Result<Vec<(u64, String)>> {
+    let dir = checkpoints_dir(output_dir);
+    let mut found: Vec<(u64, String)> = storage
+        .list(&dir)?
+        .into_iter()
+        .filter_map(|name| step_of(&name).map(|step| (step, join(&dir, &name))))
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// Writes a checkpoint, then keeps at most `keep` (0 = all). `between_files`
+/// runs after each file (tests use it to kill the process mid-write).
+pub fn save(
+    storage: &dyn Storage,
+    output_dir: &str,
+    checkpoint: &Checkpoint,
+    keep: u32,
+    between_files: &dyn Fn(),
+) -> Result<String> {
+    let dir = checkpoints_dir(output_dir);
+    let name = format!("{PREFIX}{:08}", checkpoint.state.step);
+    let partial = join(&dir, &format!("{name}{PARTIAL}"));
+    let final_path = join(&dir, &name);
+    storage.remove_all(&partial)?;
+    let metadata = BTreeMap::from([("format".to_string(), "burnbooth-checkpoint-v1".to_string())]);
+    storage.write(&join(&partial, "trainable.safetensors"), &tensor_file::write(&checkpoint.trainable, &metadata)?)?;
+    between_files();
+    storage.write(&join(&partial, "optimizer.safetensors"), &tensor_file::write(&checkpoint.optimizer, &metadata)?)?;
+    between_files();
+    let state = serde_json::to_vec_pretty(&checkpoint.state).expect("state serialises");
+    storage.write(&join(&partial, "state.json"), &state)?;
+    between_files();
+    storage.remove_all(&final_path)?;
+    storage.rename(&partial, &final_path)?;
+    if keep > 0 {
+        let all = list(storage, output_dir)?;
+        for (_, old) in all.iter().take(all.len().saturating_sub(keep as usize)) {
+            storage.remove_all(old)?;
+        }
+    }
+    // Leftovers of interrupted writes.
+    for name in storage.list(&dir)? {
+        if name.ends_with(PARTIAL) {
+            storage.remove_all(&join(&dir, &name))?;
+        }
+    }
+    Ok(final_path)
+}
+
+/// `latest` (the newest complete checkpoint of `output_dir`) or a path.
+pub fn resolve(storage: &dyn Storage, output_dir: &str, which: &str) -> Result<String> {
+    if which == "latest" {
+        return list(storage, output_dir)?.pop().map(|(_, path)| path).ok_or_else(|| Error::Io {
+            path: checkpoints_dir(output_dir),
+            message: "--resume latest: no complete checkpoint here".into(),
+        });
+    }
+    Ok(which.to_string())
+}
+
+pub fn load(storage: &dyn Storage, path: &str) -> Result<Checkpoint> {
+    let read = |name: &str| -> Result<Vec<u8>> {
+        let file = join(path, name);
+        storage.read(&file)?.ok_or_else(|| Error::Io { path: file.clone(), message: "missing: not a complete Burnbooth checkpoint".into() })
+    };
+    let state_path = join(path, "state.json");
+    let state: RunState = serde_json::from_slice(&read("state.json")?)
+        .map_err(|e| Error::Io { path: state_path, message: format!("unreadable checkpoint state: {e}") })?;
+    let trainable = tensor_file::read(&join(path, "trainable.safetensors"), read("trainable.safetensors")?)?;
+    let optimizer = tensor_file::read(&join(path, "optimizer.safetensors"), read("optimizer.safetensors")?)?;
+    Ok(Checkpoint { path: path.to_string(), state, trainable, optimizer })
+}
+
+struct ReadTrainable {
+    path: Vec<String>,
+    out: Vec<(String, Tensor<1>, Vec<usize>)>,
+}
+
+impl ModuleVisitor for ReadTrainable {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let value = param.val();
+        if value.is_require_grad() {
+            let dims = value.dims().to_vec();
+            let count: usize = dims.iter().product();
+            self.out.push((self.path.join("."), value.without_autodiff().cast(DType::F32).reshape([count]), dims));
+        }
+    }
+}
+
+/// The trainable parameters by module path, on the host.
+pub fn trainable_tensors<M: Module>(module: &M) -> Result<BTreeMap<String, HostTensor>> {
+    let mut reader = ReadTrainable { path: Vec::new(), out: Vec::new() };
+    module.visit(&mut reader);
+    let mut out = BTreeMap::new();
+    for (path, flat, shape) in reader.out {
+        let host = HostTensor::from_tensor(flat)?;
+        out.insert(path, HostTensor { shape, values: host.values });
+    }
+    Ok(out)
+}
+
+struct WriteTrainable<'a> {
+    path: Vec<String>,
+    values: &'a BTreeMap<String, HostTensor>,
+    device: Device,
+    train_device: Device,
+    problems: Vec<String>,
+    restored: usize,
+}
+
+impl ModuleMapper for WriteTrainable<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let current = param.val();
+        if !current.is_require_grad() {
+            return param;
+        }
+        let path = self.path.join(".");
+        let Some(saved) = self.values.get(&path) else {
+            self.problems.push(format!("no saved value for trainable tensor '{path}'"));
+            return param;
+        };
+        if saved.shape != current.dims().to_vec() {
+            self.problems.push(format!("tensor '{path}' was saved with shape {:?}, this run has {:?}", saved.shape, current.dims()));
+            return param;
+        }
+        let dtype = current.dtype();
+        match saved.to_tensor::<D>(&self.device) {
+            Ok(tensor) => {
+                self.restored += 1;
+                param.map(|_| trainable_on(tensor.cast(dtype), &self.train_device))
+            }
+            Err(e) => {
+                self.problems.push(e.to_string());
+                param
+            }
+        }
+    }
+}
+
+/// Puts saved values into the module's trainable parameters; every
+/// missing or mis-shaped tensor is reported.
+pub fn restore_trainable<M: Module>(module: M, values: &BTreeMap<String, HostTensor>, train_device: &Device, source: &str) -> Result<M> {
+    let device = train_device.clone().without_autodiff();
+    let mut writer =
+        WriteTrainable { path: Vec::new(), values, device, train_device: train_device.clone(), problems: Vec::new(), restored: 0 };
+    let module = module.map(&mut writer);
+    if writer.restored != values.len() {
+        writer.problems.push(format!("the checkpoint has {} trainable tensors, this run {}", values.len(), writer.restored));
+    }
+    if writer.problems.is_empty() {
+        Ok(module)
+    } else {
+        writer.problems.dedup();
+        Err(Error::Config { source_name: source.to_string(), problems: writer.problems })
+    }
+}

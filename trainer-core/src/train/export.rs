@@ -1,0 +1,156 @@
+//! LoRA files in kohya's format (diffusion-reference.md §4.2, §4.5): what
+//! ComfyUI, A1111/Forge and diffusers all load.
+//!
+//! `lora_unet_<diffusers module path with _>.lora_down.weight` `[rank, in]`,
+//! `.lora_up.weight` `[out, rank]` and `.alpha` (a scalar), so that
+//! `W' = W + multiplier * (alpha / rank) * up @ down`. Text-encoder layers
+//! use `lora_te_text_model_encoder_layers_<i>_<self_attn_q_proj|...|mlp_fc2>`.
+
+use std::collections::BTreeMap;
+
+use burn::module::Param;
+use burn::nn::Linear;
+use burn::tensor::{Device, Tensor};
+
+use super::tensor_file::{self, HostTensor};
+use crate::error::{Error, Result};
+use crate::models::lora::kohya_unet_name;
+use crate::models::StableDiffusion;
+
+/// The kohya tensors of every adapter in the UNet.
+pub fn kohya_tensors(model: &StableDiffusion) -> Result<BTreeMap<String, HostTensor>> {
+    let mut tensors = BTreeMap::new();
+    for layer in model.unet.adapted_layers() {
+        let lora = layer.lora.as_ref().expect("adapted");
+        let name = kohya_unet_name(&layer.path);
+        let down = lora.down.val().without_autodiff().transpose();
+        let up = lora.up.val().without_autodiff().transpose();
+        tensors.insert(format!("{name}.lora_down.weight"), HostTensor::from_tensor(down)?);
+        tensors.insert(format!("{name}.lora_up.weight"), HostTensor::from_tensor(up)?);
+        tensors.insert(format!("{name}.alpha"), HostTensor { shape: vec![], values: vec![lora.alpha as f32] });
+    }
+    Ok(tensors)
+}
+
+/// A kohya LoRA file with `ss_*` / `modelspec.*` metadata (plus `extra`).
+pub fn kohya_file(model: &StableDiffusion, extra: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+    let tensors = kohya_tensors(model)?;
+    let layers = model.unet.adapted_layers();
+    let first = layers.first().and_then(|l| l.lora.as_ref()).ok_or_else(|| Error::Training {
+        step: 0,
+        message: "the model has no LoRA adapters to export".into(),
+    })?;
+    let (version, architecture, v2) = match (model.family, model.configs.scheduler.prediction_type.as_str()) {
+        (crate::models::Family::Sd1, _) => ("sd_v1", "stable-diffusion-v1/lora", "False"),
+        (crate::models::Family::Sd2, "v_prediction") => ("sd_2.0", "stable-diffusion-v2-768-v/lora", "True"),
+        (crate::models::Family::Sd2, _) => ("sd_2.0", "stable-diffusion-v2-512/lora", "True"),
+    };
+    let mut metadata = BTreeMap::from([
+        ("ss_network_module".to_string(), "networks.lora".to_string()),
+        ("ss_network_dim".to_string(), first.rank().to_string()),
+        ("ss_network_alpha".to_string(), format_alpha(first.alpha)),
+        ("ss_base_model_version".to_string(), version.to_string()),
+        ("ss_v2".to_string(), v2.to_string()),
+        ("modelspec.sai_model_spec".to_string(), "1.0.0".to_string()),
+        ("modelspec.architecture".to_string(), architecture.to_string()),
+        ("modelspec.implementation".to_string(), "diffusers".to_string()),
+        ("burnbooth.format".to_string(), "kohya".to_string()),
+    ]);
+    metadata.extend(extra.clone());
+    tensor_file::write(&tensors, &metadata)
+}
+
+fn format_alpha(alpha: f64) -> String {
+    if alpha.fract() == 0.0 {
+        format!("{alpha:.1}")
+    } else {
+        alpha.to_string()
+    }
+}
+
+/// One module's LoRA in a kohya file.
+struct KohyaModule {
+    down: Option<HostTensor>,
+    up: Option<HostTensor>,
+    alpha: Option<f32>,
+}
+
+/// Folds a kohya LoRA file into the model's weights with `multiplier`.
+/// Every module of the file must match a layer of the model; all that do
+/// not are listed in the error.
+pub fn merge_kohya(model: &mut StableDiffusion, path: &str, bytes: Vec<u8>, multiplier: f64, device: &Device) -> Result<usize> {
+    let tensors = tensor_file::read(path, bytes)?;
+    let mut modules: BTreeMap<String, KohyaModule> = BTreeMap::new();
+    let mut problems = Vec::new();
+    for (name, tensor) in tensors {
+        let Some((module, part)) = name.split_once('.') else {
+            problems.push(format!("unexpected tensor '{name}'"));
+            continue;
+        };
+        let entry = modules.entry(module.to_string()).or_insert(KohyaModule { down: None, up: None, alpha: None });
+        match part {
+            "lora_down.weight" => entry.down = Some(tensor),
+            "lora_up.weight" => entry.up = Some(tensor),
+            "alpha" => entry.alpha = tensor.values.first().copied(),
+            other => problems.push(format!("'{name}': unsupported part '{other}' (only lora_down/lora_up/alpha LoRAs are supported)")),
+        }
+    }
+
+    let mut unet_layers: BTreeMap<String, &mut crate::models::lora::LoraLinear> =
+        model.unet.lora_layers_mut().into_iter().map(|l| (kohya_unet_name(&l.path), l)).collect();
+    let mut text_layers: BTreeMap<String, &mut Linear> = BTreeMap::new();
+    for (i, layer) in model.text_encoder.layers.iter_mut().enumerate() {
+        let p = format!("lora_te_text_model_encoder_layers_{i}");
+        text_layers.insert(format!("{p}_self_attn_q_proj"), &mut layer.self_attn.q_proj);
+        text_layers.insert(format!("{p}_self_attn_k_proj"), &mut layer.self_attn.k_proj);
+        text_layers.insert(format!("{p}_self_attn_v_proj"), &mut layer.self_attn.v_proj);
+        text_layers.insert(format!("{p}_self_attn_out_proj"), &mut layer.self_attn.out_proj);
+        text_layers.insert(format!("{p}_mlp_fc1"), &mut layer.mlp.fc1);
+        text_layers.insert(format!("{p}_mlp_fc2"), &mut layer.mlp.fc2);
+    }
+
+    let mut merged = 0;
+    for (name, module) in modules {
+        let (Some(down), Some(up)) = (module.down, module.up) else {
+            problems.push(format!("'{name}' lacks lora_down or lora_up"));
+            continue;
+        };
+        if down.shape.len() != 2 || up.shape.len() != 2 || down.shape[0] != up.shape[1] {
+            problems.push(format!("'{name}': lora_down {:?} and lora_up {:?} are not a linear LoRA pair", down.shape, up.shape));
+            continue;
+        }
+        let rank = down.shape[0];
+        let alpha = module.alpha.map(f64::from).unwrap_or(rank as f64);
+        // burn layout: down [in, rank], up [rank, out].
+        let down_t = down.to_tensor::<2>(device)?.transpose();
+        let up_t = up.to_tensor::<2>(device)?.transpose();
+        // Text-encoder names of SDXL-style files (lora_te1_) mean the same single encoder here.
+        let text_name = name.replacen("lora_te1_", "lora_te_", 1);
+        if let Some(layer) = unet_layers.get_mut(&name) {
+            let [d_in, d_out] = layer.dims();
+            if down.shape[1] != d_in || up.shape[0] != d_out {
+                problems.push(format!("'{name}': LoRA is {}->{} but the model's layer is {d_in}->{d_out}", down.shape[1], up.shape[0]));
+                continue;
+            }
+            layer.set_adapter(down_t, up_t, alpha);
+            layer.merge(multiplier);
+        } else if let Some(linear) = text_layers.get_mut(&text_name) {
+            let [d_in, d_out] = linear.weight.val().dims();
+            if down.shape[1] != d_in || up.shape[0] != d_out {
+                problems.push(format!("'{name}': LoRA is {}->{} but the model's layer is {d_in}->{d_out}", down.shape[1], up.shape[0]));
+                continue;
+            }
+            let delta: Tensor<2> = down_t.matmul(up_t) * (alpha / rank as f64 * multiplier);
+            linear.weight = Param::from_tensor(linear.weight.val() + delta);
+        } else {
+            problems.push(format!("'{name}' matches no layer of this model"));
+            continue;
+        }
+        merged += 1;
+    }
+    if problems.is_empty() {
+        Ok(merged)
+    } else {
+        Err(Error::Config { source_name: path.to_string(), problems })
+    }
+}

@@ -1,0 +1,12 @@
+//! Training: caches, noise and loss, LoRA, the optimizer, checkpoints,
+//! validation, metrics and exports. [`session::Session`] runs it all.
+
+pub mod cache;
+pub mod checkpoint;
+pub mod export;
+pub mod metrics;
+pub mod noise;
+pub mod optimizer;
+pub mod session;
+pub mod storage;
+pub mod tensor_file;

@@ -1,0 +1,252 @@
+//! AdamW as PyTorch computes it (decoupled weight decay, bias correction,
+//! one global gradient-norm clip like `clip_grad_norm_`), over the module's
+//! trainable parameters.
+//!
+//! Written here rather than taken from burn-optim because a run must be
+//! able to save and restore every moment exactly (checkpoints and resume),
+//! clip by the global norm (burn clips each tensor by its own norm), and
+//! keep bf16 weights and state with stochastic rounding (`adamw_bf16`).
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{DType, Device, Gradients, Tensor, TensorData};
+
+use super::tensor_file::HostTensor;
+use crate::error::Result;
+use crate::rng::SeededRng;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWSettings {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub epsilon: f64,
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0 = no clipping).
+    pub max_grad_norm: f64,
+    /// Keep weights and moments in bf16, rounding stochastically.
+    pub bf16: bool,
+}
+
+struct Moments {
+    m: Tensor<1>,
+    v: Tensor<1>,
+}
+
+pub struct AdamW {
+    pub settings: AdamWSettings,
+    moments: BTreeMap<String, Moments>,
+    /// Optimizer steps taken (bias correction uses it).
+    pub steps: u64,
+    /// Gradients summed over the micro-batches of the current step.
+    accumulated: BTreeMap<String, Tensor<1>>,
+}
+
+/// Dotted module paths of the trainable parameters, in module order.
+struct TrainableParams {
+    path: Vec<String>,
+    found: Vec<String>,
+}
+
+impl ModuleVisitor for TrainableParams {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if param.val().is_require_grad() {
+            self.found.push(self.path.join("."));
+        }
+    }
+}
+
+pub fn trainable_paths<M: Module>(module: &M) -> Vec<String> {
+    let mut visitor = TrainableParams { path: Vec::new(), found: Vec::new() };
+    module.visit(&mut visitor);
+    visitor.found
+}
+
+/// Pulls each trainable parameter's gradient out of the backward result.
+struct GradientReader<'a> {
+    path: Vec<String>,
+    grads: &'a mut Gradients,
+    scale: f64,
+    out: Vec<(String, Tensor<1>)>,
+}
+
+impl ModuleVisitor for GradientReader<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let value = param.val();
+        if let Some(grad) = value.grad_remove(self.grads) {
+            let count = grad.shape().num_elements();
+            let grad = grad.cast(DType::F32).reshape([count]) * self.scale;
+            self.out.push((self.path.join("."), grad));
+        }
+    }
+}
+
+/// Writes updated parameters back into the module.
+struct Updater<'a> {
+    path: Vec<String>,
+    optimizer: &'a mut AdamW,
+    grads: BTreeMap<String, Tensor<1>>,
+    lr: f64,
+    rounding_seed: u64,
+    train_device: &'a Device,
+}
+
+impl ModuleMapper for Updater<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let path = self.path.join(".");
+        let Some(grad) = self.grads.remove(&path) else { return param };
+        let value = param.val().without_autodiff();
+        let dims = value.dims();
+        let dtype = value.dtype();
+        let flat = value.cast(DType::F32).reshape([grad.dims()[0]]);
+        let updated = self.optimizer.update(&path, flat, grad, self.lr, self.rounding_seed);
+        let updated = updated.reshape(dims);
+        let updated = if dtype == DType::F32 { updated } else { updated.cast(dtype) };
+        param.map(|_| trainable_on(updated, self.train_device))
+    }
+}
+
+impl AdamW {
+    pub fn new(settings: AdamWSettings) -> Self {
+        Self { settings, moments: BTreeMap::new(), steps: 0, accumulated: BTreeMap::new() }
+    }
+
+    /// Adds one micro-batch's gradients (scaled by `scale`, 1/accumulation).
+    pub fn accumulate<M: Module>(&mut self, module: &M, mut grads: Gradients, scale: f64) {
+        let mut reader = GradientReader { path: Vec::new(), grads: &mut grads, scale, out: Vec::new() };
+        module.visit(&mut reader);
+        for (path, grad) in reader.out {
+            let sum = match self.accumulated.remove(&path) {
+                Some(previous) => previous + grad,
+                None => grad,
+            };
+            self.accumulated.insert(path, sum);
+        }
+    }
+
+    /// Applies the accumulated gradients. Returns the global gradient norm
+    /// before clipping (read back from the device, once per step).
+    pub fn step<M: Module>(&mut self, module: M, lr: f64, train_device: &Device) -> Result<(M, f32)> {
+        let mut grads = std::mem::take(&mut self.accumulated);
+        let norm = match grads.values().map(|g| g.clone().square().sum()).reduce(|a, b| a + b) {
+            Some(sum) => sum.sqrt(),
+            None => return Ok((module, 0.0)),
+        };
+        if self.settings.max_grad_norm > 0.0 {
+            // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when above 1.
+            let factor = (norm.clone().add_scalar(1e-6).recip() * self.settings.max_grad_norm).clamp_max(1.0);
+            grads = grads.into_iter().map(|(path, g)| (path, g * factor.clone())).collect();
+        }
+        let norm_value = norm.into_scalar::<f32>();
+        self.steps += 1;
+        let rounding_seed = self.steps;
+        let mut updater = Updater { path: Vec::new(), optimizer: self, grads, lr, rounding_seed, train_device };
+        let module = module.map(&mut updater);
+        Ok((module, norm_value))
+    }
+
+    fn update(&mut self, path: &str, param: Tensor<1>, grad: Tensor<1>, lr: f64, rounding_seed: u64) -> Tensor<1> {
+        let s = self.settings;
+        let bf16 = s.bf16;
+        let (m, v) = match self.moments.remove(path) {
+            Some(Moments { m, v }) => (m.cast(DType::F32), v.cast(DType::F32)),
+            None => (grad.zeros_like(), grad.zeros_like()),
+        };
+        let m = m * s.beta1 + grad.clone() * (1.0 - s.beta1);
+        let v = v * s.beta2 + grad.square() * (1.0 - s.beta2);
+        let t = self.steps as i32;
+        let m_hat = m.clone() / (1.0 - s.beta1.powi(t));
+        let v_hat = v.clone() / (1.0 - s.beta2.powi(t));
+        let updated = param * (1.0 - lr * s.weight_decay) - m_hat / (v_hat.sqrt() + s.epsilon) * lr;
+        if bf16 {
+            let mut rng = SeededRng::derived(rounding_seed, &format!("adamw-bf16/{path}"));
+            let moments = Moments { m: stochastic_bf16(m, &mut rng), v: stochastic_bf16(v, &mut rng) };
+            self.moments.insert(path.to_string(), moments);
+            stochastic_bf16(updated, &mut rng)
+        } else {
+            self.moments.insert(path.to_string(), Moments { m, v });
+            updated
+        }
+    }
+
+    /// The moments, for checkpoints (`<path>.exp_avg` / `.exp_avg_sq`, as f32).
+    pub fn state(&self) -> Result<BTreeMap<String, HostTensor>> {
+        let mut out = BTreeMap::new();
+        for (path, moments) in &self.moments {
+            out.insert(format!("{path}.exp_avg"), HostTensor::from_tensor(moments.m.clone())?);
+            out.insert(format!("{path}.exp_avg_sq"), HostTensor::from_tensor(moments.v.clone())?);
+        }
+        Ok(out)
+    }
+
+    pub fn load_state(&mut self, state: &BTreeMap<String, HostTensor>, steps: u64, device: &Device) -> Result<()> {
+        self.moments.clear();
+        self.steps = steps;
+        for (name, m) in state {
+            let Some(path) = name.strip_suffix(".exp_avg") else { continue };
+            let Some(v) = state.get(&format!("{path}.exp_avg_sq")) else { continue };
+            let mut m = m.to_tensor::<1>(device)?;
+            let mut v = v.to_tensor::<1>(device)?;
+            if self.settings.bf16 {
+                m = m.cast(DType::BF16);
+                v = v.cast(DType::BF16);
+            }
+            self.moments.insert(path.to_string(), Moments { m, v });
+        }
+        Ok(())
+    }
+}
+
+/// Rounds f32 values to bf16 stochastically: down or up to the two nearest
+/// bf16 values with probabilities that make the rounding unbiased, so tiny
+/// updates are not lost to round-to-nearest. Uniform draws come from the
+/// seeded generator, so the result does not depend on the backend.
+pub fn stochastic_bf16(x: Tensor<1>, rng: &mut SeededRng) -> Tensor<1> {
+    let count = x.dims()[0];
+    let device = x.device();
+    // bf16 keeps 8 significant bits: the spacing at |x| is 2^(floor(log2|x|) - 7).
+    let magnitude = x.clone().abs().clamp_min(1e-30);
+    let exponent = (magnitude.log() / std::f64::consts::LN_2).floor();
+    let spacing = (exponent - 7.0).mul_scalar(std::f64::consts::LN_2).exp();
+    let lower = (x.clone() / spacing.clone()).floor() * spacing.clone();
+    let fraction = (x - lower.clone()) / spacing.clone();
+    let draws: Vec<f32> = (0..count).map(|_| rng.next_f64() as f32).collect();
+    let draws = Tensor::<1>::from_data(TensorData::new(draws, [count]), &device);
+    let round_up = draws.lower(fraction);
+    let rounded = lower.clone().mask_where(round_up, lower + spacing);
+    rounded.cast(DType::BF16)
+}
+
+/// A tensor as a trainable leaf on the training device (autodiff, with the
+/// device's gradient-checkpointing strategy: tensors with different
+/// strategies cannot be combined).
+pub fn trainable_on<const D: usize>(tensor: Tensor<D>, train_device: &Device) -> Tensor<D> {
+    frozen_on(tensor, train_device).require_grad()
+}
+
+/// A constant on the training device.
+pub fn frozen_on<const D: usize>(tensor: Tensor<D>, train_device: &Device) -> Tensor<D> {
+    let tensor = tensor.autodiff();
+    match train_device.gradient_checkpointing_strategy() {
+        Some(strategy) => tensor.with_gradient_checkpointing_strategy(strategy),
+        None => tensor,
+    }
+}

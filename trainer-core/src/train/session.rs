@@ -1,0 +1,562 @@
+//! One training run: caches, the step loop, validation, checkpoints and
+//! exports. The native runner and the browser app drive the same session;
+//! they differ only in the [`Storage`], the image sources and the device.
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::{Device, Tensor, TensorData};
+use image::RgbImage;
+
+use super::cache::{self, CachedLatents};
+use super::checkpoint::{self, Checkpoint, RunState};
+use super::export;
+use super::metrics::{self, StepMetrics};
+use super::noise::NoiseSchedule;
+use super::optimizer::{frozen_on, AdamW, AdamWSettings};
+use super::storage::{join, Storage};
+use super::tensor_file::HostTensor;
+use crate::config::training::{ModelType, Optimizer, RegularisationMode, TrainingConfig};
+use crate::data::preprocess::prepare;
+use crate::data::sampler::Batch;
+use crate::data::source::ImageSource;
+use crate::error::{Error, Result};
+use crate::models::lora::{DropoutSource, LoraTargets};
+use crate::models::StableDiffusion;
+use crate::pipeline::{a1111_parameters, gaussian_noise, png_with_parameters, to_rgb8, GenerateRequest};
+use crate::plan::{build_samplers, Plan, PlannedSampler};
+use crate::rng::SeededRng;
+use crate::schedule::LearningRateSchedule;
+use crate::schedulers::SamplerKind;
+
+/// Progress of a long phase (caching, validation sampling).
+#[derive(Debug, Clone)]
+pub struct Progress<'a> {
+    pub phase: &'a str,
+    pub done: usize,
+    pub total: usize,
+    /// Entries that had to be computed (the rest came from the cache).
+    pub computed: usize,
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    pub step: u64,
+    pub epoch: u64,
+    pub loss: f32,
+    pub lr: f64,
+    pub grad_norm: f32,
+}
+
+/// Options that are not part of the SimpleTuner config.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    pub lora_targets: LoraTargets,
+    /// The validation sampler (diffusers' scripts use DPM-Solver++).
+    pub validation_sampler: SamplerKind,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        Self { lora_targets: LoraTargets::attention(), validation_sampler: SamplerKind::DpmPp2m }
+    }
+}
+
+pub struct Session<'a> {
+    pub config: TrainingConfig,
+    pub plan: Plan,
+    pub model: StableDiffusion,
+    sources: Vec<Box<dyn ImageSource + 'a>>,
+    storage: &'a dyn Storage,
+    device: Device,
+    train_device: Device,
+    noise: NoiseSchedule,
+    optimizer: AdamW,
+    lr_schedule: LearningRateSchedule,
+    main: PlannedSampler,
+    prior: Option<PlannedSampler>,
+    dropout: Option<DropoutSource>,
+    /// Optimizer steps done.
+    pub step: u64,
+    pub epoch: u64,
+    /// Latent cache entry of each planned image, `[dataset][image]`.
+    latent_paths: Vec<Vec<String>>,
+    /// Text cache entry by (cache dir, caption).
+    text_paths: BTreeMap<(String, String), String>,
+    pub metrics: Vec<StepMetrics>,
+    /// Runs between checkpoint files (tests kill the process there).
+    pub checkpoint_hook: Box<dyn Fn() + 'a>,
+}
+
+/// Moves every parameter onto the training device, frozen.
+struct ToTrainDevice<'a> {
+    device: &'a Device,
+    trainable: bool,
+}
+
+impl ModuleMapper for ToTrainDevice<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (device, trainable) = (self.device, self.trainable);
+        param.map(|t| {
+            let t = frozen_on(t.without_autodiff(), device);
+            if trainable {
+                t.require_grad()
+            } else {
+                t
+            }
+        })
+    }
+}
+
+impl<'a> Session<'a> {
+    /// Sets a run up: the UNet goes to the training device (autodiff, with
+    /// gradient checkpointing when configured), LoRA adapters are attached
+    /// or the whole UNet is made trainable. `sources[i]` gives the files of
+    /// `plan.datasets[i]`.
+    pub fn new(
+        config: TrainingConfig,
+        plan: Plan,
+        mut model: StableDiffusion,
+        sources: Vec<Box<dyn ImageSource + 'a>>,
+        storage: &'a dyn Storage,
+        device: Device,
+        options: SessionOptions,
+    ) -> Result<Self> {
+        if sources.len() != plan.datasets.len() {
+            return Err(Error::Training { step: 0, message: format!("{} image sources for {} datasets", sources.len(), plan.datasets.len()) });
+        }
+        if config.regularisation_mode == RegularisationMode::ParentPrediction && config.model_type == ModelType::Full
+            && plan.datasets.iter().any(|d| d.is_regularisation_data)
+        {
+            return Err(Error::Config {
+                source_name: config.source_name.clone(),
+                problems: vec!["regularisation_mode parent_prediction needs LoRA training (the base model's prediction is the adapter switched off); use prior_preservation or mixed for full fine-tuning".into()],
+            });
+        }
+        let mut train_device = device.clone().autodiff();
+        if config.gradient_checkpointing {
+            train_device = train_device.gradient_checkpointing();
+        }
+        let noise = NoiseSchedule::new(&model.configs.scheduler, config.prediction_type.as_deref())?;
+        let full = config.model_type == ModelType::Full;
+        let unet = model.unet.clone();
+        let mut unet = unet.map(&mut ToTrainDevice { device: &train_device, trainable: full });
+        let dropout = (!full && config.lora_dropout > 0.0).then(|| DropoutSource::new(config.lora_dropout));
+        if !full {
+            let mut attached = 0;
+            for layer in unet.lora_layers_mut() {
+                if options.lora_targets.matches(&layer.path) {
+                    layer.attach(config.lora_rank as usize, config.lora_alpha, config.seed, dropout.clone(), &train_device);
+                    attached += 1;
+                }
+            }
+            if attached == 0 {
+                return Err(Error::Config {
+                    source_name: config.source_name.clone(),
+                    problems: vec![format!("no UNet layer matches the LoRA targets {:?}", options.lora_targets.suffixes)],
+                });
+            }
+        }
+        model.unet = unet;
+        let bf16 = config.optimizer == Optimizer::AdamwBf16 && plan.optimizer.state_dtype == "bf16";
+        if bf16 {
+            model.unet = model.unet.map(&mut CastTrainable { dtype: burn::tensor::DType::BF16, device: &train_device });
+        }
+        let optimizer = AdamW::new(AdamWSettings {
+            beta1: config.adam_beta1,
+            beta2: config.adam_beta2,
+            epsilon: config.adam_epsilon,
+            weight_decay: config.adam_weight_decay,
+            max_grad_norm: config.max_grad_norm,
+            bf16,
+        });
+        let (main, prior) = build_samplers(&plan.datasets, &config);
+        Ok(Self {
+            lr_schedule: plan.lr_schedule.clone(),
+            config,
+            plan,
+            model,
+            sources,
+            storage,
+            device,
+            train_device,
+            noise,
+            optimizer,
+            main,
+            prior,
+            dropout,
+            step: 0,
+            epoch: 1,
+            latent_paths: Vec::new(),
+            text_paths: BTreeMap::new(),
+            metrics: Vec::new(),
+            checkpoint_hook: Box::new(|| {}),
+        })
+    }
+
+    pub fn output_path(&self, name: &str) -> String {
+        join(&self.config.output_dir, name)
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        self.plan.max_steps
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.step >= self.plan.max_steps
+    }
+
+    /// Encodes every image and caption that is not cached yet.
+    pub fn prepare_caches(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Result<()> {
+        let total_images: usize = self.plan.datasets.iter().map(|d| d.images.len()).sum();
+        let mut resizer = fast_image_resize::Resizer::new();
+        let (mut done, mut computed) = (0, 0);
+        self.latent_paths = Vec::new();
+        for (d, dataset) in self.plan.datasets.iter().enumerate() {
+            let mut paths = Vec::new();
+            for image in &dataset.images {
+                let bytes = self.sources[d].read(&image.path)?;
+                let geometry = image.geometry();
+                let key = cache::latent_key(&bytes, &geometry, &self.model.fingerprints.vae);
+                let path = cache::entry_path(&dataset.cache_dir_vae, &key);
+                if !self.storage.exists(&path)? {
+                    let pixels = prepare(&bytes, &geometry, &mut resizer)
+                        .map_err(|reason| Error::Image { path: format!("{}/{}", dataset.folder, image.path), reason })?;
+                    let distribution = self.model.vae.encode(image_tensor(&pixels, &self.device));
+                    let squeeze = |t: Tensor<4>| -> Result<HostTensor> {
+                        let mut host = HostTensor::from_tensor(t)?;
+                        host.shape.remove(0);
+                        Ok(host)
+                    };
+                    let entry = CachedLatents { mean: squeeze(distribution.mean)?, logvar: squeeze(distribution.logvar)? };
+                    entry.write(self.storage, &path, &format!("{}/{}", dataset.folder, image.path))?;
+                    computed += 1;
+                }
+                paths.push(path);
+                done += 1;
+                progress(Progress { phase: "latents", done, total: total_images, computed });
+            }
+            self.latent_paths.push(paths);
+        }
+
+        let mut captions: Vec<(String, String)> = Vec::new();
+        for dataset in &self.plan.datasets {
+            for image in &dataset.images {
+                for caption in image.captions() {
+                    captions.push((dataset.text_cache_dir.clone(), caption));
+                }
+            }
+            if self.config.caption_dropout_probability > 0.0 {
+                captions.push((dataset.text_cache_dir.clone(), String::new()));
+            }
+        }
+        captions.sort();
+        captions.dedup();
+        let (mut done, mut computed) = (0, 0);
+        for (dir, caption) in &captions {
+            let key = cache::text_key(caption, 0, &self.model.fingerprints.text_encoder);
+            let path = cache::entry_path(dir, &key);
+            if !self.storage.exists(&path)? {
+                let hidden = self.model.encode_prompts(&[caption.as_str()], &self.device)?;
+                let mut host = HostTensor::from_tensor(hidden)?;
+                host.shape.remove(0);
+                cache::write_text(self.storage, &path, &host, caption)?;
+                computed += 1;
+            }
+            self.text_paths.insert((dir.clone(), caption.clone()), path);
+            done += 1;
+            progress(Progress { phase: "text embeddings", done, total: captions.len(), computed });
+        }
+        Ok(())
+    }
+
+    /// Latents, text context and flags of one batch, on the training device.
+    fn batch_inputs(&self, batch: &Batch, sampler: &PlannedSampler, rng: &mut SeededRng) -> Result<(Tensor<4>, Tensor<3>)> {
+        let d = sampler.datasets[batch.dataset];
+        let dataset = &self.plan.datasets[d];
+        let mut latents = Vec::new();
+        let mut contexts = Vec::new();
+        for sample in &batch.samples {
+            let path = &self.latent_paths[d][sample.image];
+            let cached = CachedLatents::read(self.storage, path)?
+                .ok_or_else(|| Error::Io { path: path.clone(), message: "latent cache entry vanished during training".into() })?;
+            let (mean, logvar) = cached.to_tensors(&self.device)?;
+            let eps = gaussian_noise(mean.dims(), rng, &self.device);
+            latents.push(mean + (logvar * 0.5).exp() * eps);
+            let image = &dataset.images[sample.image];
+            let caption = if sample.drop_caption {
+                String::new()
+            } else {
+                image.captions().into_iter().nth(sample.caption_variant as usize).unwrap_or_default()
+            };
+            let text_path = self.text_paths.get(&(dataset.text_cache_dir.clone(), caption.clone())).ok_or_else(|| Error::Training {
+                step: self.step,
+                message: format!("caption '{caption}' has no text-embedding cache entry"),
+            })?;
+            let hidden = cache::read_text(self.storage, text_path)?
+                .ok_or_else(|| Error::Io { path: text_path.clone(), message: "text cache entry vanished during training".into() })?;
+            let host = HostTensor { shape: [vec![1], hidden.shape.clone()].concat(), values: hidden.values };
+            contexts.push(host.to_tensor::<3>(&self.device)?);
+        }
+        let vae = &self.model.configs.vae;
+        let latents = (Tensor::cat(latents, 0) - vae.shift_factor.unwrap_or(0.0)) * vae.scaling_factor;
+        Ok((frozen_on(latents, &self.train_device), frozen_on(Tensor::cat(contexts, 0), &self.train_device)))
+    }
+
+    /// The mean (min-SNR weighted) MSE of one batch. `parent` replaces the
+    /// target by the base model's prediction; `weighted` applies min-SNR-γ.
+    fn batch_loss(&self, latents: Tensor<4>, context: Tensor<3>, rng: &mut SeededRng, parent: bool, weighted: bool) -> Tensor<1> {
+        let shape = latents.dims();
+        let batch = shape[0];
+        let mut noise = frozen_on(gaussian_noise(shape, rng, &self.device), &self.train_device);
+        if self.config.offset_noise && self.config.noise_offset > 0.0 && rng.next_f64() < self.config.noise_offset_probability {
+            let offset = gaussian_noise([batch, shape[1], 1, 1], rng, &self.device) * self.config.noise_offset;
+            noise = noise + frozen_on(offset, &self.train_device);
+        }
+        let timesteps: Vec<usize> = (0..batch).map(|_| rng.below(self.noise.num_timesteps() as u64) as usize).collect();
+        let t_values: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+        let noisy = self.noise.add_noise(latents.clone(), noise.clone(), &timesteps);
+        let target = if parent {
+            if let Some(dropout) = &self.dropout {
+                dropout.stop();
+            }
+            let base = self.model.unet.without_lora();
+            let prediction = base.forward(noisy.clone().detach(), &t_values, context.clone().detach()).detach();
+            if let Some(dropout) = &self.dropout {
+                dropout.start_step(self.config.seed, self.step, rng.next_u64());
+            }
+            prediction
+        } else {
+            self.noise.target(latents, noise, &timesteps)
+        };
+        let prediction = self.model.unet.forward(noisy, &t_values, context);
+        let per_sample = (prediction - target).square().reshape([batch as i32, -1]).mean_dim(1);
+        match (weighted, self.config.snr_gamma) {
+            (true, Some(gamma)) if gamma > 0.0 => {
+                let weights: Vec<f32> = timesteps.iter().map(|&t| self.noise.min_snr_weight(t, gamma) as f32).collect();
+                let weights = frozen_on(Tensor::<2>::from_data(TensorData::new(weights, [batch, 1]), &self.device), &self.train_device);
+                (per_sample * weights).mean()
+            }
+            _ => per_sample.mean(),
+        }
+    }
+
+    /// One optimizer step (with gradient accumulation). Fails with a
+    /// message on a NaN or infinite loss, before the weights are touched.
+    pub fn train_step(&mut self) -> Result<StepReport> {
+        let accumulation = self.config.gradient_accumulation_steps.max(1) as u64;
+        let mut loss_sum = 0.0f32;
+        for micro in 0..accumulation {
+            let mut rng = SeededRng::derived(self.config.seed, &format!("step/{}/{micro}", self.step));
+            if let Some(dropout) = &self.dropout {
+                dropout.start_step(self.config.seed, self.step, micro);
+            }
+            let batch = self.main.sampler.next_batch().ok_or_else(|| Error::Training { step: self.step, message: "the datasets ran out of batches".into() })?;
+            self.epoch = batch.epoch;
+            let is_class_batch = self.plan.datasets[self.main.datasets[batch.dataset]].is_regularisation_data;
+            let (latents, context) = self.batch_inputs(&batch, &self.main, &mut rng)?;
+            let parent = is_class_batch && self.config.regularisation_mode == RegularisationMode::ParentPrediction && self.config.model_type == ModelType::Lora;
+            let mut loss = self.batch_loss(latents, context, &mut rng, parent, !parent);
+            if self.prior.is_some() {
+                let prior = self.prior.as_mut().expect("checked");
+                let class_batch = prior.sampler.next_batch().ok_or_else(|| Error::Training { step: self.step, message: "the class datasets ran out of batches".into() })?;
+                let prior = self.prior.as_ref().expect("checked");
+                let (latents, context) = self.batch_inputs(&class_batch, prior, &mut rng)?;
+                // The prior term is never SNR-weighted (train_dreambooth.py).
+                loss = loss + self.batch_loss(latents, context, &mut rng, false, false) * self.config.prior_loss_weight;
+            }
+            let value = loss.clone().into_scalar::<f32>();
+            if !value.is_finite() {
+                return Err(Error::Training {
+                    step: self.step + 1,
+                    message: format!("the loss is {value}; the weights were not updated and the last checkpoint is intact. Lower the learning rate or check the data"),
+                });
+            }
+            loss_sum += value;
+            let grads = loss.backward();
+            self.optimizer.accumulate(&self.model.unet, grads, 1.0 / accumulation as f64);
+        }
+        let lr = self.lr_schedule.at(self.step);
+        let unet = self.model.unet.clone();
+        let (unet, grad_norm) = self.optimizer.step(unet, lr, &self.train_device)?;
+        self.model.unet = unet;
+        self.step += 1;
+        if let Some(dropout) = &self.dropout {
+            dropout.stop();
+        }
+        Ok(StepReport { step: self.step, epoch: self.epoch, loss: loss_sum / accumulation as f32, lr, grad_norm })
+    }
+
+    /// Records a step in `metrics.jsonl` and redraws `loss.png`.
+    pub fn record(&mut self, report: &StepReport, seconds: f64) -> Result<()> {
+        let entry = StepMetrics { step: report.step, epoch: report.epoch, loss: report.loss, lr: report.lr, grad_norm: report.grad_norm, time: seconds };
+        self.storage.append(&self.output_path("metrics.jsonl"), (serde_json::to_string(&entry).expect("serialises") + "\n").as_bytes())?;
+        self.metrics.push(entry);
+        Ok(())
+    }
+
+    pub fn write_loss_plot(&self) -> Result<String> {
+        let path = self.output_path("loss.png");
+        self.storage.write(&path, &metrics::png_bytes(&metrics::loss_plot(&self.metrics, 640, 360)))?;
+        Ok(path)
+    }
+
+    pub fn validation_due(&self) -> bool {
+        let every = self.config.validation_step_interval;
+        self.config.validation_prompt.is_some() && every > 0 && self.step % every == 0
+    }
+
+    pub fn checkpoint_due(&self) -> bool {
+        let every = self.config.checkpoint_step_interval;
+        every > 0 && self.step % every == 0
+    }
+
+    /// The validation image size: `validation_resolution` or the first bucket's size.
+    fn validation_size(&self) -> (usize, usize) {
+        let text = self.config.validation_resolution.trim();
+        let parsed = match text.split_once('x') {
+            Some((w, h)) => w.trim().parse().ok().zip(h.trim().parse().ok()),
+            None => text.parse::<f64>().ok().filter(|v| *v > 16.0).map(|v| (v as usize, v as usize)),
+        };
+        parsed.unwrap_or_else(|| {
+            let size = self.plan.datasets.iter().flat_map(|d| d.buckets.first()).next().map(|b| b.target_size);
+            size.map(|s| (s[0] as usize, s[1] as usize)).unwrap_or((512, 512))
+        })
+    }
+
+    /// Samples the validation prompt with the current weights and writes
+    /// `validation/step-<N>.png` (with its parameters). Returns the path and image.
+    pub fn validate(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Result<Option<(String, RgbImage)>> {
+        let Some(prompt) = self.config.validation_prompt.clone() else { return Ok(None) };
+        let (width, height) = self.validation_size();
+        let request = GenerateRequest {
+            prompt,
+            negative_prompt: self.config.validation_negative_prompt.clone(),
+            steps: self.config.validation_num_inference_steps.max(1) as usize,
+            guidance: self.config.validation_guidance,
+            sampler: SamplerKind::DpmPp2m,
+            seed: self.config.validation_seed.unwrap_or(self.config.seed),
+            width,
+            height,
+        };
+        let image = self.sample(&request, progress)?;
+        let parameters = a1111_parameters(&request, self.plan.model.as_deref().unwrap_or("model"), &[("Burnbooth step", self.step.to_string())]);
+        let path = self.output_path(&format!("validation/step-{:06}.png", self.step));
+        self.storage.write(&path, &png_with_parameters(&image, &parameters)?)?;
+        Ok(Some((path, image)))
+    }
+
+    /// Generates with the current weights (adapters on, dropout off).
+    pub fn sample(&mut self, request: &GenerateRequest, progress: &mut dyn FnMut(Progress<'_>)) -> Result<RgbImage> {
+        if let Some(dropout) = &self.dropout {
+            dropout.stop();
+        }
+        let inference = self.model.unet.valid();
+        let trained = std::mem::replace(&mut self.model.unet, inference);
+        let result = self.model.generate(request, None, &self.device, &mut |done, total| progress(Progress { phase: "sampling", done, total, computed: done }));
+        self.model.unet = trained;
+        to_rgb8(result?.image)
+    }
+
+    /// Saves a checkpoint (atomically) and prunes old ones.
+    pub fn save_checkpoint(&self) -> Result<String> {
+        let checkpoint = Checkpoint {
+            path: String::new(),
+            state: RunState {
+                step: self.step,
+                epoch: self.epoch,
+                sampler: self.main.sampler.state().clone(),
+                prior_sampler: self.prior.as_ref().map(|p| p.sampler.state().clone()),
+                model_type: format!("{:?}", self.config.model_type),
+                lora_rank: (self.config.model_type == ModelType::Lora).then_some(self.config.lora_rank),
+            },
+            trainable: checkpoint::trainable_tensors(&self.model.unet)?,
+            optimizer: self.optimizer.state()?,
+        };
+        checkpoint::save(self.storage, &self.config.output_dir, &checkpoint, self.config.checkpoints_total_limit, self.checkpoint_hook.as_ref())
+    }
+
+    /// Continues from a checkpoint (`latest` or a path): weights, moments,
+    /// step, sampler positions; metrics after that step are dropped.
+    pub fn resume(&mut self, which: &str) -> Result<String> {
+        let path = checkpoint::resolve(self.storage, &self.config.output_dir, which)?;
+        let saved = checkpoint::load(self.storage, &path)?;
+        let unet = self.model.unet.clone();
+        self.model.unet = checkpoint::restore_trainable(unet, &saved.trainable, &self.train_device, &path)?;
+        self.optimizer.load_state(&saved.optimizer, saved.state.step, &self.device)?;
+        let settings_main = build_samplers(&self.plan.datasets, &self.config);
+        self.main = settings_main.0;
+        self.prior = settings_main.1;
+        self.main.sampler = crate::data::sampler::Sampler::with_state(
+            self.main.sampler.datasets().to_vec(),
+            self.main.sampler.settings(),
+            saved.state.sampler.clone(),
+        );
+        if let (Some(prior), Some(state)) = (self.prior.as_mut(), saved.state.prior_sampler.clone()) {
+            prior.sampler = crate::data::sampler::Sampler::with_state(prior.sampler.datasets().to_vec(), prior.sampler.settings(), state);
+        }
+        self.step = saved.state.step;
+        self.epoch = saved.state.epoch;
+        let metrics_path = self.output_path("metrics.jsonl");
+        let kept = match self.storage.read(&metrics_path)? {
+            Some(bytes) => metrics::parse_jsonl(&String::from_utf8_lossy(&bytes), self.step),
+            None => Vec::new(),
+        };
+        self.storage.write(&metrics_path, metrics::to_jsonl(&kept).as_bytes())?;
+        self.metrics = kept;
+        Ok(path)
+    }
+
+    /// Writes the trained LoRA in kohya format; returns its path.
+    pub fn export_lora(&self, name: &str) -> Result<String> {
+        let c = &self.config;
+        let extra = BTreeMap::from([
+            ("ss_output_name".to_string(), name.to_string()),
+            ("ss_steps".to_string(), self.step.to_string()),
+            ("ss_epoch".to_string(), self.epoch.to_string()),
+            ("ss_learning_rate".to_string(), c.learning_rate.to_string()),
+            ("ss_lr_scheduler".to_string(), format!("{:?}", c.lr_scheduler).to_lowercase()),
+            ("ss_optimizer".to_string(), format!("{:?}", c.optimizer).to_lowercase()),
+            ("ss_seed".to_string(), c.seed.to_string()),
+            ("ss_training_comment".to_string(), "trained with Burnbooth".to_string()),
+            ("ss_sd_model_name".to_string(), self.plan.model.clone().unwrap_or_default()),
+            ("modelspec.title".to_string(), name.to_string()),
+            ("burnbooth.regularisation_mode".to_string(), format!("{:?}", c.regularisation_mode)),
+            ("burnbooth.lora_dropout".to_string(), c.lora_dropout.to_string()),
+        ]);
+        let bytes = export::kohya_file(&self.model, &extra)?;
+        let path = self.output_path(&format!("{name}.safetensors"));
+        self.storage.write(&path, &bytes)?;
+        Ok(path)
+    }
+}
+
+/// Casts trainable parameters (adamw_bf16 keeps them in bf16).
+struct CastTrainable<'a> {
+    dtype: burn::tensor::DType,
+    device: &'a Device,
+}
+
+impl ModuleMapper for CastTrainable<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if !param.val().is_require_grad() {
+            return param;
+        }
+        let (dtype, device) = (self.dtype, self.device);
+        param.map(|t| super::optimizer::trainable_on(t.without_autodiff().cast(dtype), device))
+    }
+}
+
+/// RGB pixels to a `[1, 3, H, W]` tensor in [-1, 1].
+pub fn image_tensor(image: &RgbImage, device: &Device) -> Tensor<4> {
+    let (width, height) = (image.width() as usize, image.height() as usize);
+    let plane = width * height;
+    let mut values = vec![0f32; 3 * plane];
+    for (i, pixel) in image.pixels().enumerate() {
+        for c in 0..3 {
+            values[c * plane + i] = pixel[c] as f32 / 127.5 - 1.0;
+        }
+    }
+    Tensor::from_data(TensorData::new(values, [1, 3, height, width]), device)
+}

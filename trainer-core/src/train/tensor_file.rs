@@ -1,0 +1,73 @@
+//! Small safetensors files of f32 tensors: caches, checkpoints, exports.
+
+use std::collections::{BTreeMap, HashMap};
+
+use burn::tensor::{Tensor, TensorData};
+use safetensors::tensor::{Dtype, TensorView};
+
+use crate::error::{Error, Result};
+use crate::models::safetensors_file::SafetensorsFile;
+
+/// A named f32 tensor on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+impl HostTensor {
+    pub fn from_tensor<const D: usize>(tensor: Tensor<D>) -> Result<Self> {
+        let shape = tensor.dims().to_vec();
+        let values = tensor
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .map_err(|e| Error::Io { path: "tensor".into(), message: format!("{e:?}") })?;
+        Ok(Self { shape, values })
+    }
+
+    pub fn to_tensor<const D: usize>(&self, device: &burn::tensor::Device) -> Result<Tensor<D>> {
+        let shape: [usize; D] = self.shape.clone().try_into().map_err(|_| Error::Io {
+            path: "tensor".into(),
+            message: format!("expected a {D}-dimensional tensor, found shape {:?}", self.shape),
+        })?;
+        Ok(Tensor::from_data(TensorData::new(self.values.clone(), shape), device))
+    }
+}
+
+/// Serialises tensors (f32) with string metadata.
+pub fn write(tensors: &BTreeMap<String, HostTensor>, metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(name, t)| (name.clone(), t.values.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape.clone()))
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(name, data, shape)| {
+            TensorView::new(Dtype::F32, shape.clone(), data).map(|view| (name.clone(), view)).map_err(|e| Error::Io {
+                path: name.clone(),
+                message: e.to_string(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let info: HashMap<String, String> = metadata.clone().into_iter().collect();
+    safetensors::serialize(views, Some(info)).map_err(|e| Error::Io { path: "safetensors".into(), message: e.to_string() })
+}
+
+/// Reads every tensor of a safetensors file as f32.
+pub fn read(path: &str, bytes: Vec<u8>) -> Result<BTreeMap<String, HostTensor>> {
+    let file = SafetensorsFile::from_bytes(path, bytes)?;
+    let mut tensors = BTreeMap::new();
+    let names: Vec<String> = file.names().map(str::to_string).collect();
+    for name in names {
+        let shape = file.info(&name).expect("listed").shape.clone();
+        let values = file.to_f32(&name)?;
+        tensors.insert(name, HostTensor { shape, values });
+    }
+    Ok(tensors)
+}
+
+/// The metadata of a safetensors file's header.
+pub fn read_metadata(path: &str, bytes: &[u8]) -> Result<BTreeMap<String, String>> {
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Io { path: path.into(), message: e.to_string() })?;
+    Ok(metadata.metadata().clone().map(|m| m.into_iter().collect()).unwrap_or_default())
+}

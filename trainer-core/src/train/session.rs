@@ -23,7 +23,7 @@ use crate::data::source::ImageSource;
 use crate::error::{Error, Result};
 use crate::models::lora::{DropoutSource, LoraTargets};
 use crate::models::StableDiffusion;
-use crate::pipeline::{a1111_parameters, gaussian_noise, png_with_parameters, to_rgb8, GenerateRequest};
+use crate::pipeline::{a1111_parameters, gaussian_noise, png_with_parameters, to_rgb8, GenerateRequest, Generated};
 use crate::plan::{build_samplers, Plan, PlannedSampler};
 use crate::rng::SeededRng;
 use crate::schedule::LearningRateSchedule;
@@ -448,7 +448,7 @@ impl<'a> Session<'a> {
     }
 
     /// Generates with the current weights (adapters on, dropout off).
-    pub fn sample(&mut self, request: &GenerateRequest, progress: &mut dyn FnMut(Progress<'_>)) -> Result<RgbImage> {
+    pub fn generate(&mut self, request: &GenerateRequest, progress: &mut dyn FnMut(Progress<'_>)) -> Result<Generated> {
         if let Some(dropout) = &self.dropout {
             dropout.stop();
         }
@@ -456,7 +456,11 @@ impl<'a> Session<'a> {
         let trained = std::mem::replace(&mut self.model.unet, inference);
         let result = self.model.generate(request, None, &self.device, &mut |done, total| progress(Progress { phase: "sampling", done, total, computed: done }));
         self.model.unet = trained;
-        to_rgb8(result?.image)
+        result
+    }
+
+    pub fn sample(&mut self, request: &GenerateRequest, progress: &mut dyn FnMut(Progress<'_>)) -> Result<RgbImage> {
+        to_rgb8(self.generate(request, progress)?.image)
     }
 
     /// Saves a checkpoint (atomically) and prunes old ones.

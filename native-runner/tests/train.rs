@@ -1,0 +1,206 @@
+//! `native-runner train` and `sample --lora` as a user runs them, on the
+//! tiny fixture model and the example images (resized to 32 px to keep the
+//! runs short): outputs, kohya export, resume and kill -9 mid-checkpoint.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn runner(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_native-runner")).args(args).current_dir(dir).output().unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("burnbooth-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A run folder with config.env and dataloader.json over the example images.
+fn run_folder(name: &str, extra_env: &str) -> PathBuf {
+    let dir = scratch(name);
+    let examples = repo().join("examples/dreambooth");
+    let model = repo().join("trainer-core/tests/fixtures/models/sd1/diffusers");
+    let env = format!(
+        "MODEL_FAMILY=sd1x\nMODEL_TYPE=lora\nMODEL_NAME={}\nOUTPUT_DIR=output\nDATALOADER_CONFIG=dataloader.json\n\
+         TRAINING_SEED=3\nTRAIN_BATCH_SIZE=1\nLEARNING_RATE=1e-3\nOPTIMIZER=adamw\nLR_SCHEDULE=constant\nLORA_RANK=4\nLORA_ALPHA=2\n\
+         VALIDATION_PROMPT=\"a photograph of zwxrobot\"\nVALIDATION_NUM_INFERENCE_STEPS=3\nVALIDATION_RESOLUTION=32\n\
+         REGULARISATION_MODE=prior_preservation\n{extra_env}",
+        model.display()
+    );
+    std::fs::write(dir.join("config.env"), env).unwrap();
+    let dataloader = format!(
+        r#"[
+  {{"id": "subject", "type": "local", "instance_data_dir": "{}", "caption_strategy": "instanceprompt", "instance_prompt": "zwxrobot",
+    "resolution": 32, "resolution_type": "pixel", "minimum_image_size": 32, "crop": true, "crop_aspect": "square", "cache_dir_vae": "cache/vae/subject"}},
+  {{"id": "class", "type": "local", "instance_data_dir": "{}", "caption_strategy": "instanceprompt", "instance_prompt": "a picture of a toy",
+    "resolution": 32, "resolution_type": "pixel", "minimum_image_size": 32, "crop": true, "crop_aspect": "square", "repeats": 10,
+    "ignore_epochs": true, "is_regularisation_data": true, "cache_dir_vae": "cache/vae/class"}},
+  {{"id": "text", "type": "local", "dataset_type": "text_embeds", "default": true, "cache_dir": "cache/text"}}
+]"#,
+        examples.join("subject").display(),
+        examples.join("regularisation").display()
+    );
+    std::fs::write(dir.join("dataloader.json"), dataloader).unwrap();
+    dir
+}
+
+fn losses(dir: &Path) -> Vec<(u64, f32)> {
+    let text = std::fs::read_to_string(dir.join("output/metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            (value["step"].as_u64().unwrap(), value["loss"].as_f64().unwrap() as f32)
+        })
+        .collect()
+}
+
+fn png_text(path: &Path) -> String {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let reader = decoder.read_info().unwrap();
+    reader.info().uncompressed_latin1_text.iter().find(|t| t.keyword == "parameters").map(|t| t.text.clone()).unwrap_or_default()
+}
+
+fn count_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map(|entries| entries.count()).unwrap_or(0)
+}
+
+#[test]
+fn train_writes_every_output_and_resume_reproduces_the_losses() {
+    let dir = run_folder("full", "MAX_NUM_STEPS=6\nCHECKPOINTING_STEPS=3\nVALIDATION_STEPS=3\n");
+    let output = runner(&["train", "--config", "config.env", "--device", "cpu"], &dir);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let out = dir.join("output");
+
+    // Metrics, plot, validation images with their parameters, caches.
+    let first = losses(&dir);
+    assert_eq!(first.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
+    assert!(first.iter().all(|(_, l)| l.is_finite() && *l > 0.0));
+    assert!(image::open(out.join("loss.png")).unwrap().width() > 100);
+    for step in [3, 6] {
+        let png = out.join(format!("validation/step-{step:06}.png"));
+        let parameters = png_text(&png);
+        assert!(parameters.starts_with("a photograph of zwxrobot"), "{parameters}");
+        assert!(parameters.contains(&format!("Burnbooth step: {step}")), "{parameters}");
+    }
+    assert_eq!(count_files(&dir.join("cache/vae/subject")), 6);
+    assert_eq!(count_files(&dir.join("cache/vae/class")), 10);
+    // The two captions, and the empty one for caption dropout.
+    assert_eq!(count_files(&dir.join("cache/text")), 3);
+    // Nothing was written next to the dataset images.
+    assert_eq!(count_files(&repo().join("examples/dreambooth/subject")), 6);
+
+    // The kohya LoRA: names, shapes, alpha, metadata.
+    let bytes = std::fs::read(out.join("burnbooth-lora.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    assert_eq!(file.tensor(&format!("{name}.lora_down.weight")).unwrap().shape(), [4, 8]);
+    assert_eq!(file.tensor(&format!("{name}.lora_up.weight")).unwrap().shape(), [8, 4]);
+    let alpha = file.tensor(&format!("{name}.alpha")).unwrap();
+    assert_eq!(alpha.shape(), [] as [usize; 0]);
+    assert_eq!(f32::from_le_bytes(alpha.data().try_into().unwrap()), 2.0);
+    // 3 transformers x 2 attentions x 4 projections (fixture: 2 down, 1 mid, 2x... levels).
+    assert!(file.names().iter().all(|n| n.starts_with("lora_unet_") && (n.ends_with(".lora_down.weight") || n.ends_with(".lora_up.weight") || n.ends_with(".alpha"))));
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let metadata = metadata.metadata().clone().unwrap();
+    assert_eq!(metadata["ss_network_dim"], "4");
+    assert_eq!(metadata["ss_network_alpha"], "2.0");
+    assert_eq!(metadata["modelspec.architecture"], "stable-diffusion-v1/lora");
+
+    // Checkpoints: the step-3 one, continued elsewhere, gives the same steps 4-6.
+    let checkpoint = out.join("checkpoints/checkpoint-00000003");
+    assert!(checkpoint.join("state.json").exists());
+    let again = run_folder("resumed", "MAX_NUM_STEPS=6\nCHECKPOINTING_STEPS=3\nVALIDATION_STEPS=0\n");
+    let target = again.join("output/checkpoints/checkpoint-00000003");
+    std::fs::create_dir_all(&target).unwrap();
+    for file in ["state.json", "trainable.safetensors", "optimizer.safetensors"] {
+        std::fs::copy(checkpoint.join(file), target.join(file)).unwrap();
+    }
+    std::fs::write(again.join("output/metrics.jsonl"), std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().take(3).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let output = runner(&["train", "--config", "config.env", "--device", "cpu", "--resume", "latest"], &again);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains("resumed from"), "{}", stderr(&output));
+    assert_eq!(losses(&again), first, "a resumed run must reproduce the uninterrupted run's losses exactly");
+
+    // The exported LoRA loads back in `sample --lora` and changes the image;
+    // strength 0 gives the base model's image.
+    let model = repo().join("trainer-core/tests/fixtures/models/sd1/diffusers");
+    let lora = out.join("burnbooth-lora.safetensors");
+    let sample = |extra: &[&str], name: &str| -> Vec<u8> {
+        let path = dir.join(name);
+        let mut args = vec!["sample", "--model", model.to_str().unwrap(), "--prompt", "a photograph of zwxrobot", "--steps", "4", "--seed", "5", "--device", "cpu", "--width", "32", "--height", "32", "--out", path.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let output = runner(&args, &dir);
+        assert!(output.status.success(), "{}", stderr(&output));
+        image::open(path).unwrap().to_rgb8().into_raw()
+    };
+    let base = sample(&[], "base.png");
+    let lora_arg = lora.to_str().unwrap().to_string();
+    let with_lora = sample(&["--lora", &lora_arg], "lora.png");
+    let zero = format!("{lora_arg}:0");
+    let with_zero = sample(&["--lora", &zero], "zero.png");
+    assert_ne!(base, with_lora, "the trained LoRA must change the image");
+    assert_eq!(base, with_zero, "a LoRA at strength 0 leaves the model unchanged");
+    assert!(png_text(&dir.join("lora.png")).contains("<lora:burnbooth-lora:1>"));
+}
+
+#[test]
+fn a_lora_for_another_model_is_refused_with_the_layer_named() {
+    let dir = scratch("badlora");
+    let mut tensors = std::collections::BTreeMap::new();
+    let down = vec![0u8; 4 * 4 * 999];
+    let up = vec![0u8; 4 * 4 * 8];
+    tensors.insert("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight".to_string(), (vec![4usize, 999], down));
+    tensors.insert("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight".to_string(), (vec![8, 4], up));
+    let views: Vec<(String, safetensors::tensor::TensorView)> =
+        tensors.iter().map(|(n, (s, d))| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())).collect();
+    std::fs::write(dir.join("bad.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    let model = repo().join("trainer-core/tests/fixtures/models/sd1/diffusers");
+    let output = runner(
+        &["sample", "--model", model.to_str().unwrap(), "--prompt", "x", "--steps", "1", "--device", "cpu", "--out", "x.png", "--lora", "bad.safetensors"],
+        &dir,
+    );
+    assert!(!output.status.success());
+    let text = stderr(&output);
+    assert!(text.contains("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q") && text.contains("999"), "{text}");
+}
+
+#[test]
+fn kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_usable() {
+    let dir = run_folder("kill", "MAX_NUM_STEPS=6\nCHECKPOINTING_STEPS=2\nVALIDATION_STEPS=0\n");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_native-runner"))
+        .args(["train", "--config", "config.env", "--device", "cpu"])
+        .current_dir(&dir)
+        .env("BURNBOOTH_TEST_CHECKPOINT_PAUSE_MS", "1500")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the step-4 checkpoint is being written (step 2's is complete by then).
+    let partial = dir.join("output/checkpoints/checkpoint-00000004.partial");
+    let started = Instant::now();
+    while !partial.join("trainable.safetensors").exists() {
+        assert!(started.elapsed() < Duration::from_secs(300), "no checkpoint write seen");
+        assert!(child.try_wait().unwrap().is_none(), "training ended before the checkpoint write");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!dir.join("output/checkpoints/checkpoint-00000004").exists(), "a half-written checkpoint must not look complete");
+    assert!(dir.join("output/checkpoints/checkpoint-00000002/state.json").exists());
+
+    let output = runner(&["train", "--config", "config.env", "--device", "cpu", "--resume", "latest"], &dir);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains("checkpoint-00000002 at step 2"), "{}", stderr(&output));
+    assert_eq!(losses(&dir).iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
+    assert!(!partial.exists(), "leftovers of the interrupted write are cleaned up");
+}

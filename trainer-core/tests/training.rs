@@ -1,0 +1,196 @@
+//! Training on the tiny SD1 fixture, in memory: Dreambooth has the intended
+//! effect, resume reproduces the run exactly, caches are reused, exported
+//! LoRAs merge back to the same model, and bad losses stop training.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use burn::tensor::Device;
+use common::*;
+use image::{ImageFormat, Rgb, RgbImage};
+use trainer_core::config::training::TrainingConfig;
+use trainer_core::data::source::{ImageSource, MemorySource};
+use trainer_core::models::{DiskFolder, StableDiffusion};
+use trainer_core::pipeline::GenerateRequest;
+use trainer_core::plan::{plan, PlanTarget};
+use trainer_core::schedulers::SamplerKind;
+use trainer_core::train::session::{image_tensor, Session, SessionOptions};
+use trainer_core::train::cache::CachedLatents;
+use trainer_core::train::storage::MemoryStorage;
+use trainer_core::train::tensor_file::HostTensor;
+
+fn fixture_model(device: &Device) -> StableDiffusion {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/sd1/diffusers");
+    StableDiffusion::from_folder(&DiskFolder { root }, device).unwrap()
+}
+
+fn encode_png(image: &RgbImage) -> Vec<u8> {
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut bytes, ImageFormat::Png).unwrap();
+    bytes.into_inner()
+}
+
+/// The subject: a distinctive red/white checkerboard.
+fn subject_image() -> RgbImage {
+    RgbImage::from_fn(32, 32, |x, y| if (x / 8 + y / 8) % 2 == 0 { Rgb([220, 30, 30]) } else { Rgb([250, 250, 250]) })
+}
+
+/// Class images: smooth gradients in other colours.
+fn class_image(i: u32) -> RgbImage {
+    RgbImage::from_fn(32, 32, |x, y| Rgb([(x * 8) as u8, (40 + i * 30) as u8, (y * 8) as u8]))
+}
+
+const BASE_ENV: &str = "MODEL_FAMILY=sd1x
+DATALOADER_CONFIG=dataloader.json
+MODEL_TYPE=lora
+TRAINING_SEED=1
+TRAIN_BATCH_SIZE=1
+LEARNING_RATE=3e-3
+OPTIMIZER=adamw
+LR_SCHEDULE=constant
+LORA_RANK=4
+LORA_ALPHA=4
+VALIDATION_STEPS=0
+OUTPUT_DIR=/out
+";
+
+struct Setup {
+    training: TrainingConfig,
+    sources: BTreeMap<String, MemorySource>,
+    json: String,
+}
+
+fn setup(extra_env: &str, with_class: bool) -> Setup {
+    let training = training(&format!("{BASE_ENV}{extra_env}"));
+    let subject = source_with(&[("a.png", encode_png(&subject_image())), ("b.png", encode_png(&subject_image()))]);
+    let class = source_with(&(0..4).map(|i| (["c0.png", "c1.png", "c2.png", "c3.png"][i as usize], encode_png(&class_image(i)))).collect::<Vec<_>>());
+    let mut datasets = vec![r#"{"id": "subject", "type": "local", "instance_data_dir": "subject", "caption_strategy": "instanceprompt",
+        "instance_prompt": "a photo of zwx toy", "resolution": 32, "resolution_type": "pixel", "minimum_image_size": 32,
+        "cache_dir_vae": "/cache/vae/subject"}"#
+        .to_string()];
+    if with_class {
+        datasets.push(
+            r#"{"id": "class", "type": "local", "instance_data_dir": "class", "caption_strategy": "instanceprompt",
+            "instance_prompt": "a photo of a toy", "resolution": 32, "resolution_type": "pixel", "minimum_image_size": 32,
+            "is_regularisation_data": true, "repeats": 10, "ignore_epochs": true, "cache_dir_vae": "/cache/vae/class"}"#
+                .to_string(),
+        );
+    }
+    datasets.push(r#"{"id": "text", "type": "local", "dataset_type": "text_embeds", "default": true, "cache_dir": "/cache/text"}"#.to_string());
+    let sources = BTreeMap::from([("subject".to_string(), subject), ("class".to_string(), class)]);
+    Setup { training, sources, json: format!("[{}]", datasets.join(",")) }
+}
+
+fn session<'a>(setup: &Setup, storage: &'a MemoryStorage, device: &Device, has_bf16: bool) -> Session<'a> {
+    let dataloader = dataloader(&setup.json, &setup.training).unwrap();
+    let open = |d: &trainer_core::config::dataset::ImageDatasetConfig| -> trainer_core::Result<Box<dyn ImageSource>> {
+        Ok(Box::new(setup.sources[&d.id].clone()))
+    };
+    let planned = plan(&setup.training, &dataloader, &open, PlanTarget { has_bf16 }, &mut |_| {}).unwrap();
+    let sources: Vec<Box<dyn ImageSource>> = planned.datasets.iter().map(|d| Box::new(setup.sources[&d.id].clone()) as Box<dyn ImageSource>).collect();
+    let mut session = Session::new(setup.training.clone(), planned, fixture_model(device), sources, storage, device.clone(), SessionOptions::default()).unwrap();
+    session.prepare_caches(&mut |_| {}).unwrap();
+    session
+}
+
+fn request(prompt: &str) -> GenerateRequest {
+    GenerateRequest {
+        prompt: prompt.into(),
+        negative_prompt: String::new(),
+        steps: 8,
+        guidance: 1.0,
+        sampler: SamplerKind::Ddim,
+        seed: 7,
+        width: 32,
+        height: 32,
+    }
+}
+
+fn latents(session: &mut Session<'_>, prompt: &str) -> Vec<f32> {
+    let generated = session.generate(&request(prompt), &mut |_| {}).unwrap();
+    generated.latents.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+}
+
+fn mean_squared(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len() as f64
+}
+
+/// Classic Dreambooth regularises with class images the base model itself
+/// generated. The fixture's VAE has random weights, so decoding and
+/// re-encoding would not give back the model's latents; the class cache
+/// entries get the base model's class-prompt samples directly instead.
+fn use_base_model_samples_as_class_latents(session: &mut Session<'_>, storage: &MemoryStorage) {
+    let scaling = session.model.configs.vae.scaling_factor as f32;
+    let entries: Vec<String> = storage.paths().into_iter().filter(|p| p.starts_with("/cache/vae/class/")).collect();
+    assert_eq!(entries.len(), 4);
+    for (seed, path) in entries.iter().enumerate() {
+        let mut request = request("a photo of a toy");
+        request.seed = 100 + seed as u64;
+        let generated = session.generate(&request, &mut |_| {}).unwrap();
+        let mut mean = HostTensor::from_tensor(generated.latents / scaling as f64).unwrap();
+        mean.shape.remove(0);
+        let logvar = HostTensor { shape: mean.shape.clone(), values: vec![-30.0; mean.values.len()] };
+        CachedLatents { mean, logvar }.write(storage, path, "base model sample").unwrap();
+    }
+}
+
+fn train(session: &mut Session<'_>, steps: u64) -> Vec<f32> {
+    (0..steps).map(|_| session.train_step().unwrap().loss).collect()
+}
+
+#[test]
+fn dreambooth_pulls_the_instance_prompt_to_the_subject_and_parent_prediction_limits_class_drift() {
+    let device = Device::flex();
+    let steps = 80;
+    let env = format!("MAX_NUM_STEPS={steps}\nLORA_DROPOUT=0\nLEARNING_RATE=1e-2\n");
+
+    // The subject's latents, as the training sees them.
+    let model = fixture_model(&device);
+    let subject = model.vae.encode(image_tensor(&subject_image(), &device)).mean * model.configs.vae.scaling_factor;
+    let subject: Vec<f32> = subject.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+
+    // Without class data.
+    let storage = MemoryStorage::default();
+    let plain = setup(&format!("{env}REGULARISATION_MODE=mixed\n"), false);
+    let mut run = session(&plain, &storage, &device, false);
+    let instance_before = latents(&mut run, "a photo of zwx toy");
+    let class_before = latents(&mut run, "a photo of a toy");
+    train(&mut run, steps);
+    let instance_after = latents(&mut run, "a photo of zwx toy");
+    let class_drift_without_prior = mean_squared(&latents(&mut run, "a photo of a toy"), &class_before);
+
+    let before = mean_squared(&instance_before, &subject);
+    let after = mean_squared(&instance_after, &subject);
+    assert!(after < before * 0.9, "instance samples should move toward the subject: distance {before:.4} -> {after:.4}");
+
+    // Classic prior preservation: instance and class loss in every step.
+    let storage = MemoryStorage::default();
+    let prior = setup(&format!("{env}REGULARISATION_MODE=prior_preservation\n"), true);
+    let mut run = session(&prior, &storage, &device, false);
+    assert_eq!(latents(&mut run, "a photo of a toy"), class_before, "the same base model samples the same");
+    use_base_model_samples_as_class_latents(&mut run, &storage);
+    let losses = train(&mut run, steps);
+    assert!(losses.iter().all(|l| l.is_finite()));
+    let instance_after_prior = mean_squared(&latents(&mut run, "a photo of zwx toy"), &subject);
+    assert!(instance_after_prior < before * 0.95, "prior preservation still learns the subject: {before:.4} -> {instance_after_prior:.4}");
+    let class_drift_with_prior = mean_squared(&latents(&mut run, "a photo of a toy"), &class_before);
+
+    // Parent prediction: class batches learn the base model's own prediction.
+    let storage = MemoryStorage::default();
+    let parent = setup(&format!("{env}REGULARISATION_MODE=parent_prediction\n"), true);
+    let mut run = session(&parent, &storage, &device, false);
+    train(&mut run, steps);
+    let instance_after_parent = mean_squared(&latents(&mut run, "a photo of zwx toy"), &subject);
+    let class_drift_with_parent = mean_squared(&latents(&mut run, "a photo of a toy"), &class_before);
+    assert!(instance_after_parent < before, "parent prediction still moves toward the subject: {before:.4} -> {instance_after_parent:.4}");
+    assert!(
+        class_drift_with_parent < class_drift_without_prior * 0.5,
+        "the class prompt should stay closer to the base model with parent prediction: drift {class_drift_with_parent:.5} vs {class_drift_without_prior:.5} without"
+    );
+    eprintln!(
+        "instance distance {before:.4} -> {after:.4} (plain), {instance_after_prior:.4} (prior), {instance_after_parent:.4} (parent); \
+         class drift {class_drift_without_prior:.5} (plain), {class_drift_with_prior:.5} (prior), {class_drift_with_parent:.5} (parent)"
+    );
+}

@@ -204,3 +204,21 @@ fn kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_usable() {
     assert_eq!(losses(&dir).iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
     assert!(!partial.exists(), "leftovers of the interrupted write are cleaned up");
 }
+
+#[test]
+fn the_guide_configuration_trains_unchanged_apart_from_paths() {
+    // examples/dreambooth/config.env is the guide's setup (adamw-bf16, polynomial
+    // decay to LEARNING_RATE_END, both step and epoch limits); only the model
+    // and the step count come from the command line.
+    let out = scratch("guide");
+    let model = repo().join("trainer-core/tests/fixtures/models/sd1/diffusers");
+    let output = runner(
+        &["train", "--config", "examples/dreambooth/config.env", "--model", model.to_str().unwrap(), "--max-steps", "2", "--device", "cpu", "--output-dir", out.to_str().unwrap()],
+        &repo(),
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stderr(&output);
+    assert!(text.contains("bf16 weights and state"), "adamw-bf16 runs with bf16 state on the CPU backend: {text}");
+    assert!(out.join("burnbooth-lora.safetensors").exists());
+    assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2);
+}

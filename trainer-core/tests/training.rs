@@ -7,6 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use burn::module::Module;
 use burn::tensor::Device;
 use common::*;
 use image::{ImageFormat, Rgb, RgbImage};
@@ -18,7 +19,7 @@ use trainer_core::plan::{plan, PlanTarget};
 use trainer_core::schedulers::SamplerKind;
 use trainer_core::train::session::{image_tensor, Session, SessionOptions};
 use trainer_core::train::cache::CachedLatents;
-use trainer_core::train::storage::MemoryStorage;
+use trainer_core::train::storage::{MemoryStorage, Storage};
 use trainer_core::train::tensor_file::HostTensor;
 
 fn fixture_model(device: &Device) -> StableDiffusion {
@@ -193,4 +194,87 @@ fn dreambooth_pulls_the_instance_prompt_to_the_subject_and_parent_prediction_lim
         "instance distance {before:.4} -> {after:.4} (plain), {instance_after_prior:.4} (prior), {instance_after_parent:.4} (parent); \
          class drift {class_drift_without_prior:.5} (plain), {class_drift_with_prior:.5} (prior), {class_drift_with_parent:.5} (parent)"
     );
+}
+
+#[test]
+fn exported_kohya_lora_merges_back_to_the_same_unet_output() {
+    let device = Device::flex();
+    let storage = MemoryStorage::default();
+    let setup = setup("MAX_NUM_STEPS=4\n", false);
+    let mut run = session(&setup, &storage, &device, false);
+    train(&mut run, 4);
+    let path = run.export_lora("test-lora").unwrap();
+    let bytes = storage.read(&path).unwrap().unwrap();
+
+    // The trained adapters, on a fixed input.
+    let sample = trainer_core::pipeline::gaussian_noise([1, 4, 16, 16], &mut trainer_core::rng::SeededRng::new(9), &device);
+    let context = run.model.encode_prompts(&["a photo of zwx toy"], &device).unwrap();
+    let adapted = run.model.unet.valid().forward(sample.clone(), &[500.0], context.clone());
+    let base = fixture_model(&device).unet.forward(sample.clone(), &[500.0], context.clone());
+
+    // A fresh model with the file merged in.
+    let mut merged = fixture_model(&device);
+    let layers = trainer_core::train::export::merge_kohya(&mut merged, &path, bytes, 1.0, &device).unwrap();
+    assert_eq!(layers, run.model.unet.adapted_layers().len());
+    let from_file = merged.unet.forward(sample, &[500.0], context);
+
+    let values = |t: burn::tensor::Tensor<4>| t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+    let (adapted, base, from_file) = (values(adapted), values(base), values(from_file));
+    let relative = |a: &[f32], b: &[f32]| (mean_squared(a, b) / mean_squared(b, &vec![0.0; b.len()])).sqrt();
+    assert!(relative(&adapted, &base) > 1e-4, "training must have changed the UNet");
+    // Relative L2 error; the file stores f32, merging only reorders float sums.
+    assert!(relative(&from_file, &adapted) < 1e-5, "merged output differs: {:.2e}", relative(&from_file, &adapted));
+}
+
+#[test]
+fn caches_are_reused_and_invalidated_by_geometry() {
+    let device = Device::flex();
+    let storage = MemoryStorage::default();
+    let first = setup("MAX_NUM_STEPS=1\n", true);
+    let mut computed = Vec::new();
+    let mut run = session(&first, &storage, &device, false);
+    run.prepare_caches(&mut |p| computed.push((p.phase.to_string(), p.computed))).unwrap();
+    let last = |phase: &str, list: &[(String, usize)]| list.iter().rev().find(|(p, _)| p == phase).map(|(_, c)| *c).unwrap();
+    assert_eq!(last("latents", &computed), 0, "a second pass finds every latent cached");
+    assert_eq!(last("text embeddings", &computed), 0);
+    let entries = storage.paths().len();
+
+    // A new resolution changes every image's geometry: new latents, same text.
+    let mut second = setup("MAX_NUM_STEPS=1\n", true);
+    second.json = second.json.replace("\"resolution\": 32", "\"resolution\": 128").replace("\"minimum_image_size\": 32", "\"minimum_image_size\": 16");
+    let mut run = session(&second, &storage, &device, false);
+    computed.clear();
+    run.prepare_caches(&mut |p| computed.push((p.phase.to_string(), p.computed))).unwrap();
+    // The two subject files have the same pixels, so they share one entry.
+    assert_eq!(storage.paths().len(), entries + 5, "one subject and four class entries at the new size");
+}
+
+#[test]
+fn a_diverging_loss_stops_training_with_a_message() {
+    let device = Device::flex();
+    let storage = MemoryStorage::default();
+    let setup = setup("MAX_NUM_STEPS=50\nLEARNING_RATE=1e30\nMAX_GRAD_NORM=0\n", false);
+    let mut run = session(&setup, &storage, &device, false);
+    let error = (0..50).find_map(|_| run.train_step().err()).expect("a learning rate of 1e30 must blow up");
+    let text = error.to_string();
+    assert!(text.contains("the loss is") && text.contains("weights were not updated"), "{text}");
+}
+
+#[test]
+fn adamw_bf16_keeps_weights_in_bf16_and_resumes_exactly() {
+    let device = Device::flex();
+    let storage = MemoryStorage::default();
+    let setup = setup("MAX_NUM_STEPS=6\nOPTIMIZER=adamw_bf16\nLORA_DROPOUT=0.1\n", true);
+    let mut run = session(&setup, &storage, &device, true);
+    let first = train(&mut run, 3);
+    let layer = run.model.unet.adapted_layers()[0];
+    assert_eq!(layer.lora.as_ref().unwrap().down.val().dtype(), burn::tensor::DType::BF16);
+    run.save_checkpoint().unwrap();
+    let rest = train(&mut run, 3);
+
+    let mut resumed = session(&setup, &storage, &device, true);
+    resumed.resume("latest").unwrap();
+    assert_eq!(resumed.step, 3);
+    assert_eq!(train(&mut resumed, 3), rest, "steps 4-6 after resuming equal the uninterrupted run");
+    assert_eq!(first.len(), 3);
 }

@@ -58,7 +58,11 @@ impl LoraAdapter {
             Some(dropout) => dropout.apply(x),
             None => x,
         };
-        linear(linear(x, self.down.val(), None), self.up.val(), None) * self.scale()
+        // bf16 adapters (adamw_bf16) compute in the activations' dtype.
+        let dtype = x.dtype();
+        let (down, up) = (self.down.val(), self.up.val());
+        let (down, up) = if down.dtype() == dtype { (down, up) } else { (down.cast(dtype), up.cast(dtype)) };
+        linear(linear(x, down, None), up, None) * self.scale()
     }
 }
 

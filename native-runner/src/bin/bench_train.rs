@@ -1,0 +1,111 @@
+//! Benchmark (not a test): one LoRA training step (forward, backward, AdamW)
+//! of the mid-size SD1-style UNet of shared/spec/bench.md (latents
+//! [1, 4, 32, 32], context [1, 77, 256], LoRA rank 4 / alpha 4 on to_q, to_k,
+//! to_v, to_out.0, AdamW lr 1e-4), with random weights, through the same
+//! LoRA, loss and optimizer code as `train`. Reports the median step time
+//! and the process's peak resident memory. `--with-torch` runs
+//! scripts/bench_train_torch.py (diffusers + peft) on the same config.
+//!
+//! cargo run --release -p native-runner --bin bench-train -- [--steps 5] [--device cpu,cpu-gpu,gpu] [--with-torch]
+
+use std::time::Instant;
+
+use burn::tensor::{Device, DeviceKind, Tensor};
+use trainer_core::models::config::UNetConfig;
+use trainer_core::models::loader::Loader;
+use trainer_core::models::lora::LoraTargets;
+use trainer_core::models::unet::UNet2DConditionModel;
+use trainer_core::pipeline::gaussian_noise;
+use trainer_core::rng::SeededRng;
+use trainer_core::train::optimizer::{frozen_on, AdamW, AdamWSettings};
+
+const CONFIG: &str = r#"{"block_out_channels":[64,128,256,256],"down_block_types":["CrossAttnDownBlock2D","CrossAttnDownBlock2D","CrossAttnDownBlock2D","DownBlock2D"],"up_block_types":["UpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D"],"layers_per_block":2,"attention_head_dim":8,"cross_attention_dim":256,"norm_num_groups":32}"#;
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Peak resident set size of this process (Linux), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn bench(name: &str, device: Device, steps: usize) {
+    let config: UNetConfig = serde_json::from_str(CONFIG).expect("valid config");
+    let train_device = device.clone().autodiff();
+    let mut loader = Loader::random(1, train_device.clone());
+    let mut unet = UNet2DConditionModel::load(&config, &mut loader);
+    unet = burn::module::Module::no_grad(unet);
+    let targets = LoraTargets::attention();
+    let mut lora_parameters = 0;
+    for layer in unet.lora_layers_mut() {
+        if targets.matches(&layer.path) {
+            layer.attach(4, 4.0, 1, None, &train_device);
+            let [d_in, d_out] = layer.dims();
+            lora_parameters += 4 * (d_in + d_out);
+        }
+    }
+    let mut optimizer = AdamW::new(AdamWSettings { beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weight_decay: 1e-2, max_grad_norm: 1.0, bf16: false });
+    let mut rng = SeededRng::new(2);
+    let latents = frozen_on(gaussian_noise([1, 4, 32, 32], &mut rng, &device), &train_device);
+    let context: Tensor<3> = frozen_on(gaussian_noise([1, 77, 256, 1], &mut rng, &device).reshape([1, 77, 256]), &train_device);
+    let target = frozen_on(gaussian_noise([1, 4, 32, 32], &mut rng, &device), &train_device);
+    let mut times = Vec::new();
+    let mut first = 0.0;
+    for step in 0..=steps {
+        let start = Instant::now();
+        let prediction = unet.forward(latents.clone(), &[500.0], context.clone());
+        let loss = (prediction - target.clone()).square().mean();
+        let grads = loss.backward();
+        optimizer.accumulate(&unet, grads, 1.0);
+        let (next, _norm) = optimizer.step(unet, 1e-4, &train_device).expect("step");
+        unet = next;
+        let _ = loss.into_scalar::<f32>(); // waits for the device
+        let elapsed = start.elapsed().as_secs_f64();
+        if step == 0 {
+            first = elapsed;
+        } else {
+            times.push(elapsed);
+        }
+    }
+    let memory = peak_rss_mib().map(|m| format!("{m:.0} MiB peak RSS (process so far)")).unwrap_or_default();
+    println!(
+        "{name:>18}: LoRA step {:.3} s (median of {steps}; first {first:.2} s), {lora_parameters} LoRA parameters, {memory}",
+        median(times)
+    );
+}
+
+fn main() {
+    if cfg!(debug_assertions) {
+        println!("warning: debug build; use --release for meaningful timings");
+    }
+    let steps: usize = arg("--steps").and_then(|r| r.parse().ok()).unwrap_or(5);
+    let devices = arg("--device").unwrap_or_else(|| "cpu,cpu-gpu".into());
+    for device in devices.split(',') {
+        let (label, d) = match device {
+            "cpu" => ("burn flex", Device::flex()),
+            "cpu-gpu" => ("wgpu (cpu adapter)", Device::wgpu(DeviceKind::Cpu)),
+            "gpu" => ("wgpu (gpu)", Device::wgpu(DeviceKind::DefaultDevice)),
+            other => {
+                eprintln!("unknown device {other}");
+                continue;
+            }
+        };
+        bench(label, d, steps);
+    }
+    if std::env::args().any(|a| a == "--with-torch") {
+        let status = std::process::Command::new("python3").args(["scripts/bench_train_torch.py", "--steps", &steps.to_string()]).status();
+        if !matches!(status, Ok(s) if s.success()) {
+            eprintln!("the PyTorch side failed (pip install torch diffusers peft)");
+        }
+    }
+}

@@ -4,3 +4,4 @@ pub mod folder;
 pub mod plan_command;
 pub mod sample_command;
 pub mod train_command;
+pub mod bench;

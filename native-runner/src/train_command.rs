@@ -142,12 +142,10 @@ fn open_session<'a>(args: &TrainArgs, storage: &'a DiskStorage) -> Result<Sessio
 
 fn fill_caches(session: &mut Session<'_>) -> Result<()> {
     let progress = bar("{msg:>16} [{bar:30}] {pos}/{len} ({per_sec}, {eta})");
-    let mut computed_total = 0;
     let result = session.prepare_caches(&mut |p: Progress<'_>| {
         progress.set_message(p.phase.to_string());
         progress.set_length(p.total as u64);
         progress.set_position(p.done as u64);
-        computed_total = p.computed;
     });
     progress.finish_and_clear();
     result?;

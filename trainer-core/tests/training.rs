@@ -130,8 +130,7 @@ fn use_base_model_samples_as_class_latents(session: &mut Session<'_>, storage: &
         let mut request = request("a photo of a toy");
         request.seed = 100 + seed as u64;
         let generated = session.generate(&request, &mut |_| {}).unwrap();
-        let mut mean = HostTensor::from_tensor(generated.latents / scaling as f64).unwrap();
-        mean.shape.remove(0);
+        let mean = HostTensor::from_batch_item(generated.latents / scaling as f64).unwrap();
         let logvar = HostTensor { shape: mean.shape.clone(), values: vec![-30.0; mean.values.len()] };
         CachedLatents { mean, logvar }.write(storage, path, "base model sample").unwrap();
     }

@@ -23,6 +23,7 @@ use clap::Parser;
 use image::codecs::jpeg::JpegEncoder;
 use image::codecs::png::PngEncoder;
 use image::{ExtendedColorType, ImageEncoder, RgbImage};
+use native_runner::bench::median;
 use trainer_core::config;
 use trainer_core::data::geometry::{CropAspect, CropStyle, GeometrySettings, ImageGeometry, ResolutionType, Sizer};
 use trainer_core::data::preprocess::{decode_oriented, resize_and_crop};
@@ -218,12 +219,6 @@ fn run(args: Args) -> Result<(), String> {
         println!("{:<44} {:>12}", "ratio ours / Pillow (images/s)", format!("{:.2}x", ours_per_s / p.images_per_s));
     }
     Ok(())
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[sorted.len() / 2]
 }
 
 // ---------------------------------------------------------------------------

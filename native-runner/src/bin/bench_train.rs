@@ -10,7 +10,8 @@
 
 use std::time::Instant;
 
-use burn::tensor::{Device, DeviceKind, Tensor};
+use burn::tensor::{Device, Tensor};
+use native_runner::bench::{arg, devices, median, MID_SIZE_UNET};
 use trainer_core::models::config::UNetConfig;
 use trainer_core::models::loader::Loader;
 use trainer_core::models::lora::LoraTargets;
@@ -18,18 +19,6 @@ use trainer_core::models::unet::UNet2DConditionModel;
 use trainer_core::pipeline::gaussian_noise;
 use trainer_core::rng::SeededRng;
 use trainer_core::train::optimizer::{frozen_on, AdamW, AdamWSettings};
-
-const CONFIG: &str = r#"{"block_out_channels":[64,128,256,256],"down_block_types":["CrossAttnDownBlock2D","CrossAttnDownBlock2D","CrossAttnDownBlock2D","DownBlock2D"],"up_block_types":["UpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D"],"layers_per_block":2,"attention_head_dim":8,"cross_attention_dim":256,"norm_num_groups":32}"#;
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
 
 /// Peak resident set size of this process (Linux), in MiB.
 fn peak_rss_mib() -> Option<f64> {
@@ -40,7 +29,7 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 fn bench(name: &str, device: Device, steps: usize) {
-    let config: UNetConfig = serde_json::from_str(CONFIG).expect("valid config");
+    let config: UNetConfig = serde_json::from_str(MID_SIZE_UNET).expect("valid config");
     let train_device = device.clone().autodiff();
     let mut loader = Loader::random(1, train_device.clone());
     let mut unet = UNet2DConditionModel::load(&config, &mut loader);
@@ -80,7 +69,7 @@ fn bench(name: &str, device: Device, steps: usize) {
     let memory = peak_rss_mib().map(|m| format!("{m:.0} MiB peak RSS (process so far)")).unwrap_or_default();
     println!(
         "{name:>18}: LoRA step {:.3} s (median of {steps}; first {first:.2} s), {lora_parameters} LoRA parameters, {memory}",
-        median(times)
+        median(&times)
     );
 }
 
@@ -89,18 +78,9 @@ fn main() {
         println!("warning: debug build; use --release for meaningful timings");
     }
     let steps: usize = arg("--steps").and_then(|r| r.parse().ok()).unwrap_or(5);
-    let devices = arg("--device").unwrap_or_else(|| "cpu,cpu-gpu".into());
-    for device in devices.split(',') {
-        let (label, d) = match device {
-            "cpu" => ("burn flex", Device::flex()),
-            "cpu-gpu" => ("wgpu (cpu adapter)", Device::wgpu(DeviceKind::Cpu)),
-            "gpu" => ("wgpu (gpu)", Device::wgpu(DeviceKind::DefaultDevice)),
-            other => {
-                eprintln!("unknown device {other}");
-                continue;
-            }
-        };
-        bench(label, d, steps);
+    let devices_arg = arg("--device").unwrap_or_else(|| "cpu,cpu-gpu".into());
+    for (label, device) in devices(&devices_arg) {
+        bench(label, device, steps);
     }
     if std::env::args().any(|a| a == "--with-torch") {
         let status = std::process::Command::new("python3").args(["scripts/bench_train_torch.py", "--steps", &steps.to_string()]).status();

@@ -8,27 +8,16 @@
 
 use std::time::Instant;
 
-use burn::tensor::{Device, DeviceKind, Tensor};
+use burn::tensor::{Device, Tensor};
+use native_runner::bench::{arg, devices, median, MID_SIZE_UNET};
 use trainer_core::models::config::UNetConfig;
 use trainer_core::models::loader::Loader;
 use trainer_core::models::unet::UNet2DConditionModel;
 use trainer_core::pipeline::gaussian_noise;
 use trainer_core::rng::SeededRng;
 
-const CONFIG: &str = r#"{"block_out_channels":[64,128,256,256],"down_block_types":["CrossAttnDownBlock2D","CrossAttnDownBlock2D","CrossAttnDownBlock2D","DownBlock2D"],"up_block_types":["UpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D"],"layers_per_block":2,"attention_head_dim":8,"cross_attention_dim":256,"norm_num_groups":32}"#;
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
 fn bench(name: &str, device: Device, runs: usize) -> Option<f64> {
-    let config: UNetConfig = serde_json::from_str(CONFIG).expect("valid config");
+    let config: UNetConfig = serde_json::from_str(MID_SIZE_UNET).expect("valid config");
     let mut loader = Loader::random(1, device.clone());
     let unet = UNet2DConditionModel::load(&config, &mut loader);
     let parameters: usize = loader.requested.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
@@ -46,7 +35,7 @@ fn bench(name: &str, device: Device, runs: usize) -> Option<f64> {
         let _ = out.into_data(); // waits for the device
         times.push(start.elapsed().as_secs_f64());
     }
-    let m = median(times);
+    let m = median(&times);
     println!("{name:>10}: forward {m:.3} s (median of {runs}; first call {first_time:.2} s), {:.1} M parameters", parameters as f64 / 1e6);
     Some(m)
 }
@@ -56,23 +45,9 @@ fn main() {
         println!("warning: debug build; use --release for meaningful timings");
     }
     let runs: usize = arg("--runs").and_then(|r| r.parse().ok()).unwrap_or(5);
-    let devices = arg("--device").unwrap_or_else(|| "cpu,cpu-gpu".into());
-    for device in devices.split(',') {
-        let d = match device {
-            "cpu" => Device::flex(),
-            "cpu-gpu" => Device::wgpu(DeviceKind::Cpu),
-            "gpu" => Device::wgpu(DeviceKind::DefaultDevice),
-            other => {
-                eprintln!("unknown device {other}");
-                continue;
-            }
-        };
-        let label = match device {
-            "cpu" => "burn flex",
-            "cpu-gpu" => "wgpu (cpu adapter)",
-            _ => "wgpu (gpu)",
-        };
-        bench(label, d, runs);
+    let devices_arg = arg("--device").unwrap_or_else(|| "cpu,cpu-gpu".into());
+    for (label, device) in devices(&devices_arg) {
+        bench(label, device, runs);
     }
     if std::env::args().any(|a| a == "--with-torch") {
         let status = std::process::Command::new("python3").args(["scripts/bench_unet_torch.py", "--runs", &runs.to_string()]).status();

@@ -136,12 +136,13 @@ impl Sampler {
         Self { datasets, settings, state }
     }
 
-    pub fn state(&self) -> &SamplerState {
-        &self.state
+    /// Moves the sampler to a saved position (resuming a run).
+    pub fn restore(&mut self, state: SamplerState) {
+        self.state = state;
     }
 
-    pub fn settings(&self) -> SamplerSettings {
-        self.settings
+    pub fn state(&self) -> &SamplerState {
+        &self.state
     }
 
     pub fn datasets(&self) -> &[SamplerDataset] {

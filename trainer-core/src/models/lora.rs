@@ -48,11 +48,6 @@ impl LoraAdapter {
         self.alpha / self.rank() as f64
     }
 
-    /// `(alpha / rank) * down @ up`, `[in, out]`: what merging adds to the base weight.
-    pub fn delta_weight(&self) -> Tensor<2> {
-        self.down.val().matmul(self.up.val()) * self.scale()
-    }
-
     fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let x = match &self.dropout {
             Some(dropout) => dropout.apply(x),
@@ -95,20 +90,6 @@ impl LoraLinear {
         let down = Tensor::<2>::from_data(TensorData::new(down, [d_in, rank]), device);
         let up = Tensor::<2>::zeros([rank, d_out], device);
         self.lora = Some(LoraAdapter { down: Param::from_tensor(down), up: Param::from_tensor(up), alpha, dropout });
-    }
-
-    /// Sets an adapter from given weights (`down` `[in, rank]`, `up` `[rank, out]`).
-    pub fn set_adapter(&mut self, down: Tensor<2>, up: Tensor<2>, alpha: f64) {
-        self.lora = Some(LoraAdapter { down: Param::from_tensor(down), up: Param::from_tensor(up), alpha, dropout: None });
-    }
-
-    /// Folds `multiplier` times the adapter into the base weight and drops
-    /// the adapter (inference with a trained LoRA costs nothing extra).
-    pub fn merge(&mut self, multiplier: f64) {
-        if let Some(lora) = self.lora.take() {
-            let weight = self.base.weight.val() + lora.delta_weight() * multiplier;
-            self.base.weight = Param::from_tensor(weight.detach());
-        }
     }
 }
 

@@ -159,7 +159,6 @@ pub fn trainable_tensors<M: Module>(module: &M) -> Result<BTreeMap<String, HostT
 struct WriteTrainable<'a> {
     path: Vec<String>,
     values: &'a BTreeMap<String, HostTensor>,
-    device: Device,
     train_device: Device,
     problems: Vec<String>,
     restored: usize,
@@ -187,7 +186,7 @@ impl ModuleMapper for WriteTrainable<'_> {
             return param;
         }
         let dtype = current.dtype();
-        match saved.to_tensor::<D>(&self.device) {
+        match saved.to_tensor::<D>(&self.train_device) {
             Ok(tensor) => {
                 self.restored += 1;
                 param.map(|_| trainable_on(tensor.cast(dtype), &self.train_device))
@@ -203,9 +202,7 @@ impl ModuleMapper for WriteTrainable<'_> {
 /// Puts saved values into the module's trainable parameters; every
 /// missing or mis-shaped tensor is reported.
 pub fn restore_trainable<M: Module>(module: M, values: &BTreeMap<String, HostTensor>, train_device: &Device, source: &str) -> Result<M> {
-    let device = train_device.clone().without_autodiff();
-    let mut writer =
-        WriteTrainable { path: Vec::new(), values, device, train_device: train_device.clone(), problems: Vec::new(), restored: 0 };
+    let mut writer = WriteTrainable { path: Vec::new(), values, train_device: train_device.clone(), problems: Vec::new(), restored: 0 };
     let module = module.map(&mut writer);
     if writer.restored != values.len() {
         writer.problems.push(format!("the checkpoint has {} trainable tensors, this run {}", values.len(), writer.restored));

@@ -96,17 +96,17 @@ pub fn merge_kohya(model: &mut StableDiffusion, path: &str, bytes: Vec<u8>, mult
         }
     }
 
-    let mut unet_layers: BTreeMap<String, &mut crate::models::lora::LoraLinear> =
-        model.unet.lora_layers_mut().into_iter().map(|l| (kohya_unet_name(&l.path), l)).collect();
-    let mut text_layers: BTreeMap<String, &mut Linear> = BTreeMap::new();
+    // Every Linear a kohya file can name: the UNet's adaptable layers and the text encoder's.
+    let mut layers: BTreeMap<String, &mut Linear> =
+        model.unet.lora_layers_mut().into_iter().map(|l| (kohya_unet_name(&l.path), &mut l.base)).collect();
     for (i, layer) in model.text_encoder.layers.iter_mut().enumerate() {
         let p = format!("lora_te_text_model_encoder_layers_{i}");
-        text_layers.insert(format!("{p}_self_attn_q_proj"), &mut layer.self_attn.q_proj);
-        text_layers.insert(format!("{p}_self_attn_k_proj"), &mut layer.self_attn.k_proj);
-        text_layers.insert(format!("{p}_self_attn_v_proj"), &mut layer.self_attn.v_proj);
-        text_layers.insert(format!("{p}_self_attn_out_proj"), &mut layer.self_attn.out_proj);
-        text_layers.insert(format!("{p}_mlp_fc1"), &mut layer.mlp.fc1);
-        text_layers.insert(format!("{p}_mlp_fc2"), &mut layer.mlp.fc2);
+        layers.insert(format!("{p}_self_attn_q_proj"), &mut layer.self_attn.q_proj);
+        layers.insert(format!("{p}_self_attn_k_proj"), &mut layer.self_attn.k_proj);
+        layers.insert(format!("{p}_self_attn_v_proj"), &mut layer.self_attn.v_proj);
+        layers.insert(format!("{p}_self_attn_out_proj"), &mut layer.self_attn.out_proj);
+        layers.insert(format!("{p}_mlp_fc1"), &mut layer.mlp.fc1);
+        layers.insert(format!("{p}_mlp_fc2"), &mut layer.mlp.fc2);
     }
 
     let mut merged = 0;
@@ -121,31 +121,21 @@ pub fn merge_kohya(model: &mut StableDiffusion, path: &str, bytes: Vec<u8>, mult
         }
         let rank = down.shape[0];
         let alpha = module.alpha.map(f64::from).unwrap_or(rank as f64);
-        // burn layout: down [in, rank], up [rank, out].
-        let down_t = down.to_tensor::<2>(device)?.transpose();
-        let up_t = up.to_tensor::<2>(device)?.transpose();
         // Text-encoder names of SDXL-style files (lora_te1_) mean the same single encoder here.
-        let text_name = name.replacen("lora_te1_", "lora_te_", 1);
-        if let Some(layer) = unet_layers.get_mut(&name) {
-            let [d_in, d_out] = layer.dims();
-            if down.shape[1] != d_in || up.shape[0] != d_out {
-                problems.push(format!("'{name}': LoRA is {}->{} but the model's layer is {d_in}->{d_out}", down.shape[1], up.shape[0]));
-                continue;
-            }
-            layer.set_adapter(down_t, up_t, alpha);
-            layer.merge(multiplier);
-        } else if let Some(linear) = text_layers.get_mut(&text_name) {
-            let [d_in, d_out] = linear.weight.val().dims();
-            if down.shape[1] != d_in || up.shape[0] != d_out {
-                problems.push(format!("'{name}': LoRA is {}->{} but the model's layer is {d_in}->{d_out}", down.shape[1], up.shape[0]));
-                continue;
-            }
-            let delta: Tensor<2> = down_t.matmul(up_t) * (alpha / rank as f64 * multiplier);
-            linear.weight = Param::from_tensor(linear.weight.val() + delta);
-        } else {
+        let Some(linear) = layers.get_mut(&name.replacen("lora_te1_", "lora_te_", 1)) else {
             problems.push(format!("'{name}' matches no layer of this model"));
             continue;
+        };
+        let [d_in, d_out] = linear.weight.val().dims();
+        if down.shape[1] != d_in || up.shape[0] != d_out {
+            problems.push(format!("'{name}': LoRA is {}->{} but the model's layer is {d_in}->{d_out}", down.shape[1], up.shape[0]));
+            continue;
         }
+        // burn layout: down [in, rank], up [rank, out].
+        let down = down.to_tensor::<2>(device)?.transpose();
+        let up = up.to_tensor::<2>(device)?.transpose();
+        let delta: Tensor<2> = down.matmul(up) * (alpha / rank as f64 * multiplier);
+        linear.weight = Param::from_tensor(linear.weight.val() + delta);
         merged += 1;
     }
     if problems.is_empty() {

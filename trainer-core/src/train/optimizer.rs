@@ -42,32 +42,6 @@ pub struct AdamW {
     accumulated: BTreeMap<String, Tensor<1>>,
 }
 
-/// Dotted module paths of the trainable parameters, in module order.
-struct TrainableParams {
-    path: Vec<String>,
-    found: Vec<String>,
-}
-
-impl ModuleVisitor for TrainableParams {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if param.val().is_require_grad() {
-            self.found.push(self.path.join("."));
-        }
-    }
-}
-
-pub fn trainable_paths<M: Module>(module: &M) -> Vec<String> {
-    let mut visitor = TrainableParams { path: Vec::new(), found: Vec::new() };
-    module.visit(&mut visitor);
-    visitor.found
-}
-
 /// Pulls each trainable parameter's gradient out of the backward result.
 struct GradientReader<'a> {
     path: Vec<String>,

@@ -224,12 +224,10 @@ impl<'a> Session<'a> {
                     let pixels = prepare(&bytes, &geometry, &mut resizer)
                         .map_err(|reason| Error::Image { path: format!("{}/{}", dataset.folder, image.path), reason })?;
                     let distribution = self.model.vae.encode(image_tensor(&pixels, &self.device));
-                    let squeeze = |t: Tensor<4>| -> Result<HostTensor> {
-                        let mut host = HostTensor::from_tensor(t)?;
-                        host.shape.remove(0);
-                        Ok(host)
+                    let entry = CachedLatents {
+                        mean: HostTensor::from_batch_item(distribution.mean)?,
+                        logvar: HostTensor::from_batch_item(distribution.logvar)?,
                     };
-                    let entry = CachedLatents { mean: squeeze(distribution.mean)?, logvar: squeeze(distribution.logvar)? };
                     entry.write(self.storage, &path, &format!("{}/{}", dataset.folder, image.path))?;
                     computed += 1;
                 }
@@ -259,9 +257,7 @@ impl<'a> Session<'a> {
             let path = cache::entry_path(dir, &key);
             if !self.storage.exists(&path)? {
                 let hidden = self.model.encode_prompts(&[caption.as_str()], &self.device)?;
-                let mut host = HostTensor::from_tensor(hidden)?;
-                host.shape.remove(0);
-                cache::write_text(self.storage, &path, &host, caption)?;
+                cache::write_text(self.storage, &path, &HostTensor::from_batch_item(hidden)?, caption)?;
                 computed += 1;
             }
             self.text_paths.insert((dir.clone(), caption.clone()), path);
@@ -489,16 +485,9 @@ impl<'a> Session<'a> {
         let unet = self.model.unet.clone();
         self.model.unet = checkpoint::restore_trainable(unet, &saved.trainable, &self.train_device, &path)?;
         self.optimizer.load_state(&saved.optimizer, saved.state.step, &self.device)?;
-        let settings_main = build_samplers(&self.plan.datasets, &self.config);
-        self.main = settings_main.0;
-        self.prior = settings_main.1;
-        self.main.sampler = crate::data::sampler::Sampler::with_state(
-            self.main.sampler.datasets().to_vec(),
-            self.main.sampler.settings(),
-            saved.state.sampler.clone(),
-        );
+        self.main.sampler.restore(saved.state.sampler.clone());
         if let (Some(prior), Some(state)) = (self.prior.as_mut(), saved.state.prior_sampler.clone()) {
-            prior.sampler = crate::data::sampler::Sampler::with_state(prior.sampler.datasets().to_vec(), prior.sampler.settings(), state);
+            prior.sampler.restore(state);
         }
         self.step = saved.state.step;
         self.epoch = saved.state.epoch;

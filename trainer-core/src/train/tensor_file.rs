@@ -25,6 +25,16 @@ impl HostTensor {
         Ok(Self { shape, values })
     }
 
+    /// A `[1, ...]` tensor's single item, without the batch dimension.
+    pub fn from_batch_item<const D: usize>(tensor: Tensor<D>) -> Result<Self> {
+        let mut host = Self::from_tensor(tensor)?;
+        if host.shape.first() != Some(&1) {
+            return Err(Error::Io { path: "tensor".into(), message: format!("expected a batch of one, found shape {:?}", host.shape) });
+        }
+        host.shape.remove(0);
+        Ok(host)
+    }
+
     pub fn to_tensor<const D: usize>(&self, device: &burn::tensor::Device) -> Result<Tensor<D>> {
         let shape: [usize; D] = self.shape.clone().try_into().map_err(|_| Error::Io {
             path: "tensor".into(),

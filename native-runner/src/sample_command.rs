@@ -151,7 +151,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     });
     bar.finish_and_clear();
     let generated = generated?;
-    let image = to_rgb8(generated.image)?;
+    let image = trainer_core::block_on(to_rgb8(generated.image))?;
     let model_name = Path::new(&args.model).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let extra: Vec<(&str, String)> = if loras.is_empty() { Vec::new() } else { vec![("Lora", loras.join(" "))] };
     let parameters = a1111_parameters(&request, &model_name, &extra);

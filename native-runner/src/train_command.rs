@@ -16,7 +16,7 @@ use trainer_core::models::lora::LoraTargets;
 use trainer_core::plan::{plan, Plan, PlanTarget};
 use trainer_core::train::session::{Progress, Session, SessionOptions};
 use trainer_core::train::storage::DiskStorage;
-use trainer_core::{Error, Result};
+use trainer_core::{block_on, Error, Result};
 
 use crate::folder::FolderSource;
 use crate::plan_command::{env_lookup, read_text};
@@ -142,11 +142,11 @@ fn open_session<'a>(args: &TrainArgs, storage: &'a DiskStorage) -> Result<Sessio
 
 fn fill_caches(session: &mut Session<'_>) -> Result<()> {
     let progress = bar("{msg:>16} [{bar:30}] {pos}/{len} ({per_sec}, {eta})");
-    let result = session.prepare_caches(&mut |p: Progress<'_>| {
+    let result = block_on(session.prepare_caches(&mut |p: Progress<'_>| {
         progress.set_message(p.phase.to_string());
         progress.set_length(p.total as u64);
         progress.set_position(p.done as u64);
-    });
+    }));
     progress.finish_and_clear();
     result?;
     eprintln!("caches ready");
@@ -200,7 +200,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let started = Instant::now();
     let first_step = session.step;
     while !session.is_done() {
-        let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session.train_step()));
+        let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| block_on(session.train_step())));
         let report = match step {
             Ok(Ok(report)) => report,
             Ok(Err(error)) => {
@@ -225,12 +225,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
             progress.suspend(|| validate(&mut session))?;
         }
         if session.checkpoint_due() && !session.is_done() {
-            let path = session.save_checkpoint()?;
+            let path = block_on(session.save_checkpoint())?;
             progress.println(format!("checkpoint {path}"));
         }
         if interrupted.load(Ordering::SeqCst) {
             progress.abandon();
-            let path = session.save_checkpoint()?;
+            let path = block_on(session.save_checkpoint())?;
             session.write_loss_plot()?;
             eprintln!("interrupted: saved {path}; continue with --resume latest");
             return Ok(());
@@ -241,13 +241,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if steps_run > 0 {
         eprintln!("trained {steps_run} steps in {:.1} s ({:.2} s/step)", started.elapsed().as_secs_f64(), started.elapsed().as_secs_f64() / steps_run as f64);
     }
-    let checkpoint = session.save_checkpoint()?;
+    let checkpoint = block_on(session.save_checkpoint())?;
     eprintln!("checkpoint {checkpoint}");
     let plot = session.write_loss_plot()?;
     eprintln!("loss plot {plot}, metrics {}", session.output_path("metrics.jsonl"));
     match session.config.model_type {
         ModelType::Lora => {
-            let path = session.export_lora(&args.output_name)?;
+            let path = block_on(session.export_lora(&args.output_name))?;
             eprintln!("LoRA (kohya format) {path}");
         }
         ModelType::Full => eprintln!("full fine-tune: the trained UNet is in {checkpoint}/trainable.safetensors"),
@@ -257,10 +257,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
 fn validate(session: &mut Session<'_>) -> Result<()> {
     let progress = bar("validation [{bar:30}] {pos}/{len} steps");
-    let result = session.validate(&mut |p| {
+    let result = block_on(session.validate(&mut |p| {
         progress.set_length(p.total as u64);
         progress.set_position(p.done as u64);
-    });
+    }));
     progress.finish_and_clear();
     if let Some((path, _)) = result? {
         eprintln!("validation image {path}");

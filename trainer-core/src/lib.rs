@@ -19,3 +19,9 @@ pub mod schedulers;
 pub mod train;
 
 pub use error::{Error, Result};
+
+/// Runs one of the core's async operations to completion. The core reads
+/// tensors back asynchronously (the browser cannot block on the GPU); native
+/// callers simply wait.
+#[cfg(not(target_arch = "wasm32"))]
+pub use pollster::block_on;

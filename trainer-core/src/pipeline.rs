@@ -119,10 +119,13 @@ impl StableDiffusion {
 }
 
 /// `[1, 3, H, W]` in [0, 1] to 8-bit RGB (rounding as diffusers' `numpy_to_pil`).
-pub fn to_rgb8(image: Tensor<4>) -> Result<RgbImage> {
+pub async fn to_rgb8(image: Tensor<4>) -> Result<RgbImage> {
     let [_, _, height, width] = image.dims();
-    let data = image.into_data();
-    let values: Vec<f32> = data.try_to_vec::<f32>().map_err(|e| Error::Io { path: "image".into(), message: format!("{e:?}") })?;
+    let data = image
+        .into_data_async()
+        .await
+        .map_err(|e| Error::Io { path: "image".into(), message: format!("reading back from the device: {e:?}") })?;
+    let values: Vec<f32> = data.convert::<f32>().try_to_vec::<f32>().map_err(|e| Error::Io { path: "image".into(), message: format!("{e:?}") })?;
     let plane = width * height;
     let mut rgb = RgbImage::new(width as u32, height as u32);
     for (i, pixel) in rgb.pixels_mut().enumerate() {

@@ -21,6 +21,7 @@ use trainer_core::train::session::{image_tensor, Session, SessionOptions};
 use trainer_core::train::cache::CachedLatents;
 use trainer_core::train::storage::{MemoryStorage, Storage};
 use trainer_core::train::tensor_file::HostTensor;
+use trainer_core::block_on;
 
 fn fixture_model(device: &Device) -> StableDiffusion {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/sd1/diffusers");
@@ -92,7 +93,7 @@ fn session<'a>(setup: &Setup, storage: &'a MemoryStorage, device: &Device, has_b
     let planned = plan(&setup.training, &dataloader, &open, PlanTarget { has_bf16 }, &mut |_| {}).unwrap();
     let sources: Vec<Box<dyn ImageSource>> = planned.datasets.iter().map(|d| Box::new(setup.sources[&d.id].clone()) as Box<dyn ImageSource>).collect();
     let mut session = Session::new(setup.training.clone(), planned, fixture_model(device), sources, storage, device.clone(), SessionOptions::default()).unwrap();
-    session.prepare_caches(&mut |_| {}).unwrap();
+    block_on(session.prepare_caches(&mut |_| {})).unwrap();
     session
 }
 
@@ -130,14 +131,14 @@ fn use_base_model_samples_as_class_latents(session: &mut Session<'_>, storage: &
         let mut request = request("a photo of a toy");
         request.seed = 100 + seed as u64;
         let generated = session.generate(&request, &mut |_| {}).unwrap();
-        let mean = HostTensor::from_batch_item(generated.latents / scaling as f64).unwrap();
+        let mean = block_on(HostTensor::from_batch_item(generated.latents / scaling as f64)).unwrap();
         let logvar = HostTensor { shape: mean.shape.clone(), values: vec![-30.0; mean.values.len()] };
         CachedLatents { mean, logvar }.write(storage, path, "base model sample").unwrap();
     }
 }
 
 fn train(session: &mut Session<'_>, steps: u64) -> Vec<f32> {
-    (0..steps).map(|_| session.train_step().unwrap().loss).collect()
+    (0..steps).map(|_| block_on(session.train_step()).unwrap().loss).collect()
 }
 
 #[test]
@@ -202,7 +203,7 @@ fn exported_kohya_lora_merges_back_to_the_same_unet_output() {
     let setup = setup("MAX_NUM_STEPS=4\n", false);
     let mut run = session(&setup, &storage, &device, false);
     train(&mut run, 4);
-    let path = run.export_lora("test-lora").unwrap();
+    let path = block_on(run.export_lora("test-lora")).unwrap();
     let bytes = storage.read(&path).unwrap().unwrap();
 
     // The trained adapters, on a fixed input.
@@ -232,7 +233,7 @@ fn caches_are_reused_and_invalidated_by_geometry() {
     let first = setup("MAX_NUM_STEPS=1\n", true);
     let mut computed = Vec::new();
     let mut run = session(&first, &storage, &device, false);
-    run.prepare_caches(&mut |p| computed.push((p.phase.to_string(), p.computed))).unwrap();
+    block_on(run.prepare_caches(&mut |p| computed.push((p.phase.to_string(), p.computed)))).unwrap();
     let last = |phase: &str, list: &[(String, usize)]| list.iter().rev().find(|(p, _)| p == phase).map(|(_, c)| *c).unwrap();
     assert_eq!(last("latents", &computed), 0, "a second pass finds every latent cached");
     assert_eq!(last("text embeddings", &computed), 0);
@@ -243,7 +244,7 @@ fn caches_are_reused_and_invalidated_by_geometry() {
     second.json = second.json.replace("\"resolution\": 32", "\"resolution\": 128").replace("\"minimum_image_size\": 32", "\"minimum_image_size\": 16");
     let mut run = session(&second, &storage, &device, false);
     computed.clear();
-    run.prepare_caches(&mut |p| computed.push((p.phase.to_string(), p.computed))).unwrap();
+    block_on(run.prepare_caches(&mut |p| computed.push((p.phase.to_string(), p.computed)))).unwrap();
     // The two subject files have the same pixels, so they share one entry.
     assert_eq!(storage.paths().len(), entries + 5, "one subject and four class entries at the new size");
 }
@@ -254,7 +255,7 @@ fn a_diverging_loss_stops_training_with_a_message() {
     let storage = MemoryStorage::default();
     let setup = setup("MAX_NUM_STEPS=50\nLEARNING_RATE=1e30\nMAX_GRAD_NORM=0\n", false);
     let mut run = session(&setup, &storage, &device, false);
-    let error = (0..50).find_map(|_| run.train_step().err()).expect("a learning rate of 1e30 must blow up");
+    let error = (0..50).find_map(|_| block_on(run.train_step()).err()).expect("a learning rate of 1e30 must blow up");
     let text = error.to_string();
     assert!(text.contains("the loss is") && text.contains("weights were not updated"), "{text}");
 }
@@ -268,7 +269,7 @@ fn adamw_bf16_keeps_weights_in_bf16_and_resumes_exactly() {
     let first = train(&mut run, 3);
     let layer = run.model.unet.adapted_layers()[0];
     assert_eq!(layer.lora.as_ref().unwrap().down.val().dtype(), burn::tensor::DType::BF16);
-    run.save_checkpoint().unwrap();
+    block_on(run.save_checkpoint()).unwrap();
     let rest = train(&mut run, 3);
 
     let mut resumed = session(&setup, &storage, &device, true);

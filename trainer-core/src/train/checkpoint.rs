@@ -18,6 +18,8 @@ use crate::error::{Error, Result};
 
 const PREFIX: &str = "checkpoint-";
 const PARTIAL: &str = ".partial";
+/// What a complete checkpoint folder holds.
+const FILES: [&str; 3] = ["trainable.safetensors", "optimizer.safetensors", "state.json"];
 
 /// Where the run is, saved as `state.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -50,11 +52,24 @@ fn step_of(name: &str) -> Option<u64> {
 /// Complete checkpoints, oldest first: (step, path).
 pub fn list(storage: &dyn Storage, output_dir: &str) -> Result<Vec<(u64, String)>> {
     let dir = checkpoints_dir(output_dir);
-    let mut found: Vec<(u64, String)> = storage
+    let found: Vec<(u64, String)> = storage
         .list(&dir)?
         .into_iter()
         .filter_map(|name| step_of(&name).map(|step| (step, join(&dir, &name))))
         .collect();
+    // A folder copied file by file (the browser's OPFS has no folder rename)
+    // counts once all of its files are there.
+    let mut complete = Vec::new();
+    for (step, path) in found {
+        let mut whole = true;
+        for file in FILES {
+            whole &= storage.exists(&join(&path, file))?;
+        }
+        if whole {
+            complete.push((step, path));
+        }
+    }
+    let mut found = complete;
     found.sort();
     Ok(found)
 }
@@ -145,12 +160,12 @@ impl ModuleVisitor for ReadTrainable {
 }
 
 /// The trainable parameters by module path, on the host.
-pub fn trainable_tensors<M: Module>(module: &M) -> Result<BTreeMap<String, HostTensor>> {
+pub async fn trainable_tensors<M: Module>(module: &M) -> Result<BTreeMap<String, HostTensor>> {
     let mut reader = ReadTrainable { path: Vec::new(), out: Vec::new() };
     module.visit(&mut reader);
     let mut out = BTreeMap::new();
     for (path, flat, shape) in reader.out {
-        let host = HostTensor::from_tensor(flat)?;
+        let host = HostTensor::from_tensor(flat).await?;
         out.insert(path, HostTensor { shape, values: host.values });
     }
     Ok(out)

@@ -18,23 +18,23 @@ use crate::models::lora::kohya_unet_name;
 use crate::models::StableDiffusion;
 
 /// The kohya tensors of every adapter in the UNet.
-pub fn kohya_tensors(model: &StableDiffusion) -> Result<BTreeMap<String, HostTensor>> {
+pub async fn kohya_tensors(model: &StableDiffusion) -> Result<BTreeMap<String, HostTensor>> {
     let mut tensors = BTreeMap::new();
     for layer in model.unet.adapted_layers() {
         let lora = layer.lora.as_ref().expect("adapted");
         let name = kohya_unet_name(&layer.path);
         let down = lora.down.val().without_autodiff().transpose();
         let up = lora.up.val().without_autodiff().transpose();
-        tensors.insert(format!("{name}.lora_down.weight"), HostTensor::from_tensor(down)?);
-        tensors.insert(format!("{name}.lora_up.weight"), HostTensor::from_tensor(up)?);
+        tensors.insert(format!("{name}.lora_down.weight"), HostTensor::from_tensor(down).await?);
+        tensors.insert(format!("{name}.lora_up.weight"), HostTensor::from_tensor(up).await?);
         tensors.insert(format!("{name}.alpha"), HostTensor { shape: vec![], values: vec![lora.alpha as f32] });
     }
     Ok(tensors)
 }
 
 /// A kohya LoRA file with `ss_*` / `modelspec.*` metadata (plus `extra`).
-pub fn kohya_file(model: &StableDiffusion, extra: &BTreeMap<String, String>) -> Result<Vec<u8>> {
-    let tensors = kohya_tensors(model)?;
+pub async fn kohya_file(model: &StableDiffusion, extra: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+    let tensors = kohya_tensors(model).await?;
     let layers = model.unet.adapted_layers();
     let first = layers.first().and_then(|l| l.lora.as_ref()).ok_or_else(|| Error::Training {
         step: 0,

@@ -117,24 +117,23 @@ impl AdamW {
     }
 
     /// Applies the accumulated gradients. Returns the global gradient norm
-    /// before clipping (read back from the device, once per step).
-    pub fn step<M: Module>(&mut self, module: M, lr: f64, train_device: &Device) -> Result<(M, f32)> {
+    /// before clipping, still on the device (clipping never waits for it).
+    pub fn step<M: Module>(&mut self, module: M, lr: f64, train_device: &Device) -> Result<(M, Option<Tensor<1>>)> {
         let mut grads = std::mem::take(&mut self.accumulated);
         let norm = match grads.values().map(|g| g.clone().square().sum()).reduce(|a, b| a + b) {
             Some(sum) => sum.sqrt(),
-            None => return Ok((module, 0.0)),
+            None => return Ok((module, None)),
         };
         if self.settings.max_grad_norm > 0.0 {
             // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when above 1.
             let factor = (norm.clone().add_scalar(1e-6).recip() * self.settings.max_grad_norm).clamp_max(1.0);
             grads = grads.into_iter().map(|(path, g)| (path, g * factor.clone())).collect();
         }
-        let norm_value = norm.into_scalar::<f32>();
         self.steps += 1;
         let rounding_seed = self.steps;
         let mut updater = Updater { path: Vec::new(), optimizer: self, grads, lr, rounding_seed, train_device };
         let module = module.map(&mut updater);
-        Ok((module, norm_value))
+        Ok((module, Some(norm)))
     }
 
     fn update(&mut self, path: &str, param: Tensor<1>, grad: Tensor<1>, lr: f64, rounding_seed: u64) -> Tensor<1> {
@@ -162,11 +161,11 @@ impl AdamW {
     }
 
     /// The moments, for checkpoints (`<path>.exp_avg` / `.exp_avg_sq`, as f32).
-    pub fn state(&self) -> Result<BTreeMap<String, HostTensor>> {
+    pub async fn state(&self) -> Result<BTreeMap<String, HostTensor>> {
         let mut out = BTreeMap::new();
         for (path, moments) in &self.moments {
-            out.insert(format!("{path}.exp_avg"), HostTensor::from_tensor(moments.m.clone())?);
-            out.insert(format!("{path}.exp_avg_sq"), HostTensor::from_tensor(moments.v.clone())?);
+            out.insert(format!("{path}.exp_avg"), HostTensor::from_tensor(moments.m.clone()).await?);
+            out.insert(format!("{path}.exp_avg_sq"), HostTensor::from_tensor(moments.v.clone()).await?);
         }
         Ok(out)
     }

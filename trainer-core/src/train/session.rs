@@ -208,7 +208,7 @@ impl<'a> Session<'a> {
     }
 
     /// Encodes every image and caption that is not cached yet.
-    pub fn prepare_caches(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Result<()> {
+    pub async fn prepare_caches(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Result<()> {
         let total_images: usize = self.plan.datasets.iter().map(|d| d.images.len()).sum();
         let mut resizer = fast_image_resize::Resizer::new();
         let (mut done, mut computed) = (0, 0);
@@ -225,8 +225,8 @@ impl<'a> Session<'a> {
                         .map_err(|reason| Error::Image { path: format!("{}/{}", dataset.folder, image.path), reason })?;
                     let distribution = self.model.vae.encode(image_tensor(&pixels, &self.device));
                     let entry = CachedLatents {
-                        mean: HostTensor::from_batch_item(distribution.mean)?,
-                        logvar: HostTensor::from_batch_item(distribution.logvar)?,
+                        mean: HostTensor::from_batch_item(distribution.mean).await?,
+                        logvar: HostTensor::from_batch_item(distribution.logvar).await?,
                     };
                     entry.write(self.storage, &path, &format!("{}/{}", dataset.folder, image.path))?;
                     computed += 1;
@@ -257,7 +257,7 @@ impl<'a> Session<'a> {
             let path = cache::entry_path(dir, &key);
             if !self.storage.exists(&path)? {
                 let hidden = self.model.encode_prompts(&[caption.as_str()], &self.device)?;
-                cache::write_text(self.storage, &path, &HostTensor::from_batch_item(hidden)?, caption)?;
+                cache::write_text(self.storage, &path, &HostTensor::from_batch_item(hidden).await?, caption)?;
                 computed += 1;
             }
             self.text_paths.insert((dir.clone(), caption.clone()), path);
@@ -340,7 +340,7 @@ impl<'a> Session<'a> {
 
     /// One optimizer step (with gradient accumulation). Fails with a
     /// message on a NaN or infinite loss, before the weights are touched.
-    pub fn train_step(&mut self) -> Result<StepReport> {
+    pub async fn train_step(&mut self) -> Result<StepReport> {
         let accumulation = self.config.gradient_accumulation_steps.max(1) as u64;
         let mut loss_sum = 0.0f32;
         for micro in 0..accumulation {
@@ -362,7 +362,11 @@ impl<'a> Session<'a> {
                 // The prior term is never SNR-weighted (train_dreambooth.py).
                 loss = loss + self.batch_loss(latents, context, &mut rng, false, false) * self.config.prior_loss_weight;
             }
-            let value = loss.clone().into_scalar::<f32>();
+            let value = loss
+                .clone()
+                .into_scalar_async::<f32>()
+                .await
+                .map_err(|e| Error::Training { step: self.step + 1, message: format!("reading the loss back from the device: {e:?}") })?;
             if !value.is_finite() {
                 return Err(Error::Training {
                     step: self.step + 1,
@@ -377,6 +381,13 @@ impl<'a> Session<'a> {
         let unet = self.model.unet.clone();
         let (unet, grad_norm) = self.optimizer.step(unet, lr, &self.train_device)?;
         self.model.unet = unet;
+        let grad_norm = match grad_norm {
+            Some(norm) => norm
+                .into_scalar_async::<f32>()
+                .await
+                .map_err(|e| Error::Training { step: self.step + 1, message: format!("reading the gradient norm back from the device: {e:?}") })?,
+            None => 0.0,
+        };
         self.step += 1;
         if let Some(dropout) = &self.dropout {
             dropout.stop();
@@ -423,7 +434,7 @@ impl<'a> Session<'a> {
 
     /// Samples the validation prompt with the current weights and writes
     /// `validation/step-<N>.png` (with its parameters). Returns the path and image.
-    pub fn validate(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Result<Option<(String, RgbImage)>> {
+    pub async fn validate(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Result<Option<(String, RgbImage)>> {
         let Some(prompt) = self.config.validation_prompt.clone() else { return Ok(None) };
         let (width, height) = self.validation_size();
         let request = GenerateRequest {
@@ -436,7 +447,7 @@ impl<'a> Session<'a> {
             width,
             height,
         };
-        let image = self.sample(&request, progress)?;
+        let image = self.sample(&request, progress).await?;
         let parameters = a1111_parameters(&request, self.plan.model.as_deref().unwrap_or("model"), &[("Burnbooth step", self.step.to_string())]);
         let path = self.output_path(&format!("validation/step-{:06}.png", self.step));
         self.storage.write(&path, &png_with_parameters(&image, &parameters)?)?;
@@ -455,12 +466,12 @@ impl<'a> Session<'a> {
         result
     }
 
-    pub fn sample(&mut self, request: &GenerateRequest, progress: &mut dyn FnMut(Progress<'_>)) -> Result<RgbImage> {
-        to_rgb8(self.generate(request, progress)?.image)
+    pub async fn sample(&mut self, request: &GenerateRequest, progress: &mut dyn FnMut(Progress<'_>)) -> Result<RgbImage> {
+        to_rgb8(self.generate(request, progress)?.image).await
     }
 
     /// Saves a checkpoint (atomically) and prunes old ones.
-    pub fn save_checkpoint(&self) -> Result<String> {
+    pub async fn save_checkpoint(&self) -> Result<String> {
         let checkpoint = Checkpoint {
             path: String::new(),
             state: RunState {
@@ -471,8 +482,8 @@ impl<'a> Session<'a> {
                 model_type: format!("{:?}", self.config.model_type),
                 lora_rank: (self.config.model_type == ModelType::Lora).then_some(self.config.lora_rank),
             },
-            trainable: checkpoint::trainable_tensors(&self.model.unet)?,
-            optimizer: self.optimizer.state()?,
+            trainable: checkpoint::trainable_tensors(&self.model.unet).await?,
+            optimizer: self.optimizer.state().await?,
         };
         checkpoint::save(self.storage, &self.config.output_dir, &checkpoint, self.config.checkpoints_total_limit, self.checkpoint_hook.as_ref())
     }
@@ -502,7 +513,7 @@ impl<'a> Session<'a> {
     }
 
     /// Writes the trained LoRA in kohya format; returns its path.
-    pub fn export_lora(&self, name: &str) -> Result<String> {
+    pub async fn export_lora(&self, name: &str) -> Result<String> {
         let c = &self.config;
         let extra = BTreeMap::from([
             ("ss_output_name".to_string(), name.to_string()),
@@ -518,7 +529,7 @@ impl<'a> Session<'a> {
             ("burnbooth.regularisation_mode".to_string(), format!("{:?}", c.regularisation_mode)),
             ("burnbooth.lora_dropout".to_string(), c.lora_dropout.to_string()),
         ]);
-        let bytes = export::kohya_file(&self.model, &extra)?;
+        let bytes = export::kohya_file(&self.model, &extra).await?;
         let path = self.output_path(&format!("{name}.safetensors"));
         self.storage.write(&path, &bytes)?;
         Ok(path)

@@ -36,15 +36,39 @@ pub fn join(dir: &str, name: &str) -> String {
     }
 }
 
-/// Files in memory (tests, and the browser's staging before OPFS).
+/// A change to a [`MemoryStorage`], for mirroring it somewhere slower.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The file now has new content (read it from the storage).
+    Written(String),
+    /// The file or folder is gone.
+    Removed(String),
+}
+
+/// Files in memory (tests, and the browser, which mirrors it to OPFS).
 #[derive(Default)]
 pub struct MemoryStorage {
     files: Mutex<BTreeMap<String, Vec<u8>>>,
+    changes: Mutex<Vec<Change>>,
 }
 
 impl MemoryStorage {
     pub fn paths(&self) -> Vec<String> {
         self.files.lock().expect("storage lock").keys().cloned().collect()
+    }
+
+    /// Adds a file without recording a change (loading from a mirror).
+    pub fn preload(&self, path: &str, bytes: Vec<u8>) {
+        self.files.lock().expect("storage lock").insert(path.to_string(), bytes);
+    }
+
+    /// The changes since the last call, oldest first.
+    pub fn take_changes(&self) -> Vec<Change> {
+        std::mem::take(&mut *self.changes.lock().expect("storage lock"))
+    }
+
+    fn record(&self, change: Change) {
+        self.changes.lock().expect("storage lock").push(change);
     }
 }
 
@@ -59,11 +83,13 @@ impl Storage for MemoryStorage {
 
     fn write(&self, path: &str, bytes: &[u8]) -> Result<()> {
         self.files.lock().expect("storage lock").insert(path.to_string(), bytes.to_vec());
+        self.record(Change::Written(path.to_string()));
         Ok(())
     }
 
     fn append(&self, path: &str, bytes: &[u8]) -> Result<()> {
         self.files.lock().expect("storage lock").entry(path.to_string()).or_default().extend_from_slice(bytes);
+        self.record(Change::Written(path.to_string()));
         Ok(())
     }
 
@@ -84,9 +110,17 @@ impl Storage for MemoryStorage {
         let mut files = self.files.lock().expect("storage lock");
         let prefix = format!("{from}/");
         let moved: Vec<String> = files.keys().filter(|k| *k == from || k.starts_with(&prefix)).cloned().collect();
+        let mut written = Vec::new();
         for key in moved {
             let value = files.remove(&key).expect("listed");
-            files.insert(format!("{to}{}", &key[from.len()..]), value);
+            let new_key = format!("{to}{}", &key[from.len()..]);
+            files.insert(new_key.clone(), value);
+            written.push(Change::Written(new_key));
+        }
+        drop(files);
+        self.record(Change::Removed(from.to_string()));
+        for change in written {
+            self.record(change);
         }
         Ok(())
     }
@@ -94,6 +128,7 @@ impl Storage for MemoryStorage {
     fn remove_all(&self, path: &str) -> Result<()> {
         let prefix = format!("{path}/");
         self.files.lock().expect("storage lock").retain(|k, _| k != path && !k.starts_with(&prefix));
+        self.record(Change::Removed(path.to_string()));
         Ok(())
     }
 }

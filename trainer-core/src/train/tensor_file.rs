@@ -16,18 +16,23 @@ pub struct HostTensor {
 }
 
 impl HostTensor {
-    pub fn from_tensor<const D: usize>(tensor: Tensor<D>) -> Result<Self> {
+    /// Reads a tensor back from its device. Asynchronous because the
+    /// browser cannot wait for the GPU synchronously; natively, drive it
+    /// with [`crate::block_on`].
+    pub async fn from_tensor<const D: usize>(tensor: Tensor<D>) -> Result<Self> {
         let shape = tensor.dims().to_vec();
         let values = tensor
-            .into_data()
+            .into_data_async()
+            .await
+            .map_err(|e| Error::Io { path: "tensor".into(), message: format!("reading back from the device: {e:?}") })?
             .try_into_vec_as::<f32>()
             .map_err(|e| Error::Io { path: "tensor".into(), message: format!("{e:?}") })?;
         Ok(Self { shape, values })
     }
 
     /// A `[1, ...]` tensor's single item, without the batch dimension.
-    pub fn from_batch_item<const D: usize>(tensor: Tensor<D>) -> Result<Self> {
-        let mut host = Self::from_tensor(tensor)?;
+    pub async fn from_batch_item<const D: usize>(tensor: Tensor<D>) -> Result<Self> {
+        let mut host = Self::from_tensor(tensor).await?;
         if host.shape.first() != Some(&1) {
             return Err(Error::Io { path: "tensor".into(), message: format!("expected a batch of one, found shape {:?}", host.shape) });
         }

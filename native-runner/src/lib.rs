@@ -3,5 +3,6 @@
 pub mod folder;
 pub mod plan_command;
 pub mod sample_command;
+pub mod tools_command;
 pub mod train_command;
 pub mod bench;

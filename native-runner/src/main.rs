@@ -1,6 +1,6 @@
 //! Burnbooth's command-line runner.
 
-use native_runner::{plan_command, sample_command, train_command};
+use native_runner::{plan_command, sample_command, tools_command, train_command};
 
 use std::process::ExitCode;
 
@@ -23,6 +23,10 @@ enum Command {
     Train(train_command::TrainArgs),
     /// Fill the latent and text-embedding caches without training.
     Cache(train_command::TrainArgs),
+    /// Find a rare instance token (one CLIP token with a weak prior), or check how a prompt tokenizes.
+    FindToken(tools_command::FindTokenArgs),
+    /// Generate a regularisation (class) image set with the base model, resumable, plus its dataloader entry.
+    MakeReg(tools_command::MakeRegArgs),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +36,8 @@ fn main() -> ExitCode {
         Command::Sample(args) => sample_command::run(args),
         Command::Train(args) => train_command::run(args),
         Command::Cache(args) => train_command::run_cache(args),
+        Command::FindToken(args) => tools_command::run_find_token(args),
+        Command::MakeReg(args) => tools_command::run_make_reg(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

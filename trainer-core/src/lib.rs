@@ -16,6 +16,7 @@ pub mod plan;
 pub mod rng;
 pub mod schedule;
 pub mod schedulers;
+pub mod tools;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -136,6 +136,11 @@ impl ClipTokenizer {
         Ok(encoding.get_tokens().to_vec())
     }
 
+    /// Every (token, id) of the vocabulary, special tokens excluded.
+    pub fn vocabulary(&self) -> Vec<(String, u32)> {
+        self.tokenizer.get_vocab(false).into_iter().collect()
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
     }

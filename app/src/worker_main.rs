@@ -1,0 +1,6 @@
+//! The training worker's entry point (see `worker.rs`).
+
+fn main() {
+    console_error_panic_hook::set_once();
+    burnbooth_app::worker::start();
+}

@@ -1,0 +1,158 @@
+//! What the user has picked and typed (model, configs, dataset files), and
+//! the run built from it. One per page; the UI keeps only display state in
+//! signals and reaches this through [`with`].
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::OnceLock;
+
+use burn::tensor::Device;
+use trainer_core::config::dataset::{DataloaderConfig, ImageDatasetConfig};
+use trainer_core::config::training::TrainingConfig;
+use trainer_core::data::source::{ImageSource, MemorySource, RandomAccess};
+use trainer_core::plan::{plan, Plan, PlanTarget};
+use trainer_core::train::session::Session;
+use trainer_core::train::storage::MemoryStorage;
+use trainer_core::{config, Error, Result};
+
+use crate::gpu::AdapterSummary;
+use crate::model::PickedModel;
+
+/// The device training runs on.
+#[derive(Clone)]
+pub enum Compute {
+    WebGpu(Device, AdapterSummary),
+    /// burn's CPU backend compiled to wasm (no WebGPU): slow but works.
+    Cpu(Device),
+}
+
+impl Compute {
+    pub fn device(&self) -> &Device {
+        match self {
+            Self::WebGpu(device, _) | Self::Cpu(device) => device,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Workspace {
+    pub compute: Option<Compute>,
+    pub model: Option<Rc<PickedModel>>,
+    /// (file name, text) of the training config.
+    pub training: Option<(String, String)>,
+    pub dataloader: Option<(String, String)>,
+    /// Picked files per dataset id.
+    pub sources: BTreeMap<String, Rc<MemorySource>>,
+    /// The current run (kept after training for sampling).
+    pub session: Option<Session<'static>>,
+    /// OPFS has been read into [`storage`] on this page.
+    pub restored: bool,
+}
+
+thread_local! {
+    static WORKSPACE: RefCell<Workspace> = RefCell::new(Workspace::default());
+}
+
+/// Runs `f` on the page's workspace. Never hold it across an `await`.
+pub fn with<T>(f: impl FnOnce(&mut Workspace) -> T) -> T {
+    WORKSPACE.with(|w| f(&mut w.borrow_mut()))
+}
+
+/// Where runs write: memory, mirrored to the Origin Private File System.
+pub fn storage() -> &'static MemoryStorage {
+    static STORAGE: OnceLock<MemoryStorage> = OnceLock::new();
+    STORAGE.get_or_init(MemoryStorage::default)
+}
+
+/// A dataset's picked files, shared between the plan and the run.
+pub struct SharedSource(pub Rc<MemorySource>);
+
+impl ImageSource for SharedSource {
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+    fn list(&self) -> Result<Vec<String>> {
+        self.0.list()
+    }
+    fn open(&self, path: &str) -> Result<Box<dyn RandomAccess + '_>> {
+        self.0.open(path)
+    }
+    fn exists(&self, path: &str) -> bool {
+        self.0.exists(path)
+    }
+}
+
+/// Reads both configs as the native runner does. The training config is
+/// known by its file name; every other path read (the dataloader config it
+/// names) gets the imported dataloader config.
+pub fn load_configs() -> Result<(TrainingConfig, DataloaderConfig)> {
+    let (training, dataloader) = with(|w| (w.training.clone(), w.dataloader.clone()));
+    let Some((training_name, training_text)) = training else {
+        return Err(Error::Config { source_name: "training config".into(), problems: vec!["import or write a training config first".into()] });
+    };
+    let read = |path: &str| -> Result<String> {
+        if path == training_name {
+            return Ok(training_text.clone());
+        }
+        match &dataloader {
+            Some((_, text)) => Ok(text.clone()),
+            None => Err(Error::Io { path: path.to_string(), message: "import this dataloader config (the training config names it)".into() }),
+        }
+    };
+    config::load(&training_name, None, &read, &|_| None)
+}
+
+/// Plans with the picked files, exactly as `native-runner plan` does.
+pub fn plan_run(training: &TrainingConfig, dataloader: &DataloaderConfig) -> Result<(Plan, Vec<Box<dyn ImageSource>>)> {
+    let sources = with(|w| w.sources.clone());
+    let open = |dataset: &ImageDatasetConfig| -> Result<Box<dyn ImageSource>> {
+        match sources.get(&dataset.id) {
+            Some(source) => Ok(Box::new(SharedSource(source.clone()))),
+            None => Err(Error::Dataset {
+                dataset: dataset.id.clone(),
+                message: format!("no files picked: pick the folder '{}' (instance_data_dir) or drop its images on the dataset", dataset.instance_data_dir),
+            }),
+        }
+    };
+    // WebGPU stores no bf16; the wasm CPU backend is planned the same way.
+    let plan = plan(training, dataloader, &open, PlanTarget { has_bf16: false }, &mut |_| {})?;
+    let run_sources = plan
+        .datasets
+        .iter()
+        .map(|d| Box::new(SharedSource(sources[&d.id].clone())) as Box<dyn ImageSource>)
+        .collect();
+    Ok((plan, run_sources))
+}
+
+/// Sets a training config value in env-file text (`KEY=value`), replacing
+/// the line that sets it or appending one.
+pub fn env_set(text: &str, key: &str, value: &str) -> String {
+    let quoted = if value.contains(' ') || value.contains('#') { format!("\"{}\"", value.replace('"', "\\\"")) } else { value.to_string() };
+    let line = format!("{key}={quoted}");
+    let mut found = false;
+    let mut lines: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let bare = l.trim_start().strip_prefix("export ").unwrap_or(l.trim_start());
+            if bare.starts_with(&format!("{key}=")) {
+                found = true;
+                line.clone()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    if !found {
+        lines.push(line);
+    }
+    lines.join("\n") + "\n"
+}
+
+/// A value set in env-file text, unquoted.
+pub fn env_get(text: &str, key: &str) -> Option<String> {
+    text.lines().rev().find_map(|l| {
+        let bare = l.trim_start().strip_prefix("export ").unwrap_or(l.trim_start());
+        bare.strip_prefix(&format!("{key}=")).map(|v| v.trim().trim_matches('"').trim_matches('\'').to_string())
+    })
+}

@@ -1,0 +1,219 @@
+//! The browser app end to end: Trunk builds it, a small static server
+//! serves it, and tests/e2e/app.mjs drives Debian's headless Chromium on
+//! WebGPU (SwiftShader) through it with the tiny fixture model and the
+//! example images. Then the native runner checks what the browser made:
+//! the plan equals `plan --json`, the downloaded LoRA loads in `sample
+//! --lora`, and the same config trained natively gives the same LoRA.
+//!
+//! Needs chromium, node with tests/e2e's playwright-core (`npm ci`), trunk
+//! and wasm-bindgen-cli: `.ci/run` installs them all.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use trainer_core::models::safetensors_file::SafetensorsFile;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A tool on PATH or in cargo's bin folder; a clear failure otherwise.
+fn tool(name: &str, how: &str) -> PathBuf {
+    let cargo_bin = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin").join(name));
+    let on_path = std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(name)).find(|p| p.is_file()));
+    on_path.or(cargo_bin.filter(|p| p.is_file())).unwrap_or_else(|| panic!("the browser test needs {name}: {how} (.ci/run installs it)"))
+}
+
+/// Serves `root` on a free localhost port (GET only, enough for Chromium).
+fn serve(root: PathBuf) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = format!("http://{}/", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let root = root.clone();
+            std::thread::spawn(move || answer(stream, &root));
+        }
+    });
+    address
+}
+
+fn answer(mut stream: TcpStream, root: &Path) {
+    let mut request = String::new();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    if reader.read_line(&mut request).is_err() {
+        return;
+    }
+    // Drain the headers.
+    let mut line = String::new();
+    while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
+        line.clear();
+    }
+    let path = request.split_whitespace().nth(1).unwrap_or("/").split('?').next().unwrap_or("/").trim_start_matches('/').to_string();
+    let path = if path.is_empty() { "index.html".to_string() } else { path };
+    let file = root.join(&path);
+    let (status, body) = match std::fs::read(&file) {
+        Ok(body) if !path.contains("..") => ("200 OK", body),
+        _ => ("404 Not Found", b"not found".to_vec()),
+    };
+    let mime = match file.extension().and_then(|e| e.to_str()) {
+        Some("html") => "text/html; charset=utf-8",
+        Some("js") => "text/javascript",
+        Some("wasm") => "application/wasm",
+        _ => "application/octet-stream",
+    };
+    let header = format!("HTTP/1.1 {status}\r\nContent-Type: {mime}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    let _ = stream.write_all(header.as_bytes()).and_then(|_| stream.write_all(&body));
+}
+
+/// The example run, shortened to 3 steps with validation and a checkpoint
+/// at step 3, with the model given by absolute path for the native run.
+fn work_folder(dir: &Path, model: &Path) {
+    let examples = repo().join("examples/dreambooth");
+    for sub in ["subject", "regularisation"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+        for entry in std::fs::read_dir(examples.join(sub)).unwrap().flatten() {
+            std::fs::copy(entry.path(), dir.join(sub).join(entry.file_name())).unwrap();
+        }
+    }
+    std::fs::copy(examples.join("multidatabackend-tiny.json"), dir.join("multidatabackend-tiny.json")).unwrap();
+    let tiny = std::fs::read_to_string(examples.join("tiny.env")).unwrap();
+    let config: String = tiny
+        .lines()
+        .map(|line| match line.split_once('=').map(|(k, _)| k) {
+            Some("MAX_NUM_STEPS") => "MAX_NUM_STEPS=3".to_string(),
+            Some("VALIDATION_STEPS") => "VALIDATION_STEPS=3".to_string(),
+            Some("CHECKPOINTING_STEPS") => "CHECKPOINTING_STEPS=3".to_string(),
+            Some("VALIDATION_NUM_INFERENCE_STEPS") => "VALIDATION_NUM_INFERENCE_STEPS=2".to_string(),
+            Some("MODEL_NAME") => format!("MODEL_NAME={}", model.display()),
+            Some("OUTPUT_DIR") => "OUTPUT_DIR=output/browser".to_string(),
+            _ => line.to_string(),
+        })
+        .map(|l| l + "\n")
+        .collect();
+    std::fs::write(dir.join("browser.env"), config).unwrap();
+}
+
+fn runner(args: &[&str], dir: &Path) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_native-runner")).args(args).current_dir(dir).output().unwrap();
+    assert!(output.status.success(), "native-runner {args:?} failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Every tensor of a safetensors file, as f32.
+fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let file = SafetensorsFile::open(path.to_str().unwrap()).unwrap();
+    let mut names: Vec<String> = file.names().map(str::to_string).collect();
+    names.sort();
+    names.into_iter().map(|n| (n.clone(), file.to_f32(&n).unwrap())).collect()
+}
+
+fn norm(values: &[f32]) -> f64 {
+    values.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt()
+}
+
+#[test]
+fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
+    let chromium = std::env::var("CHROMIUM").map(PathBuf::from).unwrap_or_else(|_| tool("chromium", "apt-get install chromium"));
+    let node = tool("node", "install Node.js");
+    let trunk = tool("trunk", "cargo install trunk --version ~0.21 --locked");
+    tool("wasm-bindgen", "cargo install wasm-bindgen-cli --version <the wasm-bindgen version in Cargo.lock>");
+    let e2e = repo().join("tests/e2e");
+    assert!(e2e.join("node_modules/playwright-core").is_dir(), "the browser test needs playwright-core: cd tests/e2e && npm ci");
+
+    let scratch = std::env::temp_dir().join(format!("burnbooth-browser-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let (dist, work, out) = (scratch.join("dist"), scratch.join("work"), scratch.join("out"));
+    for dir in [&dist, &work, &out] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let model = repo().join("trainer-core/tests/fixtures/models/sd1/diffusers");
+    work_folder(&work, &model);
+
+    let build = Command::new(&trunk).args(["build", "--offline", "--dist"]).arg(&dist).current_dir(repo()).output().unwrap();
+    assert!(build.status.success(), "trunk build failed:\n{}{}", String::from_utf8_lossy(&build.stdout), String::from_utf8_lossy(&build.stderr));
+    let url = serve(dist);
+
+    let driver = Command::new(node)
+        .arg(e2e.join("app.mjs"))
+        .current_dir(&e2e)
+        .env("APP_URL", &url)
+        .env("CHROMIUM", &chromium)
+        .env("MODEL_DIR", &model)
+        .env("WORK_DIR", &work)
+        .env("OUT_DIR", &out)
+        .env("CONFIGS", "browser.env,multidatabackend-tiny.json")
+        .env("TRAIN_TIMEOUT_S", "2400")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&driver.stdout);
+    eprintln!("{said}{}\nscreenshots and outputs: {}", String::from_utf8_lossy(&driver.stderr), out.display());
+    assert!(driver.status.success(), "the browser run failed (see above and {})", out.display());
+
+    // The page plans with the same code as `plan --json`.
+    let native_plan: serde_json::Value = serde_json::from_str(&runner(&["plan", "--json", "--config", "browser.env"], &work)).unwrap();
+    let web_plan: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("plan.json")).unwrap()).unwrap();
+    assert_eq!(web_plan, native_plan, "the browser's plan differs from native-runner plan --json");
+
+    let result: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("result.json")).unwrap()).unwrap();
+    assert_eq!(result["chartPoints"], 3, "the loss chart shows every step");
+    assert!(result["galleryImages"].as_u64().unwrap() >= 1, "a validation image appears");
+    let gap = result["longestFrameGapMs"].as_f64().unwrap();
+    assert!(gap < 1000.0, "the page must repaint at least once a second while training; the longest gap was {gap} ms");
+    assert!(result["saved"].as_str().unwrap().contains("(1 checkpoint(s)"), "a reload finds the run in OPFS: {}", result["saved"]);
+    let tokens = result["tokens"].as_str().unwrap();
+    assert!(tokens.contains("sks") && tokens.contains("rifle"), "the rare-token finder in the page: {tokens}");
+    let reg_plan = result["regPlan"].as_str().unwrap();
+    assert!(reg_plan.contains("Dataset 'regularisation-data'  [regularisation]\n  folder: regularisation/a-picture-of-a-toy\n  images: 2 found, 2 used"), "the generated class images plan as a dataset: {reg_plan}");
+    assert_eq!(result["selfTestWithShim"]["ok"], true, "the GPU self-test: {}", result["selfTestWithShim"]);
+    // Without the subgroups workaround the same test shows whether wgpu/cubecl
+    // still need it (DEVELOPERS.md); reported, since either outcome is a fact.
+    eprintln!("GPU self-test without the subgroups workaround: {}", result["selfTestWithoutShim"]);
+
+    // The downloaded LoRA works in the native runner...
+    let lora = out.join("lora.safetensors");
+    let image = out.join("sampled-with-browser-lora.png");
+    runner(
+        &["sample", "--model", model.to_str().unwrap(), "--lora", lora.to_str().unwrap(), "--prompt", "a photograph of zwxrobot", "--steps", "2",
+          "--width", "64", "--height", "64", "--device", "cpu", "--out", image.to_str().unwrap()],
+        &work,
+    );
+    assert!(image.is_file());
+
+    // ...and equals the LoRA the native runner trains from the same config
+    // and seed. WebGPU and burn's CPU backend round differently (reduction
+    // order), so: the losses agree to 1e-4 relative, the LoRA as a whole to
+    // 1e-3 relative L2. Single tensors may differ more: Adam's first steps
+    // are scale-free (m / sqrt(v)), so where a gradient is ~1e-8 rounding
+    // noise sets the step (seen: 2.9e-3 on one lora_up; median 3.5e-7).
+    runner(&["train", "--config", "browser.env", "--device", "cpu", "--output-dir", "native"], &work);
+    let native_losses: Vec<f64> = std::fs::read_to_string(work.join("native/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect();
+    let web_losses: Vec<f64> = result["losses"].as_array().unwrap().iter().map(|p| p[1].as_f64().unwrap()).collect();
+    assert_eq!(web_losses.len(), native_losses.len());
+    for (step, (w, n)) in web_losses.iter().zip(&native_losses).enumerate() {
+        assert!(((w - n) / n).abs() < 1e-4, "step {}: web loss {w}, native {n}", step + 1);
+    }
+    let native = tensors(&work.join("native/burnbooth-lora.safetensors"));
+    let web = tensors(&lora);
+    assert_eq!(web.iter().map(|t| &t.0).collect::<Vec<_>>(), native.iter().map(|t| &t.0).collect::<Vec<_>>());
+    let (mut difference, mut total, mut worst) = (0.0f64, 0.0f64, 0.0f64);
+    for ((name, w), (_, n)) in web.iter().zip(&native) {
+        assert_eq!(w.len(), n.len(), "{name}");
+        let d: Vec<f32> = w.iter().zip(n).map(|(a, b)| a - b).collect();
+        difference += norm(&d).powi(2);
+        total += norm(n).powi(2);
+        let relative = norm(&d) / norm(n).max(1e-12);
+        worst = worst.max(relative);
+        assert!(relative < 1e-2, "{name}: web and native LoRA differ by {relative:.2e} (relative L2)");
+    }
+    let overall = (difference / total).sqrt();
+    assert!(overall < 1e-3, "web and native LoRA differ by {overall:.2e} (relative L2 over all tensors)");
+    let moved: f64 = web.iter().filter(|(n, _)| n.ends_with("lora_up.weight")).map(|(_, v)| norm(v)).sum();
+    assert!(moved > 0.0, "training moved the LoRA up weights away from their zero start");
+    eprintln!("web vs native LoRA: relative L2 difference {overall:.2e} overall, {worst:.2e} at worst over {} tensors", web.len());
+}

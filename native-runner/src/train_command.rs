@@ -250,7 +250,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
             let path = block_on(session.export_lora(&args.output_name))?;
             eprintln!("LoRA (kohya format) {path}");
         }
-        ModelType::Full => eprintln!("full fine-tune: the trained UNet is in {checkpoint}/trainable.safetensors"),
+        ModelType::Full => {
+            let configs = source_configs(&session, &args)?;
+            let (folder, single) = block_on(session.export_full(&args.output_name, configs.as_ref()))?;
+            eprintln!("full fine-tune: diffusers folder {folder}");
+            if let Some(single) = single {
+                eprintln!("full fine-tune: single-file checkpoint {single}");
+            }
+        }
     }
     Ok(())
 }
@@ -266,4 +273,24 @@ fn validate(session: &mut Session<'_>) -> Result<()> {
         eprintln!("validation image {path}");
     }
     Ok(())
+}
+
+/// The config, tokenizer and scheduler files of the model's diffusers folder
+/// (from `--config-from` for a single-file model), for the exported folder.
+fn source_configs(session: &Session<'_>, args: &TrainArgs) -> Result<Option<std::collections::BTreeMap<String, String>>> {
+    let model = session.config.pretrained_model_name_or_path.clone().unwrap_or_default();
+    let folder = match &args.config_from {
+        Some(folder) => std::path::PathBuf::from(folder),
+        None if std::path::Path::new(&model).is_dir() => std::path::PathBuf::from(&model),
+        None => return Ok(None),
+    };
+    let mut files = std::collections::BTreeMap::new();
+    for name in ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json",
+                 "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer.json"] {
+        let path = folder.join(name);
+        if path.is_file() {
+            files.insert(name.to_string(), read_text(&path.display().to_string())?);
+        }
+    }
+    Ok(Some(files))
 }

@@ -222,3 +222,35 @@ fn the_guide_configuration_trains_unchanged_apart_from_paths() {
     assert!(out.join("burnbooth-lora.safetensors").exists());
     assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2);
 }
+
+#[test]
+fn a_full_fine_tune_exports_a_diffusers_folder_and_a_single_file_that_sample_alike() {
+    let dir = run_folder("full", "MAX_NUM_STEPS=2\nLEARNING_RATE=1e-3\n");
+    let config = std::fs::read_to_string(dir.join("config.env")).unwrap().replace("MODEL_TYPE=lora", "MODEL_TYPE=full");
+    std::fs::write(dir.join("config.env"), config).unwrap();
+    let output = runner(&["train", "--config", "config.env", "--device", "cpu", "--output-name", "tuned"], &dir);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let folder = dir.join("output/tuned");
+    for file in ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder/model.safetensors", "tokenizer/vocab.json", "scheduler/scheduler_config.json"] {
+        assert!(folder.join(file).is_file(), "{file} missing from the exported folder");
+    }
+    let single = dir.join("output/tuned.safetensors");
+    assert!(single.is_file());
+
+    // The folder and the single file hold the same trained weights under
+    // their two naming schemes: both sample the same image, unlike the base model.
+    let model = repo().join("trainer-core/tests/fixtures/models/sd1/diffusers");
+    let sample = |model_arg: &str, extra: &[&str], out: &str| {
+        let mut args = vec!["sample", "--model", model_arg, "--prompt", "a photograph of zwxrobot", "--steps", "3", "--width", "32", "--height", "32", "--device", "cpu", "--seed", "7", "--out", out];
+        args.extend_from_slice(extra);
+        let output = runner(&args, &dir);
+        assert!(output.status.success(), "sample {model_arg}: {}", stderr(&output));
+        image::open(dir.join(out)).unwrap().to_rgb8().into_raw()
+    };
+    let from_folder = sample(folder.to_str().unwrap(), &[], "folder.png");
+    let from_single = sample(single.to_str().unwrap(), &["--config-from", model.to_str().unwrap()], "single.png");
+    let base = sample(model.to_str().unwrap(), &[], "base.png");
+    assert_eq!(from_folder, from_single, "the single-file checkpoint differs from the diffusers folder");
+    assert_ne!(from_folder, base, "the exported model is the trained one, not the base");
+}

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use burn::module::Param;
+use burn::module::{Param, ParamId};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig, GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::{Device, Tensor, TensorData};
@@ -23,6 +23,11 @@ use crate::error::{Error, Result};
 
 /// Maps a model tensor name (diffusers layout) to its name in the file.
 pub type Rename<'a> = Box<dyn Fn(&str) -> String + 'a>;
+
+/// The checkpoint name of each loaded parameter (diffusers naming), by the
+/// parameter's id, so trained weights can be saved under the names they
+/// were loaded from. `transposed`: burn stores Linear weights as [in, out].
+pub type ParamNames = std::collections::HashMap<ParamId, (String, bool)>;
 
 /// Named tensors: a safetensors file, or a view that renames or splits the
 /// tensors of one (OpenCLIP's packed q/k/v).
@@ -68,6 +73,8 @@ pub struct Loader<'a> {
     /// Names, shapes and a sample of the values of everything loaded: the
     /// component's identity for cache keys.
     fingerprint: Sha256,
+    /// Checkpoint name of every parameter made.
+    pub names: ParamNames,
 }
 
 impl<'a> Loader<'a> {
@@ -78,7 +85,7 @@ impl<'a> Loader<'a> {
                 index.insert(name, i);
             }
         }
-        Self { files, index, rename, device, dry_run: false, random: None, requested: Vec::new(), used: BTreeSet::new(), problems: Vec::new(), fingerprint: Sha256::new() }
+        Self { files, index, rename, device, dry_run: false, random: None, requested: Vec::new(), used: BTreeSet::new(), problems: Vec::new(), fingerprint: Sha256::new(), names: ParamNames::new() }
     }
 
     /// A loader that reads nothing and records what the model needs.
@@ -175,13 +182,17 @@ impl<'a> Loader<'a> {
     }
 
     pub fn param<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Param<Tensor<D>> {
-        Param::from_tensor(self.tensor(name, shape))
+        let param = Param::from_tensor(self.tensor(name, shape));
+        self.names.insert(param.id, (name.to_string(), false));
+        param
     }
 
     /// `nn.Linear` (PyTorch stores the weight as [out, in]; burn as [in, out]).
     pub fn linear(&mut self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Linear {
         let mut linear = LinearConfig::new(d_in, d_out).with_bias(bias).init(&self.device);
-        linear.weight = Param::from_tensor(self.tensor(&format!("{prefix}.weight"), [d_out, d_in]).transpose());
+        let name = format!("{prefix}.weight");
+        linear.weight = Param::from_tensor(self.tensor(&name, [d_out, d_in]).transpose());
+        self.names.insert(linear.weight.id, (name, true));
         linear.bias = bias.then(|| self.param(&format!("{prefix}.bias"), [d_out]));
         linear
     }

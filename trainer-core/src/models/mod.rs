@@ -115,6 +115,16 @@ pub struct StableDiffusion {
     pub vae: AutoencoderKl,
     pub unet: UNet2DConditionModel,
     pub fingerprints: Fingerprints,
+    /// Checkpoint (diffusers) names of the loaded parameters, for exports.
+    pub names: ComponentNames,
+}
+
+/// [`loader::ParamNames`] of each component.
+#[derive(Debug, Clone, Default)]
+pub struct ComponentNames {
+    pub unet: loader::ParamNames,
+    pub vae: loader::ParamNames,
+    pub text_encoder: loader::ParamNames,
 }
 
 /// Each component's identity (a hash of its weights), for cache keys.
@@ -202,6 +212,12 @@ fn tokenizer_from_folder(files: &dyn ModelFiles, pad: &str) -> Result<ClipTokeni
 }
 
 /// Whether names in a file carry transformers' `text_model.` prefix.
+/// Text-encoder names without a folder's `text_model.` prefix (the form
+/// the single-file renames start from).
+fn text_names_without(names: loader::ParamNames, prefix: &str) -> loader::ParamNames {
+    names.into_iter().map(|(id, (name, transposed))| (id, (name.strip_prefix(prefix).unwrap_or(&name).to_string(), transposed))).collect()
+}
+
 fn has_text_model_prefix(file: &dyn TensorSource, prefix: &str) -> bool {
     file.tensor_names().iter().any(|n| n.starts_with(&format!("{prefix}text_model.")))
 }
@@ -219,12 +235,14 @@ impl StableDiffusion {
         let mut loader = Loader::new(vec![&unet_file], Box::new(|n| n.to_string()), device.clone());
         let unet = UNet2DConditionModel::load(&configs.unet, &mut loader);
         let mut fingerprints = Fingerprints { unet: loader.fingerprint(), ..Default::default() };
+        let mut names = ComponentNames { unet: std::mem::take(&mut loader.names), ..Default::default() };
         loader.finish("UNet", &|_| false)?;
 
         let vae_file = component_weights(files, "vae", &model_names)?;
         let mut loader = Loader::new(vec![&vae_file], Box::new(|n| n.to_string()), device.clone());
         let vae = AutoencoderKl::load(&configs.vae, &mut loader);
         fingerprints.vae = loader.fingerprint();
+        names.vae = std::mem::take(&mut loader.names);
         loader.finish("VAE", &|_| false)?;
 
         let text_file = component_weights(files, "text_encoder", &text_names)?;
@@ -233,9 +251,10 @@ impl StableDiffusion {
         let mut loader = Loader::new(vec![&text_file], Box::new(|n| n.to_string()), device.clone());
         let text_encoder = ClipTextModel::load(&configs.text, &mut loader, prefix, false);
         fingerprints.text_encoder = loader.fingerprint();
+        names.text_encoder = text_names_without(std::mem::take(&mut loader.names), prefix);
         loader.finish("text encoder", &|n| n.ends_with("position_ids"))?;
 
-        Ok(Self { family, configs, tokenizer, text_encoder, vae, unet, fingerprints })
+        Ok(Self { family, configs, tokenizer, text_encoder, vae, unet, fingerprints, names })
     }
 
     /// Loads a single-file checkpoint. `configs` come from a diffusers folder
@@ -249,12 +268,14 @@ impl StableDiffusion {
         let mut loader = Loader::new(vec![file], Box::new(move |n| single_file::unet_name(n, &unet_config)), device.clone());
         let unet = UNet2DConditionModel::load(&configs.unet, &mut loader);
         let mut fingerprints = Fingerprints { unet: loader.fingerprint(), ..Default::default() };
+        let mut names = ComponentNames { unet: std::mem::take(&mut loader.names), ..Default::default() };
         loader.finish("UNet", &|n| !n.starts_with(UNET_PREFIX))?;
 
         let vae_config = configs.vae.clone();
         let mut loader = Loader::new(vec![file], Box::new(move |n| single_file::vae_name(n, &vae_config)), device.clone());
         let vae = AutoencoderKl::load(&configs.vae, &mut loader);
         fingerprints.vae = loader.fingerprint();
+        names.vae = std::mem::take(&mut loader.names);
         loader.finish("VAE", &|n| !n.starts_with(VAE_PREFIX))?;
 
         let text_encoder = match family {
@@ -263,6 +284,7 @@ impl StableDiffusion {
                 let mut loader = Loader::new(vec![file], Box::new(move |n| single_file::sd1_text_name(n, with_prefix)), device.clone());
                 let model = ClipTextModel::load(&configs.text, &mut loader, "", false);
                 fingerprints.text_encoder = loader.fingerprint();
+                names.text_encoder = std::mem::take(&mut loader.names);
                 loader.finish("text encoder", &|n| !n.starts_with(SD1_TEXT_PREFIX) || n.ends_with("position_ids"))?;
                 model
             }
@@ -271,11 +293,12 @@ impl StableDiffusion {
                 let mut loader = Loader::new(vec![&view], Box::new(|n| n.to_string()), device.clone());
                 let model = ClipTextModel::load(&configs.text, &mut loader, "", false);
                 fingerprints.text_encoder = loader.fingerprint();
+                names.text_encoder = std::mem::take(&mut loader.names);
                 loader.finish("text encoder", &|_| false)?;
                 model
             }
         };
-        Ok(Self { family, configs, tokenizer, text_encoder, vae, unet, fingerprints })
+        Ok(Self { family, configs, tokenizer, text_encoder, vae, unet, fingerprints, names })
     }
 }
 

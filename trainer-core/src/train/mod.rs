@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod checkpoint;
 pub mod export;
+pub mod full_export;
 pub mod metrics;
 pub mod noise;
 pub mod optimizer;

@@ -1,0 +1,148 @@
+//! Full fine-tune exports: the model's weights under the names they were
+//! loaded from (the loader records each parameter's checkpoint name), as a
+//! diffusers folder's weight files and as one A1111/ComfyUI single-file
+//! checkpoint (SD 1.x).
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{DType, Tensor};
+
+use super::storage::{join, Storage};
+use super::tensor_file::{self, HostTensor};
+use crate::error::{Error, Result};
+use crate::models::loader::ParamNames;
+use crate::models::{single_file, standard, tokenizer, Family, StableDiffusion};
+
+struct NamedParams<'a> {
+    names: &'a ParamNames,
+    found: Vec<(String, Tensor<1>, Vec<usize>)>,
+}
+
+impl ModuleVisitor for NamedParams<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        // LoRA adapters were not loaded from the checkpoint: they have no name.
+        let Some((name, transposed)) = self.names.get(&param.id) else { return };
+        let mut value = param.val().without_autodiff().cast(DType::F32);
+        if *transposed && D == 2 {
+            value = value.transpose();
+        }
+        let dims = value.dims().to_vec();
+        let count: usize = dims.iter().product();
+        self.found.push((name.clone(), value.reshape([count]), dims));
+    }
+}
+
+/// A component's weights by checkpoint name, on the host. Fails when a
+/// loaded parameter is no longer in the module.
+pub async fn named_tensors<M: Module>(module: &M, names: &ParamNames, what: &str) -> Result<BTreeMap<String, HostTensor>> {
+    let mut visitor = NamedParams { names, found: Vec::new() };
+    module.visit(&mut visitor);
+    if visitor.found.len() != names.len() {
+        return Err(Error::Training {
+            step: 0,
+            message: format!("{what}: {} of {} loaded parameters are still in the model; cannot export it whole", visitor.found.len(), names.len()),
+        });
+    }
+    let mut out = BTreeMap::new();
+    for (name, flat, shape) in visitor.found {
+        let host = HostTensor::from_tensor(flat).await?;
+        out.insert(name, HostTensor { shape, values: host.values });
+    }
+    Ok(out)
+}
+
+fn pt_metadata() -> BTreeMap<String, String> {
+    BTreeMap::from([("format".to_string(), "pt".to_string())])
+}
+
+/// Writes a complete diffusers folder under `dir`: the three components'
+/// weights (the UNet as trained), and their configs, tokenizer, scheduler
+/// and `model_index.json` from `configs` (name -> JSON text, as read from
+/// the source folder) or, when absent, the published configs of the family.
+pub async fn write_diffusers_folder(
+    model: &StableDiffusion,
+    storage: &dyn Storage,
+    dir: &str,
+    configs: Option<&BTreeMap<String, String>>,
+) -> Result<()> {
+    let unet = named_tensors(&model.unet.without_lora(), &model.names.unet, "UNet").await?;
+    storage.write(&join(dir, "unet/diffusion_pytorch_model.safetensors"), &tensor_file::write(&unet, &pt_metadata())?)?;
+    let vae = named_tensors(&model.vae, &model.names.vae, "VAE").await?;
+    storage.write(&join(dir, "vae/diffusion_pytorch_model.safetensors"), &tensor_file::write(&vae, &pt_metadata())?)?;
+    let text: BTreeMap<String, HostTensor> =
+        named_tensors(&model.text_encoder, &model.names.text_encoder, "text encoder").await?.into_iter().map(|(n, t)| (format!("text_model.{n}"), t)).collect();
+    storage.write(&join(dir, "text_encoder/model.safetensors"), &tensor_file::write(&text, &pt_metadata())?)?;
+    let texts: BTreeMap<String, String> = match configs {
+        Some(configs) => configs.clone(),
+        None => standard_files(model.family),
+    };
+    for (name, text) in texts {
+        storage.write(&join(dir, &name), text.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The published configs of a family, as a diffusers folder holds them.
+fn standard_files(family: Family) -> BTreeMap<String, String> {
+    let (unet, text, scheduler, pad) = match family {
+        Family::Sd1 => (standard::SD15_UNET, standard::CLIP_L, standard::SD15_SCHEDULER, tokenizer::END_OF_TEXT),
+        Family::Sd2 => (standard::SD21_UNET, standard::OPENCLIP_H, standard::SD21_SCHEDULER, "!"),
+    };
+    let index = r#"{
+  "_class_name": "StableDiffusionPipeline",
+  "feature_extractor": [null, null],
+  "requires_safety_checker": false,
+  "safety_checker": [null, null],
+  "scheduler": ["diffusers", "PNDMScheduler"],
+  "text_encoder": ["transformers", "CLIPTextModel"],
+  "tokenizer": ["transformers", "CLIPTokenizer"],
+  "unet": ["diffusers", "UNet2DConditionModel"],
+  "vae": ["diffusers", "AutoencoderKL"]
+}
+"#;
+    let tokenizer_config = format!(
+        r#"{{"model_max_length": 77, "bos_token": "{}", "eos_token": "{}", "pad_token": "{pad}", "unk_token": "{}", "tokenizer_class": "CLIPTokenizer"}}"#,
+        tokenizer::START_OF_TEXT,
+        tokenizer::END_OF_TEXT,
+        tokenizer::END_OF_TEXT
+    );
+    BTreeMap::from([
+        ("model_index.json".to_string(), index.to_string()),
+        ("unet/config.json".to_string(), unet.to_string()),
+        ("vae/config.json".to_string(), standard::SD_VAE.to_string()),
+        ("text_encoder/config.json".to_string(), text.to_string()),
+        ("scheduler/scheduler_config.json".to_string(), scheduler.to_string()),
+        ("tokenizer/vocab.json".to_string(), tokenizer::STANDARD_VOCAB.to_string()),
+        ("tokenizer/merges.txt".to_string(), tokenizer::STANDARD_MERGES.to_string()),
+        ("tokenizer/tokenizer_config.json".to_string(), tokenizer_config),
+    ])
+}
+
+/// One single-file checkpoint (LDM names, as A1111/Forge and ComfyUI load
+/// SD 1.x), f32. SD 2.x packs its text encoder differently: not written yet.
+pub async fn single_file_checkpoint(model: &StableDiffusion) -> Result<Vec<u8>> {
+    if model.family != Family::Sd1 {
+        return Err(Error::Training {
+            step: 0,
+            message: "single-file export is written for SD 1.x; for SD 2.x use the diffusers folder (diffusers and ComfyUI load it)".into(),
+        });
+    }
+    let mut all = BTreeMap::new();
+    for (name, tensor) in named_tensors(&model.unet.without_lora(), &model.names.unet, "UNet").await? {
+        all.insert(single_file::unet_name(&name, &model.configs.unet), tensor);
+    }
+    for (name, mut tensor) in named_tensors(&model.vae, &model.names.vae, "VAE").await? {
+        let file_name = single_file::vae_name(&name, &model.configs.vae);
+        // The LDM VAE's attention projections are 1x1 convolutions.
+        if file_name.contains(".mid.attn_1.") && file_name.ends_with(".weight") && tensor.shape.len() == 2 {
+            tensor.shape.extend([1, 1]);
+        }
+        all.insert(file_name, tensor);
+    }
+    for (name, tensor) in named_tensors(&model.text_encoder, &model.names.text_encoder, "text encoder").await? {
+        all.insert(single_file::sd1_text_name(&name, true), tensor);
+    }
+    let metadata = BTreeMap::from([("modelspec.architecture".to_string(), "stable-diffusion-v1".to_string()), ("burnbooth.export".to_string(), "full fine-tune".to_string())]);
+    tensor_file::write(&all, &metadata)
+}

@@ -147,6 +147,9 @@ pub async fn train(view: RunView) -> Result<String, String> {
         let seconds = (now_ms() - step_started) / 1000.0;
         if report.step == first_step + 1 {
             view.note(format!("first step took {seconds:.1} s ({:.1} s after pressing Train)", (now_ms() - started) / 1000.0));
+        } else if report.step <= first_step + 5 {
+            // The first steps compile kernels; these show when steps settle.
+            view.note(format!("step {} took {seconds:.1} s", report.step));
         }
         session.record(&report, (now_ms() - loop_started) / 1000.0).map_err(|e| e.to_string())?;
         let done = report.step - first_step;

@@ -120,7 +120,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let device = device(&args.device)?;
     let mut model = load_model(&args.model, args.config_from.as_deref(), &device)?;
     let loras = apply_loras(&mut model, &args.lora, &device)?;
-    let native = model.configs.unet.sample_size.unwrap_or(64) * model.configs.vae.downscale();
+    let native = model.native_size();
     let init = args.init_latents.as_deref().map(|p| read_latents(p, &device)).transpose()?;
     let (mut width, mut height) = (args.width.unwrap_or(native), args.height.unwrap_or(native));
     if let Some(latents) = &init {

@@ -139,8 +139,7 @@ pub fn run_make_reg(args: MakeRegArgs) -> Result<()> {
     let model = load_model(&args.model, None, &device);
     loading.finish_and_clear();
     let model = model?;
-    let native = model.configs.unet.sample_size.unwrap_or(64) * model.configs.vae.downscale();
-    let side = args.resolution.unwrap_or(native);
+    let side = args.resolution.unwrap_or(model.native_size());
     let request = GenerateRequest {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),

@@ -162,6 +162,13 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
     let gap = result["longestFrameGapMs"].as_f64().unwrap();
     assert!(gap < 1000.0, "the page must repaint at least once a second while training; the longest gap was {gap} ms");
     assert!(result["saved"].as_str().unwrap().contains("(1 checkpoint(s)"), "a reload finds the run in OPFS: {}", result["saved"]);
+    // Coming back after the reload: the run resumed from the OPFS checkpoint,
+    // reused every cache entry, and step 4 joined the first three.
+    let resume_log = result["resumeLog"].as_str().unwrap();
+    assert!(resume_log.contains("resumed from output/browser/checkpoints/checkpoint-00000003 at step 3"), "{resume_log}");
+    assert!(resume_log.contains("0 latent(s) and 0 text embedding(s) computed"), "caches must come from OPFS: {resume_log}");
+    let resumed: Vec<u64> = result["resumedLosses"].as_array().unwrap().iter().map(|p| p[0].as_u64().unwrap()).collect();
+    assert_eq!(resumed, [1, 2, 3, 4]);
     let tokens = result["tokens"].as_str().unwrap();
     assert!(tokens.contains("sks") && tokens.contains("rifle"), "the rare-token finder in the page: {tokens}");
     let reg_plan = result["regPlan"].as_str().unwrap();

@@ -159,6 +159,33 @@ try {
   say(saved);
   await screenshot('reloaded');
 
+  // Coming back: pick the same files, ask for one more step in the form,
+  // and training continues from the saved checkpoint without re-encoding.
+  await page.waitForSelector('#gpu-status.ok', { timeout: 120_000 });
+  await page.setInputFiles('#model-folder', modelDir);
+  await page.waitForSelector('#model-fit.ok', { timeout: 60_000 });
+  await page.setInputFiles('#config-files', configs);
+  await page.waitForSelector('.dataset', { timeout: 30_000 });
+  for (const id of datasets) {
+    const entry = dataloader.find((d) => d.id === id);
+    await page.setInputFiles(`.dataset[data-dataset="${id}"] input[type=file]`, path.join(workDir, entry.instance_data_dir));
+    await page.waitForFunction((id) => document.querySelector(`.dataset[data-dataset="${id}"] .count`)?.textContent.includes('picked'), id, { timeout: 30_000 });
+  }
+  await page.fill('input[data-key="MAX_NUM_STEPS"]', '4');
+  await page.locator('input[data-key="MAX_NUM_STEPS"]').dispatchEvent('change');
+  const resumeStarted = Date.now();
+  await page.click('#train');
+  for (;;) {
+    await page.waitForTimeout(2000);
+    if (await errorText()) await fail(`resumed training: ${await errorText()}`);
+    if ((await page.locator('#phase').textContent({ timeout: 900_000 })) === 'finished') break;
+    if (Date.now() - resumeStarted > trainTimeout) await fail('resumed training did not finish');
+  }
+  const resumeLog = await page.locator('#log').textContent();
+  const resumedLosses = JSON.parse(await page.locator('#loss-chart').getAttribute('data-losses'));
+  say(`resumed: ${resumeLog.split('\n').filter((l) => l.startsWith('resumed') || l.startsWith('caches')).join(' / ')}`);
+  await screenshot('resumed');
+
   // The GPU self-test, with the subgroups workaround and without it.
   const selfTest = async (p) => {
     await p.waitForSelector('#gpu-status.ok, #gpu-status.bad', { timeout: 120_000 });
@@ -176,7 +203,7 @@ try {
   say(`self-test without it: ${JSON.stringify(withoutShim)}`);
   await bare.close();
 
-  fs.writeFileSync(path.join(outDir, 'result.json'), JSON.stringify({ tokens, regPlan, trainSeconds, chartPoints, losses, galleryImages, longestFrameGapMs: longestGap, saved, stats, gpu, selfTestWithShim: withShim, selfTestWithoutShim: withoutShim }, null, 2));
+  fs.writeFileSync(path.join(outDir, 'result.json'), JSON.stringify({ resumeLog, resumedLosses, tokens, regPlan, trainSeconds, chartPoints, losses, galleryImages, longestFrameGapMs: longestGap, saved, stats, gpu, selfTestWithShim: withShim, selfTestWithoutShim: withoutShim }, null, 2));
   fs.writeFileSync(path.join(outDir, 'console.txt'), consoleLines.join('\n'));
   await browser.close();
   say('done');

@@ -56,6 +56,11 @@ impl StableDiffusion {
         Ok(self.text_encoder.forward(ids).last_hidden_state)
     }
 
+    /// The image size the model was trained at (UNet sample size × VAE downscale).
+    pub fn native_size(&self) -> usize {
+        self.configs.unet.sample_size.unwrap_or(64) * self.configs.vae.downscale()
+    }
+
     /// Latent shape for an image size (must divide by the VAE's downscale).
     pub fn latent_shape(&self, width: usize, height: usize) -> Result<[usize; 4]> {
         let factor = self.configs.vae.downscale();

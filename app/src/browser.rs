@@ -84,18 +84,14 @@ pub fn picked_files(list: Option<FileList>) -> Vec<PickedFile> {
 
 /// Offers bytes as a download named `name`.
 pub fn download(name: &str, bytes: &[u8], mime: &str) -> Result<(), String> {
-    let parts = Array::of1(&Uint8Array::from(bytes));
-    let options = BlobPropertyBag::new();
-    options.set_type(mime);
-    let blob = Blob::new_with_u8_array_sequence_and_options(&parts, &options).map_err(js_error)?;
-    let url = Url::create_object_url_with_blob(&blob).map_err(js_error)?;
+    let url = object_url(bytes, mime)?;
     let document = window().document().ok_or("no document")?;
     let anchor: HtmlAnchorElement = document.create_element("a").map_err(js_error)?.unchecked_into();
     anchor.set_href(&url);
     anchor.set_download(name);
     anchor.click();
     // The click has started the download; the URL can go after a moment.
-    let revoke = js_sys::Function::new_no_args(&format!("URL.revokeObjectURL({})", JsValue::from_str(&url).as_string().map(|u| format!("{u:?}")).unwrap_or_default()));
+    let revoke = js_sys::Function::new_no_args(&format!("URL.revokeObjectURL({url:?})"));
     let _ = window().set_timeout_with_callback_and_timeout_and_arguments_0(&revoke, 60_000);
     Ok(())
 }

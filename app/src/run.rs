@@ -50,7 +50,7 @@ impl RunView {
         post(&FromWorker::Note(line.into()), Vec::new());
     }
 
-    fn progress(&self, phase: &str, done: u64, total: u64) {
+    pub fn progress(&self, phase: &str, done: u64, total: u64) {
         post(&FromWorker::Progress { phase: phase.to_string(), done, total }, Vec::new());
     }
 
@@ -98,14 +98,11 @@ pub async fn train(view: RunView) -> Result<String, String> {
     view.restore().await?;
     let (training, dataloader) = workspace::load_configs().map_err(|e| e.to_string())?;
     let (plan, sources) = workspace::plan_run(&training, &dataloader).map_err(|e| e.to_string())?;
-    let (compute, picked) = workspace::with(|w| (w.compute.clone(), w.model.clone()));
-    let compute = compute.ok_or("no compute device yet: wait for the GPU check at the top of the page")?;
-    let picked = picked.ok_or("pick a model first")?;
     view.progress("loading the model", 0, 1);
     sleep(0).await;
-    let model = picked.load(compute.device()).map_err(|e| e.to_string())?;
+    let (model, device) = workspace::load_model()?;
     let output_dir = training.output_dir.clone();
-    let mut session = Session::new(training, plan, model, sources, storage(), compute.device().clone(), SessionOptions::default()).map_err(|e| e.to_string())?;
+    let mut session = Session::new(training, plan, model, sources, storage(), device, SessionOptions::default()).map_err(|e| e.to_string())?;
     if !checkpoint::list(storage(), &output_dir).map_err(|e| e.to_string())?.is_empty() {
         let path = session.resume("latest").map_err(|e| e.to_string())?;
         post(&FromWorker::Losses(session.metrics.iter().map(|m| (m.step, m.loss)).collect()), Vec::new());
@@ -214,12 +211,9 @@ pub async fn sample(view: RunView, request: GenerateRequest, with_lora: bool) ->
             image.map_err(|e| e.to_string())
         }
         None => {
-            let (compute, picked) = workspace::with(|w| (w.compute.clone(), w.model.clone()));
-            let compute = compute.ok_or("no compute device yet")?;
-            let picked = picked.ok_or("pick a model first")?;
-            let model = picked.load(compute.device()).map_err(|e| e.to_string())?;
+            let (model, device) = workspace::load_model()?;
             let generated = model
-                .generate(&request, None, compute.device(), &mut |done, total| view.progress("sampling", done as u64, total as u64))
+                .generate(&request, None, &device, &mut |done, total| view.progress("sampling", done as u64, total as u64))
                 .map_err(|e| e.to_string())?;
             to_rgb8(generated.image).await.map_err(|e| e.to_string())
         }

@@ -185,23 +185,10 @@ async fn self_test() -> Result<String, String> {
     Ok(format!("matrix product correct (largest error {worst:.1e}) in {:.0} ms", crate::browser::now_ms() - started))
 }
 
-/// The base model, loaded from the picked files.
-fn base_model() -> Result<(trainer_core::models::StableDiffusion, Device), String> {
-    let (compute, picked) = workspace::with(|w| (w.compute.clone(), w.model.clone()));
-    let compute = compute.ok_or("no compute device yet")?;
-    let picked = picked.ok_or("pick a model first")?;
-    let model = picked.load(compute.device()).map_err(|e| e.to_string())?;
-    Ok((model, compute.device().clone()))
-}
-
-fn progress(phase: &str) -> impl FnMut(usize, usize) + '_ {
-    move |done, total| post(&FromWorker::Progress { phase: phase.to_string(), done: done as u64, total: total as u64 }, Vec::new())
-}
-
 async fn find_token(count: usize, max_chars: usize, class: Option<String>, check: Vec<String>) -> Result<Vec<trainer_core::tools::TokenReport>, String> {
-    let (model, device) = base_model()?;
+    let (model, device) = workspace::load_model()?;
     let class = class.as_deref().filter(|c| !c.trim().is_empty());
-    let mut on_progress = progress("scoring tokens");
+    let mut on_progress = |done: usize, total: usize| RunView.progress("scoring tokens", done as u64, total as u64);
     let reports = if check.is_empty() {
         trainer_core::tools::find_tokens(&model, count, 3, max_chars.max(3), class, &device, &mut on_progress).await
     } else {
@@ -212,13 +199,13 @@ async fn find_token(count: usize, max_chars: usize, class: Option<String>, check
 
 async fn make_reg(prompt: String, count: usize, steps: usize, seed: u64, size: usize) -> Result<(), String> {
     use trainer_core::tools::RegularisationSet;
-    let (model, device) = base_model()?;
+    let (model, device) = workspace::load_model()?;
     let slug: String = prompt.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
     let folder = format!("regularisation/{}", slug.trim_matches('-'));
     let set = RegularisationSet { request: run::request(prompt, steps, seed, size), count, folder: folder.clone() };
     model.latent_shape(size, size).map_err(|e| e.to_string())?;
     let made = trainer_core::tools::make_regularisation_set(&model, &set, storage(), &device, &mut |done, total, _| {
-        post(&FromWorker::Progress { phase: "class images".into(), done: done as u64, total: total as u64 }, Vec::new())
+        RunView.progress("class images", done as u64, total as u64)
     })
     .await
     .map_err(|e| e.to_string())?;

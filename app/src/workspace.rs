@@ -12,6 +12,7 @@ use trainer_core::config::dataset::{DataloaderConfig, ImageDatasetConfig};
 use trainer_core::config::training::TrainingConfig;
 use trainer_core::data::source::{ImageSource, MemorySource, RandomAccess};
 use trainer_core::plan::{plan, Plan, PlanTarget};
+use trainer_core::models::StableDiffusion;
 use trainer_core::train::session::Session;
 use trainer_core::train::storage::MemoryStorage;
 use trainer_core::{config, Error, Result};
@@ -57,6 +58,15 @@ thread_local! {
 /// Runs `f` on the page's workspace. Never hold it across an `await`.
 pub fn with<T>(f: impl FnOnce(&mut Workspace) -> T) -> T {
     WORKSPACE.with(|w| f(&mut w.borrow_mut()))
+}
+
+/// Loads the picked model onto the compute device.
+pub fn load_model() -> std::result::Result<(StableDiffusion, Device), String> {
+    let (compute, picked) = with(|w| (w.compute.clone(), w.model.clone()));
+    let compute = compute.ok_or("no compute device yet: wait for the GPU check at the top of the page")?;
+    let picked = picked.ok_or("pick a model first")?;
+    let model = picked.load(compute.device()).map_err(|e| e.to_string())?;
+    Ok((model, compute.device().clone()))
 }
 
 /// Where runs write: memory, mirrored to the Origin Private File System.

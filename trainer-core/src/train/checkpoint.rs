@@ -165,8 +165,7 @@ pub async fn trainable_tensors<M: Module>(module: &M) -> Result<BTreeMap<String,
     module.visit(&mut reader);
     let mut out = BTreeMap::new();
     for (path, flat, shape) in reader.out {
-        let host = HostTensor::from_tensor(flat).await?;
-        out.insert(path, HostTensor { shape, values: host.values });
+        out.insert(path, HostTensor::from_flat(flat, shape).await?);
     }
     Ok(out)
 }

@@ -46,8 +46,7 @@ pub async fn named_tensors<M: Module>(module: &M, names: &ParamNames, what: &str
     }
     let mut out = BTreeMap::new();
     for (name, flat, shape) in visitor.found {
-        let host = HostTensor::from_tensor(flat).await?;
-        out.insert(name, HostTensor { shape, values: host.values });
+        out.insert(name, HostTensor::from_flat(flat, shape).await?);
     }
     Ok(out)
 }

@@ -534,9 +534,7 @@ impl<'a> Session<'a> {
         self.storage.write(&path, &bytes)?;
         Ok(path)
     }
-}
 
-impl Session<'_> {
     /// Writes a full fine-tune as a diffusers folder `<output>/<name>/` (the
     /// configs come from `configs`, the source folder's files by name, or
     /// are the family's published ones) and, for SD 1.x, the single-file

@@ -81,6 +81,11 @@ impl Storage for MemoryStorage {
         Ok(self.files.lock().expect("storage lock").get(path).cloned())
     }
 
+    // The default reads (copies) the whole file; caches and checkpoint lists ask often.
+    fn exists(&self, path: &str) -> Result<bool> {
+        Ok(self.files.lock().expect("storage lock").contains_key(path))
+    }
+
     fn write(&self, path: &str, bytes: &[u8]) -> Result<()> {
         self.files.lock().expect("storage lock").insert(path.to_string(), bytes.to_vec());
         self.record(Change::Written(path.to_string()));

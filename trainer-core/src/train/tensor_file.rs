@@ -30,6 +30,12 @@ impl HostTensor {
         Ok(Self { shape, values })
     }
 
+    /// A flattened tensor read back and given its `shape` again (module
+    /// visitors flatten parameters of any rank into one list).
+    pub async fn from_flat(flat: Tensor<1>, shape: Vec<usize>) -> Result<Self> {
+        Ok(Self { shape, values: Self::from_tensor(flat).await?.values })
+    }
+
     /// A `[1, ...]` tensor's single item, without the batch dimension.
     pub async fn from_batch_item<const D: usize>(tensor: Tensor<D>) -> Result<Self> {
         let mut host = Self::from_tensor(tensor).await?;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use burn::tensor::Device;
 use trainer_core::models::safetensors_file::SafetensorsFile;
-use trainer_core::models::{detect_family, read_folder_configs, Family, ModelFiles, StableDiffusion};
+use trainer_core::models::{detect_family, read_folder_configs, Family, ModelFiles, StableDiffusion, WeightDtypes};
 use trainer_core::{Error, Result};
 
 use crate::browser::PickedFile;
@@ -66,30 +66,39 @@ impl ModelSummary {
         format!("{}: {}, {:.1} M parameters, {} of files", self.name, self.family, self.parameters as f64 / 1e6, mib(self.file_bytes))
     }
 
-    /// f32 bytes once on the device.
-    pub fn device_bytes(&self) -> u64 {
-        self.parameters * 4
+    /// Bytes once on the device, at `element` bytes per weight.
+    pub fn device_bytes(&self, element: u64) -> u64 {
+        self.parameters * element
     }
 
-    /// Whether the adapter can hold the model, and why not.
+    /// Whether the adapter can hold the model, and why not. Where the
+    /// adapter has `shader-f16` the weights are stored in f16 (see
+    /// trainer-core's `models::layers`), which halves both figures.
     pub fn fit(&self, adapter: &AdapterSummary) -> std::result::Result<String, String> {
-        let (name, bytes) = &self.largest_tensor;
-        if *bytes > adapter.max_tensor_bytes() {
+        let (element, dtype) = if adapter.shader_f16 { (2, "f16") } else { (4, "f32") };
+        let (name, f32_bytes) = &self.largest_tensor;
+        let bytes = f32_bytes / 4 * element;
+        if bytes > adapter.max_tensor_bytes() {
             return Err(format!(
-                "does not fit: tensor {name} needs {} as f32, more than this adapter's largest buffer ({})",
-                mib(*bytes),
+                "does not fit: tensor {name} needs {} as {dtype}, more than this adapter's largest buffer ({})",
+                mib(bytes),
                 mib(adapter.max_tensor_bytes())
             ));
         }
         // wasm32 addresses 4 GiB; the host copy of the weights lives there while loading.
-        if self.device_bytes() + self.file_bytes > 3 * 1024 * 1024 * 1024 {
+        if self.device_bytes(4) + self.file_bytes > 3 * 1024 * 1024 * 1024 {
             return Err(format!(
-                "too large for a browser tab: {} of f32 weights plus {} of files exceed what a wasm32 page can address (4 GiB); use the native runner",
-                mib(self.device_bytes()),
+                "too large for a browser tab: {} of f32 weights (as read) plus {} of files exceed what a wasm32 page can address (4 GiB); use the native runner",
+                mib(self.device_bytes(4)),
                 mib(self.file_bytes)
             ));
         }
-        Ok(format!("fits: largest tensor {} (limit {}), {} of weights as f32", mib(*bytes), mib(adapter.max_tensor_bytes()), mib(self.device_bytes())))
+        Ok(format!(
+            "fits: largest tensor {} as {dtype} (limit {}), {} of weights as {dtype}",
+            mib(bytes),
+            mib(adapter.max_tensor_bytes()),
+            mib(self.device_bytes(element))
+        ))
     }
 }
 
@@ -183,10 +192,10 @@ impl PickedModel {
         Ok(ModelSummary { name: self.name().to_string(), family: family_name(family).to_string(), parameters, file_bytes, largest_tensor: largest })
     }
 
-    pub fn load(&self, device: &Device) -> Result<StableDiffusion> {
+    pub fn load(&self, device: &Device, dtypes: WeightDtypes) -> Result<StableDiffusion> {
         match self {
-            Self::Folder { .. } => StableDiffusion::from_folder(&self.folder().expect("a folder"), device),
-            Self::SingleFile { file, .. } => StableDiffusion::from_single_file(file, None, device),
+            Self::Folder { .. } => StableDiffusion::from_folder_with(&self.folder().expect("a folder"), device, dtypes),
+            Self::SingleFile { file, .. } => StableDiffusion::from_single_file_with(file, None, device, dtypes),
         }
     }
 }

@@ -100,7 +100,7 @@ pub async fn train(view: RunView) -> Result<String, String> {
     let (plan, sources) = workspace::plan_run(&training, &dataloader).map_err(|e| e.to_string())?;
     view.progress("loading the model", 0, 1);
     sleep(0).await;
-    let (model, device) = workspace::load_model()?;
+    let (model, device) = workspace::load_model(Some(plan.precision.weight_dtypes(training.model_type)))?;
     let output_dir = training.output_dir.clone();
     let mut session = Session::new(training, plan, model, sources, storage(), device, SessionOptions::default()).map_err(|e| e.to_string())?;
     if !checkpoint::list(storage(), &output_dir).map_err(|e| e.to_string())?.is_empty() {
@@ -211,7 +211,7 @@ pub async fn sample(view: RunView, request: GenerateRequest, with_lora: bool) ->
             image.map_err(|e| e.to_string())
         }
         None => {
-            let (model, device) = workspace::load_model()?;
+            let (model, device) = workspace::load_model(None)?;
             let generated = model
                 .generate(&request, None, &device, &mut |done, total| view.progress("sampling", done as u64, total as u64))
                 .map_err(|e| e.to_string())?;

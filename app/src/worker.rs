@@ -186,7 +186,7 @@ async fn self_test() -> Result<String, String> {
 }
 
 async fn find_token(count: usize, max_chars: usize, class: Option<String>, check: Vec<String>) -> Result<Vec<trainer_core::tools::TokenReport>, String> {
-    let (model, device) = workspace::load_model()?;
+    let (model, device) = workspace::load_model(None)?;
     let class = class.as_deref().filter(|c| !c.trim().is_empty());
     let mut on_progress = |done: usize, total: usize| RunView.progress("scoring tokens", done as u64, total as u64);
     let reports = if check.is_empty() {
@@ -199,7 +199,7 @@ async fn find_token(count: usize, max_chars: usize, class: Option<String>, check
 
 async fn make_reg(prompt: String, count: usize, steps: usize, seed: u64, size: usize) -> Result<(), String> {
     use trainer_core::tools::RegularisationSet;
-    let (model, device) = workspace::load_model()?;
+    let (model, device) = workspace::load_model(None)?;
     let slug: String = prompt.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
     let folder = format!("regularisation/{}", slug.trim_matches('-'));
     let set = RegularisationSet { request: run::request(prompt, steps, seed, size), count, folder: folder.clone() };

@@ -7,12 +7,12 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::OnceLock;
 
-use burn::tensor::Device;
+use burn::tensor::{DType, Device};
 use trainer_core::config::dataset::{DataloaderConfig, ImageDatasetConfig};
 use trainer_core::config::training::TrainingConfig;
 use trainer_core::data::source::{ImageSource, MemorySource, RandomAccess};
 use trainer_core::plan::{plan, Plan, PlanTarget};
-use trainer_core::models::StableDiffusion;
+use trainer_core::models::{StableDiffusion, WeightDtypes};
 use trainer_core::train::session::Session;
 use trainer_core::train::storage::MemoryStorage;
 use trainer_core::{config, Error, Result};
@@ -32,6 +32,22 @@ impl Compute {
     pub fn device(&self) -> &Device {
         match self {
             Self::WebGpu(device, _) | Self::Cpu(device) => device,
+        }
+    }
+
+    /// Where the adapter has `shader-f16`, frozen weights are stored in f16
+    /// (half the memory, and the largest tensor fits the adapter's buffers
+    /// sooner); everything is still computed in f32.
+    pub fn has_f16(&self) -> bool {
+        matches!(self, Self::WebGpu(_, summary) if summary.shader_f16)
+    }
+
+    /// Storage dtypes for sampling and the tools.
+    pub fn inference_dtypes(&self) -> WeightDtypes {
+        if self.has_f16() {
+            WeightDtypes::all(DType::F16)
+        } else {
+            WeightDtypes::default()
         }
     }
 }
@@ -60,12 +76,17 @@ pub fn with<T>(f: impl FnOnce(&mut Workspace) -> T) -> T {
     WORKSPACE.with(|w| f(&mut w.borrow_mut()))
 }
 
-/// Loads the picked model onto the compute device.
-pub fn load_model() -> std::result::Result<(StableDiffusion, Device), String> {
-    let (compute, picked) = with(|w| (w.compute.clone(), w.model.clone()));
-    let compute = compute.ok_or("no compute device yet: wait for the GPU check at the top of the page")?;
-    let picked = picked.ok_or("pick a model first")?;
-    let model = picked.load(compute.device()).map_err(|e| e.to_string())?;
+fn compute() -> std::result::Result<Compute, String> {
+    with(|w| w.compute.clone()).ok_or_else(|| "no compute device yet: wait for the GPU check at the top of the page".to_string())
+}
+
+/// Loads the picked model onto the compute device, storing weights in
+/// `dtypes` (a run's plan decides; `None`: as sampling and the tools do).
+pub fn load_model(dtypes: Option<WeightDtypes>) -> std::result::Result<(StableDiffusion, Device), String> {
+    let compute = compute()?;
+    let picked = with(|w| w.model.clone()).ok_or("pick a model first")?;
+    let dtypes = dtypes.unwrap_or_else(|| compute.inference_dtypes());
+    let model = picked.load(compute.device(), dtypes).map_err(|e| e.to_string())?;
     Ok((model, compute.device().clone()))
 }
 
@@ -126,7 +147,8 @@ pub fn plan_run(training: &TrainingConfig, dataloader: &DataloaderConfig) -> Res
         }
     };
     // WebGPU stores no bf16; the wasm CPU backend is planned the same way.
-    let plan = plan(training, dataloader, &open, PlanTarget { has_bf16: false }, &mut |_| {})?;
+    let has_f16 = compute().map(|c| c.has_f16()).unwrap_or(false);
+    let plan = plan(training, dataloader, &open, PlanTarget { has_bf16: false, has_f16 }, &mut |_| {})?;
     let run_sources = plan
         .datasets
         .iter()

@@ -46,7 +46,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         Ok(Box::new(FolderSource::open(&dataset.id, &dataset.instance_data_dir)?))
     };
     // The wgpu backend has no bf16 storage.
-    let result = plan(&training, &dataloader, &open, PlanTarget { has_bf16: false }, &mut on_progress);
+    let result = plan(&training, &dataloader, &open, PlanTarget { has_bf16: false, has_f16: false }, &mut on_progress);
     bar.finish_and_clear();
     let plan = result?;
     if args.json {

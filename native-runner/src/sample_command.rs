@@ -2,11 +2,11 @@
 
 use std::path::Path;
 
-use burn::tensor::{Device, DeviceKind, Tensor, TensorData};
+use burn::tensor::{DType, Device, DeviceKind, Tensor, TensorData};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use trainer_core::models::safetensors_file::SafetensorsFile;
-use trainer_core::models::{read_folder_configs, DiskFolder, StableDiffusion};
+use trainer_core::models::{read_folder_configs, DiskFolder, StableDiffusion, WeightDtypes};
 use trainer_core::pipeline::{a1111_parameters, png_with_parameters, to_rgb8, GenerateRequest};
 use trainer_core::schedulers::SamplerKind;
 use trainer_core::{Error, Result};
@@ -88,10 +88,26 @@ pub fn device(name: &str) -> Result<Device> {
     })
 }
 
-pub fn load_model(model: &str, config_from: Option<&str>, device: &Device) -> Result<StableDiffusion> {
+/// Whether frozen weights are stored in f16 on this device: on wgpu when the
+/// adapter has f16 (memory is the GPU's limit); on the CPU backend weights
+/// stay f32 (every use would pay a cast, and system memory is larger).
+pub fn has_f16(name: &str, device: &Device) -> bool {
+    name != "cpu" && device.supports_dtype(DType::F16)
+}
+
+/// Storage dtypes for inference (sample and the tools) on `device`.
+pub fn inference_dtypes(name: &str, device: &Device) -> WeightDtypes {
+    if has_f16(name, device) {
+        WeightDtypes::all(DType::F16)
+    } else {
+        WeightDtypes::default()
+    }
+}
+
+pub fn load_model(model: &str, config_from: Option<&str>, device: &Device, dtypes: WeightDtypes) -> Result<StableDiffusion> {
     let path = Path::new(model);
     if path.is_dir() {
-        return StableDiffusion::from_folder(&DiskFolder { root: path.to_path_buf() }, device);
+        return StableDiffusion::from_folder_with(&DiskFolder { root: path.to_path_buf() }, device, dtypes);
     }
     if !path.exists() {
         return Err(Error::Io { path: model.to_string(), message: "no such file or folder".into() });
@@ -101,7 +117,7 @@ pub fn load_model(model: &str, config_from: Option<&str>, device: &Device) -> Re
         Some(folder) => Some(read_folder_configs(&DiskFolder { root: folder.into() })?),
         None => None,
     };
-    StableDiffusion::from_single_file(&file, configs, device)
+    StableDiffusion::from_single_file_with(&file, configs, device, dtypes)
 }
 
 fn read_latents(path: &str, device: &Device) -> Result<Tensor<4>> {
@@ -118,7 +134,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     // Cheap argument checks first, before a model is loaded.
     let sampler = SamplerKind::parse(&args.sampler)?;
     let device = device(&args.device)?;
-    let mut model = load_model(&args.model, args.config_from.as_deref(), &device)?;
+    let mut model = load_model(&args.model, args.config_from.as_deref(), &device, inference_dtypes(&args.device, &device))?;
     let loras = apply_loras(&mut model, &args.lora, &device)?;
     let native = model.native_size();
     let init = args.init_latents.as_deref().map(|p| read_latents(p, &device)).transpose()?;

@@ -11,7 +11,7 @@ use trainer_core::tools::{self, RegularisationSet, TokenReport};
 use trainer_core::train::storage::DiskStorage;
 use trainer_core::{block_on, Error, Result};
 
-use crate::sample_command::{device, load_model};
+use crate::sample_command::{device, inference_dtypes, load_model};
 
 #[derive(Args)]
 pub struct FindTokenArgs {
@@ -62,7 +62,7 @@ pub fn run_find_token(args: FindTokenArgs) -> Result<()> {
         return Err(Error::Config { source_name: "--min-chars/--max-chars".into(), problems: vec!["need 1 <= --min-chars <= --max-chars".into()] });
     }
     let device = device(&args.device)?;
-    let model = load_model(&args.model, None, &device)?;
+    let model = load_model(&args.model, None, &device, inference_dtypes(&args.device, &device))?;
     let class = args.class.as_deref();
     let progress = bar("scoring [{bar:30}] {pos}/{len} ({per_sec}, {eta})");
     let mut on_progress = |done: usize, total: usize| {
@@ -136,7 +136,7 @@ pub fn run_make_reg(args: MakeRegArgs) -> Result<()> {
     let loading = bar("{spinner} {msg}");
     loading.set_message(format!("loading {}", args.model));
     loading.enable_steady_tick(Duration::from_millis(120));
-    let model = load_model(&args.model, None, &device);
+    let model = load_model(&args.model, None, &device, inference_dtypes(&args.device, &device));
     loading.finish_and_clear();
     let model = model?;
     let side = args.resolution.unwrap_or(model.native_size());

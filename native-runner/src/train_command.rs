@@ -20,7 +20,7 @@ use trainer_core::{block_on, Error, Result};
 
 use crate::folder::FolderSource;
 use crate::plan_command::{env_lookup, read_text};
-use crate::sample_command::{device, load_model};
+use crate::sample_command::{device, has_f16, load_model};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -82,12 +82,12 @@ fn load_configs(args: &TrainArgs) -> Result<(TrainingConfig, config::dataset::Da
 
 /// Plans the run (this is where a dataset that cannot fill a batch is
 /// caught, before any model is loaded) and opens each dataset's folder.
-fn plan_run(training: &TrainingConfig, dataloader: &config::dataset::DataloaderConfig, has_bf16: bool) -> Result<(Plan, Vec<Box<dyn ImageSource>>)> {
+fn plan_run(training: &TrainingConfig, dataloader: &config::dataset::DataloaderConfig, target: PlanTarget) -> Result<(Plan, Vec<Box<dyn ImageSource>>)> {
     let progress = bar("{msg:>24} [{bar:30}] {pos}/{len} images ({per_sec}, {eta})");
     let open = |dataset: &config::dataset::ImageDatasetConfig| -> Result<Box<dyn ImageSource>> {
         Ok(Box::new(FolderSource::open(&dataset.id, &dataset.instance_data_dir)?))
     };
-    let planned = plan(training, dataloader, &open, PlanTarget { has_bf16 }, &mut |p| {
+    let planned = plan(training, dataloader, &open, target, &mut |p| {
         progress.set_message(p.dataset.to_string());
         progress.set_length(p.total as u64);
         progress.set_position(p.done as u64);
@@ -106,11 +106,12 @@ fn summary(plan: &Plan) -> String {
     let images: usize = plan.datasets.iter().map(|d| d.images_used).sum();
     let skipped: usize = plan.datasets.iter().map(|d| d.skipped.len()).sum();
     let mut text = format!(
-        "{} datasets, {images} images ({skipped} skipped), {} steps ({:?} stops training), {}",
+        "{} datasets, {images} images ({skipped} skipped), {} steps ({:?} stops training), {}; {}",
         plan.datasets.len(),
         plan.max_steps,
         plan.stops_on,
-        plan.optimizer.note
+        plan.optimizer.note,
+        plan.precision.note
     );
     for warning in &plan.warnings {
         text.push_str(&format!("\nwarning: {warning}"));
@@ -123,8 +124,8 @@ fn open_session<'a>(args: &TrainArgs, storage: &'a DiskStorage) -> Result<Sessio
     let (training, dataloader) = load_configs(args)?;
     let lora_targets = LoraTargets::parse(&args.lora_targets).map_err(|message| Error::Config { source_name: "--lora-targets".into(), problems: vec![message] })?;
     let device = device(&args.device)?;
-    let has_bf16 = device.supports_dtype(DType::BF16) && args.device == "cpu";
-    let (plan, sources) = plan_run(&training, &dataloader, has_bf16)?;
+    let target = PlanTarget { has_bf16: device.supports_dtype(DType::BF16) && args.device == "cpu", has_f16: has_f16(&args.device, &device) };
+    let (plan, sources) = plan_run(&training, &dataloader, target)?;
     eprintln!("plan: {}", summary(&plan));
     let model_path = training.pretrained_model_name_or_path.clone().ok_or_else(|| Error::Config {
         source_name: args.config.clone(),
@@ -133,7 +134,7 @@ fn open_session<'a>(args: &TrainArgs, storage: &'a DiskStorage) -> Result<Sessio
     let loading = bar("{spinner} {msg}");
     loading.set_message(format!("loading {model_path}"));
     loading.enable_steady_tick(Duration::from_millis(120));
-    let model = load_model(&model_path, args.config_from.as_deref(), &device);
+    let model = load_model(&model_path, args.config_from.as_deref(), &device, plan.precision.weight_dtypes(training.model_type));
     loading.finish_and_clear();
     let model = model?;
     eprintln!("model: {model_path} ({:?})", model.family);

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use burn::tensor::DType;
 use serde::Serialize;
 
 use crate::config::dataset::{CaptionStrategy, DataloaderConfig, ImageDatasetConfig};
@@ -123,6 +124,23 @@ pub struct OptimizerPlan {
     pub note: String,
 }
 
+/// How the model's weights are stored during the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrecisionPlan {
+    /// Weights that do not train (the whole base model for LoRA; VAE and
+    /// text encoder for full fine-tunes): "f16" or "f32".
+    pub frozen_weights: &'static str,
+    pub note: String,
+}
+
+impl PrecisionPlan {
+    /// The storage dtype of each component's weight matrices.
+    pub fn weight_dtypes(&self, model_type: ModelType) -> crate::models::WeightDtypes {
+        let frozen = if self.frozen_weights == "f16" { DType::F16 } else { DType::F32 };
+        crate::models::WeightDtypes { unet: if model_type == ModelType::Full { DType::F32 } else { frozen }, vae: frozen, text_encoder: frozen }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
     pub model_family: ModelFamily,
@@ -143,6 +161,7 @@ pub struct Plan {
     pub max_train_steps: Option<u64>,
     pub num_train_epochs: Option<u64>,
     pub optimizer: OptimizerPlan,
+    pub precision: PrecisionPlan,
     pub lr_schedule: LearningRateSchedule,
     pub regularisation_mode: RegularisationMode,
     pub warnings: Vec<String>,
@@ -161,6 +180,9 @@ pub struct PlanProgress<'a> {
 pub struct PlanTarget {
     /// The backend stores bf16 tensors (for adamw_bf16).
     pub has_bf16: bool,
+    /// The backend stores f16 tensors and f16 is worth it there (a GPU:
+    /// WebGPU with `shader-f16`, native wgpu), for frozen base weights.
+    pub has_f16: bool,
 }
 
 /// Plans a run. `open_source` gives the files of a dataset (a folder walk
@@ -233,10 +255,26 @@ pub fn plan(
         max_train_steps: training.max_train_steps,
         num_train_epochs: training.num_train_epochs,
         optimizer,
+        precision: precision_plan(training, target),
         lr_schedule: LearningRateSchedule::from_config(training, schedule.total_steps),
         regularisation_mode: training.regularisation_mode,
         warnings,
     })
+}
+
+fn precision_plan(training: &TrainingConfig, target: PlanTarget) -> PrecisionPlan {
+    let frozen = match training.model_type {
+        ModelType::Lora => "the base model",
+        ModelType::Full => "the VAE and text encoder (the UNet trains in f32)",
+    };
+    let (frozen_weights, note) = if training.mixed_precision == "no" {
+        ("f32", format!("mixed_precision=no: {frozen} in f32"))
+    } else if target.has_f16 {
+        ("f16", format!("{frozen} stored in f16 (half the memory), computed in f32"))
+    } else {
+        ("f32", format!("{frozen} in f32 (this backend has no f16 storage worth using: a CPU, or WebGPU without shader-f16)"))
+    };
+    PrecisionPlan { frozen_weights, note }
 }
 
 fn optimizer_plan(training: &TrainingConfig, target: PlanTarget) -> OptimizerPlan {
@@ -654,6 +692,7 @@ pub fn describe(plan: &Plan) -> String {
         plan.train_batch_size, plan.gradient_accumulation_steps
     );
     let _ = writeln!(out, "Optimizer: {} ({})", config_name(&plan.optimizer.name), plan.optimizer.note);
+    let _ = writeln!(out, "Weights: {}", plan.precision.note);
     let s = &plan.lr_schedule;
     let _ = writeln!(
         out,

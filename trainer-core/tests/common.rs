@@ -81,7 +81,7 @@ pub fn plan_memory(training: &TrainingConfig, dataloader: &DataloaderConfig, sou
             None => Err(Error::Dataset { dataset: dataset.id.clone(), message: "no test source".into() }),
         }
     };
-    plan(training, dataloader, &open, PlanTarget { has_bf16: false }, &mut |_| {})
+    plan(training, dataloader, &open, PlanTarget { has_bf16: false, has_f16: false }, &mut |_| {})
 }
 
 pub fn source_with(files: &[(&str, Vec<u8>)]) -> MemorySource {

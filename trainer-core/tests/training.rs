@@ -13,7 +13,7 @@ use common::*;
 use image::{ImageFormat, Rgb, RgbImage};
 use trainer_core::config::training::TrainingConfig;
 use trainer_core::data::source::{ImageSource, MemorySource};
-use trainer_core::models::{DiskFolder, StableDiffusion};
+use trainer_core::models::{DiskFolder, StableDiffusion, WeightDtypes};
 use trainer_core::pipeline::GenerateRequest;
 use trainer_core::plan::{plan, PlanTarget};
 use trainer_core::schedulers::SamplerKind;
@@ -23,10 +23,12 @@ use trainer_core::train::storage::{MemoryStorage, Storage};
 use trainer_core::train::tensor_file::HostTensor;
 use trainer_core::block_on;
 
-fn fixture_model(device: &Device) -> StableDiffusion {
+fn fixture_model(device: &Device, dtypes: WeightDtypes) -> StableDiffusion {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/sd1/diffusers");
-    StableDiffusion::from_folder(&DiskFolder { root }, device).unwrap()
+    StableDiffusion::from_folder_with(&DiskFolder { root }, device, dtypes).unwrap()
 }
+
+const F32_TARGET: PlanTarget = PlanTarget { has_bf16: false, has_f16: false };
 
 fn encode_png(image: &RgbImage) -> Vec<u8> {
     let mut bytes = std::io::Cursor::new(Vec::new());
@@ -85,14 +87,15 @@ fn setup(extra_env: &str, with_class: bool) -> Setup {
     Setup { training, sources, json: format!("[{}]", datasets.join(",")) }
 }
 
-fn session<'a>(setup: &Setup, storage: &'a MemoryStorage, device: &Device, has_bf16: bool) -> Session<'a> {
+fn session<'a>(setup: &Setup, storage: &'a MemoryStorage, device: &Device, target: PlanTarget) -> Session<'a> {
     let dataloader = dataloader(&setup.json, &setup.training).unwrap();
     let open = |d: &trainer_core::config::dataset::ImageDatasetConfig| -> trainer_core::Result<Box<dyn ImageSource>> {
         Ok(Box::new(setup.sources[&d.id].clone()))
     };
-    let planned = plan(&setup.training, &dataloader, &open, PlanTarget { has_bf16 }, &mut |_| {}).unwrap();
+    let planned = plan(&setup.training, &dataloader, &open, target, &mut |_| {}).unwrap();
+    let model = fixture_model(device, planned.precision.weight_dtypes(setup.training.model_type));
     let sources: Vec<Box<dyn ImageSource>> = planned.datasets.iter().map(|d| Box::new(setup.sources[&d.id].clone()) as Box<dyn ImageSource>).collect();
-    let mut session = Session::new(setup.training.clone(), planned, fixture_model(device), sources, storage, device.clone(), SessionOptions::default()).unwrap();
+    let mut session = Session::new(setup.training.clone(), planned, model, sources, storage, device.clone(), SessionOptions::default()).unwrap();
     block_on(session.prepare_caches(&mut |_| {})).unwrap();
     session
 }
@@ -148,14 +151,14 @@ fn dreambooth_pulls_the_instance_prompt_to_the_subject_and_parent_prediction_lim
     let env = format!("MAX_NUM_STEPS={steps}\nLORA_DROPOUT=0\nLEARNING_RATE=1e-2\n");
 
     // The subject's latents, as the training sees them.
-    let model = fixture_model(&device);
+    let model = fixture_model(&device, WeightDtypes::default());
     let subject = model.vae.encode(image_tensor(&subject_image(), &device)).mean * model.configs.vae.scaling_factor;
     let subject: Vec<f32> = subject.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
 
     // Without class data.
     let storage = MemoryStorage::default();
     let plain = setup(&format!("{env}REGULARISATION_MODE=mixed\n"), false);
-    let mut run = session(&plain, &storage, &device, false);
+    let mut run = session(&plain, &storage, &device, F32_TARGET);
     let instance_before = latents(&mut run, "a photo of zwx toy");
     let class_before = latents(&mut run, "a photo of a toy");
     train(&mut run, steps);
@@ -169,7 +172,7 @@ fn dreambooth_pulls_the_instance_prompt_to_the_subject_and_parent_prediction_lim
     // Classic prior preservation: instance and class loss in every step.
     let storage = MemoryStorage::default();
     let prior = setup(&format!("{env}REGULARISATION_MODE=prior_preservation\n"), true);
-    let mut run = session(&prior, &storage, &device, false);
+    let mut run = session(&prior, &storage, &device, F32_TARGET);
     assert_eq!(latents(&mut run, "a photo of a toy"), class_before, "the same base model samples the same");
     use_base_model_samples_as_class_latents(&mut run, &storage);
     let losses = train(&mut run, steps);
@@ -181,7 +184,7 @@ fn dreambooth_pulls_the_instance_prompt_to_the_subject_and_parent_prediction_lim
     // Parent prediction: class batches learn the base model's own prediction.
     let storage = MemoryStorage::default();
     let parent = setup(&format!("{env}REGULARISATION_MODE=parent_prediction\n"), true);
-    let mut run = session(&parent, &storage, &device, false);
+    let mut run = session(&parent, &storage, &device, F32_TARGET);
     train(&mut run, steps);
     let instance_after_parent = mean_squared(&latents(&mut run, "a photo of zwx toy"), &subject);
     let class_drift_with_parent = mean_squared(&latents(&mut run, "a photo of a toy"), &class_before);
@@ -201,7 +204,7 @@ fn exported_kohya_lora_merges_back_to_the_same_unet_output() {
     let device = Device::flex();
     let storage = MemoryStorage::default();
     let setup = setup("MAX_NUM_STEPS=4\n", false);
-    let mut run = session(&setup, &storage, &device, false);
+    let mut run = session(&setup, &storage, &device, F32_TARGET);
     train(&mut run, 4);
     let path = block_on(run.export_lora("test-lora")).unwrap();
     let bytes = storage.read(&path).unwrap().unwrap();
@@ -210,10 +213,10 @@ fn exported_kohya_lora_merges_back_to_the_same_unet_output() {
     let sample = trainer_core::pipeline::gaussian_noise([1, 4, 16, 16], &mut trainer_core::rng::SeededRng::new(9), &device);
     let context = run.model.encode_prompts(&["a photo of zwx toy"], &device).unwrap();
     let adapted = run.model.unet.valid().forward(sample.clone(), &[500.0], context.clone());
-    let base = fixture_model(&device).unet.forward(sample.clone(), &[500.0], context.clone());
+    let base = fixture_model(&device, WeightDtypes::default()).unet.forward(sample.clone(), &[500.0], context.clone());
 
     // A fresh model with the file merged in.
-    let mut merged = fixture_model(&device);
+    let mut merged = fixture_model(&device, WeightDtypes::default());
     let layers = trainer_core::train::export::merge_kohya(&mut merged, &path, bytes, 1.0, &device).unwrap();
     assert_eq!(layers, run.model.unet.adapted_layers().len());
     let from_file = merged.unet.forward(sample, &[500.0], context);
@@ -232,7 +235,7 @@ fn caches_are_reused_and_invalidated_by_geometry() {
     let storage = MemoryStorage::default();
     let first = setup("MAX_NUM_STEPS=1\n", true);
     let mut computed = Vec::new();
-    let mut run = session(&first, &storage, &device, false);
+    let mut run = session(&first, &storage, &device, F32_TARGET);
     block_on(run.prepare_caches(&mut |p| computed.push((p.phase.to_string(), p.computed)))).unwrap();
     let last = |phase: &str, list: &[(String, usize)]| list.iter().rev().find(|(p, _)| p == phase).map(|(_, c)| *c).unwrap();
     assert_eq!(last("latents", &computed), 0, "a second pass finds every latent cached");
@@ -242,7 +245,7 @@ fn caches_are_reused_and_invalidated_by_geometry() {
     // A new resolution changes every image's geometry: new latents, same text.
     let mut second = setup("MAX_NUM_STEPS=1\n", true);
     second.json = second.json.replace("\"resolution\": 32", "\"resolution\": 128").replace("\"minimum_image_size\": 32", "\"minimum_image_size\": 16");
-    let mut run = session(&second, &storage, &device, false);
+    let mut run = session(&second, &storage, &device, F32_TARGET);
     computed.clear();
     block_on(run.prepare_caches(&mut |p| computed.push((p.phase.to_string(), p.computed)))).unwrap();
     // The two subject files have the same pixels, so they share one entry.
@@ -254,7 +257,7 @@ fn a_diverging_loss_stops_training_with_a_message() {
     let device = Device::flex();
     let storage = MemoryStorage::default();
     let setup = setup("MAX_NUM_STEPS=50\nLEARNING_RATE=1e30\nMAX_GRAD_NORM=0\n", false);
-    let mut run = session(&setup, &storage, &device, false);
+    let mut run = session(&setup, &storage, &device, F32_TARGET);
     let error = (0..50).find_map(|_| block_on(run.train_step()).err()).expect("a learning rate of 1e30 must blow up");
     let text = error.to_string();
     assert!(text.contains("the loss is") && text.contains("weights were not updated"), "{text}");
@@ -265,16 +268,68 @@ fn adamw_bf16_keeps_weights_in_bf16_and_resumes_exactly() {
     let device = Device::flex();
     let storage = MemoryStorage::default();
     let setup = setup("MAX_NUM_STEPS=6\nOPTIMIZER=adamw_bf16\nLORA_DROPOUT=0.1\n", true);
-    let mut run = session(&setup, &storage, &device, true);
+    let mut run = session(&setup, &storage, &device, PlanTarget { has_bf16: true, has_f16: false });
     let first = train(&mut run, 3);
     let layer = run.model.unet.adapted_layers()[0];
     assert_eq!(layer.lora.as_ref().unwrap().down.val().dtype(), burn::tensor::DType::BF16);
     block_on(run.save_checkpoint()).unwrap();
     let rest = train(&mut run, 3);
 
-    let mut resumed = session(&setup, &storage, &device, true);
+    let mut resumed = session(&setup, &storage, &device, PlanTarget { has_bf16: true, has_f16: false });
     resumed.resume("latest").unwrap();
     assert_eq!(resumed.step, 3);
     assert_eq!(train(&mut resumed, 3), rest, "steps 4-6 after resuming equal the uninterrupted run");
     assert_eq!(first.len(), 3);
+}
+
+#[test]
+fn frozen_base_weights_in_f16_halve_the_memory_and_train_like_f32() {
+    use trainer_core::models::layers::stored_bytes;
+    let device = Device::flex();
+    let setup = setup("MAX_NUM_STEPS=4\nLORA_DROPOUT=0\n", false);
+    let (storage32, storage16) = (MemoryStorage::default(), MemoryStorage::default());
+    let mut run32 = session(&setup, &storage32, &device, F32_TARGET);
+    let mut run16 = session(&setup, &storage16, &device, PlanTarget { has_bf16: false, has_f16: true });
+    assert_eq!(run32.plan.precision.frozen_weights, "f32");
+    assert_eq!(run16.plan.precision.frozen_weights, "f16");
+
+    // Weight matrices and kernels are f16; norms, biases and the adapters f32.
+    let layer = run16.model.unet.adapted_layers()[0];
+    assert_eq!(layer.base.weight.val().dtype(), burn::tensor::DType::F16);
+    assert_eq!(run16.model.unet.conv_in.weight.val().dtype(), burn::tensor::DType::F16);
+    assert_eq!(run16.model.unet.conv_in.bias.as_ref().unwrap().val().dtype(), burn::tensor::DType::F32);
+    assert_eq!(layer.lora.as_ref().unwrap().down.val().dtype(), burn::tensor::DType::F32);
+    for (what, small, large) in [
+        ("UNet", stored_bytes(&run16.model.unet), stored_bytes(&run32.model.unet)),
+        ("VAE", stored_bytes(&run16.model.vae), stored_bytes(&run32.model.vae)),
+        ("text encoder", stored_bytes(&run16.model.text_encoder), stored_bytes(&run32.model.text_encoder)),
+    ] {
+        let ratio = small as f64 / large as f64;
+        eprintln!("{what}: {large} bytes in f32, {small} with f16 weights ({ratio:.3})");
+        // Tiny models are bias- and norm-heavy (those stay f32): about 0.5 for SD 1.5.
+        assert!(ratio < 0.6, "{what}: f16 storage should about halve the weights: {small} vs {large} bytes");
+    }
+
+    // Caches made with f16 weights are not mixed with f32 ones (different model identity).
+    assert_ne!(run16.model.fingerprints.vae, run32.model.fingerprints.vae);
+
+    // Computing in f32 from f16-stored weights: the fixture's weights are
+    // f16-exact, so f32 compute gives the same numbers up to summation
+    // order (an f16 computation would differ by ~1e-3).
+    let relative = |a: &[f32], b: &[f32]| (mean_squared(a, b) / mean_squared(b, &vec![0.0; b.len()])).sqrt();
+    let (losses32, losses16) = (train(&mut run32, 4), train(&mut run16, 4));
+    for (a, b) in losses32.iter().zip(&losses16) {
+        assert!(((a - b) / a).abs() < 1e-2, "losses differ: f32 {losses32:?} vs f16 weights {losses16:?}");
+    }
+    let (sample32, sample16) = (latents(&mut run32, "a photo of zwx toy"), latents(&mut run16, "a photo of zwx toy"));
+    let difference = relative(&sample16, &sample32);
+    eprintln!("losses f32 {losses32:?}, f16 weights {losses16:?}; sampled latents relative L2 difference {difference:.2e}");
+    assert!(difference < 2e-2, "samples with f16 base weights differ by {difference:.2e} (relative L2)");
+
+    // The exported LoRA is f32 whatever the base and merges into an f16 model.
+    let path = block_on(run16.export_lora("f16-base")).unwrap();
+    let bytes = storage16.read(&path).unwrap().unwrap();
+    let mut merged = fixture_model(&device, WeightDtypes::all(burn::tensor::DType::F16));
+    let layers = trainer_core::train::export::merge_kohya(&mut merged, &path, bytes, 1.0, &device).unwrap();
+    assert_eq!(layers, run16.model.unet.adapted_layers().len());
 }

@@ -321,7 +321,7 @@ fn run_plan(config_path: &Path) -> Result<Plan, String> {
     let open = |dataset: &config::dataset::ImageDatasetConfig| -> trainer_core::Result<Box<dyn ImageSource>> {
         Ok(Box::new(FolderSource::open(&dataset.id, &dataset.instance_data_dir)?))
     };
-    plan(&training, &dataloader, &open, PlanTarget { has_bf16: false }, &mut |_| {}).map_err(|e| e.to_string())
+    plan(&training, &dataloader, &open, PlanTarget { has_bf16: false, has_f16: false }, &mut |_| {}).map_err(|e| e.to_string())
 }
 
 // ---------------------------------------------------------------------------

@@ -2,11 +2,11 @@
 //! (`resnets.N.norm1`, `attentions.N.to_q`, `downsamplers.0.conv`, ...).
 
 use burn::module::Module;
-use burn::nn::conv::Conv2d;
-use burn::nn::{GroupNorm, Linear};
+use burn::nn::GroupNorm;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::Tensor;
 
+use super::layers::{Conv2d, Linear};
 use super::loader::Loader;
 use super::lora::LoraLinear;
 

@@ -3,11 +3,12 @@
 //! checkpoint keys: `embeddings.token_embedding`, `encoder.layers.N.self_attn.q_proj`, ...
 
 use burn::module::Module;
-use burn::nn::{Embedding, LayerNorm, Linear};
+use burn::nn::LayerNorm;
 use burn::tensor::activation::{gelu, sigmoid, softmax};
 use burn::tensor::{Bool, Int, Tensor};
 
 use super::config::ClipTextConfig;
+use super::layers::{Embedding, Linear};
 use super::loader::Loader;
 
 #[derive(Module, Debug)]

@@ -11,12 +11,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use burn::module::{Param, ParamId};
-use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Embedding, EmbeddingConfig, GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::nn::{GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use sha2::{Digest, Sha256};
 
+use super::layers::{Conv2d, Embedding, Linear};
 use super::lora::LoraLinear;
 use super::safetensors_file::SafetensorsFile;
 use crate::error::{Error, Result};
@@ -75,6 +75,9 @@ pub struct Loader<'a> {
     fingerprint: Sha256,
     /// Checkpoint name of every parameter made.
     pub names: ParamNames,
+    /// Storage dtype of weight matrices and kernels (rank 2 and up); norms
+    /// and biases stay f32. See [`super::layers`].
+    weight_dtype: DType,
 }
 
 impl<'a> Loader<'a> {
@@ -85,7 +88,7 @@ impl<'a> Loader<'a> {
                 index.insert(name, i);
             }
         }
-        Self { files, index, rename, device, dry_run: false, random: None, requested: Vec::new(), used: BTreeSet::new(), problems: Vec::new(), fingerprint: Sha256::new(), names: ParamNames::new() }
+        Self { files, index, rename, device, dry_run: false, random: None, requested: Vec::new(), used: BTreeSet::new(), problems: Vec::new(), fingerprint: Sha256::new(), names: ParamNames::new(), weight_dtype: DType::F32 }
     }
 
     /// A loader that reads nothing and records what the model needs.
@@ -101,6 +104,17 @@ impl<'a> Loader<'a> {
         let mut loader = Self::new(Vec::new(), Box::new(|name| name.to_string()), device);
         loader.random = Some(crate::rng::SeededRng::new(seed));
         loader
+    }
+
+    /// Stores weight matrices and kernels in `dtype` (f16 for frozen base
+    /// weights). Changes the fingerprint, so caches made with other weights'
+    /// precision are not reused.
+    pub fn with_weight_dtype(mut self, dtype: DType) -> Self {
+        if dtype != DType::F32 {
+            self.fingerprint.update(format!("weights stored as {dtype:?}").as_bytes());
+        }
+        self.weight_dtype = dtype;
+        self
     }
 
     fn describe_files(&self) -> String {
@@ -175,7 +189,10 @@ impl<'a> Loader<'a> {
     /// A tensor of the given shape.
     pub fn tensor<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Tensor<D> {
         match self.values(name, &shape) {
-            Some(values) => Tensor::from_data(TensorData::new(values, shape), &self.device),
+            Some(values) => {
+                let dtype = if D >= 2 { self.weight_dtype } else { DType::F32 };
+                Tensor::from_data(TensorData::new(values, shape), (&self.device, dtype))
+            }
             // Placeholder: dry runs never compute, and failed loads end in an error.
             None => Tensor::zeros([0; D], &self.device),
         }
@@ -189,12 +206,10 @@ impl<'a> Loader<'a> {
 
     /// `nn.Linear` (PyTorch stores the weight as [out, in]; burn as [in, out]).
     pub fn linear(&mut self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Linear {
-        let mut linear = LinearConfig::new(d_in, d_out).with_bias(bias).init(&self.device);
         let name = format!("{prefix}.weight");
-        linear.weight = Param::from_tensor(self.tensor(&name, [d_out, d_in]).transpose());
-        self.names.insert(linear.weight.id, (name, true));
-        linear.bias = bias.then(|| self.param(&format!("{prefix}.bias"), [d_out]));
-        linear
+        let weight = Param::from_tensor(self.tensor(&name, [d_out, d_in]).transpose());
+        self.names.insert(weight.id, (name, true));
+        Linear { weight, bias: bias.then(|| self.param(&format!("{prefix}.bias"), [d_out])) }
     }
 
     /// A Linear layer that can take a LoRA adapter, named by its module path.
@@ -203,13 +218,12 @@ impl<'a> Loader<'a> {
     }
 
     pub fn conv2d(&mut self, prefix: &str, c_in: usize, c_out: usize, kernel: usize, stride: usize, padding: usize) -> Conv2d {
-        let mut conv = Conv2dConfig::new([c_in, c_out], [kernel, kernel])
-            .with_stride([stride, stride])
-            .with_padding(PaddingConfig2d::Explicit(padding, padding, padding, padding))
-            .init(&self.device);
-        conv.weight = self.param(&format!("{prefix}.weight"), [c_out, c_in, kernel, kernel]);
-        conv.bias = Some(self.param(&format!("{prefix}.bias"), [c_out]));
-        conv
+        Conv2d {
+            weight: self.param(&format!("{prefix}.weight"), [c_out, c_in, kernel, kernel]),
+            bias: Some(self.param(&format!("{prefix}.bias"), [c_out])),
+            stride,
+            padding,
+        }
     }
 
     pub fn group_norm(&mut self, prefix: &str, groups: usize, channels: usize, epsilon: f64) -> GroupNorm {
@@ -227,9 +241,7 @@ impl<'a> Loader<'a> {
     }
 
     pub fn embedding(&mut self, name: &str, count: usize, dim: usize) -> Embedding {
-        let mut embedding = EmbeddingConfig::new(count, dim).init(&self.device);
-        embedding.weight = self.param(name, [count, dim]);
-        embedding
+        Embedding { weight: self.param(name, [count, dim]) }
     }
 
     /// Tensors in the files that nothing used, except those `ignore` accepts.

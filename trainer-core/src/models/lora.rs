@@ -9,10 +9,10 @@
 use std::sync::{Arc, Mutex};
 
 use burn::module::{Module, Param};
-use burn::nn::Linear;
 use burn::tensor::module::linear;
 use burn::tensor::{Device, Tensor, TensorData};
 
+use super::layers::Linear;
 use crate::rng::SeededRng;
 
 /// A Linear layer that can carry a LoRA adapter.

@@ -4,6 +4,7 @@
 pub mod blocks;
 pub mod clip;
 pub mod config;
+pub mod layers;
 pub mod loader;
 pub mod lora;
 pub mod safetensors_file;
@@ -13,7 +14,7 @@ pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 
-use burn::tensor::Device;
+use burn::tensor::{DType, Device};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -31,6 +32,28 @@ use vae::AutoencoderKl;
 pub enum Family {
     Sd1,
     Sd2,
+}
+
+/// The storage dtype of each component's weight matrices and kernels
+/// (norms and biases stay f32; see [`layers`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WeightDtypes {
+    pub unet: DType,
+    pub vae: DType,
+    pub text_encoder: DType,
+}
+
+impl Default for WeightDtypes {
+    fn default() -> Self {
+        Self { unet: DType::F32, vae: DType::F32, text_encoder: DType::F32 }
+    }
+}
+
+impl WeightDtypes {
+    /// Every component in `dtype` (inference only).
+    pub fn all(dtype: DType) -> Self {
+        Self { unet: dtype, vae: dtype, text_encoder: dtype }
+    }
 }
 
 /// The configs of every component.
@@ -225,6 +248,11 @@ fn has_text_model_prefix(file: &dyn TensorSource, prefix: &str) -> bool {
 impl StableDiffusion {
     /// Loads a diffusers folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
     pub fn from_folder(files: &dyn ModelFiles, device: &Device) -> Result<Self> {
+        Self::from_folder_with(files, device, WeightDtypes::default())
+    }
+
+    /// [`from_folder`](Self::from_folder), storing weights in `dtypes`.
+    pub fn from_folder_with(files: &dyn ModelFiles, device: &Device, dtypes: WeightDtypes) -> Result<Self> {
         let configs = read_folder_configs(files)?;
         let family = configs.family()?;
         let tokenizer = tokenizer_from_folder(files, &configs.pad_token)?;
@@ -232,14 +260,14 @@ impl StableDiffusion {
         let text_names = ["model.safetensors", "model.fp16.safetensors"];
 
         let unet_file = component_weights(files, "unet", &model_names)?;
-        let mut loader = Loader::new(vec![&unet_file], Box::new(|n| n.to_string()), device.clone());
+        let mut loader = Loader::new(vec![&unet_file], Box::new(|n| n.to_string()), device.clone()).with_weight_dtype(dtypes.unet);
         let unet = UNet2DConditionModel::load(&configs.unet, &mut loader);
         let mut fingerprints = Fingerprints { unet: loader.fingerprint(), ..Default::default() };
         let mut names = ComponentNames { unet: std::mem::take(&mut loader.names), ..Default::default() };
         loader.finish("UNet", &|_| false)?;
 
         let vae_file = component_weights(files, "vae", &model_names)?;
-        let mut loader = Loader::new(vec![&vae_file], Box::new(|n| n.to_string()), device.clone());
+        let mut loader = Loader::new(vec![&vae_file], Box::new(|n| n.to_string()), device.clone()).with_weight_dtype(dtypes.vae);
         let vae = AutoencoderKl::load(&configs.vae, &mut loader);
         fingerprints.vae = loader.fingerprint();
         names.vae = std::mem::take(&mut loader.names);
@@ -248,7 +276,7 @@ impl StableDiffusion {
         let text_file = component_weights(files, "text_encoder", &text_names)?;
         // transformers 5 saves CLIPTextModel without the `text_model.` prefix.
         let prefix = if has_text_model_prefix(&text_file, "") { "text_model." } else { "" };
-        let mut loader = Loader::new(vec![&text_file], Box::new(|n| n.to_string()), device.clone());
+        let mut loader = Loader::new(vec![&text_file], Box::new(|n| n.to_string()), device.clone()).with_weight_dtype(dtypes.text_encoder);
         let text_encoder = ClipTextModel::load(&configs.text, &mut loader, prefix, false);
         fingerprints.text_encoder = loader.fingerprint();
         names.text_encoder = text_names_without(std::mem::take(&mut loader.names), prefix);
@@ -260,19 +288,24 @@ impl StableDiffusion {
     /// Loads a single-file checkpoint. `configs` come from a diffusers folder
     /// when given, else from the published model of the detected family.
     pub fn from_single_file(file: &SafetensorsFile, configs: Option<ModelConfigs>, device: &Device) -> Result<Self> {
+        Self::from_single_file_with(file, configs, device, WeightDtypes::default())
+    }
+
+    /// [`from_single_file`](Self::from_single_file), storing weights in `dtypes`.
+    pub fn from_single_file_with(file: &SafetensorsFile, configs: Option<ModelConfigs>, device: &Device, dtypes: WeightDtypes) -> Result<Self> {
         let family = detect_family(file)?;
         let configs = configs.unwrap_or_else(|| ModelConfigs::standard(family));
         let tokenizer = ClipTokenizer::standard(&configs.pad_token)?;
 
         let unet_config = configs.unet.clone();
-        let mut loader = Loader::new(vec![file], Box::new(move |n| single_file::unet_name(n, &unet_config)), device.clone());
+        let mut loader = Loader::new(vec![file], Box::new(move |n| single_file::unet_name(n, &unet_config)), device.clone()).with_weight_dtype(dtypes.unet);
         let unet = UNet2DConditionModel::load(&configs.unet, &mut loader);
         let mut fingerprints = Fingerprints { unet: loader.fingerprint(), ..Default::default() };
         let mut names = ComponentNames { unet: std::mem::take(&mut loader.names), ..Default::default() };
         loader.finish("UNet", &|n| !n.starts_with(UNET_PREFIX))?;
 
         let vae_config = configs.vae.clone();
-        let mut loader = Loader::new(vec![file], Box::new(move |n| single_file::vae_name(n, &vae_config)), device.clone());
+        let mut loader = Loader::new(vec![file], Box::new(move |n| single_file::vae_name(n, &vae_config)), device.clone()).with_weight_dtype(dtypes.vae);
         let vae = AutoencoderKl::load(&configs.vae, &mut loader);
         fingerprints.vae = loader.fingerprint();
         names.vae = std::mem::take(&mut loader.names);
@@ -281,7 +314,7 @@ impl StableDiffusion {
         let text_encoder = match family {
             Family::Sd1 => {
                 let with_prefix = has_text_model_prefix(file, SD1_TEXT_PREFIX);
-                let mut loader = Loader::new(vec![file], Box::new(move |n| single_file::sd1_text_name(n, with_prefix)), device.clone());
+                let mut loader = Loader::new(vec![file], Box::new(move |n| single_file::sd1_text_name(n, with_prefix)), device.clone()).with_weight_dtype(dtypes.text_encoder);
                 let model = ClipTextModel::load(&configs.text, &mut loader, "", false);
                 fingerprints.text_encoder = loader.fingerprint();
                 names.text_encoder = std::mem::take(&mut loader.names);
@@ -290,7 +323,7 @@ impl StableDiffusion {
             }
             Family::Sd2 => {
                 let view = OpenClipView::new(file, OPENCLIP_PREFIX, configs.text.num_hidden_layers, false);
-                let mut loader = Loader::new(vec![&view], Box::new(|n| n.to_string()), device.clone());
+                let mut loader = Loader::new(vec![&view], Box::new(|n| n.to_string()), device.clone()).with_weight_dtype(dtypes.text_encoder);
                 let model = ClipTextModel::load(&configs.text, &mut loader, "", false);
                 fingerprints.text_encoder = loader.fingerprint();
                 names.text_encoder = std::mem::take(&mut loader.names);

@@ -3,13 +3,13 @@
 //! `down_blocks.N.attentions.M.transformer_blocks.K.attn1.to_q`, ...).
 
 use burn::module::Module;
-use burn::nn::conv::Conv2d;
-use burn::nn::{GroupNorm, LayerNorm, Linear};
+use burn::nn::{GroupNorm, LayerNorm};
 use burn::tensor::activation::{gelu, silu};
 use burn::tensor::{Tensor, TensorData};
 
 use super::blocks::{Attention, Downsample2D, ResnetBlock2D, Upsample2D};
 use super::config::UNetConfig;
+use super::layers::{Conv2d, Linear};
 use super::loader::Loader;
 use super::lora::LoraLinear;
 

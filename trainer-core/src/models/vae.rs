@@ -2,13 +2,13 @@
 //! Field names follow diffusers' keys (`encoder.down_blocks.N.resnets.M`, ...).
 
 use burn::module::Module;
-use burn::nn::conv::Conv2d;
 use burn::nn::GroupNorm;
 use burn::tensor::activation::silu;
 use burn::tensor::Tensor;
 
 use super::blocks::{Attention, Downsample2D, ResnetBlock2D, Upsample2D};
 use super::config::VaeConfig;
+use super::layers::Conv2d;
 use super::loader::Loader;
 
 /// The VAE's blocks use GroupNorm eps 1e-6 (the UNet's 1e-5).

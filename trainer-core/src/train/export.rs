@@ -9,11 +9,11 @@
 use std::collections::BTreeMap;
 
 use burn::module::Param;
-use burn::nn::Linear;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 
 use super::tensor_file::{self, HostTensor};
 use crate::error::{Error, Result};
+use crate::models::layers::{in_dtype, Linear};
 use crate::models::lora::kohya_unet_name;
 use crate::models::StableDiffusion;
 
@@ -135,7 +135,10 @@ pub fn merge_kohya(model: &mut StableDiffusion, path: &str, bytes: Vec<u8>, mult
         let down = down.to_tensor::<2>(device)?.transpose();
         let up = up.to_tensor::<2>(device)?.transpose();
         let delta: Tensor<2> = down.matmul(up) * (alpha / rank as f64 * multiplier);
-        linear.weight = Param::from_tensor(linear.weight.val() + delta);
+        // Merged in f32, stored back in the weight's own dtype (f16 frozen bases).
+        let weight = linear.weight.val();
+        let dtype = weight.dtype();
+        linear.weight = Param::from_tensor(in_dtype(in_dtype(weight, DType::F32) + delta, dtype));
         merged += 1;
     }
     if problems.is_empty() {

@@ -17,40 +17,49 @@ from safetensors.torch import load_file
 
 def main(model: str, lora: str) -> None:
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
-    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    components = {"lora_unet_": pipe.unet, "lora_te_": pipe.text_encoder}
+    base = {prefix: {k: v.clone() for k, v in m.state_dict().items()} for prefix, m in components.items()}
     tensors = load_file(lora)
 
     # Burnbooth's merge, done here by hand from the file.
-    expected = dict(base)
+    expected = {prefix: dict(weights) for prefix, weights in base.items()}
     modules = sorted({k.split(".")[0] for k in tensors})
-    by_kohya = {("lora_unet_" + k[: -len(".weight")].replace(".", "_")): k for k in base if k.endswith(".weight")}
     for module in modules:
+        prefix = next(p for p in components if module.startswith(p))
+        # transformers 5 names CLIPTextModel's weights without `text_model.`; kohya names keep it.
+        path = lambda k: k if prefix == "lora_unet_" or k.startswith("text_model.") else "text_model." + k
+        by_kohya = {(prefix + path(k)[: -len(".weight")].replace(".", "_")): k for k in base[prefix] if k.endswith(".weight")}
         down, up = tensors[f"{module}.lora_down.weight"], tensors[f"{module}.lora_up.weight"]
         alpha = float(tensors[f"{module}.alpha"])
         key = by_kohya[module]
-        expected[key] = base[key] + (alpha / down.shape[0]) * (up @ down)
+        expected[prefix][key] = base[prefix][key] + (alpha / down.shape[0]) * (up @ down)
 
     sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    ids = pipe.tokenizer(["a photograph of zwxrobot"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
-        out_base = pipe.unet(sample, 500, context).sample
+        def outputs():
+            context = pipe.text_encoder(ids)[0]
+            return context, pipe.unet(sample, 500, context).sample
+        text_base, out_base = outputs()
         pipe.load_lora_weights(lora)
-        out_lora = pipe.unet(sample, 500, context).sample
+        text_lora, out_lora = outputs()
         pipe.fuse_lora()
         pipe.unload_lora_weights()
-        fused = pipe.unet.state_dict()
-        pipe.unet.load_state_dict(expected)
-        out_expected = pipe.unet(sample, 500, context).sample
+        fused = {prefix: m.state_dict() for prefix, m in components.items()}
+        for prefix, m in components.items():
+            m.load_state_dict(expected[prefix])
+        text_expected, out_expected = outputs()
 
-    weight_error = max((fused[k] - expected[k]).abs().max().item() for k in expected)
-    changed = sum(1 for k in expected if not torch.equal(expected[k], base[k]))
-    rel = ((out_lora - out_expected).norm() / out_expected.norm()).item()
-    moved = ((out_lora - out_base).norm() / out_base.norm()).item()
-    print(f"{len(modules)} LoRA modules, {changed} UNet weights changed")
+    weight_error = max((fused[p][k] - expected[p][k]).abs().max().item() for p in components for k in expected[p])
+    changed = sum(1 for p in components for k in expected[p] if not torch.equal(expected[p][k], base[p][k]))
+    text_modules = sum(1 for m in modules if m.startswith("lora_te_"))
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    print(f"{len(modules)} LoRA modules ({text_modules} in the text encoder), {changed} weights changed")
     print(f"fused weights vs W + alpha/r*up@down: max abs error {weight_error:.3e}")
-    print(f"UNet output with the LoRA (diffusers) vs merged by hand: relative L2 error {rel:.3e}; the LoRA moves the output by {moved:.3e}")
+    print(f"text encoder output with the LoRA (diffusers) vs merged by hand: relative L2 error {rel(text_lora, text_expected):.3e}; moved {rel(text_lora, text_base):.3e}")
+    print(f"UNet output with the LoRA (diffusers) vs merged by hand: relative L2 error {rel(out_lora, out_expected):.3e}; moved {rel(out_lora, out_base):.3e}")
     assert len(modules) > 0 and changed == len(modules)
-    assert weight_error < 1e-6 and rel < 1e-5, "diffusers applies the LoRA differently"
+    assert weight_error < 1e-6 and rel(out_lora, out_expected) < 1e-5 and rel(text_lora, text_expected) < 1e-5, "diffusers applies the LoRA differently"
     print("OK: diffusers loads the Burnbooth LoRA and applies it exactly as Burnbooth merges it")
 
 

@@ -202,12 +202,7 @@ pub async fn sample(view: RunView, request: GenerateRequest, with_lora: bool) ->
     let mut session = workspace::with(|w| w.session.take());
     let result = match session.as_mut() {
         Some(session) => {
-            let trained = session.model.unet.clone();
-            if !with_lora {
-                session.model.unet = trained.without_lora();
-            }
-            let image = session.sample(&request, &mut |p| view.progress("sampling", p.done as u64, p.total as u64)).await;
-            session.model.unet = trained;
+            let image = session.sample_with(&request, with_lora, &mut |p| view.progress("sampling", p.done as u64, p.total as u64)).await;
             image.map_err(|e| e.to_string())
         }
         None => {

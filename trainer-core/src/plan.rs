@@ -162,6 +162,8 @@ pub struct Plan {
     pub num_train_epochs: Option<u64>,
     pub optimizer: OptimizerPlan,
     pub precision: PrecisionPlan,
+    /// The text encoder's peak learning rate when its LoRA adapters train.
+    pub text_encoder_lr: Option<f64>,
     pub lr_schedule: LearningRateSchedule,
     pub regularisation_mode: RegularisationMode,
     pub warnings: Vec<String>,
@@ -256,6 +258,7 @@ pub fn plan(
         num_train_epochs: training.num_train_epochs,
         optimizer,
         precision: precision_plan(training, target),
+        text_encoder_lr: training.train_text_encoder.then(|| training.text_encoder_lr.unwrap_or(training.learning_rate)),
         lr_schedule: LearningRateSchedule::from_config(training, schedule.total_steps),
         regularisation_mode: training.regularisation_mode,
         warnings,
@@ -693,6 +696,9 @@ pub fn describe(plan: &Plan) -> String {
     );
     let _ = writeln!(out, "Optimizer: {} ({})", config_name(&plan.optimizer.name), plan.optimizer.note);
     let _ = writeln!(out, "Weights: {}", plan.precision.note);
+    if let Some(lr) = plan.text_encoder_lr {
+        let _ = writeln!(out, "Text encoder: LoRA adapters train too (peak learning rate {lr:e}, same schedule); captions are encoded every step");
+    }
     let s = &plan.lr_schedule;
     let _ = writeln!(
         out,

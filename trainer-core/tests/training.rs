@@ -333,3 +333,55 @@ fn frozen_base_weights_in_f16_halve_the_memory_and_train_like_f32() {
     let layers = trainer_core::train::export::merge_kohya(&mut merged, &path, bytes, 1.0, &device).unwrap();
     assert_eq!(layers, run16.model.unet.adapted_layers().len());
 }
+
+#[test]
+fn text_encoder_lora_trains_resumes_and_exports_kohya_te_keys() {
+    let device = Device::flex();
+    let storage = MemoryStorage::default();
+    // SimpleTuner's env files pass these through TRAINER_EXTRA_ARGS; parent
+    // prediction makes the class batches use the base encoder's context.
+    let setup = setup(
+        "MAX_NUM_STEPS=6\nLORA_DROPOUT=0.1\nREGULARISATION_MODE=parent_prediction\nTRAINER_EXTRA_ARGS=\"--train_text_encoder --text_encoder_lr=1e-2\"\n",
+        true,
+    );
+    assert!(setup.training.train_text_encoder);
+    let mut run = session(&setup, &storage, &device, F32_TARGET);
+    let text_layers = run.model.text_encoder.layers.len();
+    assert_eq!(run.model.text_encoder.adapted_layers().len(), 4 * text_layers, "q, k, v and out_proj of every layer");
+    let prompt = "a photo of zwx toy";
+    let base_context = fixture_model(&device, WeightDtypes::default()).encode_prompts(&[prompt], &device).unwrap();
+
+    train(&mut run, 3);
+    block_on(run.save_checkpoint()).unwrap();
+    let rest = train(&mut run, 3);
+    let moved: f32 = run.model.text_encoder.adapted_layers().iter().map(|l| l.lora.as_ref().unwrap().up.val().abs().sum().into_scalar::<f32>()).sum();
+    assert!(moved > 0.0, "the text encoder's adapters must train");
+
+    // Resuming restores the text encoder's adapters and moments too.
+    let mut resumed = session(&setup, &storage, &device, F32_TARGET);
+    resumed.resume("latest").unwrap();
+    assert_eq!(train(&mut resumed, 3), rest, "steps 4-6 after resuming equal the uninterrupted run");
+
+    // The kohya file names the text-encoder layers as kohya does, and merged
+    // into a fresh model it samples what the trained adapters sample.
+    let path = block_on(run.export_lora("te-lora")).unwrap();
+    let bytes = storage.read(&path).unwrap().unwrap();
+    let tensors = trainer_core::train::tensor_file::read(&path, bytes.clone()).unwrap();
+    assert!(tensors.contains_key("lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"), "{:?}", tensors.keys().take(5).collect::<Vec<_>>());
+    assert_eq!(tensors.keys().filter(|k| k.starts_with("lora_te_") && k.ends_with(".alpha")).count(), 4 * text_layers);
+    let mut merged = fixture_model(&device, WeightDtypes::default());
+    let layers = trainer_core::train::export::merge_kohya(&mut merged, &path, bytes, 1.0, &device).unwrap();
+    assert_eq!(layers, run.model.unet.adapted_layers().len() + 4 * text_layers);
+
+    let values = |t: burn::tensor::Tensor<3>| t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+    let relative = |a: &[f32], b: &[f32]| (mean_squared(a, b) / mean_squared(b, &vec![0.0; b.len()])).sqrt();
+    let merged_context = values(merged.encode_prompts(&[prompt], &device).unwrap());
+    let text_change = relative(&merged_context, &values(base_context));
+    assert!(text_change > 1e-5, "the merged text encoder must differ from the base: {text_change:.2e}");
+    let trained = latents(&mut run, prompt);
+    let from_file = merged.generate(&request(prompt), None, &device, &mut |_, _| {}).unwrap().latents;
+    let from_file: Vec<f32> = from_file.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+    let difference = relative(&from_file, &trained);
+    eprintln!("text context moved {text_change:.2e} from the base; merged vs adapter samples differ by {difference:.2e}");
+    assert!(difference < 1e-4, "merged samples differ from the adapters' by {difference:.2e} (relative L2)");
+}

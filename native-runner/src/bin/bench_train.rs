@@ -54,8 +54,8 @@ fn bench(name: &str, device: Device, steps: usize) {
         let start = Instant::now();
         let prediction = unet.forward(latents.clone(), &[500.0], context.clone());
         let loss = (prediction - target.clone()).square().mean();
-        let grads = loss.backward();
-        optimizer.accumulate(&unet, grads, 1.0);
+        let mut grads = loss.backward();
+        optimizer.accumulate(&unet, "", &mut grads, 1.0);
         let (next, _norm) = optimizer.step(unet, 1e-4, &train_device).expect("step");
         unet = next;
         let _ = loss.into_scalar::<f32>(); // waits for the device

@@ -147,6 +147,10 @@ pub struct TrainingConfig {
     pub lora_rank: u32,
     pub lora_alpha: f64,
     pub lora_dropout: f64,
+    /// LoRA adapters on the text encoder too (`--train_text_encoder`).
+    pub train_text_encoder: bool,
+    /// The text encoder's learning rate (`--text_encoder_lr`); the UNet's when unset.
+    pub text_encoder_lr: Option<f64>,
     pub mixed_precision: String,
     pub gradient_checkpointing: bool,
     pub caption_dropout_probability: f64,
@@ -596,6 +600,11 @@ fn read_config(
     let lora_rank = r.int(&["lora_rank"], 1).unwrap_or(16) as u32;
     let lora_alpha = r.f64(&["lora_alpha"]).unwrap_or(lora_rank as f64);
     let lora_dropout = r.f64(&["lora_dropout"]).unwrap_or(0.1);
+    let train_text_encoder = r.bool(&["train_text_encoder"]).unwrap_or(false);
+    let text_encoder_lr = r.f64(&["text_encoder_lr"]);
+    if train_text_encoder && model_type == ModelType::Full {
+        r.error("train_text_encoder: only LoRA training (model_type lora) trains the text encoder so far");
+    }
     let mixed_precision = r.choice(&["mixed_precision"], &["no", "fp16", "bf16", "fp8"]).unwrap_or_else(|| "bf16".into());
     let gradient_checkpointing = r.bool(&["gradient_checkpointing"]).unwrap_or(true);
     let caption_dropout_probability = r.f64(&["caption_dropout_probability"]).unwrap_or(0.1);
@@ -674,6 +683,8 @@ fn read_config(
         lora_rank,
         lora_alpha,
         lora_dropout,
+        train_text_encoder,
+        text_encoder_lr,
         mixed_precision,
         gradient_checkpointing,
         caption_dropout_probability,

@@ -10,21 +10,22 @@ use burn::tensor::{Bool, Int, Tensor};
 use super::config::ClipTextConfig;
 use super::layers::{Embedding, Linear};
 use super::loader::Loader;
+use super::lora::LoraLinear;
 
 #[derive(Module, Debug)]
 pub struct ClipAttention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub out_proj: Linear,
+    pub q_proj: LoraLinear,
+    pub k_proj: LoraLinear,
+    pub v_proj: LoraLinear,
+    pub out_proj: LoraLinear,
     #[module(skip)]
     pub heads: usize,
 }
 
 #[derive(Module, Debug)]
 pub struct ClipMlp {
-    pub fc1: Linear,
-    pub fc2: Linear,
+    pub fc1: LoraLinear,
+    pub fc2: LoraLinear,
     #[module(skip)]
     pub quick_gelu: bool,
 }
@@ -88,21 +89,27 @@ impl ClipTextModel {
         let d = config.hidden_size;
         let eps = config.layer_norm_eps;
         let quick_gelu = config.hidden_act == "quick_gelu";
+        // Adapters are named by transformers' module path whatever prefix
+        // the file uses (kohya: `lora_te_text_model_encoder_layers_0_self_attn_q_proj`).
+        let linear = |loader: &mut Loader<'_>, i: usize, name: &str, d_in: usize, d_out: usize| {
+            let path = format!("encoder.layers.{i}.{name}");
+            LoraLinear::new(loader.linear(&format!("{prefix}{path}"), d_in, d_out, true), format!("text_model.{path}"))
+        };
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let p = format!("{prefix}encoder.layers.{i}");
                 ClipEncoderLayer {
                     self_attn: ClipAttention {
-                        q_proj: loader.linear(&format!("{p}.self_attn.q_proj"), d, d, true),
-                        k_proj: loader.linear(&format!("{p}.self_attn.k_proj"), d, d, true),
-                        v_proj: loader.linear(&format!("{p}.self_attn.v_proj"), d, d, true),
-                        out_proj: loader.linear(&format!("{p}.self_attn.out_proj"), d, d, true),
+                        q_proj: linear(loader, i, "self_attn.q_proj", d, d),
+                        k_proj: linear(loader, i, "self_attn.k_proj", d, d),
+                        v_proj: linear(loader, i, "self_attn.v_proj", d, d),
+                        out_proj: linear(loader, i, "self_attn.out_proj", d, d),
                         heads: config.num_attention_heads,
                     },
                     layer_norm1: loader.layer_norm(&format!("{p}.layer_norm1"), d, eps),
                     mlp: ClipMlp {
-                        fc1: loader.linear(&format!("{p}.mlp.fc1"), d, config.intermediate_size, true),
-                        fc2: loader.linear(&format!("{p}.mlp.fc2"), config.intermediate_size, d, true),
+                        fc1: linear(loader, i, "mlp.fc1", d, config.intermediate_size),
+                        fc2: linear(loader, i, "mlp.fc2", config.intermediate_size, d),
                         quick_gelu,
                     },
                     layer_norm2: loader.layer_norm(&format!("{p}.layer_norm2"), d, eps),
@@ -149,6 +156,36 @@ impl ClipTextModel {
             projection.forward(Tensor::cat(rows, 0))
         });
         ClipOutput { last_hidden_state, hidden_states, text_embeds }
+    }
+
+    /// Every layer that can take a LoRA adapter (attention and MLP), in module order.
+    pub fn lora_layers_mut(&mut self) -> Vec<&mut LoraLinear> {
+        let mut all = Vec::new();
+        for layer in &mut self.layers {
+            let (attention, mlp) = (&mut layer.self_attn, &mut layer.mlp);
+            all.extend([&mut attention.q_proj, &mut attention.k_proj, &mut attention.v_proj, &mut attention.out_proj, &mut mlp.fc1, &mut mlp.fc2]);
+        }
+        all
+    }
+
+    /// The layers that carry an adapter now, in module order.
+    pub fn adapted_layers(&self) -> Vec<&LoraLinear> {
+        let mut all = Vec::new();
+        for layer in &self.layers {
+            let (attention, mlp) = (&layer.self_attn, &layer.mlp);
+            all.extend([&attention.q_proj, &attention.k_proj, &attention.v_proj, &attention.out_proj, &mlp.fc1, &mlp.fc2]);
+        }
+        all.retain(|l| l.lora.is_some());
+        all
+    }
+
+    /// A copy without adapters (the base encoder); tensors are shared, not copied.
+    pub fn without_lora(&self) -> Self {
+        let mut copy = self.clone();
+        for layer in copy.lora_layers_mut() {
+            layer.lora = None;
+        }
+        copy
     }
 
     /// The hidden state SD 1.x uses with `clip_skip` (0 = last layer):

@@ -139,6 +139,14 @@ impl LoraTargets {
         Ok(Self { suffixes })
     }
 
+    /// Text-encoder layers for the same choice: the attention projections,
+    /// plus the MLP when the UNet's feed-forward layers are targeted.
+    pub fn matches_text(&self, path: &str) -> bool {
+        let attention = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"];
+        let with_mlp = self.suffixes.iter().any(|s| s.starts_with("ff."));
+        attention.iter().any(|s| path.ends_with(s)) || (with_mlp && (path.ends_with("mlp.fc1") || path.ends_with("mlp.fc2")))
+    }
+
     pub fn matches(&self, path: &str) -> bool {
         self.suffixes.iter().any(|s| path.ends_with(&format!(".{s}")))
     }
@@ -195,4 +203,10 @@ impl DropoutSource {
 /// The kohya name of a UNet module path (`lora_unet_down_blocks_0_..._to_q`).
 pub fn kohya_unet_name(path: &str) -> String {
     format!("lora_unet_{}", path.replace('.', "_"))
+}
+
+/// The kohya name of a text-encoder module path
+/// (`lora_te_text_model_encoder_layers_0_self_attn_q_proj`).
+pub fn kohya_text_name(path: &str) -> String {
+    format!("lora_te_{}", path.replace('.', "_"))
 }

@@ -14,15 +14,16 @@ use burn::tensor::{DType, Device, Tensor};
 use super::tensor_file::{self, HostTensor};
 use crate::error::{Error, Result};
 use crate::models::layers::{in_dtype, Linear};
-use crate::models::lora::kohya_unet_name;
+use crate::models::lora::{kohya_text_name, kohya_unet_name};
 use crate::models::StableDiffusion;
 
-/// The kohya tensors of every adapter in the UNet.
+/// The kohya tensors of every adapter in the UNet and the text encoder.
 pub async fn kohya_tensors(model: &StableDiffusion) -> Result<BTreeMap<String, HostTensor>> {
     let mut tensors = BTreeMap::new();
-    for layer in model.unet.adapted_layers() {
+    let unet = model.unet.adapted_layers().into_iter().map(|l| (kohya_unet_name(&l.path), l));
+    let text = model.text_encoder.adapted_layers().into_iter().map(|l| (kohya_text_name(&l.path), l));
+    for (name, layer) in unet.chain(text) {
         let lora = layer.lora.as_ref().expect("adapted");
-        let name = kohya_unet_name(&layer.path);
         let down = lora.down.val().without_autodiff().transpose();
         let up = lora.up.val().without_autodiff().transpose();
         tensors.insert(format!("{name}.lora_down.weight"), HostTensor::from_tensor(down).await?);
@@ -97,17 +98,9 @@ pub fn merge_kohya(model: &mut StableDiffusion, path: &str, bytes: Vec<u8>, mult
     }
 
     // Every Linear a kohya file can name: the UNet's adaptable layers and the text encoder's.
-    let mut layers: BTreeMap<String, &mut Linear> =
-        model.unet.lora_layers_mut().into_iter().map(|l| (kohya_unet_name(&l.path), &mut l.base)).collect();
-    for (i, layer) in model.text_encoder.layers.iter_mut().enumerate() {
-        let p = format!("lora_te_text_model_encoder_layers_{i}");
-        layers.insert(format!("{p}_self_attn_q_proj"), &mut layer.self_attn.q_proj);
-        layers.insert(format!("{p}_self_attn_k_proj"), &mut layer.self_attn.k_proj);
-        layers.insert(format!("{p}_self_attn_v_proj"), &mut layer.self_attn.v_proj);
-        layers.insert(format!("{p}_self_attn_out_proj"), &mut layer.self_attn.out_proj);
-        layers.insert(format!("{p}_mlp_fc1"), &mut layer.mlp.fc1);
-        layers.insert(format!("{p}_mlp_fc2"), &mut layer.mlp.fc2);
-    }
+    let unet = model.unet.lora_layers_mut().into_iter().map(|l| (kohya_unet_name(&l.path), &mut l.base));
+    let text = model.text_encoder.lora_layers_mut().into_iter().map(|l| (kohya_text_name(&l.path), &mut l.base));
+    let mut layers: BTreeMap<String, &mut Linear> = unet.chain(text).collect();
 
     let mut merged = 0;
     for (name, module) in modules {

@@ -40,9 +40,14 @@ pub struct AdamW {
     pub steps: u64,
     /// Gradients summed over the micro-batches of the current step.
     accumulated: BTreeMap<String, Tensor<1>>,
+    /// Clipped gradients of a step begun by [`AdamW::begin_step`], taken
+    /// by [`AdamW::apply`] module by module.
+    pending: BTreeMap<String, Tensor<1>>,
 }
 
 /// Pulls each trainable parameter's gradient out of the backward result.
+/// Paths start with the module's prefix (`text_encoder.` for the text
+/// encoder), so several modules share one optimizer.
 struct GradientReader<'a> {
     path: Vec<String>,
     grads: &'a mut Gradients,
@@ -100,12 +105,14 @@ impl ModuleMapper for Updater<'_> {
 
 impl AdamW {
     pub fn new(settings: AdamWSettings) -> Self {
-        Self { settings, moments: BTreeMap::new(), steps: 0, accumulated: BTreeMap::new() }
+        Self { settings, moments: BTreeMap::new(), steps: 0, accumulated: BTreeMap::new(), pending: BTreeMap::new() }
     }
 
-    /// Adds one micro-batch's gradients (scaled by `scale`, 1/accumulation).
-    pub fn accumulate<M: Module>(&mut self, module: &M, mut grads: Gradients, scale: f64) {
-        let mut reader = GradientReader { path: Vec::new(), grads: &mut grads, scale, out: Vec::new() };
+    /// Adds one micro-batch's gradients (scaled by `scale`, 1/accumulation)
+    /// of `module`'s trainable parameters, named `prefix` + module path.
+    pub fn accumulate<M: Module>(&mut self, module: &M, prefix: &str, grads: &mut Gradients, scale: f64) {
+        let path = if prefix.is_empty() { Vec::new() } else { vec![prefix.trim_end_matches('.').to_string()] };
+        let mut reader = GradientReader { path, grads, scale, out: Vec::new() };
         module.visit(&mut reader);
         for (path, grad) in reader.out {
             let sum = match self.accumulated.remove(&path) {
@@ -116,24 +123,42 @@ impl AdamW {
         }
     }
 
-    /// Applies the accumulated gradients. Returns the global gradient norm
-    /// before clipping, still on the device (clipping never waits for it).
+    /// Applies the accumulated gradients to one module. Returns the global
+    /// gradient norm before clipping, still on the device.
     pub fn step<M: Module>(&mut self, module: M, lr: f64, train_device: &Device) -> Result<(M, Option<Tensor<1>>)> {
+        let norm = self.begin_step();
+        let module = self.apply(module, "", lr, train_device);
+        Ok((module, norm))
+    }
+
+    /// Starts an optimizer step: clips the accumulated gradients of every
+    /// module by their global norm (one clip, like `clip_grad_norm_` over
+    /// all parameter groups) and returns that norm, still on the device
+    /// (clipping never waits for it). `None` when nothing has a gradient.
+    pub fn begin_step(&mut self) -> Option<Tensor<1>> {
         let mut grads = std::mem::take(&mut self.accumulated);
-        let norm = match grads.values().map(|g| g.clone().square().sum()).reduce(|a, b| a + b) {
-            Some(sum) => sum.sqrt(),
-            None => return Ok((module, None)),
-        };
+        let norm = grads.values().map(|g| g.clone().square().sum()).reduce(|a, b| a + b)?.sqrt();
         if self.settings.max_grad_norm > 0.0 {
             // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when above 1.
             let factor = (norm.clone().add_scalar(1e-6).recip() * self.settings.max_grad_norm).clamp_max(1.0);
             grads = grads.into_iter().map(|(path, g)| (path, g * factor.clone())).collect();
         }
         self.steps += 1;
+        self.pending = grads;
+        Some(norm)
+    }
+
+    /// Updates `module`'s parameters (named `prefix` + path) with the step
+    /// begun by [`begin_step`](Self::begin_step), at learning rate `lr`.
+    pub fn apply<M: Module>(&mut self, module: M, prefix: &str, lr: f64, train_device: &Device) -> M {
+        let grads = std::mem::take(&mut self.pending);
         let rounding_seed = self.steps;
-        let mut updater = Updater { path: Vec::new(), optimizer: self, grads, lr, rounding_seed, train_device };
+        let path = if prefix.is_empty() { Vec::new() } else { vec![prefix.trim_end_matches('.').to_string()] };
+        let mut updater = Updater { path, optimizer: self, grads, lr, rounding_seed, train_device };
         let module = module.map(&mut updater);
-        Ok((module, Some(norm)))
+        // What this module did not take belongs to the next module applied.
+        self.pending = updater.grads;
+        module
     }
 
     fn update(&mut self, path: &str, param: Tensor<1>, grad: Tensor<1>, lr: f64, rounding_seed: u64) -> Tensor<1> {

@@ -22,6 +22,7 @@ use crate::data::sampler::Batch;
 use crate::data::source::ImageSource;
 use crate::error::{Error, Result};
 use crate::models::lora::{DropoutSource, LoraTargets};
+use crate::models::clip::ClipTextModel;
 use crate::models::StableDiffusion;
 use crate::pipeline::{a1111_parameters, gaussian_noise, png_with_parameters, to_rgb8, GenerateRequest, Generated};
 use crate::plan::{build_samplers, Plan, PlannedSampler};
@@ -87,6 +88,17 @@ pub struct Session<'a> {
     pub metrics: Vec<StepMetrics>,
     /// Runs between checkpoint files (tests kill the process there).
     pub checkpoint_hook: Box<dyn Fn() + 'a>,
+}
+
+/// Where the text encoder's tensors are named in checkpoints and optimizer state.
+const TEXT_ENCODER_PREFIX: &str = "text_encoder.";
+
+/// What one batch feeds the UNet.
+struct BatchInputs {
+    latents: Tensor<4>,
+    context: Tensor<3>,
+    /// The base text encoder's context (the same as `context` unless the text encoder trains).
+    base_context: Tensor<3>,
 }
 
 /// Moves every parameter onto the training device, frozen.
@@ -159,9 +171,27 @@ impl<'a> Session<'a> {
             }
         }
         model.unet = unet;
+        if config.train_text_encoder {
+            if full {
+                return Err(Error::Config { source_name: config.source_name.clone(), problems: vec!["train_text_encoder needs LoRA training".into()] });
+            }
+            let mut text_encoder = model.text_encoder.clone().map(&mut ToTrainDevice { device: &train_device, trainable: false });
+            let mut attached = 0;
+            for layer in text_encoder.lora_layers_mut() {
+                if options.lora_targets.matches_text(&layer.path) {
+                    layer.attach(config.lora_rank as usize, config.lora_alpha, config.seed, dropout.clone(), &train_device);
+                    attached += 1;
+                }
+            }
+            if attached == 0 {
+                return Err(Error::Config { source_name: config.source_name.clone(), problems: vec!["train_text_encoder: no text-encoder layer to adapt".into()] });
+            }
+            model.text_encoder = text_encoder;
+        }
         let bf16 = config.optimizer == Optimizer::AdamwBf16 && plan.optimizer.state_dtype == "bf16";
         if bf16 {
             model.unet = model.unet.map(&mut CastTrainable { dtype: burn::tensor::DType::BF16, device: &train_device });
+            model.text_encoder = model.text_encoder.map(&mut CastTrainable { dtype: burn::tensor::DType::BF16, device: &train_device });
         }
         let optimizer = AdamW::new(AdamWSettings {
             beta1: config.adam_beta1,
@@ -251,8 +281,28 @@ impl<'a> Session<'a> {
         }
         captions.sort();
         captions.dedup();
+        // The cache holds the base encoder's output (resumed runs carry trained adapters).
+        let base = self.inference_text_encoder(false);
+        let trained = std::mem::replace(&mut self.model.text_encoder, base);
+        let result = self.cache_text_embeddings(&captions, progress).await;
+        self.model.text_encoder = trained;
+        result
+    }
+
+    /// The text encoder for inference: with or without the trained adapters,
+    /// off the autodiff device when it trains.
+    fn inference_text_encoder(&self, with_lora: bool) -> ClipTextModel {
+        let encoder = if with_lora { self.model.text_encoder.clone() } else { self.model.text_encoder.without_lora() };
+        if self.config.train_text_encoder {
+            encoder.valid()
+        } else {
+            encoder
+        }
+    }
+
+    async fn cache_text_embeddings(&mut self, captions: &[(String, String)], progress: &mut dyn FnMut(Progress<'_>)) -> Result<()> {
         let (mut done, mut computed) = (0, 0);
-        for (dir, caption) in &captions {
+        for (dir, caption) in captions {
             let key = cache::text_key(caption, 0, &self.model.fingerprints.text_encoder);
             let path = cache::entry_path(dir, &key);
             if !self.storage.exists(&path)? {
@@ -267,12 +317,16 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Latents, text context and flags of one batch, on the training device.
-    fn batch_inputs(&self, batch: &Batch, sampler: &PlannedSampler, rng: &mut SeededRng) -> Result<(Tensor<4>, Tensor<3>)> {
+    /// Latents and text context of one batch, on the training device. The
+    /// context is the cached base encoder's, or, when the text encoder
+    /// trains, its output now (with gradients); `BatchInputs::base_context`
+    /// is always the base encoder's (parent predictions).
+    fn batch_inputs(&self, batch: &Batch, sampler: &PlannedSampler, rng: &mut SeededRng) -> Result<BatchInputs> {
         let d = sampler.datasets[batch.dataset];
         let dataset = &self.plan.datasets[d];
         let mut latents = Vec::new();
         let mut contexts = Vec::new();
+        let mut captions = Vec::new();
         for sample in &batch.samples {
             let path = &self.latent_paths[d][sample.image];
             let cached = CachedLatents::read(self.storage, path)?
@@ -294,15 +348,24 @@ impl<'a> Session<'a> {
                 .ok_or_else(|| Error::Io { path: text_path.clone(), message: "text cache entry vanished during training".into() })?;
             let host = HostTensor { shape: [vec![1], hidden.shape.clone()].concat(), values: hidden.values };
             contexts.push(host.to_tensor::<3>(&self.device)?);
+            captions.push(caption);
         }
         let vae = &self.model.configs.vae;
         let latents = (Tensor::cat(latents, 0) - vae.shift_factor.unwrap_or(0.0)) * vae.scaling_factor;
-        Ok((frozen_on(latents, &self.train_device), frozen_on(Tensor::cat(contexts, 0), &self.train_device)))
+        let base_context = frozen_on(Tensor::cat(contexts, 0), &self.train_device);
+        let context = if self.config.train_text_encoder {
+            let captions: Vec<&str> = captions.iter().map(String::as_str).collect();
+            self.model.encode_prompts(&captions, &self.train_device)?
+        } else {
+            base_context.clone()
+        };
+        Ok(BatchInputs { latents: frozen_on(latents, &self.train_device), context, base_context })
     }
 
     /// The mean (min-SNR weighted) MSE of one batch. `parent` replaces the
     /// target by the base model's prediction; `weighted` applies min-SNR-γ.
-    fn batch_loss(&self, latents: Tensor<4>, context: Tensor<3>, rng: &mut SeededRng, parent: bool, weighted: bool) -> Tensor<1> {
+    fn batch_loss(&self, inputs: BatchInputs, rng: &mut SeededRng, parent: bool, weighted: bool) -> Tensor<1> {
+        let BatchInputs { latents, context, base_context } = inputs;
         let shape = latents.dims();
         let batch = shape[0];
         let mut noise = frozen_on(gaussian_noise(shape, rng, &self.device), &self.train_device);
@@ -318,7 +381,7 @@ impl<'a> Session<'a> {
                 dropout.stop();
             }
             let base = self.model.unet.without_lora();
-            let prediction = base.forward(noisy.clone().detach(), &t_values, context.clone().detach()).detach();
+            let prediction = base.forward(noisy.clone().detach(), &t_values, base_context.detach()).detach();
             if let Some(dropout) = &self.dropout {
                 dropout.start_step(self.config.seed, self.step, rng.next_u64());
             }
@@ -351,16 +414,16 @@ impl<'a> Session<'a> {
             let batch = self.main.sampler.next_batch().ok_or_else(|| Error::Training { step: self.step, message: "the datasets ran out of batches".into() })?;
             self.epoch = batch.epoch;
             let is_class_batch = self.plan.datasets[self.main.datasets[batch.dataset]].is_regularisation_data;
-            let (latents, context) = self.batch_inputs(&batch, &self.main, &mut rng)?;
+            let inputs = self.batch_inputs(&batch, &self.main, &mut rng)?;
             let parent = is_class_batch && self.config.regularisation_mode == RegularisationMode::ParentPrediction && self.config.model_type == ModelType::Lora;
-            let mut loss = self.batch_loss(latents, context, &mut rng, parent, !parent);
+            let mut loss = self.batch_loss(inputs, &mut rng, parent, !parent);
             if self.prior.is_some() {
                 let prior = self.prior.as_mut().expect("checked");
                 let class_batch = prior.sampler.next_batch().ok_or_else(|| Error::Training { step: self.step, message: "the class datasets ran out of batches".into() })?;
                 let prior = self.prior.as_ref().expect("checked");
-                let (latents, context) = self.batch_inputs(&class_batch, prior, &mut rng)?;
+                let inputs = self.batch_inputs(&class_batch, prior, &mut rng)?;
                 // The prior term is never SNR-weighted (train_dreambooth.py).
-                loss = loss + self.batch_loss(latents, context, &mut rng, false, false) * self.config.prior_loss_weight;
+                loss = loss + self.batch_loss(inputs, &mut rng, false, false) * self.config.prior_loss_weight;
             }
             let value = loss
                 .clone()
@@ -374,13 +437,20 @@ impl<'a> Session<'a> {
                 });
             }
             loss_sum += value;
-            let grads = loss.backward();
-            self.optimizer.accumulate(&self.model.unet, grads, 1.0 / accumulation as f64);
+            let mut grads = loss.backward();
+            self.optimizer.accumulate(&self.model.unet, "", &mut grads, 1.0 / accumulation as f64);
+            if self.config.train_text_encoder {
+                self.optimizer.accumulate(&self.model.text_encoder, TEXT_ENCODER_PREFIX, &mut grads, 1.0 / accumulation as f64);
+            }
         }
         let lr = self.lr_schedule.at(self.step);
-        let unet = self.model.unet.clone();
-        let (unet, grad_norm) = self.optimizer.step(unet, lr, &self.train_device)?;
-        self.model.unet = unet;
+        let grad_norm = self.optimizer.begin_step();
+        self.model.unet = self.optimizer.apply(self.model.unet.clone(), "", lr, &self.train_device);
+        if self.config.train_text_encoder {
+            // The schedule scales both rates alike (diffusers' parameter groups).
+            let text_lr = self.config.text_encoder_lr.map_or(lr, |rate| lr * rate / self.config.learning_rate);
+            self.model.text_encoder = self.optimizer.apply(self.model.text_encoder.clone(), TEXT_ENCODER_PREFIX, text_lr, &self.train_device);
+        }
         let grad_norm = match grad_norm {
             Some(norm) => norm
                 .into_scalar_async::<f32>()
@@ -461,8 +531,23 @@ impl<'a> Session<'a> {
         }
         let inference = self.model.unet.valid();
         let trained = std::mem::replace(&mut self.model.unet, inference);
+        let inference_text = self.inference_text_encoder(true);
+        let trained_text = std::mem::replace(&mut self.model.text_encoder, inference_text);
         let result = self.model.generate(request, None, &self.device, &mut |done, total| progress(Progress { phase: "sampling", done, total, computed: done }));
         self.model.unet = trained;
+        self.model.text_encoder = trained_text;
+        result
+    }
+
+    /// Samples with the trained adapters, or with the base model (`with_lora` off).
+    pub async fn sample_with(&mut self, request: &GenerateRequest, with_lora: bool, progress: &mut dyn FnMut(Progress<'_>)) -> Result<RgbImage> {
+        if with_lora {
+            return self.sample(request, progress).await;
+        }
+        let base = (self.model.unet.without_lora(), self.model.text_encoder.without_lora());
+        let trained = (std::mem::replace(&mut self.model.unet, base.0), std::mem::replace(&mut self.model.text_encoder, base.1));
+        let result = self.sample(request, progress).await;
+        (self.model.unet, self.model.text_encoder) = trained;
         result
     }
 
@@ -482,10 +567,22 @@ impl<'a> Session<'a> {
                 model_type: format!("{:?}", self.config.model_type),
                 lora_rank: (self.config.model_type == ModelType::Lora).then_some(self.config.lora_rank),
             },
-            trainable: checkpoint::trainable_tensors(&self.model.unet).await?,
+            trainable: self.trainable_tensors().await?,
             optimizer: self.optimizer.state().await?,
         };
         checkpoint::save(self.storage, &self.config.output_dir, &checkpoint, self.config.checkpoints_total_limit, self.checkpoint_hook.as_ref())
+    }
+
+    /// The trainable tensors by module path; the text encoder's start with
+    /// `text_encoder.`.
+    async fn trainable_tensors(&self) -> Result<BTreeMap<String, HostTensor>> {
+        let mut all = checkpoint::trainable_tensors(&self.model.unet).await?;
+        if self.config.train_text_encoder {
+            for (name, tensor) in checkpoint::trainable_tensors(&self.model.text_encoder).await? {
+                all.insert(format!("{TEXT_ENCODER_PREFIX}{name}"), tensor);
+            }
+        }
+        Ok(all)
     }
 
     /// Continues from a checkpoint (`latest` or a path): weights, moments,
@@ -493,8 +590,19 @@ impl<'a> Session<'a> {
     pub fn resume(&mut self, which: &str) -> Result<String> {
         let path = checkpoint::resolve(self.storage, &self.config.output_dir, which)?;
         let saved = checkpoint::load(self.storage, &path)?;
-        let unet = self.model.unet.clone();
-        self.model.unet = checkpoint::restore_trainable(unet, &saved.trainable, &self.train_device, &path)?;
+        let (text, unet): (BTreeMap<String, HostTensor>, BTreeMap<String, HostTensor>) =
+            saved.trainable.clone().into_iter().partition(|(name, _)| name.starts_with(TEXT_ENCODER_PREFIX));
+        let text: BTreeMap<String, HostTensor> = text.into_iter().map(|(name, t)| (name[TEXT_ENCODER_PREFIX.len()..].to_string(), t)).collect();
+        if !text.is_empty() && !self.config.train_text_encoder {
+            return Err(Error::Config {
+                source_name: path,
+                problems: vec!["this checkpoint trained the text encoder; set train_text_encoder to resume it".into()],
+            });
+        }
+        self.model.unet = checkpoint::restore_trainable(self.model.unet.clone(), &unet, &self.train_device, &path)?;
+        if self.config.train_text_encoder {
+            self.model.text_encoder = checkpoint::restore_trainable(self.model.text_encoder.clone(), &text, &self.train_device, &path)?;
+        }
         self.optimizer.load_state(&saved.optimizer, saved.state.step, &self.device)?;
         self.main.sampler.restore(saved.state.sampler.clone());
         if let (Some(prior), Some(state)) = (self.prior.as_mut(), saved.state.prior_sampler.clone()) {

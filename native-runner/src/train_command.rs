@@ -255,9 +255,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             let configs = source_configs(&session, &args)?;
             let (folder, single) = block_on(session.export_full(&args.output_name, configs.as_ref()))?;
             eprintln!("full fine-tune: diffusers folder {folder}");
-            if let Some(single) = single {
-                eprintln!("full fine-tune: single-file checkpoint {single}");
-            }
+            eprintln!("full fine-tune: single-file checkpoint {single}");
         }
     }
     Ok(())

@@ -145,6 +145,37 @@ pub fn sd1_text_name(name: &str, has_text_model_prefix: bool) -> String {
     }
 }
 
+/// Where OpenCLIP keeps each transformers-named text-encoder tensor:
+/// transformers name -> (file name, which third of a packed `in_proj`, transposed).
+pub type OpenClipNames = BTreeMap<String, (String, Option<usize>, bool)>;
+
+/// The OpenCLIP names of a text tower with `layers` layers under `prefix`.
+pub fn openclip_names(prefix: &str, layers: usize, with_projection: bool) -> OpenClipNames {
+    let p = |n: &str| format!("{prefix}{n}");
+    let mut names = BTreeMap::new();
+    names.insert("embeddings.token_embedding.weight".into(), (p("token_embedding.weight"), None, false));
+    names.insert("embeddings.position_embedding.weight".into(), (p("positional_embedding"), None, false));
+    names.insert("final_layer_norm.weight".into(), (p("ln_final.weight"), None, false));
+    names.insert("final_layer_norm.bias".into(), (p("ln_final.bias"), None, false));
+    if with_projection {
+        names.insert("text_projection.weight".into(), (p("text_projection"), None, true));
+    }
+    for i in 0..layers {
+        let hf = format!("encoder.layers.{i}.");
+        let oc = format!("{prefix}transformer.resblocks.{i}.");
+        for (a, b) in [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("self_attn.out_proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")] {
+            for kind in ["weight", "bias"] {
+                names.insert(format!("{hf}{a}.{kind}"), (format!("{oc}{b}.{kind}"), None, false));
+            }
+        }
+        for (third, q) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+            names.insert(format!("{hf}self_attn.{q}.weight"), (format!("{oc}attn.in_proj_weight"), Some(third), false));
+            names.insert(format!("{hf}self_attn.{q}.bias"), (format!("{oc}attn.in_proj_bias"), Some(third), false));
+        }
+    }
+    names
+}
+
 /// OpenCLIP's text tower (SD 2.x `cond_stage_model.model.`, SDXL's second
 /// encoder `conditioner.embedders.1.model.`) seen under transformers' names
 /// (`embeddings.token_embedding.weight`, `encoder.layers.N.self_attn.q_proj.weight`, ...).
@@ -154,35 +185,12 @@ pub fn sd1_text_name(name: &str, has_text_model_prefix: bool) -> String {
 pub struct OpenClipView<'a> {
     file: &'a dyn TensorSource,
     prefix: String,
-    /// transformers name -> (file name, which third of a packed tensor, transpose)
-    names: BTreeMap<String, (String, Option<usize>, bool)>,
+    names: OpenClipNames,
 }
 
 impl<'a> OpenClipView<'a> {
     pub fn new(file: &'a dyn TensorSource, prefix: &str, layers: usize, with_projection: bool) -> Self {
-        let p = |n: &str| format!("{prefix}{n}");
-        let mut names = BTreeMap::new();
-        names.insert("embeddings.token_embedding.weight".into(), (p("token_embedding.weight"), None, false));
-        names.insert("embeddings.position_embedding.weight".into(), (p("positional_embedding"), None, false));
-        names.insert("final_layer_norm.weight".into(), (p("ln_final.weight"), None, false));
-        names.insert("final_layer_norm.bias".into(), (p("ln_final.bias"), None, false));
-        if with_projection {
-            names.insert("text_projection.weight".into(), (p("text_projection"), None, true));
-        }
-        for i in 0..layers {
-            let hf = format!("encoder.layers.{i}.");
-            let oc = format!("{prefix}transformer.resblocks.{i}.");
-            for (a, b) in [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("self_attn.out_proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")] {
-                for kind in ["weight", "bias"] {
-                    names.insert(format!("{hf}{a}.{kind}"), (format!("{oc}{b}.{kind}"), None, false));
-                }
-            }
-            for (third, q) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
-                names.insert(format!("{hf}self_attn.{q}.weight"), (format!("{oc}attn.in_proj_weight"), Some(third), false));
-                names.insert(format!("{hf}self_attn.{q}.bias"), (format!("{oc}attn.in_proj_bias"), Some(third), false));
-            }
-        }
-        Self { file, prefix: prefix.to_string(), names }
+        Self { file, prefix: prefix.to_string(), names: openclip_names(prefix, layers, with_projection) }
     }
 
     /// The file tensors this view reads (to tell used from unused ones).

@@ -119,14 +119,12 @@ fn standard_files(family: Family) -> BTreeMap<String, String> {
 }
 
 /// One single-file checkpoint (LDM names, as A1111/Forge and ComfyUI load
-/// SD 1.x), f32. SD 2.x packs its text encoder differently: not written yet.
+/// SD 1.x and 2.x), f32. SD 2.x's text encoder is written in OpenCLIP's
+/// layout (q/k/v packed into `in_proj`). Its unused last block,
+/// `text_projection` and `logit_scale` are not written: the model never held
+/// them (diffusers drops them on load), and every loader uses the penultimate
+/// layer.
 pub async fn single_file_checkpoint(model: &StableDiffusion) -> Result<Vec<u8>> {
-    if model.family != Family::Sd1 {
-        return Err(Error::Training {
-            step: 0,
-            message: "single-file export is written for SD 1.x; for SD 2.x use the diffusers folder (diffusers and ComfyUI load it)".into(),
-        });
-    }
     let mut all = BTreeMap::new();
     for (name, tensor) in named_tensors(&model.unet.without_lora(), &model.names.unet, "UNet").await? {
         all.insert(single_file::unet_name(&name, &model.configs.unet), tensor);
@@ -139,9 +137,47 @@ pub async fn single_file_checkpoint(model: &StableDiffusion) -> Result<Vec<u8>> 
         }
         all.insert(file_name, tensor);
     }
-    for (name, tensor) in named_tensors(&model.text_encoder, &model.names.text_encoder, "text encoder").await? {
-        all.insert(single_file::sd1_text_name(&name, true), tensor);
-    }
-    let metadata = BTreeMap::from([("modelspec.architecture".to_string(), "stable-diffusion-v1".to_string()), ("burnbooth.export".to_string(), "full fine-tune".to_string())]);
+    let text = named_tensors(&model.text_encoder, &model.names.text_encoder, "text encoder").await?;
+    let architecture = match model.family {
+        Family::Sd1 => {
+            for (name, tensor) in text {
+                all.insert(single_file::sd1_text_name(&name, true), tensor);
+            }
+            "stable-diffusion-v1"
+        }
+        Family::Sd2 => {
+            all.extend(pack_openclip(text, model.configs.text.num_hidden_layers)?);
+            "stable-diffusion-v2"
+        }
+    };
+    let metadata = BTreeMap::from([("modelspec.architecture".to_string(), architecture.to_string()), ("burnbooth.export".to_string(), "full fine-tune".to_string())]);
     tensor_file::write(&all, &metadata)
+}
+
+/// Text-encoder tensors under transformers' names to OpenCLIP's
+/// (`cond_stage_model.model.`): q, k and v concatenated into `in_proj`.
+fn pack_openclip(text: BTreeMap<String, HostTensor>, layers: usize) -> Result<BTreeMap<String, HostTensor>> {
+    let names = single_file::openclip_names(single_file::OPENCLIP_PREFIX, layers, false);
+    let mut out = BTreeMap::new();
+    let mut thirds: BTreeMap<String, [Option<HostTensor>; 3]> = BTreeMap::new();
+    for (name, tensor) in text {
+        let Some((file_name, third, _)) = names.get(&name) else {
+            return Err(Error::Training { step: 0, message: format!("text-encoder tensor '{name}' has no OpenCLIP name") });
+        };
+        match third {
+            Some(third) => thirds.entry(file_name.clone()).or_default()[*third] = Some(tensor),
+            None => {
+                out.insert(file_name.clone(), tensor);
+            }
+        }
+    }
+    for (file_name, [q, k, v]) in thirds {
+        let (Some(q), Some(k), Some(v)) = (q, k, v) else {
+            return Err(Error::Training { step: 0, message: format!("'{file_name}': the text encoder lacks one of q, k, v") });
+        };
+        let mut shape = q.shape.clone();
+        shape[0] *= 3;
+        out.insert(file_name, HostTensor { shape, values: [q.values, k.values, v.values].concat() });
+    }
+    Ok(out)
 }

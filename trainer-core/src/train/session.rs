@@ -645,17 +645,14 @@ impl<'a> Session<'a> {
 
     /// Writes a full fine-tune as a diffusers folder `<output>/<name>/` (the
     /// configs come from `configs`, the source folder's files by name, or
-    /// are the family's published ones) and, for SD 1.x, the single-file
-    /// checkpoint `<output>/<name>.safetensors`. Returns both paths.
-    pub async fn export_full(&self, name: &str, configs: Option<&BTreeMap<String, String>>) -> Result<(String, Option<String>)> {
+    /// are the family's published ones) and the single-file checkpoint
+    /// `<output>/<name>.safetensors`. Returns both paths.
+    pub async fn export_full(&self, name: &str, configs: Option<&BTreeMap<String, String>>) -> Result<(String, String)> {
         let dir = self.output_path(name);
         super::full_export::write_diffusers_folder(&self.model, self.storage, &dir, configs).await?;
-        if self.model.family != crate::models::Family::Sd1 {
-            return Ok((dir, None));
-        }
         let path = self.output_path(&format!("{name}.safetensors"));
         self.storage.write(&path, &super::full_export::single_file_checkpoint(&self.model).await?)?;
-        Ok((dir, Some(path)))
+        Ok((dir, path))
     }
 }
 

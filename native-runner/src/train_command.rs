@@ -16,6 +16,7 @@ use trainer_core::models::lora::LoraTargets;
 use trainer_core::plan::{plan, Plan, PlanTarget};
 use trainer_core::train::session::{Progress, Session, SessionOptions};
 use trainer_core::train::storage::DiskStorage;
+use trainer_core::error::{is_out_of_memory, MEMORY_ADVICE};
 use trainer_core::{block_on, Error, Result};
 
 use crate::folder::FolderSource;
@@ -211,12 +212,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
             Err(payload) => {
                 progress.abandon();
                 let message = panic_message(payload.as_ref());
-                let advice = if message.to_lowercase().contains("memory") || message.contains("OutOfMemory") || message.contains("allocat") {
-                    " — out of memory: lower TRAIN_BATCH_SIZE or the dataset resolution, enable gradient checkpointing (gradient_checkpointing=true), or use LoRA instead of a full fine-tune"
-                } else {
-                    ""
-                };
-                return Err(Error::Training { step: session.step + 1, message: format!("{message}{advice}; the last checkpoint is intact") });
+                let message = if is_out_of_memory(&message) { format!("{MEMORY_ADVICE}. ({message})") } else { message };
+                return Err(Error::Training { step: session.step + 1, message: format!("{message}; the last checkpoint is intact") });
             }
         };
         session.record(&report, started.elapsed().as_secs_f64())?;

@@ -254,3 +254,19 @@ fn a_full_fine_tune_exports_a_diffusers_folder_and_a_single_file_that_sample_ali
     assert_eq!(from_folder, from_single, "the single-file checkpoint differs from the diffusers folder");
     assert_ne!(from_folder, base, "the exported model is the trained one, not the base");
 }
+
+/// A run that cannot fit on the device stops with what to change, not a
+/// crash: at 512 px the tiny VAE's attention needs a 17 GB score matrix,
+/// more than lavapipe's largest buffer, so the cache step fails to allocate.
+#[test]
+fn running_out_of_device_memory_stops_with_advice() {
+    let dir = run_folder("oom", "MAX_NUM_STEPS=1\n");
+    let dataloader = std::fs::read_to_string(dir.join("dataloader.json")).unwrap().replace("\"resolution\": 32", "\"resolution\": 512");
+    std::fs::write(dir.join("dataloader.json"), dataloader).unwrap();
+    let output = runner(&["train", "--config", "config.env", "--device", "cpu-gpu"], &dir);
+    let text = stderr(&output);
+    assert!(!output.status.success(), "the run cannot fit: {text}");
+    assert!(text.contains("the device ran out of memory: lower TRAIN_BATCH_SIZE or the dataset resolution"), "{text}");
+    assert!(text.contains("can't allocate buffer"), "cubecl's own reason follows the advice: {text}");
+    assert!(!text.contains("panicked"), "a clean error, not a crash: {text}");
+}

@@ -115,3 +115,33 @@ mod tests {
         assert_eq!(nearest("zzzzzzzzzzzz", known), None);
     }
 }
+
+/// What to change when the device ran out of memory.
+pub const MEMORY_ADVICE: &str = "the device ran out of memory: lower TRAIN_BATCH_SIZE or the dataset resolution, \
+enable gradient checkpointing (gradient_checkpointing=true), keep MIXED_PRECISION on (f16 base weights on GPUs), \
+or train a LoRA instead of the full model";
+
+const MEMORY_MARKERS: [&str; 5] = ["can't allocate buffer", "out of device memory", "out-of-memory", "out of memory", "outofmemory"];
+
+/// Whether a device error (cubecl's allocation failures, as burn reports
+/// them on readback or in a panic) means the device ran out of memory.
+pub fn is_out_of_memory(message: &str) -> bool {
+    let lower = message.to_lowercase();
+    MEMORY_MARKERS.iter().any(|m| lower.contains(m))
+}
+
+/// The message for a failed readback of `what` from the device. When the
+/// device ran out of memory: [`MEMORY_ADVICE`] and cubecl's reason (its
+/// full report lists every kernel the failure skipped: hundreds of lines).
+pub fn device_failure(what: &str, error: impl fmt::Debug) -> String {
+    let details = format!("{error:?}");
+    if !is_out_of_memory(&details) {
+        return format!("reading {what} back from the device failed: {details}");
+    }
+    let reason = details
+        .lines()
+        .map(str::trim)
+        .find(|line| MEMORY_MARKERS.iter().any(|m| line.to_lowercase().contains(m)))
+        .unwrap_or("out of memory");
+    format!("{MEMORY_ADVICE} (computing {what}: {reason})")
+}

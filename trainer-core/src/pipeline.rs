@@ -129,7 +129,7 @@ pub async fn to_rgb8(image: Tensor<4>) -> Result<RgbImage> {
     let data = image
         .into_data_async()
         .await
-        .map_err(|e| Error::Io { path: "image".into(), message: format!("reading back from the device: {e:?}") })?;
+        .map_err(|e| Error::Io { path: "image".into(), message: crate::error::device_failure("the image", e) })?;
     let values: Vec<f32> = data.convert::<f32>().try_to_vec::<f32>().map_err(|e| Error::Io { path: "image".into(), message: format!("{e:?}") })?;
     let plane = width * height;
     let mut rgb = RgbImage::new(width as u32, height as u32);

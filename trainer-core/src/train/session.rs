@@ -254,9 +254,14 @@ impl<'a> Session<'a> {
                     let pixels = prepare(&bytes, &geometry, &mut resizer)
                         .map_err(|reason| Error::Image { path: format!("{}/{}", dataset.folder, image.path), reason })?;
                     let distribution = self.model.vae.encode(image_tensor(&pixels, &self.device));
+                    // A device failure names the image being encoded.
+                    let at_image = |error: Error| match error {
+                        Error::Io { message, .. } => Error::Io { path: format!("{}/{}", dataset.folder, image.path), message: format!("encoding its latents: {message}") },
+                        other => other,
+                    };
                     let entry = CachedLatents {
-                        mean: HostTensor::from_batch_item(distribution.mean).await?,
-                        logvar: HostTensor::from_batch_item(distribution.logvar).await?,
+                        mean: HostTensor::from_batch_item(distribution.mean).await.map_err(at_image)?,
+                        logvar: HostTensor::from_batch_item(distribution.logvar).await.map_err(at_image)?,
                     };
                     entry.write(self.storage, &path, &format!("{}/{}", dataset.folder, image.path))?;
                     computed += 1;
@@ -429,7 +434,7 @@ impl<'a> Session<'a> {
                 .clone()
                 .into_scalar_async::<f32>()
                 .await
-                .map_err(|e| Error::Training { step: self.step + 1, message: format!("reading the loss back from the device: {e:?}") })?;
+                .map_err(|e| Error::Training { step: self.step + 1, message: crate::error::device_failure("the loss", e) })?;
             if !value.is_finite() {
                 return Err(Error::Training {
                     step: self.step + 1,
@@ -455,7 +460,7 @@ impl<'a> Session<'a> {
             Some(norm) => norm
                 .into_scalar_async::<f32>()
                 .await
-                .map_err(|e| Error::Training { step: self.step + 1, message: format!("reading the gradient norm back from the device: {e:?}") })?,
+                .map_err(|e| Error::Training { step: self.step + 1, message: crate::error::device_failure("the gradient norm", e) })?,
             None => 0.0,
         };
         self.step += 1;

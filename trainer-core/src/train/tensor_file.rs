@@ -24,7 +24,7 @@ impl HostTensor {
         let values = tensor
             .into_data_async()
             .await
-            .map_err(|e| Error::Io { path: "tensor".into(), message: format!("reading back from the device: {e:?}") })?
+            .map_err(|e| Error::Io { path: "tensor".into(), message: crate::error::device_failure("a tensor", e) })?
             .try_into_vec_as::<f32>()
             .map_err(|e| Error::Io { path: "tensor".into(), message: format!("{e:?}") })?;
         Ok(Self { shape, values })

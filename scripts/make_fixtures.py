@@ -7,6 +7,10 @@ Writes:
   single-file checkpoints, which carry no tokenizer.
 - trainer-core/tests/fixtures/models/tokenizer_reference.json: token ids for
   a list of prompts (long, unicode, emoji) with both families' padding.
+- trainer-core/tests/fixtures/models/sdxl/: a tiny SDXL pipeline (two text
+  encoders of different widths, so the concatenation order is tested; added
+  text/time conditioning) with the same kinds of references.
+  `python scripts/make_fixtures.py sdxl` writes only this one.
 - trainer-core/tests/fixtures/models/{sd1,sd2}/: tiny pipelines with random
   weights (seeded), in diffusers-folder layout (`diffusers/`) and as one
   single-file LDM checkpoint (`single_file.safetensors`), plus
@@ -30,8 +34,8 @@ from safetensors.torch import save_file
 import diffusers
 import transformers
 from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "trainer-core" / "assets" / "clip-tokenizer"
@@ -413,13 +417,131 @@ def write_family(family):
         print("sd1 single file verified with diffusers.from_single_file")
 
 
+def build_sdxl():
+    torch.manual_seed(2)
+    # TE1 is 8 wide, TE2 12: the UNet's context is their 20-channel concatenation.
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16, 16),
+        layers_per_block=2,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+        cross_attention_dim=20,
+        norm_num_groups=4,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 6,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[8, 16], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=4, layers_per_block=2,
+        sample_size=16, scaling_factor=0.13025,
+    )
+    common = dict(bos_token_id=49406, eos_token_id=49407, layer_norm_eps=1e-5, vocab_size=49408, max_position_embeddings=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(pad_token_id=49407, hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                                                num_hidden_layers=3, hidden_act="quick_gelu", projection_dim=8, **common))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(pad_token_id=0, hidden_size=12, intermediate_size=20,
+                                                                num_attention_heads=2, num_hidden_layers=3, hidden_act="gelu",
+                                                                projection_dim=6, **common))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                       timestep_spacing="leading")
+    for i, m in enumerate((unet, vae, text_encoder, text_encoder_2)):
+        perturb(m, 200 + i).eval()
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer_for("sd1"), tokenizer_2=tokenizer_for("sd2"), unet=unet,
+                                     scheduler=scheduler, force_zeros_for_empty_prompt=True)
+
+
+def references_sdxl(pipe):
+    ref = {}
+    g = torch.Generator().manual_seed(43)
+    prompts = ["a photo of sks dog", "", PROMPTS[4]]
+    with torch.no_grad():
+        for key, tok, enc in (("text", pipe.tokenizer, pipe.text_encoder), ("text2", pipe.tokenizer_2, pipe.text_encoder_2)):
+            ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            out = enc(ids, output_hidden_states=True)
+            ref[f"{key}.input_ids"] = ids.to(torch.int64)
+            ref[f"{key}.penultimate"] = out.hidden_states[-2]
+            if key == "text2":
+                ref["text2.text_embeds"] = out.text_embeds
+        # No negative prompt (None, not ""): with force_zeros_for_empty_prompt the
+        # unconditional input is zeros. Burnbooth's empty negative prompt means this.
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt("a photo of sks dog", negative_prompt=None,
+                                                                       do_classifier_free_guidance=True)
+        ref["prompt.embeds"], ref["prompt.pooled"] = embeds, pooled
+        ref["prompt.negative_embeds"], ref["prompt.negative_pooled"] = negative, negative_pooled
+
+        sample = torch.randn(2, 4, 8, 8, generator=g)
+        context = torch.randn(2, 77, 20, generator=g)
+        text_embeds = torch.randn(2, 6, generator=g)
+        time_ids = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0], [24.0, 20.0, 2.0, 4.0, 16.0, 16.0]])
+        timesteps = torch.tensor([10, 981])
+        ref["unet.sample"], ref["unet.context"], ref["unet.timesteps"] = sample, context, timesteps.to(torch.int64)
+        ref["unet.text_embeds"], ref["unet.time_ids"] = text_embeds, time_ids
+        ref["unet.output"] = pipe.unet(sample, timesteps, encoder_hidden_states=context,
+                                       added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}).sample
+
+    init = torch.randn(1, 4, 8, 8, generator=g)
+    ref["sampling.init_latents"] = init
+    # No negative prompt: SDXL's unconditional input is zeros.
+    run = {"prompt": "a photo of sks dog", "negative_prompt": "", "steps": 5, "guidance": 5.0, "height": 16, "width": 16}
+    euler = pipe.scheduler.config
+    # SDXL ships an Euler config; DDIM made from it would take DDIM's class
+    # defaults (clip_sample, set_alpha_to_one on), which SD's own DDIM configs
+    # turn off and Burnbooth's DDIM does not do.
+    for name, scheduler in (("ddim", DDIMScheduler.from_config(euler, clip_sample=False, set_alpha_to_one=False)),
+                            ("euler", EulerDiscreteScheduler.from_config(euler))):
+        pipe.scheduler = scheduler
+        with torch.no_grad():
+            for output_type, key in (("latent", "latents"), ("pt", "image")):
+                ref[f"sampling.{name}.{key}"] = pipe(run["prompt"], negative_prompt=run["negative_prompt"] or None,
+                                                     num_inference_steps=run["steps"], guidance_scale=run["guidance"],
+                                                     latents=init.clone(), height=16, width=16,
+                                                     output_type=output_type).images
+        ref[f"sampling.{name}.timesteps"] = pipe.scheduler.timesteps.to(torch.int64)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    return ref, run
+
+
+def write_sdxl():
+    pipe = build_sdxl()
+    out = FIXTURES / "sdxl"
+    if out.exists():
+        shutil.rmtree(out)
+    folder = out / "diffusers"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for sub in ("tokenizer", "tokenizer_2"):
+        (folder / sub / "tokenizer.json").unlink(missing_ok=True)
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(ASSETS / name, folder / sub / name)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+    ref, run = references_sdxl(pipe)
+    save_file({k: v.contiguous() for k, v in ref.items()}, out / "reference.safetensors")
+    (out / "reference.json").write_text(json.dumps({
+        "family": "sdxl", "sampling": run,
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__},
+    }, indent=2))
+
+
 def main():
+    import sys
+    if sys.argv[1:] == ["sdxl"]:
+        write_sdxl()
+        print("wrote sdxl")
+        return
     write_standard_tokenizer()
     FIXTURES.mkdir(parents=True, exist_ok=True)
     (FIXTURES / "tokenizer_reference.json").write_text(json.dumps(tokenizer_reference(), ensure_ascii=False, indent=1))
     for family in ("sd1", "sd2"):
         write_family(family)
         print("wrote", family)
+    write_sdxl()
+    print("wrote sdxl")
 
 
 if __name__ == "__main__":

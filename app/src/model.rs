@@ -13,10 +13,12 @@ use crate::browser::PickedFile;
 use crate::gpu::AdapterSummary;
 
 /// Weight files the core looks for, per component, in its order of preference.
-const WEIGHTS: [(&str, &[&str]); 3] = [
+const WEIGHTS: [(&str, &[&str]); 4] = [
     ("unet", &["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"]),
     ("vae", &["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"]),
     ("text_encoder", &["model.safetensors", "model.fp16.safetensors"]),
+    // SDXL only (the folder has text_encoder_2/config.json).
+    ("text_encoder_2", &["model.safetensors", "model.fp16.safetensors"]),
 ];
 
 /// The picked model's files that loading needs, in memory.
@@ -114,6 +116,7 @@ fn family_name(family: Family) -> &'static str {
     match family {
         Family::Sd1 => "Stable Diffusion 1.x",
         Family::Sd2 => "Stable Diffusion 2.x",
+        Family::Sdxl => "Stable Diffusion XL",
     }
 }
 
@@ -141,6 +144,9 @@ pub fn needed_files(name: &str, picked: &[PickedFile]) -> std::result::Result<Ve
         .cloned()
         .collect();
     for (component, names) in WEIGHTS {
+        if component == "text_encoder_2" && !by_path.contains_key("text_encoder_2/config.json") {
+            continue;
+        }
         match names.iter().map(|n| format!("{component}/{n}")).find_map(|p| by_path.get(p.as_str())) {
             Some(file) => wanted.push((*file).clone()),
             None => return Err(format!("{name}/{component}: no weights (looked for {}); .bin pickles are not loaded, for safety", names.join(", "))),

@@ -5,6 +5,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use image::RgbImage;
 
 use crate::error::{Error, Result};
+use crate::models::unet::AddedConditions;
 use crate::models::StableDiffusion;
 use crate::rng::SeededRng;
 use crate::schedulers::{SamplerKind, Scheduler};
@@ -19,6 +20,13 @@ pub struct GenerateRequest {
     pub seed: u64,
     pub width: usize,
     pub height: usize,
+}
+
+/// What the UNet is conditioned on for a batch of prompts.
+pub struct Conditioning {
+    pub context: Tensor<3>,
+    /// SDXL: the second text encoder's pooled, projected embedding.
+    pub pooled: Option<Tensor<2>>,
 }
 
 pub struct Generated {
@@ -46,14 +54,31 @@ pub fn gaussian_noise(shape: [usize; 4], rng: &mut SeededRng, device: &Device) -
 }
 
 impl StableDiffusion {
-    /// The text encoder's hidden states for prompts, `[batch, 77, dim]`.
+    /// The UNet's text context for prompts, `[batch, 77, dim]`: the text
+    /// encoder's last hidden state (SD 1.x/2.x), or for SDXL both encoders'
+    /// penultimate hidden states side by side.
     pub fn encode_prompts(&self, prompts: &[&str], device: &Device) -> Result<Tensor<3>> {
-        let mut ids = Vec::new();
-        for prompt in prompts {
-            ids.extend(self.tokenizer.encode(prompt)?.into_iter().map(|i| i as i64));
-        }
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [prompts.len(), self.tokenizer.max_length]), device);
-        Ok(self.text_encoder.forward(ids).last_hidden_state)
+        Ok(self.encode_conditioning(prompts, device)?.context)
+    }
+
+    /// Everything the UNet is conditioned on for prompts (SDXL adds the
+    /// second encoder's pooled, projected embedding).
+    pub fn encode_conditioning(&self, prompts: &[&str], device: &Device) -> Result<Conditioning> {
+        let ids = |tokenizer: &crate::models::tokenizer::ClipTokenizer| -> Result<Tensor<2, Int>> {
+            let mut ids = Vec::new();
+            for prompt in prompts {
+                ids.extend(tokenizer.encode(prompt)?.into_iter().map(|i| i as i64));
+            }
+            Ok(Tensor::<2, Int>::from_data(TensorData::new(ids, [prompts.len(), tokenizer.max_length]), device))
+        };
+        let first = self.text_encoder.forward(ids(&self.tokenizer)?);
+        let (Some(tokenizer_2), Some(encoder_2)) = (&self.tokenizer_2, &self.text_encoder_2) else {
+            return Ok(Conditioning { context: first.last_hidden_state, pooled: None });
+        };
+        let second = encoder_2.forward(ids(tokenizer_2)?);
+        let penultimate = |hidden: &[Tensor<3>]| hidden[hidden.len() - 2].clone();
+        let context = Tensor::cat(vec![penultimate(&first.hidden_states), penultimate(&second.hidden_states)], 2);
+        Ok(Conditioning { context, pooled: second.text_embeds })
     }
 
     /// The image size the model was trained at (UNet sample size × VAE downscale).
@@ -96,14 +121,29 @@ impl StableDiffusion {
             }
             None => gaussian_noise(shape, &mut rng, device),
         };
-        let context = self.encode_prompts(&[&request.negative_prompt, &request.prompt], device)?;
+        let conditioning = self.encode_conditioning(&[&request.negative_prompt, &request.prompt], device)?;
+        let mut context = conditioning.context;
+        let mut added = None;
+        if let Some(mut pooled) = conditioning.pooled {
+            // SDXL (force_zeros_for_empty_prompt): an empty negative prompt conditions on zeros.
+            if request.negative_prompt.is_empty() {
+                let [_, length, width] = context.dims();
+                let zeros = Tensor::<3>::zeros([1, length, width], device);
+                context = Tensor::cat(vec![zeros, context.slice([1..2, 0..length, 0..width])], 0);
+                let pooled_width = pooled.dims()[1];
+                pooled = Tensor::cat(vec![Tensor::<2>::zeros([1, pooled_width], device), pooled.slice([1..2, 0..pooled_width])], 0);
+            }
+            // Original size, crop top-left, target size: a whole, uncropped image.
+            let (h, w) = (request.height as f32, request.width as f32);
+            added = Some(AddedConditions { pooled, time_ids: vec![[h, w, 0.0, 0.0, h, w]; 2] });
+        }
         let mut scheduler = Scheduler::new(request.sampler, &self.configs.scheduler, request.steps)?;
         let mut latents = noise * scheduler.init_noise_sigma();
         let total = scheduler.timesteps.len();
         for step in 0..total {
             let t = scheduler.timesteps[step] as f32;
             let input = scheduler.scale_model_input(Tensor::cat(vec![latents.clone(), latents.clone()], 0), step);
-            let output = self.unet.forward(input, &[t, t], context.clone());
+            let output = self.unet.forward_with(input, &[t, t], context.clone(), added.as_ref());
             let mut halves = output.chunk(2, 0);
             let conditional = halves.pop().expect("two halves");
             let unconditional = halves.pop().expect("two halves");

@@ -98,3 +98,15 @@ fn tiny_fixture_configs_give_the_fixture_files_keys() {
         assert_same(&format!("{family:?} tiny unet"), &component(&keys, "unet."), &stored);
     }
 }
+
+#[test]
+fn sdxl_keys_match_diffusers_lists() {
+    let configs = ModelConfigs::standard(Family::Sdxl);
+    let keys = expected_keys(&configs);
+    assert_same("SDXL unet", &component(&keys, "unet."), &key_file("diffusers_unet_sdxl.txt"));
+    assert_same("SDXL vae", &component(&keys, "vae."), &key_file("diffusers_vae.txt"));
+    assert_same("SDXL text encoder", &component(&keys, "text_encoder."), &key_file("hf_clip_l_text_encoder.txt"));
+    assert_same("SDXL text encoder 2", &component(&keys, "text_encoder_2."), &key_file("hf_openclip_bigg_text_encoder_2_sdxl.txt"));
+    let ldm: Keys = component(&keys, "unet.").iter().map(|(k, s)| (unet_name(k, &configs.unet), s.clone())).collect();
+    assert_same("SDXL single-file unet", &ldm, &key_file("ldm_unet_sdxl.txt"));
+}

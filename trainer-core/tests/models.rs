@@ -122,7 +122,8 @@ fn unet_matches_diffusers() {
 
 #[test]
 fn whole_sampling_runs_match_diffusers() {
-    for family in ["sd1", "sd2"] {
+    // SDXL's run has an empty negative prompt: its unconditional input is zeros.
+    for family in ["sd1", "sd2", "sdxl"] {
         let reference = reference(family);
         let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(family).join("reference.json")).unwrap()).unwrap();
         let run = &run["sampling"];
@@ -205,5 +206,52 @@ fn single_file_export_writes_back_the_source_tensors() {
         }
         let skipped = source.names().count() - expected.len();
         eprintln!("{family}: {} tensors written back unchanged ({skipped} of the source not loaded)", written.len());
+    }
+}
+
+/// SDXL's conditioning: both encoders' penultimate hidden states (8 + 12
+/// channels in the fixture, so the order is checked), the second's pooled
+/// projection, each with its own tokenizer (padding differs).
+#[test]
+fn sdxl_text_encoders_and_prompt_conditioning_match_diffusers() {
+    let reference = reference("sdxl");
+    for (name, device, tolerance) in devices() {
+        let model = load("sdxl", &device);
+        assert_eq!(model.family, Family::Sdxl);
+        let prompts = ["a photo of sks dog", "", "a cat 🐱 wearing a hat 🎩 and 👩‍🚀 emoji"];
+        for (key, tokenizer, encoder) in [
+            ("text", &model.tokenizer, &model.text_encoder),
+            ("text2", model.tokenizer_2.as_ref().unwrap(), model.text_encoder_2.as_ref().unwrap()),
+        ] {
+            let want_ids = reference.to_i64(&format!("{key}.input_ids")).unwrap();
+            let ids: Vec<i64> = prompts.iter().flat_map(|p| tokenizer.encode(p).unwrap()).map(|i| i as i64).collect();
+            assert_eq!(ids, want_ids, "{key} token ids");
+            let out = encoder.forward(Tensor::from_data(TensorData::new(ids, [3, 77]), &device));
+            let penultimate = out.hidden_states[out.hidden_states.len() - 2].clone();
+            assert_close(&format!("sdxl {name} {key} penultimate"), &values(penultimate), &reference.to_f32(&format!("{key}.penultimate")).unwrap(), tolerance);
+            if key == "text2" {
+                assert_close(&format!("sdxl {name} pooled"), &values(out.text_embeds.unwrap()), &reference.to_f32("text2.text_embeds").unwrap(), tolerance);
+            }
+        }
+        let conditioning = model.encode_conditioning(&["a photo of sks dog"], &device).unwrap();
+        assert_close(&format!("sdxl {name} prompt embeds"), &values(conditioning.context), &reference.to_f32("prompt.embeds").unwrap(), tolerance);
+        assert_close(&format!("sdxl {name} pooled prompt"), &values(conditioning.pooled.unwrap()), &reference.to_f32("prompt.pooled").unwrap(), tolerance);
+    }
+}
+
+#[test]
+fn sdxl_unet_with_added_conditions_matches_diffusers() {
+    use trainer_core::models::unet::AddedConditions;
+    let reference = reference("sdxl");
+    for (name, device, tolerance) in devices() {
+        let model = load("sdxl", &device);
+        let timesteps: Vec<f32> = reference.to_i64("unet.timesteps").unwrap().iter().map(|t| *t as f32).collect();
+        let ids = reference.to_f32("unet.time_ids").unwrap();
+        let added = AddedConditions {
+            pooled: tensor(&reference, "unet.text_embeds", &device),
+            time_ids: ids.chunks(6).map(|c| c.try_into().unwrap()).collect(),
+        };
+        let out = model.unet.forward_with(tensor(&reference, "unet.sample", &device), &timesteps, tensor(&reference, "unet.context", &device), Some(&added));
+        assert_close(&format!("sdxl {name} unet"), &values(out), &reference.to_f32("unet.output").unwrap(), tolerance);
     }
 }

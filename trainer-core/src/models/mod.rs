@@ -32,6 +32,7 @@ use vae::AutoencoderKl;
 pub enum Family {
     Sd1,
     Sd2,
+    Sdxl,
 }
 
 /// The storage dtype of each component's weight matrices and kernels
@@ -62,34 +63,46 @@ pub struct ModelConfigs {
     pub unet: UNetConfig,
     pub vae: VaeConfig,
     pub text: ClipTextConfig,
+    /// SDXL's second text encoder (OpenCLIP bigG, with projection).
+    pub text_2: Option<ClipTextConfig>,
     pub scheduler: SchedulerConfig,
     pub pad_token: String,
+    pub pad_token_2: String,
 }
 
 impl ModelConfigs {
     pub fn family(&self) -> Result<Family> {
         if self.unet.addition_embed_type.as_deref() == Some("text_time") {
-            return Err(Error::Config {
-                source_name: "model".into(),
-                problems: vec!["this is an SDXL model; SDXL support is not built yet (SD 1.x and 2.x are)".into()],
-            });
+            if self.text_2.is_none() {
+                return Err(Error::Config {
+                    source_name: "model".into(),
+                    problems: vec!["an SDXL UNet needs the second text encoder (text_encoder_2/ and tokenizer_2/)".into()],
+                });
+            }
+            return Ok(Family::Sdxl);
         }
         // SD 2.x uses OpenCLIP-H (gelu); SD 1.x CLIP-L (quick_gelu).
         Ok(if self.text.hidden_act == "gelu" { Family::Sd2 } else { Family::Sd1 })
     }
 
-    /// The published SD 1.5 or SD 2.1 configs.
+    /// The published SD 1.5, SD 2.1 or SDXL 1.0 configs.
     pub fn standard(family: Family) -> Self {
-        let (unet, text, scheduler, pad) = match family {
-            Family::Sd1 => (standard::SD15_UNET, standard::CLIP_L, standard::SD15_SCHEDULER, tokenizer::END_OF_TEXT),
-            Family::Sd2 => (standard::SD21_UNET, standard::OPENCLIP_H, standard::SD21_SCHEDULER, "!"),
+        let (unet, vae, text, scheduler, pad) = match family {
+            Family::Sd1 => (standard::SD15_UNET, standard::SD_VAE, standard::CLIP_L, standard::SD15_SCHEDULER, tokenizer::END_OF_TEXT),
+            Family::Sd2 => (standard::SD21_UNET, standard::SD_VAE, standard::OPENCLIP_H, standard::SD21_SCHEDULER, "!"),
+            Family::Sdxl => (standard::SDXL_UNET, standard::SDXL_VAE, standard::CLIP_L, standard::SDXL_SCHEDULER, tokenizer::END_OF_TEXT),
         };
+        fn builtin<T: serde::de::DeserializeOwned>(text: &str) -> T {
+            serde_json::from_str(text).expect("valid built-in config")
+        }
         Self {
-            unet: serde_json::from_str(unet).expect("valid built-in config"),
-            vae: serde_json::from_str(standard::SD_VAE).expect("valid built-in config"),
-            text: serde_json::from_str(text).expect("valid built-in config"),
-            scheduler: serde_json::from_str(scheduler).expect("valid built-in config"),
+            unet: builtin(unet),
+            vae: builtin(vae),
+            text: builtin(text),
+            text_2: (family == Family::Sdxl).then(|| builtin(standard::OPENCLIP_BIGG)),
+            scheduler: builtin(scheduler),
             pad_token: pad.to_string(),
+            pad_token_2: "!".to_string(),
         }
     }
 }
@@ -135,6 +148,9 @@ pub struct StableDiffusion {
     pub configs: ModelConfigs,
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
+    /// SDXL's second tokenizer and text encoder.
+    pub tokenizer_2: Option<ClipTokenizer>,
+    pub text_encoder_2: Option<ClipTextModel>,
     pub vae: AutoencoderKl,
     pub unet: UNet2DConditionModel,
     pub fingerprints: Fingerprints,
@@ -148,6 +164,7 @@ pub struct ComponentNames {
     pub unet: loader::ParamNames,
     pub vae: loader::ParamNames,
     pub text_encoder: loader::ParamNames,
+    pub text_encoder_2: loader::ParamNames,
 }
 
 /// Each component's identity (a hash of its weights), for cache keys.
@@ -156,6 +173,8 @@ pub struct Fingerprints {
     pub unet: String,
     pub vae: String,
     pub text_encoder: String,
+    /// Empty without a second text encoder.
+    pub text_encoder_2: String,
 }
 
 /// Reads the configs of a diffusers folder.
@@ -174,18 +193,26 @@ pub fn read_folder_configs(files: &dyn ModelFiles) -> Result<ModelConfigs> {
     } else {
         SchedulerConfig::default()
     };
+    let text_2 = if files.exists("text_encoder_2/config.json") {
+        Some(parse(&read("text_encoder_2/config.json")?, &format!("{}/text_encoder_2/config.json", files.describe()))?)
+    } else {
+        None
+    };
     Ok(ModelConfigs {
         unet: parse(&read("unet/config.json")?, &format!("{}/unet/config.json", files.describe()))?,
         vae: parse(&read("vae/config.json")?, &format!("{}/vae/config.json", files.describe()))?,
         text: parse(&read("text_encoder/config.json")?, &format!("{}/text_encoder/config.json", files.describe()))?,
+        text_2,
         scheduler,
-        pad_token: pad_token(files)?,
+        pad_token: pad_token(files, "tokenizer")?,
+        pad_token_2: if files.exists("tokenizer_2") { pad_token(files, "tokenizer_2")? } else { tokenizer::END_OF_TEXT.to_string() },
     })
 }
 
-/// The pad token from `tokenizer_config.json` or `special_tokens_map.json`.
-fn pad_token(files: &dyn ModelFiles) -> Result<String> {
-    for name in ["tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json"] {
+/// The pad token from `<folder>/tokenizer_config.json` or `special_tokens_map.json`.
+fn pad_token(files: &dyn ModelFiles, folder: &str) -> Result<String> {
+    for name in [format!("{folder}/tokenizer_config.json"), format!("{folder}/special_tokens_map.json")] {
+        let name = name.as_str();
         if files.exists(name) {
             let value: serde_json::Value = serde_json::from_str(&files.read_text(name)?)
                 .map_err(|e| Error::Config { source_name: name.into(), problems: vec![e.to_string()] })?;
@@ -223,13 +250,14 @@ fn component_weights(files: &dyn ModelFiles, component: &str, names: &[&str]) ->
     })
 }
 
-fn tokenizer_from_folder(files: &dyn ModelFiles, pad: &str) -> Result<ClipTokenizer> {
-    let source = format!("{}/tokenizer", files.describe());
-    if files.exists("tokenizer/vocab.json") && files.exists("tokenizer/merges.txt") {
-        return ClipTokenizer::from_vocab_and_merges(&files.read_text("tokenizer/vocab.json")?, &files.read_text("tokenizer/merges.txt")?, pad, &source);
+fn tokenizer_from_folder(files: &dyn ModelFiles, folder: &str, pad: &str) -> Result<ClipTokenizer> {
+    let source = format!("{}/{folder}", files.describe());
+    let (vocab, merges, json) = (format!("{folder}/vocab.json"), format!("{folder}/merges.txt"), format!("{folder}/tokenizer.json"));
+    if files.exists(&vocab) && files.exists(&merges) {
+        return ClipTokenizer::from_vocab_and_merges(&files.read_text(&vocab)?, &files.read_text(&merges)?, pad, &source);
     }
-    if files.exists("tokenizer/tokenizer.json") {
-        return ClipTokenizer::from_tokenizer_json(&files.read_text("tokenizer/tokenizer.json")?, pad, &source);
+    if files.exists(&json) {
+        return ClipTokenizer::from_tokenizer_json(&files.read_text(&json)?, pad, &source);
     }
     Err(Error::Io { path: source, message: "no vocab.json + merges.txt or tokenizer.json".into() })
 }
@@ -255,7 +283,7 @@ impl StableDiffusion {
     pub fn from_folder_with(files: &dyn ModelFiles, device: &Device, dtypes: WeightDtypes) -> Result<Self> {
         let configs = read_folder_configs(files)?;
         let family = configs.family()?;
-        let tokenizer = tokenizer_from_folder(files, &configs.pad_token)?;
+        let tokenizer = tokenizer_from_folder(files, "tokenizer", &configs.pad_token)?;
         let model_names = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"];
         let text_names = ["model.safetensors", "model.fp16.safetensors"];
 
@@ -282,7 +310,20 @@ impl StableDiffusion {
         names.text_encoder = text_names_without(std::mem::take(&mut loader.names), prefix);
         loader.finish("text encoder", &|n| n.ends_with("position_ids"))?;
 
-        Ok(Self { family, configs, tokenizer, text_encoder, vae, unet, fingerprints, names })
+        let (mut tokenizer_2, mut text_encoder_2) = (None, None);
+        if let Some(config) = &configs.text_2 {
+            tokenizer_2 = Some(tokenizer_from_folder(files, "tokenizer_2", &configs.pad_token_2)?);
+            let file = component_weights(files, "text_encoder_2", &text_names)?;
+            let prefix = if has_text_model_prefix(&file, "") { "text_model." } else { "" };
+            // transformers keeps text_projection outside text_model.
+            let mut loader = Loader::new(vec![&file], Box::new(|n| n.to_string()), device.clone()).with_weight_dtype(dtypes.text_encoder);
+            text_encoder_2 = Some(ClipTextModel::load(config, &mut loader, prefix, true));
+            fingerprints.text_encoder_2 = loader.fingerprint();
+            names.text_encoder_2 = text_names_without(std::mem::take(&mut loader.names), prefix);
+            loader.finish("text encoder 2", &|n| n.ends_with("position_ids"))?;
+        }
+
+        Ok(Self { family, configs, tokenizer, text_encoder, tokenizer_2, text_encoder_2, vae, unet, fingerprints, names })
     }
 
     /// Loads a single-file checkpoint. `configs` come from a diffusers folder
@@ -330,8 +371,9 @@ impl StableDiffusion {
                 loader.finish("text encoder", &|_| false)?;
                 model
             }
+            Family::Sdxl => unreachable!("detect_family refuses SDXL single files"),
         };
-        Ok(Self { family, configs, tokenizer, text_encoder, vae, unet, fingerprints, names })
+        Ok(Self { family, configs, tokenizer, text_encoder, tokenizer_2: None, text_encoder_2: None, vae, unet, fingerprints, names })
     }
 }
 
@@ -367,8 +409,13 @@ pub fn expected_keys(configs: &ModelConfigs) -> Vec<(String, Vec<usize>)> {
     let mut loader = Loader::dry_run(device.clone());
     let _ = AutoencoderKl::load(&configs.vae, &mut loader);
     all.extend(loader.requested.into_iter().map(|(n, s)| (format!("vae.{n}"), s)));
-    let mut loader = Loader::dry_run(device);
+    let mut loader = Loader::dry_run(device.clone());
     let _ = ClipTextModel::load(&configs.text, &mut loader, "text_model.", false);
     all.extend(loader.requested.into_iter().map(|(n, s)| (format!("text_encoder.{n}"), s)));
+    if let Some(text_2) = &configs.text_2 {
+        let mut loader = Loader::dry_run(device);
+        let _ = ClipTextModel::load(text_2, &mut loader, "text_model.", true);
+        all.extend(loader.requested.into_iter().map(|(n, s)| (format!("text_encoder_2.{n}"), s)));
+    }
     all
 }

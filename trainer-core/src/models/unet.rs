@@ -149,10 +149,21 @@ pub struct TimestepEmbedding {
     pub linear_2: Linear,
 }
 
+/// SDXL's added conditioning (`addition_embed_type: text_time`): the second
+/// text encoder's pooled, projected embedding and per item the six size
+/// ids (original height, width; crop top, left; target height, width).
+#[derive(Debug, Clone)]
+pub struct AddedConditions {
+    pub pooled: Tensor<2>,
+    pub time_ids: Vec<[f32; 6]>,
+}
+
 #[derive(Module, Debug)]
 pub struct UNet2DConditionModel {
     pub conv_in: Conv2d,
     pub time_embedding: TimestepEmbedding,
+    /// SDXL: embeds `[pooled, sinusoidal(time ids)]`, added to the time embedding.
+    pub add_embedding: Option<TimestepEmbedding>,
     pub down_blocks: Vec<DownBlock>,
     pub mid_block: MidBlock,
     pub up_blocks: Vec<UpBlock>,
@@ -164,6 +175,9 @@ pub struct UNet2DConditionModel {
     pub flip_sin_to_cos: bool,
     #[module(skip)]
     pub freq_shift: f64,
+    /// Sinusoidal width of each SDXL time id (`addition_time_embed_dim`; 0 without).
+    #[module(skip)]
+    pub addition_time_embed_dim: usize,
 }
 
 impl UNet2DConditionModel {
@@ -194,6 +208,16 @@ impl UNet2DConditionModel {
             linear_2: loader.linear("time_embedding.linear_2", temb, temb, true),
         };
         let conv_in = loader.conv2d("conv_in", config.in_channels, channels[0], 3, 1, 1);
+        let add_embedding = match config.addition_embed_type.as_deref() {
+            Some("text_time") => {
+                let input = config.projection_class_embeddings_input_dim.unwrap_or(2816);
+                Some(TimestepEmbedding {
+                    linear_1: loader.linear("add_embedding.linear_1", input, temb, true),
+                    linear_2: loader.linear("add_embedding.linear_2", temb, temb, true),
+                })
+            }
+            _ => None,
+        };
 
         let mut down_blocks = Vec::new();
         let mut c_out = channels[0];
@@ -251,6 +275,7 @@ impl UNet2DConditionModel {
         Self {
             conv_in,
             time_embedding,
+            add_embedding,
             down_blocks,
             mid_block,
             up_blocks,
@@ -259,35 +284,63 @@ impl UNet2DConditionModel {
             time_channels: channels[0],
             flip_sin_to_cos: config.flip_sin_to_cos,
             freq_shift: config.freq_shift,
+            addition_time_embed_dim: config.addition_time_embed_dim.unwrap_or(256),
         }
     }
 
     /// Sinusoidal timestep features (diffusers' `get_timestep_embedding`).
     pub fn timestep_features(&self, timesteps: &[f32], device: &burn::tensor::Device) -> Tensor<2> {
-        let half = self.time_channels / 2;
-        let mut values = Vec::with_capacity(timesteps.len() * self.time_channels);
-        for &t in timesteps {
+        self.sinusoidal(timesteps, self.time_channels, device)
+    }
+
+    /// `dim` sinusoidal features of each value, `[values, dim]`.
+    fn sinusoidal(&self, values: &[f32], dim: usize, device: &burn::tensor::Device) -> Tensor<2> {
+        let half = dim / 2;
+        let mut out = Vec::with_capacity(values.len() * dim);
+        for &t in values {
             let angles: Vec<f64> = (0..half)
                 .map(|k| t as f64 * (-(10000f64.ln()) * k as f64 / (half as f64 - self.freq_shift)).exp())
                 .collect();
             let (sin, cos): (Vec<f32>, Vec<f32>) = angles.iter().map(|a| (a.sin() as f32, a.cos() as f32)).unzip();
             if self.flip_sin_to_cos {
-                values.extend(cos);
-                values.extend(sin);
+                out.extend(cos);
+                out.extend(sin);
             } else {
-                values.extend(sin);
-                values.extend(cos);
+                out.extend(sin);
+                out.extend(cos);
             }
         }
-        Tensor::from_data(TensorData::new(values, [timesteps.len(), self.time_channels]), device)
+        Tensor::from_data(TensorData::new(out, [values.len(), dim]), device)
+    }
+
+    /// Whether the model needs [`AddedConditions`] (SDXL).
+    pub fn needs_added_conditions(&self) -> bool {
+        self.add_embedding.is_some()
     }
 
     /// Predicts noise (or v) for `sample` `[batch, 4, h, w]` at `timesteps`
-    /// (one per batch item) given `context` `[batch, 77, dim]`.
+    /// (one per batch item) given `context` `[batch, 77, dim]` (SD 1.x/2.x).
     pub fn forward(&self, sample: Tensor<4>, timesteps: &[f32], context: Tensor<3>) -> Tensor<4> {
+        self.forward_with(sample, timesteps, context, None)
+    }
+
+    /// [`forward`](Self::forward) with SDXL's added conditions.
+    pub fn forward_with(&self, sample: Tensor<4>, timesteps: &[f32], context: Tensor<3>, added: Option<&AddedConditions>) -> Tensor<4> {
         let device = sample.device();
         let features = self.timestep_features(timesteps, &device);
-        let temb = self.time_embedding.linear_2.forward(silu(self.time_embedding.linear_1.forward(features)));
+        let mut temb = self.time_embedding.linear_2.forward(silu(self.time_embedding.linear_1.forward(features)));
+        match (&self.add_embedding, added) {
+            (Some(embedding), Some(added)) => {
+                let batch = added.time_ids.len();
+                let ids: Vec<f32> = added.time_ids.iter().flatten().copied().collect();
+                let time = self.sinusoidal(&ids, self.addition_time_embed_dim, &device).reshape([batch, 6 * self.addition_time_embed_dim]);
+                let time = super::layers::in_dtype(time, added.pooled.dtype());
+                let input = Tensor::cat(vec![added.pooled.clone(), time], 1);
+                temb = temb + embedding.linear_2.forward(silu(embedding.linear_1.forward(input)));
+            }
+            (Some(_), None) => panic!("this UNet (SDXL) needs the pooled text embedding and time ids"),
+            (None, _) => {}
+        }
 
         let mut x = self.conv_in.forward(sample);
         let mut skips = vec![x.clone()];

@@ -45,6 +45,7 @@ pub async fn kohya_file(model: &StableDiffusion, extra: &BTreeMap<String, String
         (crate::models::Family::Sd1, _) => ("sd_v1", "stable-diffusion-v1/lora", "False"),
         (crate::models::Family::Sd2, "v_prediction") => ("sd_2.0", "stable-diffusion-v2-768-v/lora", "True"),
         (crate::models::Family::Sd2, _) => ("sd_2.0", "stable-diffusion-v2-512/lora", "True"),
+        (crate::models::Family::Sdxl, _) => ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "False"),
     };
     let mut metadata = BTreeMap::from([
         ("ss_network_module".to_string(), "networks.lora".to_string()),

@@ -87,6 +87,7 @@ fn standard_files(family: Family) -> BTreeMap<String, String> {
     let (unet, text, scheduler, pad) = match family {
         Family::Sd1 => (standard::SD15_UNET, standard::CLIP_L, standard::SD15_SCHEDULER, tokenizer::END_OF_TEXT),
         Family::Sd2 => (standard::SD21_UNET, standard::OPENCLIP_H, standard::SD21_SCHEDULER, "!"),
+        Family::Sdxl => unreachable!("SDXL loads from diffusers folders only, which carry their configs"),
     };
     let index = r#"{
   "_class_name": "StableDiffusionPipeline",
@@ -149,6 +150,7 @@ pub async fn single_file_checkpoint(model: &StableDiffusion) -> Result<Vec<u8>> 
             all.extend(pack_openclip(text, model.configs.text.num_hidden_layers)?);
             "stable-diffusion-v2"
         }
+        Family::Sdxl => unreachable!("SDXL full fine-tunes are refused by Session::new"),
     };
     let metadata = BTreeMap::from([("modelspec.architecture".to_string(), architecture.to_string()), ("burnbooth.export".to_string(), "full fine-tune".to_string())]);
     tensor_file::write(&all, &metadata)

@@ -138,6 +138,12 @@ impl<'a> Session<'a> {
         if sources.len() != plan.datasets.len() {
             return Err(Error::Training { step: 0, message: format!("{} image sources for {} datasets", sources.len(), plan.datasets.len()) });
         }
+        if model.family == crate::models::Family::Sdxl && (config.model_type == ModelType::Full || config.train_text_encoder) {
+            return Err(Error::Config {
+                source_name: config.source_name.clone(),
+                problems: vec!["SDXL trains LoRA adapters on the UNet so far: full fine-tunes and train_text_encoder are not built for SDXL yet".into()],
+            });
+        }
         if config.regularisation_mode == RegularisationMode::ParentPrediction && config.model_type == ModelType::Full
             && plan.datasets.iter().any(|d| d.is_regularisation_data)
         {

@@ -11,12 +11,12 @@ Offline check, not part of CI (CI needs no Python):
 import sys
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
 
 def main(model: str, lora: str) -> None:
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    pipe = DiffusionPipeline.from_pretrained(model)  # SD 1.x/2.x or SDXL
     components = {"lora_unet_": pipe.unet, "lora_te_": pipe.text_encoder}
     base = {prefix: {k: v.clone() for k, v in m.state_dict().items()} for prefix, m in components.items()}
     tensors = load_file(lora)
@@ -36,8 +36,15 @@ def main(model: str, lora: str) -> None:
 
     sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     ids = pipe.tokenizer(["a photograph of zwxrobot"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    sdxl = pipe.unet.config.addition_embed_type == "text_time"
     with torch.no_grad():
         def outputs():
+            if sdxl:
+                first = pipe.text_encoder(ids, output_hidden_states=True)
+                second = pipe.text_encoder_2(ids, output_hidden_states=True)
+                context = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+                added = {"text_embeds": second.text_embeds, "time_ids": torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]])}
+                return context, pipe.unet(sample, 500, context, added_cond_kwargs=added).sample
             context = pipe.text_encoder(ids)[0]
             return context, pipe.unet(sample, 500, context).sample
         text_base, out_base = outputs()

@@ -270,3 +270,37 @@ fn running_out_of_device_memory_stops_with_advice() {
     assert!(text.contains("can't allocate buffer"), "cubecl's own reason follows the advice: {text}");
     assert!(!text.contains("panicked"), "a clean error, not a crash: {text}");
 }
+
+#[test]
+fn the_guide_sdxl_configuration_trains_the_tiny_sdxl_model() {
+    // examples/dreambooth/sdxl.env is the guide's SDXL setup; SDXL's caches
+    // carry the pooled embedding, and each image its size and crop ids.
+    let out = scratch("guide-sdxl");
+    let model = repo().join("trainer-core/tests/fixtures/models/sdxl/diffusers");
+    let output = runner(
+        &["train", "--config", "examples/dreambooth/sdxl.env", "--model", model.to_str().unwrap(), "--max-steps", "2", "--device", "cpu", "--output-dir", out.to_str().unwrap()],
+        &repo(),
+    );
+    let text = stderr(&output);
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("(Sdxl)"), "{text}");
+    let lora = out.join("burnbooth-lora.safetensors");
+    assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2);
+
+    // The LoRA loads back onto the model it was trained on (every module matches a layer).
+    let applied = runner(
+        &["sample", "--model", model.to_str().unwrap(), "--prompt", "a photograph of zwxrobot", "--steps", "3", "--width", "32", "--height", "32",
+          "--device", "cpu", "--lora", lora.to_str().unwrap(), "--out", out.join("lora.png").to_str().unwrap()],
+        &repo(),
+    );
+    assert!(applied.status.success(), "{}", stderr(&applied));
+    assert!(stderr(&applied).contains("applied LoRA"), "{}", stderr(&applied));
+
+    // Pointing the SD 1.x guide config at an SDXL model is refused, by name.
+    let wrong = runner(
+        &["train", "--config", "examples/dreambooth/config.env", "--model", model.to_str().unwrap(), "--max-steps", "1", "--device", "cpu", "--output-dir", out.join("wrong").to_str().unwrap()],
+        &repo(),
+    );
+    assert!(!wrong.status.success());
+    assert!(stderr(&wrong).contains("model_family is sd1x but the model is Sdxl"), "{}", stderr(&wrong));
+}

@@ -177,6 +177,18 @@ pub struct Fingerprints {
     pub text_encoder_2: String,
 }
 
+impl Fingerprints {
+    /// The identity of everything that encodes captions (both SDXL encoders),
+    /// so caches of different models never mix.
+    pub fn text(&self) -> String {
+        if self.text_encoder_2.is_empty() {
+            self.text_encoder.clone()
+        } else {
+            format!("{}+{}", self.text_encoder, self.text_encoder_2)
+        }
+    }
+}
+
 /// Reads the configs of a diffusers folder.
 pub fn read_folder_configs(files: &dyn ModelFiles) -> Result<ModelConfigs> {
     for sub in ["unet", "vae", "text_encoder", "tokenizer"] {

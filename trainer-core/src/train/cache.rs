@@ -86,17 +86,28 @@ impl CachedLatents {
 }
 
 /// A cached caption encoding, `[tokens, dim]`.
-pub fn write_text(storage: &dyn Storage, path: &str, hidden: &HostTensor, caption: &str) -> Result<()> {
-    let tensors = BTreeMap::from([("hidden_states".to_string(), hidden.clone())]);
+/// A cached caption: the UNet's text context `[tokens, dim]` and, for
+/// SDXL, the pooled embedding `[dim]`.
+#[derive(Debug, Clone)]
+pub struct CachedText {
+    pub hidden: HostTensor,
+    pub pooled: Option<HostTensor>,
+}
+
+pub fn write_text(storage: &dyn Storage, path: &str, entry: &CachedText, caption: &str) -> Result<()> {
+    let mut tensors = BTreeMap::from([("hidden_states".to_string(), entry.hidden.clone())]);
+    if let Some(pooled) = &entry.pooled {
+        tensors.insert("pooled".to_string(), pooled.clone());
+    }
     let metadata = BTreeMap::from([("caption".to_string(), caption.to_string()), ("format".to_string(), TEXT_VERSION.to_string())]);
     storage.write(path, &tensor_file::write(&tensors, &metadata)?)
 }
 
-pub fn read_text(storage: &dyn Storage, path: &str) -> Result<Option<HostTensor>> {
+pub fn read_text(storage: &dyn Storage, path: &str) -> Result<Option<CachedText>> {
     let Some(bytes) = storage.read(path)? else { return Ok(None) };
     let mut tensors = tensor_file::read(path, bytes)?;
     match tensors.remove("hidden_states") {
-        Some(t) if t.shape.len() == 2 => Ok(Some(t)),
+        Some(hidden) if hidden.shape.len() == 2 => Ok(Some(CachedText { hidden, pooled: tensors.remove("pooled") })),
         _ => Err(Error::Io { path: path.into(), message: "not a text-embedding cache entry (needs 'hidden_states' [tokens, dim]); delete it".into() }),
     }
 }

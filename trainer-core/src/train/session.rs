@@ -8,7 +8,7 @@ use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{Device, Tensor, TensorData};
 use image::RgbImage;
 
-use super::cache::{self, CachedLatents};
+use super::cache::{self, CachedLatents, CachedText};
 use super::checkpoint::{self, Checkpoint, RunState};
 use super::export;
 use super::metrics::{self, StepMetrics};
@@ -16,14 +16,15 @@ use super::noise::NoiseSchedule;
 use super::optimizer::{frozen_on, AdamW, AdamWSettings};
 use super::storage::{join, Storage};
 use super::tensor_file::HostTensor;
-use crate::config::training::{ModelType, Optimizer, RegularisationMode, TrainingConfig};
+use crate::config::training::{ModelFamily, ModelType, Optimizer, RegularisationMode, TrainingConfig};
 use crate::data::preprocess::prepare;
 use crate::data::sampler::Batch;
 use crate::data::source::ImageSource;
 use crate::error::{Error, Result};
 use crate::models::lora::{DropoutSource, LoraTargets};
 use crate::models::clip::ClipTextModel;
-use crate::models::StableDiffusion;
+use crate::models::unet::AddedConditions;
+use crate::models::{Family, StableDiffusion};
 use crate::pipeline::{a1111_parameters, gaussian_noise, png_with_parameters, to_rgb8, GenerateRequest, Generated};
 use crate::plan::{build_samplers, Plan, PlannedSampler};
 use crate::rng::SeededRng;
@@ -99,6 +100,8 @@ struct BatchInputs {
     context: Tensor<3>,
     /// The base text encoder's context (the same as `context` unless the text encoder trains).
     base_context: Tensor<3>,
+    /// SDXL's pooled embedding and size ids.
+    added: Option<AddedConditions>,
 }
 
 /// Moves every parameter onto the training device, frozen.
@@ -138,7 +141,22 @@ impl<'a> Session<'a> {
         if sources.len() != plan.datasets.len() {
             return Err(Error::Training { step: 0, message: format!("{} image sources for {} datasets", sources.len(), plan.datasets.len()) });
         }
-        if model.family == crate::models::Family::Sdxl && (config.model_type == ModelType::Full || config.train_text_encoder) {
+        let configured = match config.model_family {
+            ModelFamily::Sd1x => Family::Sd1,
+            ModelFamily::Sd2x => Family::Sd2,
+            ModelFamily::Sdxl => Family::Sdxl,
+        };
+        if configured != model.family {
+            return Err(Error::Config {
+                source_name: config.source_name.clone(),
+                problems: vec![format!(
+                    "model_family is {} but the model is {:?}: set MODEL_FAMILY (model_family) to match the model",
+                    config.model_family_name(),
+                    model.family
+                )],
+            });
+        }
+        if model.family == Family::Sdxl && (config.model_type == ModelType::Full || config.train_text_encoder) {
             return Err(Error::Config {
                 source_name: config.source_name.clone(),
                 problems: vec!["SDXL trains LoRA adapters on the UNet so far: full fine-tunes and train_text_encoder are not built for SDXL yet".into()],
@@ -314,11 +332,16 @@ impl<'a> Session<'a> {
     async fn cache_text_embeddings(&mut self, captions: &[(String, String)], progress: &mut dyn FnMut(Progress<'_>)) -> Result<()> {
         let (mut done, mut computed) = (0, 0);
         for (dir, caption) in captions {
-            let key = cache::text_key(caption, 0, &self.model.fingerprints.text_encoder);
+            let key = cache::text_key(caption, 0, &self.model.fingerprints.text());
             let path = cache::entry_path(dir, &key);
             if !self.storage.exists(&path)? {
-                let hidden = self.model.encode_prompts(&[caption.as_str()], &self.device)?;
-                cache::write_text(self.storage, &path, &HostTensor::from_batch_item(hidden).await?, caption)?;
+                let conditioning = self.model.encode_conditioning(&[caption.as_str()], &self.device)?;
+                let pooled = match conditioning.pooled {
+                    Some(pooled) => Some(HostTensor::from_batch_item(pooled).await?),
+                    None => None,
+                };
+                let entry = CachedText { hidden: HostTensor::from_batch_item(conditioning.context).await?, pooled };
+                cache::write_text(self.storage, &path, &entry, caption)?;
                 computed += 1;
             }
             self.text_paths.insert((dir.clone(), caption.clone()), path);
@@ -337,6 +360,8 @@ impl<'a> Session<'a> {
         let dataset = &self.plan.datasets[d];
         let mut latents = Vec::new();
         let mut contexts = Vec::new();
+        let mut pooled = Vec::new();
+        let mut time_ids = Vec::new();
         let mut captions = Vec::new();
         for sample in &batch.samples {
             let path = &self.latent_paths[d][sample.image];
@@ -355,12 +380,23 @@ impl<'a> Session<'a> {
                 step: self.step,
                 message: format!("caption '{caption}' has no text-embedding cache entry"),
             })?;
-            let hidden = cache::read_text(self.storage, text_path)?
+            let text = cache::read_text(self.storage, text_path)?
                 .ok_or_else(|| Error::Io { path: text_path.clone(), message: "text cache entry vanished during training".into() })?;
-            let host = HostTensor { shape: [vec![1], hidden.shape.clone()].concat(), values: hidden.values };
-            contexts.push(host.to_tensor::<3>(&self.device)?);
+            let batched = |t: HostTensor| HostTensor { shape: [vec![1], t.shape].concat(), values: t.values };
+            contexts.push(batched(text.hidden).to_tensor::<3>(&self.device)?);
+            if self.model.unet.needs_added_conditions() {
+                let entry = text.pooled.ok_or_else(|| Error::Io { path: text_path.clone(), message: "an SDXL text cache entry needs 'pooled'; delete it".into() })?;
+                pooled.push(batched(entry).to_tensor::<2>(&self.device)?);
+                // SDXL's size conditioning: original size, crop top-left, target size, (h, w) order.
+                let g = image.geometry();
+                let [ow, oh] = g.original_size;
+                let [top, left] = g.crop_offset;
+                let [tw, th] = g.target_size;
+                time_ids.push([oh, ow, top, left, th, tw].map(|v| v as f32));
+            }
             captions.push(caption);
         }
+        let added = (!pooled.is_empty()).then(|| AddedConditions { pooled: frozen_on(Tensor::cat(pooled, 0), &self.train_device), time_ids });
         let vae = &self.model.configs.vae;
         let latents = (Tensor::cat(latents, 0) - vae.shift_factor.unwrap_or(0.0)) * vae.scaling_factor;
         let base_context = frozen_on(Tensor::cat(contexts, 0), &self.train_device);
@@ -370,13 +406,13 @@ impl<'a> Session<'a> {
         } else {
             base_context.clone()
         };
-        Ok(BatchInputs { latents: frozen_on(latents, &self.train_device), context, base_context })
+        Ok(BatchInputs { latents: frozen_on(latents, &self.train_device), context, base_context, added })
     }
 
     /// The mean (min-SNR weighted) MSE of one batch. `parent` replaces the
     /// target by the base model's prediction; `weighted` applies min-SNR-γ.
     fn batch_loss(&self, inputs: BatchInputs, rng: &mut SeededRng, parent: bool, weighted: bool) -> Tensor<1> {
-        let BatchInputs { latents, context, base_context } = inputs;
+        let BatchInputs { latents, context, base_context, added } = inputs;
         let shape = latents.dims();
         let batch = shape[0];
         let mut noise = frozen_on(gaussian_noise(shape, rng, &self.device), &self.train_device);
@@ -392,7 +428,7 @@ impl<'a> Session<'a> {
                 dropout.stop();
             }
             let base = self.model.unet.without_lora();
-            let prediction = base.forward(noisy.clone().detach(), &t_values, base_context.detach()).detach();
+            let prediction = base.forward_with(noisy.clone().detach(), &t_values, base_context.detach(), added.as_ref()).detach();
             if let Some(dropout) = &self.dropout {
                 dropout.start_step(self.config.seed, self.step, rng.next_u64());
             }
@@ -400,7 +436,7 @@ impl<'a> Session<'a> {
         } else {
             self.noise.target(latents, noise, &timesteps)
         };
-        let prediction = self.model.unet.forward(noisy, &t_values, context);
+        let prediction = self.model.unet.forward_with(noisy, &t_values, context, added.as_ref());
         let per_sample = (prediction - target).square().reshape([batch as i32, -1]).mean_dim(1);
         match (weighted, self.config.snr_gamma) {
             (true, Some(gamma)) if gamma > 0.0 => {

@@ -9,10 +9,27 @@ Offline check, not part of CI (CI needs no Python):
         examples/dreambooth/output/tiny/burnbooth-lora.safetensors
 """
 import sys
+from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
+
+
+def kohya_names(prefix, weights, unet_config):
+    """kohya module name -> the component's weight name."""
+    names = {k: k[: -len(".weight")] for k in weights if k.endswith(".weight")}
+    if prefix == "lora_te_":
+        # transformers 5 names CLIPTextModel's weights without `text_model.`; kohya names keep it.
+        names = {k: (n if n.startswith("text_model.") else "text_model." + n) for k, n in names.items()}
+    elif unet_config.addition_embed_type == "text_time":
+        # SDXL files use SGM block paths: map with the fixture script's own
+        # diffusers -> LDM converter (independent of Burnbooth's Rust one).
+        sys.path.insert(0, str(Path(__file__).parent))
+        from make_fixtures import unet_to_ldm
+        ldm = unet_to_ldm({k: weights[k] for k in names}, unet_config)
+        names = {k: n.removeprefix("model.diffusion_model.")[: -len(".weight")] for k, n in zip(names, ldm)}
+    return {prefix + n.replace(".", "_"): k for k, n in names.items()}
 
 
 def main(model: str, lora: str) -> None:
@@ -26,9 +43,7 @@ def main(model: str, lora: str) -> None:
     modules = sorted({k.split(".")[0] for k in tensors})
     for module in modules:
         prefix = next(p for p in components if module.startswith(p))
-        # transformers 5 names CLIPTextModel's weights without `text_model.`; kohya names keep it.
-        path = lambda k: k if prefix == "lora_unet_" or k.startswith("text_model.") else "text_model." + k
-        by_kohya = {(prefix + path(k)[: -len(".weight")].replace(".", "_")): k for k in base[prefix] if k.endswith(".weight")}
+        by_kohya = kohya_names(prefix, base[prefix], pipe.unet.config)
         down, up = tensors[f"{module}.lora_down.weight"], tensors[f"{module}.lora_up.weight"]
         alpha = float(tensors[f"{module}.alpha"])
         key = by_kohya[module]

@@ -192,6 +192,8 @@ def unet_to_ldm(state, config):
         new = None
         if parts[0] == "time_embedding":
             new = {"linear_1": "time_embed.0", "linear_2": "time_embed.2"}[parts[1]] + "." + ".".join(parts[2:])
+        elif parts[0] == "add_embedding":  # SDXL
+            new = {"linear_1": "label_emb.0.0", "linear_2": "label_emb.0.2"}[parts[1]] + "." + ".".join(parts[2:])
         elif parts[0] == "conv_in":
             new = "input_blocks.0.0." + ".".join(parts[1:])
         elif parts[0] == "conv_norm_out":

@@ -287,6 +287,14 @@ fn the_guide_sdxl_configuration_trains_the_tiny_sdxl_model() {
     let lora = out.join("burnbooth-lora.safetensors");
     assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2);
 
+    // kohya's SDXL naming: SGM block paths (sd-scripts trains SDXL on the original UNet).
+    let tensors = trainer_core::train::tensor_file::read("lora", std::fs::read(&lora).unwrap()).unwrap();
+    assert!(tensors.contains_key("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight"), "{:?}", tensors.keys().next());
+    assert!(
+        tensors.keys().all(|k| ["lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"].iter().any(|p| k.starts_with(p))),
+        "every UNet name is an SGM path"
+    );
+
     // The LoRA loads back onto the model it was trained on (every module matches a layer).
     let applied = runner(
         &["sample", "--model", model.to_str().unwrap(), "--prompt", "a photograph of zwxrobot", "--steps", "3", "--width", "32", "--height", "32",

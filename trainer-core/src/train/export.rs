@@ -15,12 +15,13 @@ use super::tensor_file::{self, HostTensor};
 use crate::error::{Error, Result};
 use crate::models::layers::{in_dtype, Linear};
 use crate::models::lora::{kohya_text_name, kohya_unet_name};
-use crate::models::StableDiffusion;
+use crate::models::single_file::{unet_name, UNET_PREFIX};
+use crate::models::{Family, StableDiffusion};
 
 /// The kohya tensors of every adapter in the UNet and the text encoder.
 pub async fn kohya_tensors(model: &StableDiffusion) -> Result<BTreeMap<String, HostTensor>> {
     let mut tensors = BTreeMap::new();
-    let unet = model.unet.adapted_layers().into_iter().map(|l| (kohya_unet_name(&l.path), l));
+    let unet = model.unet.adapted_layers().into_iter().map(|l| (unet_lora_name(model, &l.path), l));
     let text = model.text_encoder.adapted_layers().into_iter().map(|l| (kohya_text_name(&l.path), l));
     for (name, layer) in unet.chain(text) {
         let lora = layer.lora.as_ref().expect("adapted");
@@ -31,6 +32,18 @@ pub async fn kohya_tensors(model: &StableDiffusion) -> Result<BTreeMap<String, H
         tensors.insert(format!("{name}.alpha"), HostTensor { shape: vec![], values: vec![lora.alpha as f32] });
     }
     Ok(tensors)
+}
+
+/// The kohya name of a UNet layer: its diffusers path for SD 1.x/2.x (as
+/// sd-scripts writes them), its SGM path for SDXL (sd-scripts' SDXL UNet is
+/// the original one: `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`).
+pub fn unet_lora_name(model: &StableDiffusion, path: &str) -> String {
+    if model.family != Family::Sdxl {
+        return kohya_unet_name(path);
+    }
+    let ldm = unet_name(&format!("{path}.weight"), &model.configs.unet);
+    let sgm = ldm.strip_prefix(UNET_PREFIX).and_then(|n| n.strip_suffix(".weight")).unwrap_or(&ldm);
+    format!("lora_unet_{}", sgm.replace('.', "_"))
 }
 
 /// A kohya LoRA file with `ss_*` / `modelspec.*` metadata (plus `extra`).
@@ -99,9 +112,22 @@ pub fn merge_kohya(model: &mut StableDiffusion, path: &str, bytes: Vec<u8>, mult
     }
 
     // Every Linear a kohya file can name: the UNet's adaptable layers and the text encoder's.
+    // SDXL files name UNet layers by SGM path; diffusers paths are accepted too.
+    let paths: Vec<String> = model.unet.lora_layers_mut().iter().map(|l| l.path.clone()).collect();
+    let sdxl_names: BTreeMap<String, String> = if model.family == Family::Sdxl {
+        paths.iter().map(|path| (unet_lora_name(model, path), kohya_unet_name(path))).collect()
+    } else {
+        BTreeMap::new()
+    };
     let unet = model.unet.lora_layers_mut().into_iter().map(|l| (kohya_unet_name(&l.path), &mut l.base));
     let text = model.text_encoder.lora_layers_mut().into_iter().map(|l| (kohya_text_name(&l.path), &mut l.base));
     let mut layers: BTreeMap<String, &mut Linear> = unet.chain(text).collect();
+    // SDXL's second encoder: `lora_te2_text_model_encoder_layers_N_…`.
+    if let Some(encoder) = model.text_encoder_2.as_mut() {
+        for layer in encoder.lora_layers_mut() {
+            layers.insert(format!("lora_te2_{}", layer.path.replace('.', "_")), &mut layer.base);
+        }
+    }
 
     let mut merged = 0;
     for (name, module) in modules {
@@ -116,6 +142,7 @@ pub fn merge_kohya(model: &mut StableDiffusion, path: &str, bytes: Vec<u8>, mult
         let rank = down.shape[0];
         let alpha = module.alpha.map(f64::from).unwrap_or(rank as f64);
         // Text-encoder names of SDXL-style files (lora_te1_) mean the same single encoder here.
+        let name = sdxl_names.get(&name).cloned().unwrap_or(name);
         let Some(linear) = layers.get_mut(&name.replacen("lora_te1_", "lora_te_", 1)) else {
             problems.push(format!("'{name}' matches no layer of this model"));
             continue;

@@ -277,16 +277,20 @@ def sd1_text_to_ldm(state):
     return out
 
 
-def openclip_text_to_ldm(state, layers, hidden, seed):
-    """SD2's OpenCLIP layout. Like real SD2 checkpoints it has one layer more
-    than diffusers uses (diffusers drops the last), and text_projection and
-    logit_scale, which are ignored."""
-    p = "cond_stage_model.model."
+def openclip_text_to_ldm(state, layers, hidden, seed, prefix="cond_stage_model.model.", projection=None):
+    """OpenCLIP's layout. For SD2 (no `projection`), like real SD2
+    checkpoints, it has one layer more than diffusers uses (diffusers drops
+    the last) and a random text_projection and logit_scale, which are
+    ignored. SDXL's second encoder (`projection`: transformers'
+    text_projection weight) keeps every layer, and OpenCLIP stores the
+    projection transposed."""
+    p = prefix
     out = {}
     s = {k.removeprefix("text_model."): v for k, v in state.items()}
     out[p + "token_embedding.weight"] = s["embeddings.token_embedding.weight"]
     out[p + "positional_embedding"] = s["embeddings.position_embedding.weight"]
-    for i in range(layers + 1):
+    extra = 1 if projection is None else 0
+    for i in range(layers + extra):
         src = f"encoder.layers.{min(i, layers - 1)}."
         dst = f"{p}transformer.resblocks.{i}."
         g = 0.0 if i < layers else 0.5  # the extra layer differs, to prove it is not used
@@ -305,8 +309,11 @@ def openclip_text_to_ldm(state, layers, hidden, seed):
         out[dst + "mlp.c_proj.bias"] = t("mlp.fc2.bias")
     out[p + "ln_final.weight"] = s["final_layer_norm.weight"]
     out[p + "ln_final.bias"] = s["final_layer_norm.bias"]
-    out[p + "text_projection"] = torch.randn(hidden, hidden, generator=torch.Generator().manual_seed(seed)).half().float()
-    out[p + "logit_scale"] = torch.tensor(4.6052)
+    if projection is None:
+        out[p + "text_projection"] = torch.randn(hidden, hidden, generator=torch.Generator().manual_seed(seed)).half().float()
+        out[p + "logit_scale"] = torch.tensor(4.6052)
+    else:
+        out[p + "text_projection"] = projection.T.contiguous()
     return out
 
 
@@ -521,6 +528,26 @@ def write_sdxl():
         (folder / sub / "tokenizer.json").unlink(missing_ok=True)
         for name in ("vocab.json", "merges.txt"):
             shutil.copy(ASSETS / name, folder / sub / name)
+    # An SGM single file (as SDXL 1.0 is published), checked with diffusers' own loader.
+    te1 = pipe.text_encoder.state_dict()
+    te2 = pipe.text_encoder_2.state_dict()
+    single = {}
+    single.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config))
+    single.update(vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
+    single.update({"conditioner.embedders.0.transformer.text_model." + k.removeprefix("text_model."): v for k, v in te1.items()})
+    te2_body = {k: v for k, v in te2.items() if not k.startswith("text_projection")}
+    single.update(openclip_text_to_ldm(te2_body, 3, 12, 0, prefix="conditioner.embedders.1.model.",
+                                       projection=te2["text_projection.weight"]))
+    save_file({k: v.contiguous() for k, v in single.items()}, out / "single_file.safetensors", metadata={"format": "pt"})
+    loaded = StableDiffusionXLPipeline.from_single_file(str(out / "single_file.safetensors"), config=str(folder),
+                                                        torch_dtype=torch.float32)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        for k in a:
+            if not k.endswith("position_ids"):
+                assert torch.equal(a[k].float(), b[k].float()), f"{name}.{k} differs after from_single_file"
+    print("sdxl single file verified with diffusers.from_single_file")
+
     pipe = StableDiffusionXLPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
     ref, run = references_sdxl(pipe)
     save_file({k: v.contiguous() for k, v in ref.items()}, out / "reference.safetensors")

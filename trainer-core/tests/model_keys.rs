@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use trainer_core::models::safetensors_file::SafetensorsFile;
-use trainer_core::models::single_file::{sd1_text_name, unet_name, vae_name, OpenClipView, OPENCLIP_PREFIX};
+use trainer_core::models::single_file::{clip_text_name, sd1_text_name, unet_name, vae_name, OpenClipView, OPENCLIP_PREFIX, SDXL_OPENCLIP_PREFIX, SDXL_TEXT_PREFIX};
 use trainer_core::models::{expected_keys, Family, ModelConfigs};
 
 type Keys = BTreeMap<String, Vec<usize>>;
@@ -109,4 +109,13 @@ fn sdxl_keys_match_diffusers_lists() {
     assert_same("SDXL text encoder 2", &component(&keys, "text_encoder_2."), &key_file("hf_openclip_bigg_text_encoder_2_sdxl.txt"));
     let ldm: Keys = component(&keys, "unet.").iter().map(|(k, s)| (unet_name(k, &configs.unet), s.clone())).collect();
     assert_same("SDXL single-file unet", &ldm, &key_file("ldm_unet_sdxl.txt"));
+
+    // SGM names of the two text encoders.
+    let te1: Keys = component(&keys, "text_encoder.").iter().map(|(k, s)| (clip_text_name(SDXL_TEXT_PREFIX, k, true), s.clone())).collect();
+    assert_same("SDXL single-file text encoder", &te1, &key_file("ldm_sdxl_te1_clip_l.txt"));
+    let empty = SafetensorsFile::from_bytes("empty.safetensors", empty_safetensors()).unwrap();
+    let view = OpenClipView::new(&empty, SDXL_OPENCLIP_PREFIX, configs.text_2.as_ref().unwrap().num_hidden_layers, true);
+    let read: std::collections::BTreeSet<String> = view.source_names().into_iter().collect();
+    let want: std::collections::BTreeSet<String> = key_file("ldm_sdxl_te2_bigg.txt").into_keys().collect();
+    assert_eq!(read, want, "SDXL single-file text encoder 2: the OpenCLIP tensors read");
 }

@@ -255,3 +255,32 @@ fn sdxl_unet_with_added_conditions_matches_diffusers() {
         assert_close(&format!("sdxl {name} unet"), &values(out), &reference.to_f32("unet.output").unwrap(), tolerance);
     }
 }
+
+/// An SGM single file (`conditioner.embedders.0/1`, OpenCLIP's packed
+/// q/k/v and transposed projection) gives the folder's model: same
+/// conditioning, and the same sampling run bit for bit.
+#[test]
+fn sdxl_single_file_loads_the_same_model_as_the_folder() {
+    let device = Device::flex();
+    let folder = load("sdxl", &device);
+    let single = load_single("sdxl", &device);
+    assert_eq!(single.family, Family::Sdxl);
+    let prompts = ["a photo of sks dog", ""];
+    let a = folder.encode_conditioning(&prompts, &device).unwrap();
+    let b = single.encode_conditioning(&prompts, &device).unwrap();
+    assert_close("sdxl single-file context", &values(b.context), &values(a.context), 1e-6);
+    assert_close("sdxl single-file pooled", &values(b.pooled.unwrap()), &values(a.pooled.unwrap()), 1e-6);
+    let request = GenerateRequest {
+        prompt: "a photo of sks dog".into(),
+        negative_prompt: "blurry".into(),
+        steps: 3,
+        guidance: 5.0,
+        sampler: SamplerKind::Euler,
+        seed: 4,
+        width: 16,
+        height: 16,
+    };
+    let a = folder.generate(&request, None, &device, &mut |_, _| {}).unwrap();
+    let b = single.generate(&request, None, &device, &mut |_, _| {}).unwrap();
+    assert_close("sdxl single-file sampling", &values(b.image), &values(a.image), 1e-6);
+}

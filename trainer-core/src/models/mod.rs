@@ -22,7 +22,7 @@ use clip::ClipTextModel;
 use config::{parse, ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
 use loader::{Loader, TensorSource};
 use safetensors_file::SafetensorsFile;
-use single_file::{OpenClipView, OPENCLIP_PREFIX, SD1_TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use single_file::{OpenClipView, OPENCLIP_PREFIX, SD1_TEXT_PREFIX, SDXL_OPENCLIP_PREFIX, SDXL_TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX};
 use tokenizer::ClipTokenizer;
 use unet::UNet2DConditionModel;
 use vae::AutoencoderKl;
@@ -383,19 +383,43 @@ impl StableDiffusion {
                 loader.finish("text encoder", &|_| false)?;
                 model
             }
-            Family::Sdxl => unreachable!("detect_family refuses SDXL single files"),
+            Family::Sdxl => {
+                let with_prefix = has_text_model_prefix(file, SDXL_TEXT_PREFIX);
+                let rename = move |n: &str| single_file::clip_text_name(SDXL_TEXT_PREFIX, n, with_prefix);
+                let mut loader = Loader::new(vec![file], Box::new(rename), device.clone()).with_weight_dtype(dtypes.text_encoder);
+                let model = ClipTextModel::load(&configs.text, &mut loader, "", false);
+                fingerprints.text_encoder = loader.fingerprint();
+                names.text_encoder = std::mem::take(&mut loader.names);
+                loader.finish("text encoder", &|n| !n.starts_with(SDXL_TEXT_PREFIX) || n.ends_with("position_ids"))?;
+                model
+            }
         };
-        Ok(Self { family, configs, tokenizer, text_encoder, tokenizer_2: None, text_encoder_2: None, vae, unet, fingerprints, names })
+        let (mut tokenizer_2, mut text_encoder_2) = (None, None);
+        if let (Family::Sdxl, Some(config)) = (family, &configs.text_2) {
+            tokenizer_2 = Some(ClipTokenizer::standard(&configs.pad_token_2)?);
+            let view = OpenClipView::new(file, SDXL_OPENCLIP_PREFIX, config.num_hidden_layers, true);
+            let mut loader = Loader::new(vec![&view], Box::new(|n| n.to_string()), device.clone()).with_weight_dtype(dtypes.text_encoder);
+            text_encoder_2 = Some(ClipTextModel::load(config, &mut loader, "", true));
+            fingerprints.text_encoder_2 = loader.fingerprint();
+            names.text_encoder_2 = std::mem::take(&mut loader.names);
+            loader.finish("text encoder 2", &|_| false)?;
+        }
+        Ok(Self { family, configs, tokenizer, text_encoder, tokenizer_2, text_encoder_2, vae, unet, fingerprints, names })
     }
 }
 
-/// SD 1.x or 2.x from a single file's tensors (diffusers' detection keys).
+/// The family of a single file, from its tensors (diffusers' detection keys).
 pub fn detect_family(file: &dyn TensorSource) -> Result<Family> {
-    if file.shape("conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias").is_some() {
-        return Err(Error::Config {
-            source_name: file.path().to_string(),
-            problems: vec!["this is an SDXL checkpoint; SDXL support is not built yet (SD 1.x and 2.x are)".into()],
-        });
+    if file.shape(&format!("{SDXL_OPENCLIP_PREFIX}token_embedding.weight")).is_some() {
+        if file.shape(&format!("{SDXL_TEXT_PREFIX}text_model.embeddings.token_embedding.weight")).is_none()
+            && file.shape(&format!("{SDXL_TEXT_PREFIX}embeddings.token_embedding.weight")).is_none()
+        {
+            return Err(Error::Config {
+                source_name: file.path().to_string(),
+                problems: vec!["an SGM checkpoint without the CLIP-L encoder (an SDXL refiner?): only SDXL base models are supported".into()],
+            });
+        }
+        return Ok(Family::Sdxl);
     }
     if file.shape(&format!("{OPENCLIP_PREFIX}token_embedding.weight")).is_some() {
         return Ok(Family::Sd2);

@@ -18,6 +18,9 @@ pub const UNET_PREFIX: &str = "model.diffusion_model.";
 pub const VAE_PREFIX: &str = "first_stage_model.";
 pub const SD1_TEXT_PREFIX: &str = "cond_stage_model.transformer.";
 pub const OPENCLIP_PREFIX: &str = "cond_stage_model.model.";
+/// SDXL's two encoders in SGM checkpoints: CLIP-L and OpenCLIP bigG.
+pub const SDXL_TEXT_PREFIX: &str = "conditioner.embedders.0.transformer.";
+pub const SDXL_OPENCLIP_PREFIX: &str = "conditioner.embedders.1.model.";
 
 fn resnet_part(name: &str) -> String {
     let (first, rest) = name.split_once('.').unwrap_or((name, ""));
@@ -135,13 +138,19 @@ pub fn vae_name(name: &str, config: &VaeConfig) -> String {
 }
 
 /// SD 1.x's CLIP: transformers' names under `cond_stage_model.transformer.`,
-/// with or without `text_model.`. `names` are the file's tensor names.
+/// with or without `text_model.`.
 pub fn sd1_text_name(name: &str, has_text_model_prefix: bool) -> String {
+    clip_text_name(SD1_TEXT_PREFIX, name, has_text_model_prefix)
+}
+
+/// A CLIP text encoder's tensor under `prefix` (SD 1.x's, or SDXL's first
+/// encoder), with or without transformers' `text_model.`.
+pub fn clip_text_name(prefix: &str, name: &str, has_text_model_prefix: bool) -> String {
     let name = name.strip_prefix("text_model.").unwrap_or(name);
     if has_text_model_prefix {
-        format!("{SD1_TEXT_PREFIX}text_model.{name}")
+        format!("{prefix}text_model.{name}")
     } else {
-        format!("{SD1_TEXT_PREFIX}{name}")
+        format!("{prefix}{name}")
     }
 }
 

@@ -87,7 +87,7 @@ fn standard_files(family: Family) -> BTreeMap<String, String> {
     let (unet, text, scheduler, pad) = match family {
         Family::Sd1 => (standard::SD15_UNET, standard::CLIP_L, standard::SD15_SCHEDULER, tokenizer::END_OF_TEXT),
         Family::Sd2 => (standard::SD21_UNET, standard::OPENCLIP_H, standard::SD21_SCHEDULER, "!"),
-        Family::Sdxl => unreachable!("SDXL loads from diffusers folders only, which carry their configs"),
+        Family::Sdxl => unreachable!("SDXL full fine-tunes (the only users of these files) are refused by Session::new"),
     };
     let index = r#"{
   "_class_name": "StableDiffusionPipeline",

@@ -24,7 +24,11 @@ use trainer_core::train::tensor_file::HostTensor;
 use trainer_core::block_on;
 
 fn fixture_model(device: &Device, dtypes: WeightDtypes) -> StableDiffusion {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/sd1/diffusers");
+    fixture_model_of("sd1", device, dtypes)
+}
+
+fn fixture_model_of(family: &str, device: &Device, dtypes: WeightDtypes) -> StableDiffusion {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(family).join("diffusers");
     StableDiffusion::from_folder_with(&DiskFolder { root }, device, dtypes).unwrap()
 }
 
@@ -88,12 +92,17 @@ fn setup(extra_env: &str, with_class: bool) -> Setup {
 }
 
 fn session<'a>(setup: &Setup, storage: &'a MemoryStorage, device: &Device, target: PlanTarget) -> Session<'a> {
+    session_on(setup, storage, device, target, "sd1")
+}
+
+/// A session on the tiny fixture model of `family` (sd1, sdxl).
+fn session_on<'a>(setup: &Setup, storage: &'a MemoryStorage, device: &Device, target: PlanTarget, family: &str) -> Session<'a> {
     let dataloader = dataloader(&setup.json, &setup.training).unwrap();
     let open = |d: &trainer_core::config::dataset::ImageDatasetConfig| -> trainer_core::Result<Box<dyn ImageSource>> {
         Ok(Box::new(setup.sources[&d.id].clone()))
     };
     let planned = plan(&setup.training, &dataloader, &open, target, &mut |_| {}).unwrap();
-    let model = fixture_model(device, planned.precision.weight_dtypes(setup.training.model_type));
+    let model = fixture_model_of(family, device, planned.precision.weight_dtypes(setup.training.model_type));
     let sources: Vec<Box<dyn ImageSource>> = planned.datasets.iter().map(|d| Box::new(setup.sources[&d.id].clone()) as Box<dyn ImageSource>).collect();
     let mut session = Session::new(setup.training.clone(), planned, model, sources, storage, device.clone(), SessionOptions::default()).unwrap();
     block_on(session.prepare_caches(&mut |_| {})).unwrap();
@@ -384,4 +393,46 @@ fn text_encoder_lora_trains_resumes_and_exports_kohya_te_keys() {
     let difference = relative(&from_file, &trained);
     eprintln!("text context moved {text_change:.2e} from the base; merged vs adapter samples differ by {difference:.2e}");
     assert!(difference < 1e-4, "merged samples differ from the adapters' by {difference:.2e} (relative L2)");
+}
+
+/// SDXL with both text encoders training: kohya's `lora_te1_`/`lora_te2_`
+/// names, exact resume, and the exported file merged into a fresh model
+/// samples what the adapters sample.
+#[test]
+fn sdxl_lora_with_both_text_encoders_trains_resumes_and_exports() {
+    let device = Device::flex();
+    let storage = MemoryStorage::default();
+    let env = "MAX_NUM_STEPS=4\nLORA_DROPOUT=0.1\nREGULARISATION_MODE=mixed\nTRAINER_EXTRA_ARGS=\"--train_text_encoder --text_encoder_lr=1e-2\"\n";
+    let mut setup = setup(env, false);
+    setup.training = training(&format!("{}{env}", BASE_ENV.replace("MODEL_FAMILY=sd1x", "MODEL_FAMILY=sdxl")));
+    let mut run = session_on(&setup, &storage, &device, F32_TARGET, "sdxl");
+    let layers_1 = run.model.text_encoder.layers.len();
+    let layers_2 = run.model.text_encoder_2.as_ref().unwrap().layers.len();
+    assert_eq!(run.model.text_encoder_2.as_ref().unwrap().adapted_layers().len(), 4 * layers_2);
+
+    train(&mut run, 2);
+    block_on(run.save_checkpoint()).unwrap();
+    let rest = train(&mut run, 2);
+    let moved: f32 = run.model.text_encoder_2.as_ref().unwrap().adapted_layers().iter().map(|l| l.lora.as_ref().unwrap().up.val().abs().sum().into_scalar::<f32>()).sum();
+    assert!(moved > 0.0, "the second encoder's adapters must train");
+    let mut resumed = session_on(&setup, &storage, &device, F32_TARGET, "sdxl");
+    resumed.resume("latest").unwrap();
+    assert_eq!(train(&mut resumed, 2), rest, "steps 3-4 after resuming equal the uninterrupted run");
+
+    let path = block_on(run.export_lora("sdxl-te")).unwrap();
+    let bytes = storage.read(&path).unwrap().unwrap();
+    let tensors = trainer_core::train::tensor_file::read(&path, bytes.clone()).unwrap();
+    let count = |prefix: &str| tensors.keys().filter(|k| k.starts_with(prefix) && k.ends_with(".alpha")).count();
+    assert_eq!((count("lora_te1_"), count("lora_te2_")), (4 * layers_1, 4 * layers_2));
+    assert!(tensors.contains_key("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"));
+    let mut merged = fixture_model_of("sdxl", &device, WeightDtypes::default());
+    let merged_layers = trainer_core::train::export::merge_kohya(&mut merged, &path, bytes, 1.0, &device).unwrap();
+    assert_eq!(merged_layers, run.model.unet.adapted_layers().len() + 4 * (layers_1 + layers_2));
+
+    let prompt = "a photo of zwx toy";
+    let trained = latents(&mut run, prompt);
+    let from_file: Vec<f32> = merged.generate(&request(prompt), None, &device, &mut |_, _| {}).unwrap().latents.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+    let relative = (mean_squared(&from_file, &trained) / mean_squared(&trained, &vec![0.0; trained.len()])).sqrt();
+    eprintln!("SDXL: merged vs adapter samples differ by {relative:.2e}");
+    assert!(relative < 1e-4, "merged samples differ from the adapters' by {relative:.2e} (relative L2)");
 }

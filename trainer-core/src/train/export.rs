@@ -21,9 +21,12 @@ use crate::models::{Family, StableDiffusion};
 /// The kohya tensors of every adapter in the UNet and the text encoder.
 pub async fn kohya_tensors(model: &StableDiffusion) -> Result<BTreeMap<String, HostTensor>> {
     let mut tensors = BTreeMap::new();
+    // kohya: `lora_te_` for SD 1.x/2.x's one encoder, `lora_te1_`/`lora_te2_` for SDXL's two.
+    let first_prefix = if model.text_encoder_2.is_some() { "lora_te1_" } else { "lora_te_" };
     let unet = model.unet.adapted_layers().into_iter().map(|l| (unet_lora_name(model, &l.path), l));
-    let text = model.text_encoder.adapted_layers().into_iter().map(|l| (kohya_text_name(&l.path), l));
-    for (name, layer) in unet.chain(text) {
+    let text = model.text_encoder.adapted_layers().into_iter().map(|l| (format!("{first_prefix}{}", l.path.replace('.', "_")), l));
+    let text_2 = model.text_encoder_2.iter().flat_map(|e| e.adapted_layers()).map(|l| (format!("lora_te2_{}", l.path.replace('.', "_")), l));
+    for (name, layer) in unet.chain(text).chain(text_2) {
         let lora = layer.lora.as_ref().expect("adapted");
         let down = lora.down.val().without_autodiff().transpose();
         let up = lora.up.val().without_autodiff().transpose();

@@ -93,6 +93,10 @@ pub struct Session<'a> {
 
 /// Where the text encoder's tensors are named in checkpoints and optimizer state.
 const TEXT_ENCODER_PREFIX: &str = "text_encoder.";
+const TEXT_ENCODER_2_PREFIX: &str = "text_encoder_2.";
+
+/// The text encoders: SDXL has two.
+type TextEncoders = (ClipTextModel, Option<ClipTextModel>);
 
 /// What one batch feeds the UNet.
 struct BatchInputs {
@@ -102,6 +106,8 @@ struct BatchInputs {
     base_context: Tensor<3>,
     /// SDXL's pooled embedding and size ids.
     added: Option<AddedConditions>,
+    /// The same with the base encoder's pooled embedding.
+    base_added: Option<AddedConditions>,
 }
 
 /// Moves every parameter onto the training device, frozen.
@@ -156,10 +162,10 @@ impl<'a> Session<'a> {
                 )],
             });
         }
-        if model.family == Family::Sdxl && (config.model_type == ModelType::Full || config.train_text_encoder) {
+        if model.family == Family::Sdxl && config.model_type == ModelType::Full {
             return Err(Error::Config {
                 source_name: config.source_name.clone(),
-                problems: vec!["SDXL trains LoRA adapters on the UNet so far: full fine-tunes and train_text_encoder are not built for SDXL yet".into()],
+                problems: vec!["SDXL trains LoRA adapters so far: full fine-tunes are not built for SDXL yet".into()],
             });
         }
         if config.regularisation_mode == RegularisationMode::ParentPrediction && config.model_type == ModelType::Full
@@ -199,23 +205,31 @@ impl<'a> Session<'a> {
             if full {
                 return Err(Error::Config { source_name: config.source_name.clone(), problems: vec!["train_text_encoder needs LoRA training".into()] });
             }
-            let mut text_encoder = model.text_encoder.clone().map(&mut ToTrainDevice { device: &train_device, trainable: false });
-            let mut attached = 0;
-            for layer in text_encoder.lora_layers_mut() {
-                if options.lora_targets.matches_text(&layer.path) {
-                    layer.attach(config.lora_rank as usize, config.lora_alpha, config.seed, dropout.clone(), &train_device);
-                    attached += 1;
+            // Both encoders for SDXL; the second's adapters draw their own initial values.
+            let attach = |encoder: &ClipTextModel, seed: u64| -> Result<ClipTextModel> {
+                let mut encoder = encoder.clone().map(&mut ToTrainDevice { device: &train_device, trainable: false });
+                let mut attached = 0;
+                for layer in encoder.lora_layers_mut() {
+                    if options.lora_targets.matches_text(&layer.path) {
+                        layer.attach(config.lora_rank as usize, config.lora_alpha, seed, dropout.clone(), &train_device);
+                        attached += 1;
+                    }
                 }
+                if attached == 0 {
+                    return Err(Error::Config { source_name: config.source_name.clone(), problems: vec!["train_text_encoder: no text-encoder layer to adapt".into()] });
+                }
+                Ok(encoder)
+            };
+            model.text_encoder = attach(&model.text_encoder, config.seed)?;
+            if let Some(encoder) = &model.text_encoder_2 {
+                model.text_encoder_2 = Some(attach(encoder, SeededRng::derived(config.seed, "text-encoder-2").next_u64())?);
             }
-            if attached == 0 {
-                return Err(Error::Config { source_name: config.source_name.clone(), problems: vec!["train_text_encoder: no text-encoder layer to adapt".into()] });
-            }
-            model.text_encoder = text_encoder;
         }
         let bf16 = config.optimizer == Optimizer::AdamwBf16 && plan.optimizer.state_dtype == "bf16";
         if bf16 {
             model.unet = model.unet.map(&mut CastTrainable { dtype: burn::tensor::DType::BF16, device: &train_device });
             model.text_encoder = model.text_encoder.map(&mut CastTrainable { dtype: burn::tensor::DType::BF16, device: &train_device });
+            model.text_encoder_2 = model.text_encoder_2.map(|e| e.map(&mut CastTrainable { dtype: burn::tensor::DType::BF16, device: &train_device }));
         }
         let optimizer = AdamW::new(AdamWSettings {
             beta1: config.adam_beta1,
@@ -311,22 +325,30 @@ impl<'a> Session<'a> {
         captions.sort();
         captions.dedup();
         // The cache holds the base encoder's output (resumed runs carry trained adapters).
-        let base = self.inference_text_encoder(false);
-        let trained = std::mem::replace(&mut self.model.text_encoder, base);
+        let base = self.inference_text_encoders(false);
+        let trained = self.replace_text_encoders(base);
         let result = self.cache_text_embeddings(&captions, progress).await;
-        self.model.text_encoder = trained;
+        self.replace_text_encoders(trained);
         result
     }
 
-    /// The text encoder for inference: with or without the trained adapters,
-    /// off the autodiff device when it trains.
-    fn inference_text_encoder(&self, with_lora: bool) -> ClipTextModel {
-        let encoder = if with_lora { self.model.text_encoder.clone() } else { self.model.text_encoder.without_lora() };
-        if self.config.train_text_encoder {
-            encoder.valid()
-        } else {
-            encoder
-        }
+    /// Puts `encoders` in the model; returns the ones it held.
+    fn replace_text_encoders(&mut self, encoders: TextEncoders) -> TextEncoders {
+        (std::mem::replace(&mut self.model.text_encoder, encoders.0), std::mem::replace(&mut self.model.text_encoder_2, encoders.1))
+    }
+
+    /// The text encoders for inference: with or without the trained
+    /// adapters, off the autodiff device when they train.
+    fn inference_text_encoders(&self, with_lora: bool) -> TextEncoders {
+        let prepare = |encoder: &ClipTextModel| {
+            let encoder = if with_lora { encoder.clone() } else { encoder.without_lora() };
+            if self.config.train_text_encoder {
+                encoder.valid()
+            } else {
+                encoder
+            }
+        };
+        (prepare(&self.model.text_encoder), self.model.text_encoder_2.as_ref().map(prepare))
     }
 
     async fn cache_text_embeddings(&mut self, captions: &[(String, String)], progress: &mut dyn FnMut(Progress<'_>)) -> Result<()> {
@@ -396,23 +418,28 @@ impl<'a> Session<'a> {
             }
             captions.push(caption);
         }
-        let added = (!pooled.is_empty()).then(|| AddedConditions { pooled: frozen_on(Tensor::cat(pooled, 0), &self.train_device), time_ids });
+        let mut added = (!pooled.is_empty()).then(|| AddedConditions { pooled: frozen_on(Tensor::cat(pooled, 0), &self.train_device), time_ids });
+        let base_added = added.clone();
         let vae = &self.model.configs.vae;
         let latents = (Tensor::cat(latents, 0) - vae.shift_factor.unwrap_or(0.0)) * vae.scaling_factor;
         let base_context = frozen_on(Tensor::cat(contexts, 0), &self.train_device);
         let context = if self.config.train_text_encoder {
             let captions: Vec<&str> = captions.iter().map(String::as_str).collect();
-            self.model.encode_prompts(&captions, &self.train_device)?
+            let conditioning = self.model.encode_conditioning(&captions, &self.train_device)?;
+            if let (Some(added), Some(pooled)) = (added.as_mut(), conditioning.pooled) {
+                added.pooled = pooled;
+            }
+            conditioning.context
         } else {
             base_context.clone()
         };
-        Ok(BatchInputs { latents: frozen_on(latents, &self.train_device), context, base_context, added })
+        Ok(BatchInputs { latents: frozen_on(latents, &self.train_device), context, base_context, added, base_added })
     }
 
     /// The mean (min-SNR weighted) MSE of one batch. `parent` replaces the
     /// target by the base model's prediction; `weighted` applies min-SNR-γ.
     fn batch_loss(&self, inputs: BatchInputs, rng: &mut SeededRng, parent: bool, weighted: bool) -> Tensor<1> {
-        let BatchInputs { latents, context, base_context, added } = inputs;
+        let BatchInputs { latents, context, base_context, added, base_added } = inputs;
         let shape = latents.dims();
         let batch = shape[0];
         let mut noise = frozen_on(gaussian_noise(shape, rng, &self.device), &self.train_device);
@@ -428,7 +455,7 @@ impl<'a> Session<'a> {
                 dropout.stop();
             }
             let base = self.model.unet.without_lora();
-            let prediction = base.forward_with(noisy.clone().detach(), &t_values, base_context.detach(), added.as_ref()).detach();
+            let prediction = base.forward_with(noisy.clone().detach(), &t_values, base_context.detach(), base_added.as_ref()).detach();
             if let Some(dropout) = &self.dropout {
                 dropout.start_step(self.config.seed, self.step, rng.next_u64());
             }
@@ -488,6 +515,9 @@ impl<'a> Session<'a> {
             self.optimizer.accumulate(&self.model.unet, "", &mut grads, 1.0 / accumulation as f64);
             if self.config.train_text_encoder {
                 self.optimizer.accumulate(&self.model.text_encoder, TEXT_ENCODER_PREFIX, &mut grads, 1.0 / accumulation as f64);
+                if let Some(encoder) = &self.model.text_encoder_2 {
+                    self.optimizer.accumulate(encoder, TEXT_ENCODER_2_PREFIX, &mut grads, 1.0 / accumulation as f64);
+                }
             }
         }
         let lr = self.lr_schedule.at(self.step);
@@ -497,6 +527,9 @@ impl<'a> Session<'a> {
             // The schedule scales both rates alike (diffusers' parameter groups).
             let text_lr = self.config.text_encoder_lr.map_or(lr, |rate| lr * rate / self.config.learning_rate);
             self.model.text_encoder = self.optimizer.apply(self.model.text_encoder.clone(), TEXT_ENCODER_PREFIX, text_lr, &self.train_device);
+            if let Some(encoder) = self.model.text_encoder_2.clone() {
+                self.model.text_encoder_2 = Some(self.optimizer.apply(encoder, TEXT_ENCODER_2_PREFIX, text_lr, &self.train_device));
+            }
         }
         let grad_norm = match grad_norm {
             Some(norm) => norm
@@ -578,11 +611,11 @@ impl<'a> Session<'a> {
         }
         let inference = self.model.unet.valid();
         let trained = std::mem::replace(&mut self.model.unet, inference);
-        let inference_text = self.inference_text_encoder(true);
-        let trained_text = std::mem::replace(&mut self.model.text_encoder, inference_text);
+        let inference_text = self.inference_text_encoders(true);
+        let trained_text = self.replace_text_encoders(inference_text);
         let result = self.model.generate(request, None, &self.device, &mut |done, total| progress(Progress { phase: "sampling", done, total, computed: done }));
         self.model.unet = trained;
-        self.model.text_encoder = trained_text;
+        self.replace_text_encoders(trained_text);
         result
     }
 
@@ -591,10 +624,13 @@ impl<'a> Session<'a> {
         if with_lora {
             return self.sample(request, progress).await;
         }
-        let base = (self.model.unet.without_lora(), self.model.text_encoder.without_lora());
-        let trained = (std::mem::replace(&mut self.model.unet, base.0), std::mem::replace(&mut self.model.text_encoder, base.1));
+        let base_unet = self.model.unet.without_lora();
+        let trained_unet = std::mem::replace(&mut self.model.unet, base_unet);
+        let base_text = (self.model.text_encoder.without_lora(), self.model.text_encoder_2.as_ref().map(ClipTextModel::without_lora));
+        let trained_text = self.replace_text_encoders(base_text);
         let result = self.sample(request, progress).await;
-        (self.model.unet, self.model.text_encoder) = trained;
+        self.model.unet = trained_unet;
+        self.replace_text_encoders(trained_text);
         result
     }
 
@@ -620,13 +656,17 @@ impl<'a> Session<'a> {
         checkpoint::save(self.storage, &self.config.output_dir, &checkpoint, self.config.checkpoints_total_limit, self.checkpoint_hook.as_ref())
     }
 
-    /// The trainable tensors by module path; the text encoder's start with
-    /// `text_encoder.`.
+    /// The trainable tensors by module path; the text encoders' start with
+    /// `text_encoder.` and `text_encoder_2.`.
     async fn trainable_tensors(&self) -> Result<BTreeMap<String, HostTensor>> {
         let mut all = checkpoint::trainable_tensors(&self.model.unet).await?;
         if self.config.train_text_encoder {
-            for (name, tensor) in checkpoint::trainable_tensors(&self.model.text_encoder).await? {
-                all.insert(format!("{TEXT_ENCODER_PREFIX}{name}"), tensor);
+            let encoders = [(TEXT_ENCODER_PREFIX, Some(&self.model.text_encoder)), (TEXT_ENCODER_2_PREFIX, self.model.text_encoder_2.as_ref())];
+            for (prefix, encoder) in encoders {
+                let Some(encoder) = encoder else { continue };
+                for (name, tensor) in checkpoint::trainable_tensors(encoder).await? {
+                    all.insert(format!("{prefix}{name}"), tensor);
+                }
             }
         }
         Ok(all)
@@ -637,10 +677,14 @@ impl<'a> Session<'a> {
     pub fn resume(&mut self, which: &str) -> Result<String> {
         let path = checkpoint::resolve(self.storage, &self.config.output_dir, which)?;
         let saved = checkpoint::load(self.storage, &path)?;
-        let (text, unet): (BTreeMap<String, HostTensor>, BTreeMap<String, HostTensor>) =
-            saved.trainable.clone().into_iter().partition(|(name, _)| name.starts_with(TEXT_ENCODER_PREFIX));
-        let text: BTreeMap<String, HostTensor> = text.into_iter().map(|(name, t)| (name[TEXT_ENCODER_PREFIX.len()..].to_string(), t)).collect();
-        if !text.is_empty() && !self.config.train_text_encoder {
+        let mut unet = saved.trainable.clone();
+        let mut take = |prefix: &str| -> BTreeMap<String, HostTensor> {
+            let names: Vec<String> = unet.keys().filter(|n| n.starts_with(prefix)).cloned().collect();
+            names.into_iter().map(|n| (n[prefix.len()..].to_string(), unet.remove(&n).expect("listed"))).collect()
+        };
+        let text = take(TEXT_ENCODER_PREFIX);
+        let text_2 = take(TEXT_ENCODER_2_PREFIX);
+        if !(text.is_empty() && text_2.is_empty()) && !self.config.train_text_encoder {
             return Err(Error::Config {
                 source_name: path,
                 problems: vec!["this checkpoint trained the text encoder; set train_text_encoder to resume it".into()],
@@ -649,6 +693,9 @@ impl<'a> Session<'a> {
         self.model.unet = checkpoint::restore_trainable(self.model.unet.clone(), &unet, &self.train_device, &path)?;
         if self.config.train_text_encoder {
             self.model.text_encoder = checkpoint::restore_trainable(self.model.text_encoder.clone(), &text, &self.train_device, &path)?;
+            if let Some(encoder) = self.model.text_encoder_2.clone() {
+                self.model.text_encoder_2 = Some(checkpoint::restore_trainable(encoder, &text_2, &self.train_device, &path)?);
+            }
         }
         self.optimizer.load_state(&saved.optimizer, saved.state.step, &self.device)?;
         self.main.sampler.restore(saved.state.sampler.clone());

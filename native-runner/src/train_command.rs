@@ -281,11 +281,18 @@ fn source_configs(session: &Session<'_>, args: &TrainArgs) -> Result<Option<std:
         None => return Ok(None),
     };
     let mut files = std::collections::BTreeMap::new();
-    for name in ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json",
-                 "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer.json"] {
-        let path = folder.join(name);
+    let mut names = vec!["model_index.json".to_string(), "unet/config.json".into(), "vae/config.json".into(), "scheduler/scheduler_config.json".into()];
+    // SDXL's second encoder and tokenizer come along when the folder has them.
+    for (encoder, tokenizer) in [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")] {
+        names.push(format!("{encoder}/config.json"));
+        for file in ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"] {
+            names.push(format!("{tokenizer}/{file}"));
+        }
+    }
+    for name in names {
+        let path = folder.join(&name);
         if path.is_file() {
-            files.insert(name.to_string(), read_text(&path.display().to_string())?);
+            files.insert(name, read_text(&path.display().to_string())?);
         }
     }
     Ok(Some(files))

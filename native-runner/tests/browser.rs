@@ -141,6 +141,7 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
         .env("APP_URL", &url)
         .env("CHROMIUM", &chromium)
         .env("MODEL_DIR", &model)
+        .env("SDXL_MODEL_DIR", repo().join("trainer-core/tests/fixtures/models/sdxl/diffusers"))
         .env("WORK_DIR", &work)
         .env("OUT_DIR", &out)
         .env("CONFIGS", "browser.env,multidatabackend-tiny.json")
@@ -157,6 +158,8 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
     assert_eq!(web_plan, native_plan, "the browser's plan differs from native-runner plan --json");
 
     let result: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("result.json")).unwrap()).unwrap();
+    let sdxl = result["sdxlModel"].as_str().unwrap_or_default();
+    assert!(sdxl.contains("Stable Diffusion XL") && sdxl.contains("fits: largest tensor"), "the page accepts an SDXL folder and sizes it: {sdxl}");
     assert_eq!(result["chartPoints"], 3, "the loss chart shows every step");
     assert!(result["galleryImages"].as_u64().unwrap() >= 1, "a validation image appears");
     let gap = result["longestFrameGapMs"].as_f64().unwrap();

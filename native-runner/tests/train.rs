@@ -312,3 +312,35 @@ fn the_guide_sdxl_configuration_trains_the_tiny_sdxl_model() {
     assert!(!wrong.status.success());
     assert!(stderr(&wrong).contains("model_family is sd1x but the model is Sdxl"), "{}", stderr(&wrong));
 }
+
+#[test]
+fn an_sdxl_full_fine_tune_exports_a_folder_and_an_sgm_single_file_that_sample_alike() {
+    let dir = run_folder("full-sdxl", "MAX_NUM_STEPS=2\nLEARNING_RATE=1e-3\nREGULARISATION_MODE=mixed\n");
+    let sd1 = repo().join("trainer-core/tests/fixtures/models/sd1/diffusers");
+    let model = repo().join("trainer-core/tests/fixtures/models/sdxl/diffusers");
+    let config = std::fs::read_to_string(dir.join("config.env"))
+        .unwrap()
+        .replace("MODEL_TYPE=lora", "MODEL_TYPE=full")
+        .replace("MODEL_FAMILY=sd1x", "MODEL_FAMILY=sdxl")
+        .replace(sd1.to_str().unwrap(), model.to_str().unwrap());
+    std::fs::write(dir.join("config.env"), config).unwrap();
+    let output = runner(&["train", "--config", "config.env", "--device", "cpu", "--output-name", "tuned"], &dir);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let folder = dir.join("output/tuned");
+    for file in ["model_index.json", "text_encoder_2/model.safetensors", "text_encoder_2/config.json", "tokenizer_2/vocab.json", "unet/diffusion_pytorch_model.safetensors"] {
+        assert!(folder.join(file).is_file(), "{file} missing from the exported folder");
+    }
+    let single = dir.join("output/tuned.safetensors");
+    let sample = |model_arg: &str, extra: &[&str], out: &str| {
+        let mut args = vec!["sample", "--model", model_arg, "--prompt", "a photograph of zwxrobot", "--steps", "3", "--width", "32", "--height", "32", "--device", "cpu", "--seed", "7", "--out", out];
+        args.extend_from_slice(extra);
+        let output = runner(&args, &dir);
+        assert!(output.status.success(), "sample {model_arg}: {}", stderr(&output));
+        image::open(dir.join(out)).unwrap().to_rgb8().into_raw()
+    };
+    let from_folder = sample(folder.to_str().unwrap(), &[], "folder.png");
+    let from_single = sample(single.to_str().unwrap(), &["--config-from", model.to_str().unwrap()], "single.png");
+    let base = sample(model.to_str().unwrap(), &[], "base.png");
+    assert_eq!(from_folder, from_single, "the SGM single file differs from the diffusers folder");
+    assert_ne!(from_folder, base, "the exported model is the trained one, not the base");
+}

@@ -7,6 +7,7 @@
 // checks what this writes to OUT_DIR against the native runner.
 //   APP_URL   the served app
 //   MODEL_DIR the diffusers folder to pick
+//   SDXL_MODEL_DIR (optional) an SDXL folder to pick first, to check the page's summary
 //   WORK_DIR  holds the configs (CONFIGS, comma-separated names) and the dataset folders
 //   OUT_DIR   where plan.json, the LoRA, log.txt and screenshots go
 //   TRAIN_TIMEOUT_S how long training may take
@@ -65,7 +66,16 @@ try {
   if (!(await page.locator('#gpu-status.ok').count())) await fail(`no WebGPU: ${gpu}`);
   await screenshot('start');
 
+  // An SDXL folder first: the page names the family and says whether the adapter can hold it.
+  let sdxlModel = null;
+  if (process.env.SDXL_MODEL_DIR) {
+    await page.setInputFiles('#model-folder', process.env.SDXL_MODEL_DIR);
+    await page.waitForFunction(() => (document.querySelector('#model-info')?.textContent || '').includes('Stable Diffusion XL'), null, { timeout: 60_000 });
+    sdxlModel = `${await page.locator('#model-info').textContent()} / ${await page.locator('#model-fit').textContent()}`;
+    say(`SDXL model: ${sdxlModel}`);
+  }
   await page.setInputFiles('#model-folder', modelDir);
+  await page.waitForFunction(() => (document.querySelector('#model-info')?.textContent || '').includes('Stable Diffusion 1'), null, { timeout: 60_000 });
   await page.waitForSelector('#model-fit', { timeout: 60_000 });
   const fit = await page.locator('#model-fit').textContent();
   say(`model: ${await page.locator('#model-info').textContent()} / ${fit}`);
@@ -203,7 +213,7 @@ try {
   say(`self-test without it: ${JSON.stringify(withoutShim)}`);
   await bare.close();
 
-  fs.writeFileSync(path.join(outDir, 'result.json'), JSON.stringify({ resumeLog, resumedLosses, tokens, regPlan, trainSeconds, chartPoints, losses, galleryImages, longestFrameGapMs: longestGap, saved, stats, gpu, selfTestWithShim: withShim, selfTestWithoutShim: withoutShim }, null, 2));
+  fs.writeFileSync(path.join(outDir, 'result.json'), JSON.stringify({ sdxlModel, resumeLog, resumedLosses, tokens, regPlan, trainSeconds, chartPoints, losses, galleryImages, longestFrameGapMs: longestGap, saved, stats, gpu, selfTestWithShim: withShim, selfTestWithoutShim: withoutShim }, null, 2));
   fs.writeFileSync(path.join(outDir, 'console.txt'), consoleLines.join('\n'));
   await browser.close();
   say('done');

@@ -176,8 +176,9 @@ fn single_file_loads_the_same_model_as_the_folder() {
 }
 
 /// Writing a loaded model back as a single file gives the source file's
-/// tensors under the source's names, bit for bit (both f32): SD 1.x's CLIP
-/// and SD 2.x's OpenCLIP with q/k/v packed into `in_proj`. SD 2.x files keep
+/// tensors under the source's names, bit for bit (both f32): SD 1.x's CLIP,
+/// SD 2.x's OpenCLIP with q/k/v packed into `in_proj`, SDXL's two encoders
+/// (the second's projection transposed back). SD 2.x files keep
 /// an unused last text block, `text_projection` and `logit_scale`, which the
 /// model never loads, so the export leaves them out.
 #[test]
@@ -185,17 +186,17 @@ fn single_file_export_writes_back_the_source_tensors() {
     use trainer_core::train::full_export::single_file_checkpoint;
     use trainer_core::train::tensor_file;
     let device = Device::flex();
-    for family in ["sd1", "sd2"] {
+    for family in ["sd1", "sd2", "sdxl"] {
         let source = SafetensorsFile::open(fixture(family).join("single_file.safetensors").to_str().unwrap()).unwrap();
         let model = load_single(family, &device);
         let exported = tensor_file::read("export", trainer_core::block_on(single_file_checkpoint(&model)).unwrap()).unwrap();
         let layers = model.configs.text.num_hidden_layers;
-        let not_loaded = |name: &str| {
-            name.ends_with("position_ids")
-                || name.ends_with("text_projection")
-                || name.ends_with("logit_scale")
-                || name.contains(&format!("transformer.resblocks.{layers}."))
+        // SD 2.x only: the unused last block, projection and logit scale.
+        let sd2_unused = |name: &str| {
+            name.starts_with("cond_stage_model.model.")
+                && (name.ends_with("text_projection") || name.ends_with("logit_scale") || name.contains(&format!("transformer.resblocks.{layers}.")))
         };
+        let not_loaded = |name: &str| name.ends_with("position_ids") || sd2_unused(name);
         let mut expected: Vec<String> = source.names().filter(|n| !not_loaded(n)).map(str::to_string).collect();
         expected.sort();
         let written: Vec<String> = exported.keys().cloned().collect();

@@ -1,7 +1,7 @@
 //! Full fine-tune exports: the model's weights under the names they were
 //! loaded from (the loader records each parameter's checkpoint name), as a
 //! diffusers folder's weight files and as one A1111/ComfyUI single-file
-//! checkpoint (SD 1.x).
+//! checkpoint (SD 1.x, 2.x and SDXL).
 
 use std::collections::BTreeMap;
 
@@ -72,6 +72,15 @@ pub async fn write_diffusers_folder(
     let text: BTreeMap<String, HostTensor> =
         named_tensors(&model.text_encoder, &model.names.text_encoder, "text encoder").await?.into_iter().map(|(n, t)| (format!("text_model.{n}"), t)).collect();
     storage.write(&join(dir, "text_encoder/model.safetensors"), &tensor_file::write(&text, &pt_metadata())?)?;
+    if let Some(encoder) = &model.text_encoder_2 {
+        // transformers keeps the projection outside `text_model.`.
+        let text: BTreeMap<String, HostTensor> = named_tensors(encoder, &model.names.text_encoder_2, "text encoder 2")
+            .await?
+            .into_iter()
+            .map(|(n, t)| (if n.starts_with("text_projection") { n } else { format!("text_model.{n}") }, t))
+            .collect();
+        storage.write(&join(dir, "text_encoder_2/model.safetensors"), &tensor_file::write(&text, &pt_metadata())?)?;
+    }
     let texts: BTreeMap<String, String> = match configs {
         Some(configs) => configs.clone(),
         None => standard_files(model.family),
@@ -84,12 +93,25 @@ pub async fn write_diffusers_folder(
 
 /// The published configs of a family, as a diffusers folder holds them.
 fn standard_files(family: Family) -> BTreeMap<String, String> {
-    let (unet, text, scheduler, pad) = match family {
-        Family::Sd1 => (standard::SD15_UNET, standard::CLIP_L, standard::SD15_SCHEDULER, tokenizer::END_OF_TEXT),
-        Family::Sd2 => (standard::SD21_UNET, standard::OPENCLIP_H, standard::SD21_SCHEDULER, "!"),
-        Family::Sdxl => unreachable!("SDXL full fine-tunes (the only users of these files) are refused by Session::new"),
+    let (unet, vae, text, scheduler, pad) = match family {
+        Family::Sd1 => (standard::SD15_UNET, standard::SD_VAE, standard::CLIP_L, standard::SD15_SCHEDULER, tokenizer::END_OF_TEXT),
+        Family::Sd2 => (standard::SD21_UNET, standard::SD_VAE, standard::OPENCLIP_H, standard::SD21_SCHEDULER, "!"),
+        Family::Sdxl => (standard::SDXL_UNET, standard::SDXL_VAE, standard::CLIP_L, standard::SDXL_SCHEDULER, tokenizer::END_OF_TEXT),
     };
-    let index = r#"{
+    let index = match family {
+        Family::Sdxl => r#"{
+  "_class_name": "StableDiffusionXLPipeline",
+  "force_zeros_for_empty_prompt": true,
+  "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+  "text_encoder": ["transformers", "CLIPTextModel"],
+  "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+  "tokenizer": ["transformers", "CLIPTokenizer"],
+  "tokenizer_2": ["transformers", "CLIPTokenizer"],
+  "unet": ["diffusers", "UNet2DConditionModel"],
+  "vae": ["diffusers", "AutoencoderKL"]
+}
+"#,
+        _ => r#"{
   "_class_name": "StableDiffusionPipeline",
   "feature_extractor": [null, null],
   "requires_safety_checker": false,
@@ -100,31 +122,41 @@ fn standard_files(family: Family) -> BTreeMap<String, String> {
   "unet": ["diffusers", "UNet2DConditionModel"],
   "vae": ["diffusers", "AutoencoderKL"]
 }
-"#;
-    let tokenizer_config = format!(
-        r#"{{"model_max_length": 77, "bos_token": "{}", "eos_token": "{}", "pad_token": "{pad}", "unk_token": "{}", "tokenizer_class": "CLIPTokenizer"}}"#,
-        tokenizer::START_OF_TEXT,
-        tokenizer::END_OF_TEXT,
-        tokenizer::END_OF_TEXT
-    );
-    BTreeMap::from([
+"#,
+    };
+    let tokenizer_config = |pad: &str| {
+        format!(
+            r#"{{"model_max_length": 77, "bos_token": "{}", "eos_token": "{}", "pad_token": "{pad}", "unk_token": "{}", "tokenizer_class": "CLIPTokenizer"}}"#,
+            tokenizer::START_OF_TEXT,
+            tokenizer::END_OF_TEXT,
+            tokenizer::END_OF_TEXT
+        )
+    };
+    let mut files = BTreeMap::from([
         ("model_index.json".to_string(), index.to_string()),
         ("unet/config.json".to_string(), unet.to_string()),
-        ("vae/config.json".to_string(), standard::SD_VAE.to_string()),
+        ("vae/config.json".to_string(), vae.to_string()),
         ("text_encoder/config.json".to_string(), text.to_string()),
         ("scheduler/scheduler_config.json".to_string(), scheduler.to_string()),
         ("tokenizer/vocab.json".to_string(), tokenizer::STANDARD_VOCAB.to_string()),
         ("tokenizer/merges.txt".to_string(), tokenizer::STANDARD_MERGES.to_string()),
-        ("tokenizer/tokenizer_config.json".to_string(), tokenizer_config),
-    ])
+        ("tokenizer/tokenizer_config.json".to_string(), tokenizer_config(pad)),
+    ]);
+    if family == Family::Sdxl {
+        files.insert("text_encoder_2/config.json".to_string(), standard::OPENCLIP_BIGG.to_string());
+        files.insert("tokenizer_2/vocab.json".to_string(), tokenizer::STANDARD_VOCAB.to_string());
+        files.insert("tokenizer_2/merges.txt".to_string(), tokenizer::STANDARD_MERGES.to_string());
+        files.insert("tokenizer_2/tokenizer_config.json".to_string(), tokenizer_config("!"));
+    }
+    files
 }
 
-/// One single-file checkpoint (LDM names, as A1111/Forge and ComfyUI load
-/// SD 1.x and 2.x), f32. SD 2.x's text encoder is written in OpenCLIP's
-/// layout (q/k/v packed into `in_proj`). Its unused last block,
-/// `text_projection` and `logit_scale` are not written: the model never held
-/// them (diffusers drops them on load), and every loader uses the penultimate
-/// layer.
+/// One single-file checkpoint (LDM/SGM names, as A1111/Forge and ComfyUI
+/// load them), f32. OpenCLIP text encoders (SD 2.x's, SDXL's second) are
+/// written in OpenCLIP's layout (q/k/v packed into `in_proj`, SDXL's
+/// projection transposed). SD 2.x's unused last block, `text_projection`
+/// and `logit_scale` are not written: the model never held them (diffusers
+/// drops them on load), and every loader uses the penultimate layer.
 pub async fn single_file_checkpoint(model: &StableDiffusion) -> Result<Vec<u8>> {
     let mut all = BTreeMap::new();
     for (name, tensor) in named_tensors(&model.unet.without_lora(), &model.names.unet, "UNet").await? {
@@ -147,27 +179,40 @@ pub async fn single_file_checkpoint(model: &StableDiffusion) -> Result<Vec<u8>> 
             "stable-diffusion-v1"
         }
         Family::Sd2 => {
-            all.extend(pack_openclip(text, model.configs.text.num_hidden_layers)?);
+            all.extend(pack_openclip(text, single_file::OPENCLIP_PREFIX, model.configs.text.num_hidden_layers, false)?);
             "stable-diffusion-v2"
         }
-        Family::Sdxl => unreachable!("SDXL full fine-tunes are refused by Session::new"),
+        Family::Sdxl => {
+            for (name, tensor) in text {
+                all.insert(single_file::clip_text_name(single_file::SDXL_TEXT_PREFIX, &name, true), tensor);
+            }
+            let (Some(encoder), Some(config)) = (&model.text_encoder_2, &model.configs.text_2) else {
+                return Err(Error::Training { step: 0, message: "an SDXL model without its second text encoder".into() });
+            };
+            let text_2 = named_tensors(encoder, &model.names.text_encoder_2, "text encoder 2").await?;
+            all.extend(pack_openclip(text_2, single_file::SDXL_OPENCLIP_PREFIX, config.num_hidden_layers, true)?);
+            "stable-diffusion-xl-v1-base"
+        }
     };
     let metadata = BTreeMap::from([("modelspec.architecture".to_string(), architecture.to_string()), ("burnbooth.export".to_string(), "full fine-tune".to_string())]);
     tensor_file::write(&all, &metadata)
 }
 
-/// Text-encoder tensors under transformers' names to OpenCLIP's
-/// (`cond_stage_model.model.`): q, k and v concatenated into `in_proj`.
-fn pack_openclip(text: BTreeMap<String, HostTensor>, layers: usize) -> Result<BTreeMap<String, HostTensor>> {
-    let names = single_file::openclip_names(single_file::OPENCLIP_PREFIX, layers, false);
+/// Text-encoder tensors under transformers' names to OpenCLIP's under
+/// `prefix`: q, k and v concatenated into `in_proj`, the projection transposed.
+fn pack_openclip(text: BTreeMap<String, HostTensor>, prefix: &str, layers: usize, with_projection: bool) -> Result<BTreeMap<String, HostTensor>> {
+    let names = single_file::openclip_names(prefix, layers, with_projection);
     let mut out = BTreeMap::new();
     let mut thirds: BTreeMap<String, [Option<HostTensor>; 3]> = BTreeMap::new();
     for (name, tensor) in text {
-        let Some((file_name, third, _)) = names.get(&name) else {
+        let Some((file_name, third, transposed)) = names.get(&name) else {
             return Err(Error::Training { step: 0, message: format!("text-encoder tensor '{name}' has no OpenCLIP name") });
         };
         match third {
             Some(third) => thirds.entry(file_name.clone()).or_default()[*third] = Some(tensor),
+            None if *transposed => {
+                out.insert(file_name.clone(), transpose(tensor));
+            }
             None => {
                 out.insert(file_name.clone(), tensor);
             }
@@ -182,4 +227,16 @@ fn pack_openclip(text: BTreeMap<String, HostTensor>, layers: usize) -> Result<BT
         out.insert(file_name, HostTensor { shape, values: [q.values, k.values, v.values].concat() });
     }
     Ok(out)
+}
+
+/// A 2-D host tensor transposed.
+fn transpose(tensor: HostTensor) -> HostTensor {
+    let (rows, cols) = (tensor.shape[0], tensor.shape[1]);
+    let mut values = vec![0.0; tensor.values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            values[c * rows + r] = tensor.values[r * cols + c];
+        }
+    }
+    HostTensor { shape: vec![cols, rows], values }
 }

@@ -162,12 +162,6 @@ impl<'a> Session<'a> {
                 )],
             });
         }
-        if model.family == Family::Sdxl && config.model_type == ModelType::Full {
-            return Err(Error::Config {
-                source_name: config.source_name.clone(),
-                problems: vec!["SDXL trains LoRA adapters so far: full fine-tunes are not built for SDXL yet".into()],
-            });
-        }
         if config.regularisation_mode == RegularisationMode::ParentPrediction && config.model_type == ModelType::Full
             && plan.datasets.iter().any(|d| d.is_regularisation_data)
         {

@@ -238,19 +238,22 @@ fn a_full_fine_tune_exports_a_diffusers_folder_and_a_single_file_that_sample_ali
     let single = dir.join("output/tuned.safetensors");
     assert!(single.is_file());
 
-    // The folder and the single file hold the same trained weights under
-    // their two naming schemes: both sample the same image, unlike the base model.
-    let model = repo().join("trainer-core/tests/fixtures/models/sd1/diffusers");
+    assert_exports_sample_alike(&dir, &folder, &single, &repo().join("trainer-core/tests/fixtures/models/sd1/diffusers"));
+}
+
+/// The exported folder and single file hold the same trained weights under
+/// their two naming schemes: both sample the same image, unlike the base model.
+fn assert_exports_sample_alike(dir: &Path, folder: &Path, single: &Path, base_model: &Path) {
     let sample = |model_arg: &str, extra: &[&str], out: &str| {
         let mut args = vec!["sample", "--model", model_arg, "--prompt", "a photograph of zwxrobot", "--steps", "3", "--width", "32", "--height", "32", "--device", "cpu", "--seed", "7", "--out", out];
         args.extend_from_slice(extra);
-        let output = runner(&args, &dir);
+        let output = runner(&args, dir);
         assert!(output.status.success(), "sample {model_arg}: {}", stderr(&output));
         image::open(dir.join(out)).unwrap().to_rgb8().into_raw()
     };
     let from_folder = sample(folder.to_str().unwrap(), &[], "folder.png");
-    let from_single = sample(single.to_str().unwrap(), &["--config-from", model.to_str().unwrap()], "single.png");
-    let base = sample(model.to_str().unwrap(), &[], "base.png");
+    let from_single = sample(single.to_str().unwrap(), &["--config-from", base_model.to_str().unwrap()], "single.png");
+    let base = sample(base_model.to_str().unwrap(), &[], "base.png");
     assert_eq!(from_folder, from_single, "the single-file checkpoint differs from the diffusers folder");
     assert_ne!(from_folder, base, "the exported model is the trained one, not the base");
 }
@@ -330,17 +333,5 @@ fn an_sdxl_full_fine_tune_exports_a_folder_and_an_sgm_single_file_that_sample_al
     for file in ["model_index.json", "text_encoder_2/model.safetensors", "text_encoder_2/config.json", "tokenizer_2/vocab.json", "unet/diffusion_pytorch_model.safetensors"] {
         assert!(folder.join(file).is_file(), "{file} missing from the exported folder");
     }
-    let single = dir.join("output/tuned.safetensors");
-    let sample = |model_arg: &str, extra: &[&str], out: &str| {
-        let mut args = vec!["sample", "--model", model_arg, "--prompt", "a photograph of zwxrobot", "--steps", "3", "--width", "32", "--height", "32", "--device", "cpu", "--seed", "7", "--out", out];
-        args.extend_from_slice(extra);
-        let output = runner(&args, &dir);
-        assert!(output.status.success(), "sample {model_arg}: {}", stderr(&output));
-        image::open(dir.join(out)).unwrap().to_rgb8().into_raw()
-    };
-    let from_folder = sample(folder.to_str().unwrap(), &[], "folder.png");
-    let from_single = sample(single.to_str().unwrap(), &["--config-from", model.to_str().unwrap()], "single.png");
-    let base = sample(model.to_str().unwrap(), &[], "base.png");
-    assert_eq!(from_folder, from_single, "the SGM single file differs from the diffusers folder");
-    assert_ne!(from_folder, base, "the exported model is the trained one, not the base");
+    assert_exports_sample_alike(&dir, &folder, &dir.join("output/tuned.safetensors"), &model);
 }

@@ -170,8 +170,14 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
     let resume_log = result["resumeLog"].as_str().unwrap();
     assert!(resume_log.contains("resumed from output/browser/checkpoints/checkpoint-00000003 at step 3"), "{resume_log}");
     assert!(resume_log.contains("0 latent(s) and 0 text embedding(s) computed"), "caches must come from OPFS: {resume_log}");
+    // Pause holds the run still, Stop saves a checkpoint, and Train goes on from it.
+    let paused_at = result["pausedAt"].as_u64().unwrap();
+    assert!((4..6).contains(&paused_at), "paused after step 4 or 5, not at the end: {paused_at}");
+    assert_eq!(result["pausedStill"], true, "no step while paused");
+    assert_eq!(result["stopped"].as_str().unwrap(), format!("stopped at step {paused_at}; Train continues from there"));
+    assert!(resume_log.contains(&format!("resumed from output/browser/checkpoints/checkpoint-{paused_at:08} at step {paused_at}")), "{resume_log}");
     let resumed: Vec<u64> = result["resumedLosses"].as_array().unwrap().iter().map(|p| p[0].as_u64().unwrap()).collect();
-    assert_eq!(resumed, [1, 2, 3, 4]);
+    assert_eq!(resumed, [1, 2, 3, 4, 5, 6]);
     let tokens = result["tokens"].as_str().unwrap();
     assert!(tokens.contains("sks") && tokens.contains("rifle"), "the rare-token finder in the page: {tokens}");
     let reg_plan = result["regPlan"].as_str().unwrap();

@@ -181,16 +181,36 @@ try {
     await page.setInputFiles(`.dataset[data-dataset="${id}"] input[type=file]`, path.join(workDir, entry.instance_data_dir));
     await page.waitForFunction((id) => document.querySelector(`.dataset[data-dataset="${id}"] .count`)?.textContent.includes('picked'), id, { timeout: 30_000 });
   }
-  await page.fill('input[data-key="MAX_NUM_STEPS"]', '4');
+  await page.fill('input[data-key="MAX_NUM_STEPS"]', '6');
   await page.locator('input[data-key="MAX_NUM_STEPS"]').dispatchEvent('change');
   const resumeStarted = Date.now();
+  const phaseNow = async () => (await page.locator('#phase').textContent({ timeout: 900_000 })) || '';
+  const points = async () => Number(await page.locator('#loss-chart').getAttribute('data-points'));
+  // Waits until `done(phase)`; fails on an error or after the training timeout.
+  const waitPhase = async (what, done) => {
+    for (;;) {
+      await page.waitForTimeout(1000);
+      if (await errorText()) await fail(`${what}: ${await errorText()}`);
+      const phase = await phaseNow();
+      if (await done(phase)) return phase;
+      if (Date.now() - resumeStarted > trainTimeout) await fail(`${what}: timed out (phase: ${phase})`);
+    }
+  };
   await page.click('#train');
-  for (;;) {
-    await page.waitForTimeout(2000);
-    if (await errorText()) await fail(`resumed training: ${await errorText()}`);
-    if ((await page.locator('#phase').textContent({ timeout: 900_000 })) === 'finished') break;
-    if (Date.now() - resumeStarted > trainTimeout) await fail('resumed training did not finish');
-  }
+  // Pause once step 4 is on the chart: the step under way finishes, then nothing moves.
+  await waitPhase('resumed training', async () => (await points()) >= 4);
+  await page.click('#pause');
+  await waitPhase('pausing', (phase) => phase === 'paused');
+  const pausedAt = await points();
+  await page.waitForTimeout(5000);
+  const pausedStill = (await points()) === pausedAt && (await phaseNow()) === 'paused';
+  await screenshot('paused');
+  // Stop saves a checkpoint; Train continues from it to the end.
+  await page.click('#stop');
+  const stopped = await waitPhase('stopping', (phase) => phase.startsWith('stopped'));
+  say(`paused at step ${pausedAt} (still: ${pausedStill}); ${stopped}`);
+  await page.click('#train');
+  await waitPhase('training after stop', (phase) => phase === 'finished');
   const resumeLog = await page.locator('#log').textContent();
   const resumedLosses = JSON.parse(await page.locator('#loss-chart').getAttribute('data-losses'));
   say(`resumed: ${resumeLog.split('\n').filter((l) => l.startsWith('resumed') || l.startsWith('caches')).join(' / ')}`);
@@ -213,7 +233,7 @@ try {
   say(`self-test without it: ${JSON.stringify(withoutShim)}`);
   await bare.close();
 
-  fs.writeFileSync(path.join(outDir, 'result.json'), JSON.stringify({ sdxlModel, resumeLog, resumedLosses, tokens, regPlan, trainSeconds, chartPoints, losses, galleryImages, longestFrameGapMs: longestGap, saved, stats, gpu, selfTestWithShim: withShim, selfTestWithoutShim: withoutShim }, null, 2));
+  fs.writeFileSync(path.join(outDir, 'result.json'), JSON.stringify({ sdxlModel, pausedAt, pausedStill, stopped, resumeLog, resumedLosses, tokens, regPlan, trainSeconds, chartPoints, losses, galleryImages, longestFrameGapMs: longestGap, saved, stats, gpu, selfTestWithShim: withShim, selfTestWithoutShim: withoutShim }, null, 2));
   fs.writeFileSync(path.join(outDir, 'console.txt'), consoleLines.join('\n'));
   await browser.close();
   say('done');

@@ -122,15 +122,21 @@ def perturb(module, seed):
     return round_to_f16(module)
 
 
+# Sizes every tiny family shares: three UNet levels, a two-level VAE.
+TINY_UNET = dict(block_out_channels=(8, 16, 16), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4)
+
+
+def tiny_vae(**extra):
+    return AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                         up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=4, layers_per_block=2,
+                         sample_size=16, **extra)
+
+
 def build(family):
     torch.manual_seed(0 if family == "sd1" else 1)
     sd2 = family == "sd2"
     unet = UNet2DConditionModel(
-        block_out_channels=(8, 16, 16),
-        layers_per_block=2,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
+        **TINY_UNET,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=8,
@@ -139,17 +145,7 @@ def build(family):
         use_linear_projection=sd2,
         upcast_attention=sd2,
     )
-    vae = AutoencoderKL(
-        block_out_channels=[8, 16],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=2,
-        sample_size=16,
-    )
+    vae = tiny_vae()
     text_config = CLIPTextConfig(
         bos_token_id=49406,
         eos_token_id=49407,
@@ -430,11 +426,7 @@ def build_sdxl():
     torch.manual_seed(2)
     # TE1 is 8 wide, TE2 12: the UNet's context is their 20-channel concatenation.
     unet = UNet2DConditionModel(
-        block_out_channels=(8, 16, 16),
-        layers_per_block=2,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
+        **TINY_UNET,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 1, 2),
@@ -446,11 +438,7 @@ def build_sdxl():
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=6 * 8 + 6,
     )
-    vae = AutoencoderKL(
-        block_out_channels=[8, 16], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=4, layers_per_block=2,
-        sample_size=16, scaling_factor=0.13025,
-    )
+    vae = tiny_vae(scaling_factor=0.13025)
     common = dict(bos_token_id=49406, eos_token_id=49407, layer_norm_eps=1e-5, vocab_size=49408, max_position_embeddings=77)
     text_encoder = CLIPTextModel(CLIPTextConfig(pad_token_id=49407, hidden_size=8, intermediate_size=16, num_attention_heads=2,
                                                 num_hidden_layers=3, hidden_act="quick_gelu", projection_dim=8, **common))

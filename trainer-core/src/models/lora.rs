@@ -205,8 +205,9 @@ pub fn kohya_unet_name(path: &str) -> String {
     format!("lora_unet_{}", path.replace('.', "_"))
 }
 
-/// The kohya name of a text-encoder module path
+/// The kohya name of a text-encoder module path under `prefix`: `lora_te_`
+/// for SD 1.x/2.x's one encoder, `lora_te1_`/`lora_te2_` for SDXL's two
 /// (`lora_te_text_model_encoder_layers_0_self_attn_q_proj`).
-pub fn kohya_text_name(path: &str) -> String {
-    format!("lora_te_{}", path.replace('.', "_"))
+pub fn kohya_text_name(prefix: &str, path: &str) -> String {
+    format!("{prefix}{}", path.replace('.', "_"))
 }

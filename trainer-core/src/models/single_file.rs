@@ -242,15 +242,20 @@ impl TensorSource for OpenClipView<'_> {
             return Ok(values[third * part..(third + 1) * part].to_vec());
         }
         if *transpose && shape.len() == 2 {
-            let (rows, cols) = (shape[0], shape[1]);
-            let mut out = vec![0.0; values.len()];
-            for r in 0..rows {
-                for c in 0..cols {
-                    out[c * rows + r] = values[r * cols + c];
-                }
-            }
-            return Ok(out);
+            return Ok(transposed(&values, shape[0], shape[1]));
         }
         Ok(values)
     }
+}
+
+/// The values of a `[rows, cols]` matrix, transposed (OpenCLIP stores
+/// `text_projection` as `[width, projection]`, transformers the reverse).
+pub fn transposed(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
 }

@@ -175,7 +175,7 @@ pub struct UNet2DConditionModel {
     pub flip_sin_to_cos: bool,
     #[module(skip)]
     pub freq_shift: f64,
-    /// Sinusoidal width of each SDXL time id (`addition_time_embed_dim`; 0 without).
+    /// Sinusoidal width of each SDXL time id (`addition_time_embed_dim`, diffusers' default 256).
     #[module(skip)]
     pub addition_time_embed_dim: usize,
 }

@@ -24,8 +24,8 @@ pub async fn kohya_tensors(model: &StableDiffusion) -> Result<BTreeMap<String, H
     // kohya: `lora_te_` for SD 1.x/2.x's one encoder, `lora_te1_`/`lora_te2_` for SDXL's two.
     let first_prefix = if model.text_encoder_2.is_some() { "lora_te1_" } else { "lora_te_" };
     let unet = model.unet.adapted_layers().into_iter().map(|l| (unet_lora_name(model, &l.path), l));
-    let text = model.text_encoder.adapted_layers().into_iter().map(|l| (format!("{first_prefix}{}", l.path.replace('.', "_")), l));
-    let text_2 = model.text_encoder_2.iter().flat_map(|e| e.adapted_layers()).map(|l| (format!("lora_te2_{}", l.path.replace('.', "_")), l));
+    let text = model.text_encoder.adapted_layers().into_iter().map(|l| (kohya_text_name(first_prefix, &l.path), l));
+    let text_2 = model.text_encoder_2.iter().flat_map(|e| e.adapted_layers()).map(|l| (kohya_text_name("lora_te2_", &l.path), l));
     for (name, layer) in unet.chain(text).chain(text_2) {
         let lora = layer.lora.as_ref().expect("adapted");
         let down = lora.down.val().without_autodiff().transpose();
@@ -123,14 +123,10 @@ pub fn merge_kohya(model: &mut StableDiffusion, path: &str, bytes: Vec<u8>, mult
         BTreeMap::new()
     };
     let unet = model.unet.lora_layers_mut().into_iter().map(|l| (kohya_unet_name(&l.path), &mut l.base));
-    let text = model.text_encoder.lora_layers_mut().into_iter().map(|l| (kohya_text_name(&l.path), &mut l.base));
-    let mut layers: BTreeMap<String, &mut Linear> = unet.chain(text).collect();
+    let text = model.text_encoder.lora_layers_mut().into_iter().map(|l| (kohya_text_name("lora_te_", &l.path), &mut l.base));
     // SDXL's second encoder: `lora_te2_text_model_encoder_layers_N_…`.
-    if let Some(encoder) = model.text_encoder_2.as_mut() {
-        for layer in encoder.lora_layers_mut() {
-            layers.insert(format!("lora_te2_{}", layer.path.replace('.', "_")), &mut layer.base);
-        }
-    }
+    let text_2 = model.text_encoder_2.iter_mut().flat_map(|e| e.lora_layers_mut()).map(|l| (kohya_text_name("lora_te2_", &l.path), &mut l.base));
+    let mut layers: BTreeMap<String, &mut Linear> = unet.chain(text).chain(text_2).collect();
 
     let mut merged = 0;
     for (name, module) in modules {

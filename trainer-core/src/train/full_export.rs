@@ -211,7 +211,8 @@ fn pack_openclip(text: BTreeMap<String, HostTensor>, prefix: &str, layers: usize
         match third {
             Some(third) => thirds.entry(file_name.clone()).or_default()[*third] = Some(tensor),
             None if *transposed => {
-                out.insert(file_name.clone(), transpose(tensor));
+                let (rows, cols) = (tensor.shape[0], tensor.shape[1]);
+                out.insert(file_name.clone(), HostTensor { shape: vec![cols, rows], values: single_file::transposed(&tensor.values, rows, cols) });
             }
             None => {
                 out.insert(file_name.clone(), tensor);
@@ -227,16 +228,4 @@ fn pack_openclip(text: BTreeMap<String, HostTensor>, prefix: &str, layers: usize
         out.insert(file_name, HostTensor { shape, values: [q.values, k.values, v.values].concat() });
     }
     Ok(out)
-}
-
-/// A 2-D host tensor transposed.
-fn transpose(tensor: HostTensor) -> HostTensor {
-    let (rows, cols) = (tensor.shape[0], tensor.shape[1]);
-    let mut values = vec![0.0; tensor.values.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            values[c * rows + r] = tensor.values[r * cols + c];
-        }
-    }
-    HostTensor { shape: vec![cols, rows], values }
 }

@@ -103,6 +103,15 @@ impl ModuleMapper for Updater<'_> {
     }
 }
 
+/// The visitors' starting path for a module whose tensors are named `prefix` + path.
+fn module_path(prefix: &str) -> Vec<String> {
+    if prefix.is_empty() {
+        Vec::new()
+    } else {
+        vec![prefix.trim_end_matches('.').to_string()]
+    }
+}
+
 impl AdamW {
     pub fn new(settings: AdamWSettings) -> Self {
         Self { settings, moments: BTreeMap::new(), steps: 0, accumulated: BTreeMap::new(), pending: BTreeMap::new() }
@@ -111,8 +120,7 @@ impl AdamW {
     /// Adds one micro-batch's gradients (scaled by `scale`, 1/accumulation)
     /// of `module`'s trainable parameters, named `prefix` + module path.
     pub fn accumulate<M: Module>(&mut self, module: &M, prefix: &str, grads: &mut Gradients, scale: f64) {
-        let path = if prefix.is_empty() { Vec::new() } else { vec![prefix.trim_end_matches('.').to_string()] };
-        let mut reader = GradientReader { path, grads, scale, out: Vec::new() };
+        let mut reader = GradientReader { path: module_path(prefix), grads, scale, out: Vec::new() };
         module.visit(&mut reader);
         for (path, grad) in reader.out {
             let sum = match self.accumulated.remove(&path) {
@@ -153,8 +161,7 @@ impl AdamW {
     pub fn apply<M: Module>(&mut self, module: M, prefix: &str, lr: f64, train_device: &Device) -> M {
         let grads = std::mem::take(&mut self.pending);
         let rounding_seed = self.steps;
-        let path = if prefix.is_empty() { Vec::new() } else { vec![prefix.trim_end_matches('.').to_string()] };
-        let mut updater = Updater { path, optimizer: self, grads, lr, rounding_seed, train_device };
+        let mut updater = Updater { path: module_path(prefix), optimizer: self, grads, lr, rounding_seed, train_device };
         let module = module.map(&mut updater);
         // What this module did not take belongs to the next module applied.
         self.pending = updater.grads;

@@ -98,6 +98,29 @@ const TEXT_ENCODER_2_PREFIX: &str = "text_encoder_2.";
 /// The text encoders: SDXL has two.
 type TextEncoders = (ClipTextModel, Option<ClipTextModel>);
 
+/// The model's text encoders, each with the prefix its tensors carry in
+/// checkpoints and optimizer state (none unless they train).
+fn trained_text_encoders(train: bool, model: &StableDiffusion) -> Vec<(&'static str, &ClipTextModel)> {
+    if !train {
+        return Vec::new();
+    }
+    let mut all = vec![(TEXT_ENCODER_PREFIX, &model.text_encoder)];
+    all.extend(model.text_encoder_2.as_ref().map(|e| (TEXT_ENCODER_2_PREFIX, e)));
+    all
+}
+
+/// Replaces each trained text encoder by `update(prefix, encoder)`.
+fn update_text_encoders(train: bool, model: &mut StableDiffusion, mut update: impl FnMut(&'static str, ClipTextModel) -> Result<ClipTextModel>) -> Result<()> {
+    if !train {
+        return Ok(());
+    }
+    model.text_encoder = update(TEXT_ENCODER_PREFIX, model.text_encoder.clone())?;
+    if let Some(encoder) = model.text_encoder_2.clone() {
+        model.text_encoder_2 = Some(update(TEXT_ENCODER_2_PREFIX, encoder)?);
+    }
+    Ok(())
+}
+
 /// What one batch feeds the UNet.
 struct BatchInputs {
     latents: Tensor<4>,
@@ -507,24 +530,17 @@ impl<'a> Session<'a> {
             loss_sum += value;
             let mut grads = loss.backward();
             self.optimizer.accumulate(&self.model.unet, "", &mut grads, 1.0 / accumulation as f64);
-            if self.config.train_text_encoder {
-                self.optimizer.accumulate(&self.model.text_encoder, TEXT_ENCODER_PREFIX, &mut grads, 1.0 / accumulation as f64);
-                if let Some(encoder) = &self.model.text_encoder_2 {
-                    self.optimizer.accumulate(encoder, TEXT_ENCODER_2_PREFIX, &mut grads, 1.0 / accumulation as f64);
-                }
+            for (prefix, encoder) in trained_text_encoders(self.config.train_text_encoder, &self.model) {
+                self.optimizer.accumulate(encoder, prefix, &mut grads, 1.0 / accumulation as f64);
             }
         }
         let lr = self.lr_schedule.at(self.step);
         let grad_norm = self.optimizer.begin_step();
         self.model.unet = self.optimizer.apply(self.model.unet.clone(), "", lr, &self.train_device);
-        if self.config.train_text_encoder {
-            // The schedule scales both rates alike (diffusers' parameter groups).
-            let text_lr = self.config.text_encoder_lr.map_or(lr, |rate| lr * rate / self.config.learning_rate);
-            self.model.text_encoder = self.optimizer.apply(self.model.text_encoder.clone(), TEXT_ENCODER_PREFIX, text_lr, &self.train_device);
-            if let Some(encoder) = self.model.text_encoder_2.clone() {
-                self.model.text_encoder_2 = Some(self.optimizer.apply(encoder, TEXT_ENCODER_2_PREFIX, text_lr, &self.train_device));
-            }
-        }
+        // The schedule scales both rates alike (diffusers' parameter groups).
+        let text_lr = self.config.text_encoder_lr.map_or(lr, |rate| lr * rate / self.config.learning_rate);
+        let (optimizer, train_device) = (&mut self.optimizer, &self.train_device);
+        update_text_encoders(self.config.train_text_encoder, &mut self.model, |prefix, encoder| Ok(optimizer.apply(encoder, prefix, text_lr, train_device)))?;
         let grad_norm = match grad_norm {
             Some(norm) => norm
                 .into_scalar_async::<f32>()
@@ -654,13 +670,9 @@ impl<'a> Session<'a> {
     /// `text_encoder.` and `text_encoder_2.`.
     async fn trainable_tensors(&self) -> Result<BTreeMap<String, HostTensor>> {
         let mut all = checkpoint::trainable_tensors(&self.model.unet).await?;
-        if self.config.train_text_encoder {
-            let encoders = [(TEXT_ENCODER_PREFIX, Some(&self.model.text_encoder)), (TEXT_ENCODER_2_PREFIX, self.model.text_encoder_2.as_ref())];
-            for (prefix, encoder) in encoders {
-                let Some(encoder) = encoder else { continue };
-                for (name, tensor) in checkpoint::trainable_tensors(encoder).await? {
-                    all.insert(format!("{prefix}{name}"), tensor);
-                }
+        for (prefix, encoder) in trained_text_encoders(self.config.train_text_encoder, &self.model) {
+            for (name, tensor) in checkpoint::trainable_tensors(encoder).await? {
+                all.insert(format!("{prefix}{name}"), tensor);
             }
         }
         Ok(all)
@@ -671,26 +683,26 @@ impl<'a> Session<'a> {
     pub fn resume(&mut self, which: &str) -> Result<String> {
         let path = checkpoint::resolve(self.storage, &self.config.output_dir, which)?;
         let saved = checkpoint::load(self.storage, &path)?;
-        let mut unet = saved.trainable.clone();
-        let mut take = |prefix: &str| -> BTreeMap<String, HostTensor> {
-            let names: Vec<String> = unet.keys().filter(|n| n.starts_with(prefix)).cloned().collect();
-            names.into_iter().map(|n| (n[prefix.len()..].to_string(), unet.remove(&n).expect("listed"))).collect()
-        };
-        let text = take(TEXT_ENCODER_PREFIX);
-        let text_2 = take(TEXT_ENCODER_2_PREFIX);
-        if !(text.is_empty() && text_2.is_empty()) && !self.config.train_text_encoder {
+        // The UNet's tensors, and the text encoders' by prefix.
+        let mut unet = BTreeMap::new();
+        let mut text: BTreeMap<&str, BTreeMap<String, HostTensor>> = BTreeMap::new();
+        for (name, tensor) in saved.trainable.clone() {
+            match [TEXT_ENCODER_PREFIX, TEXT_ENCODER_2_PREFIX].into_iter().find(|p| name.starts_with(p)) {
+                Some(prefix) => text.entry(prefix).or_default().insert(name[prefix.len()..].to_string(), tensor),
+                None => unet.insert(name, tensor),
+            };
+        }
+        if !text.is_empty() && !self.config.train_text_encoder {
             return Err(Error::Config {
                 source_name: path,
                 problems: vec!["this checkpoint trained the text encoder; set train_text_encoder to resume it".into()],
             });
         }
         self.model.unet = checkpoint::restore_trainable(self.model.unet.clone(), &unet, &self.train_device, &path)?;
-        if self.config.train_text_encoder {
-            self.model.text_encoder = checkpoint::restore_trainable(self.model.text_encoder.clone(), &text, &self.train_device, &path)?;
-            if let Some(encoder) = self.model.text_encoder_2.clone() {
-                self.model.text_encoder_2 = Some(checkpoint::restore_trainable(encoder, &text_2, &self.train_device, &path)?);
-            }
-        }
+        let train_device = &self.train_device;
+        update_text_encoders(self.config.train_text_encoder, &mut self.model, |prefix, encoder| {
+            checkpoint::restore_trainable(encoder, &text.remove(prefix).unwrap_or_default(), train_device, &path)
+        })?;
         self.optimizer.load_state(&saved.optimizer, saved.state.step, &self.device)?;
         self.main.sampler.restore(saved.state.sampler.clone());
         if let (Some(prior), Some(state)) = (self.prior.as_mut(), saved.state.prior_sampler.clone()) {

@@ -1,7 +1,6 @@
 """PyTorch side of bench-train: one LoRA step (forward, backward, AdamW) of the
 mid-size UNet of shared/spec/bench.md with diffusers + peft, CPU, 2 threads."""
 import argparse
-import resource
 import statistics
 import time
 
@@ -35,6 +34,9 @@ for step in range(args.steps + 1):
     optimizer.zero_grad()
     if step:
         times.append(time.perf_counter() - start)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM is this process's own high-water mark; ru_maxrss would carry over
+# the parent's (bench-train) peak, since Linux keeps it across execve.
+with open("/proc/self/status") as status:
+    peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 print(f"{'PyTorch (CPU)':>18}: LoRA step {statistics.median(times):.3f} s (median of {args.steps}), "
       f"{sum(p.numel() for p in params)} LoRA parameters, {peak:.0f} MiB peak RSS")

@@ -285,6 +285,38 @@ fn has_text_model_prefix(file: &dyn TensorSource, prefix: &str) -> bool {
     file.tensor_names().iter().any(|n| n.starts_with(&format!("{prefix}text_model.")))
 }
 
+/// One component read through its loader, with what the model keeps of it.
+struct Loaded<M> {
+    module: M,
+    fingerprint: String,
+    names: loader::ParamNames,
+}
+
+/// Loads one component with `load`, then checks that every tensor of the
+/// file was used (`unused_allowed` names may stay unread).
+fn load_component<M>(mut loader: Loader<'_>, what: &str, unused_allowed: &dyn Fn(&str) -> bool, load: impl FnOnce(&mut Loader<'_>) -> M) -> Result<Loaded<M>> {
+    let module = load(&mut loader);
+    let fingerprint = loader.fingerprint();
+    let names = std::mem::take(&mut loader.names);
+    loader.finish(what, unused_allowed)?;
+    Ok(Loaded { module, fingerprint, names })
+}
+
+/// A loader of one component's tensors from `source`, stored in `dtype`.
+fn component_loader<'a>(source: &'a dyn TensorSource, rename: loader::Rename<'a>, dtype: DType, device: &Device) -> Loader<'a> {
+    Loader::new(vec![source], rename, device.clone()).with_weight_dtype(dtype)
+}
+
+/// Names used as the file spells them.
+fn unchanged<'a>() -> loader::Rename<'a> {
+    Box::new(|name| name.to_string())
+}
+
+/// transformers' position ids are a buffer, not a weight.
+fn position_ids(name: &str) -> bool {
+    name.ends_with("position_ids")
+}
+
 impl StableDiffusion {
     /// Loads a diffusers folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
     pub fn from_folder(files: &dyn ModelFiles, device: &Device) -> Result<Self> {
@@ -300,42 +332,26 @@ impl StableDiffusion {
         let text_names = ["model.safetensors", "model.fp16.safetensors"];
 
         let unet_file = component_weights(files, "unet", &model_names)?;
-        let mut loader = Loader::new(vec![&unet_file], Box::new(|n| n.to_string()), device.clone()).with_weight_dtype(dtypes.unet);
-        let unet = UNet2DConditionModel::load(&configs.unet, &mut loader);
-        let mut fingerprints = Fingerprints { unet: loader.fingerprint(), ..Default::default() };
-        let mut names = ComponentNames { unet: std::mem::take(&mut loader.names), ..Default::default() };
-        loader.finish("UNet", &|_| false)?;
-
+        let unet = load_component(component_loader(&unet_file, unchanged(), dtypes.unet, device), "UNet", &|_| false, |l| UNet2DConditionModel::load(&configs.unet, l))?;
         let vae_file = component_weights(files, "vae", &model_names)?;
-        let mut loader = Loader::new(vec![&vae_file], Box::new(|n| n.to_string()), device.clone()).with_weight_dtype(dtypes.vae);
-        let vae = AutoencoderKl::load(&configs.vae, &mut loader);
-        fingerprints.vae = loader.fingerprint();
-        names.vae = std::mem::take(&mut loader.names);
-        loader.finish("VAE", &|_| false)?;
+        let vae = load_component(component_loader(&vae_file, unchanged(), dtypes.vae, device), "VAE", &|_| false, |l| AutoencoderKl::load(&configs.vae, l))?;
 
-        let text_file = component_weights(files, "text_encoder", &text_names)?;
-        // transformers 5 saves CLIPTextModel without the `text_model.` prefix.
-        let prefix = if has_text_model_prefix(&text_file, "") { "text_model." } else { "" };
-        let mut loader = Loader::new(vec![&text_file], Box::new(|n| n.to_string()), device.clone()).with_weight_dtype(dtypes.text_encoder);
-        let text_encoder = ClipTextModel::load(&configs.text, &mut loader, prefix, false);
-        fingerprints.text_encoder = loader.fingerprint();
-        names.text_encoder = text_names_without(std::mem::take(&mut loader.names), prefix);
-        loader.finish("text encoder", &|n| n.ends_with("position_ids"))?;
-
-        let (mut tokenizer_2, mut text_encoder_2) = (None, None);
+        // transformers 5 saves CLIPTextModel without the `text_model.` prefix;
+        // it keeps SDXL's text_projection outside text_model.
+        let text_encoder = |folder: &str, config: &ClipTextConfig, projection: bool, what: &str| -> Result<Loaded<ClipTextModel>> {
+            let file = component_weights(files, folder, &text_names)?;
+            let prefix = if has_text_model_prefix(&file, "") { "text_model." } else { "" };
+            let mut loaded = load_component(component_loader(&file, unchanged(), dtypes.text_encoder, device), what, &position_ids, |l| ClipTextModel::load(config, l, prefix, projection))?;
+            loaded.names = text_names_without(loaded.names, prefix);
+            Ok(loaded)
+        };
+        let text = text_encoder("text_encoder", &configs.text, false, "text encoder")?;
+        let (mut tokenizer_2, mut text_2) = (None, None);
         if let Some(config) = &configs.text_2 {
             tokenizer_2 = Some(tokenizer_from_folder(files, "tokenizer_2", &configs.pad_token_2)?);
-            let file = component_weights(files, "text_encoder_2", &text_names)?;
-            let prefix = if has_text_model_prefix(&file, "") { "text_model." } else { "" };
-            // transformers keeps text_projection outside text_model.
-            let mut loader = Loader::new(vec![&file], Box::new(|n| n.to_string()), device.clone()).with_weight_dtype(dtypes.text_encoder);
-            text_encoder_2 = Some(ClipTextModel::load(config, &mut loader, prefix, true));
-            fingerprints.text_encoder_2 = loader.fingerprint();
-            names.text_encoder_2 = text_names_without(std::mem::take(&mut loader.names), prefix);
-            loader.finish("text encoder 2", &|n| n.ends_with("position_ids"))?;
+            text_2 = Some(text_encoder("text_encoder_2", config, true, "text encoder 2")?);
         }
-
-        Ok(Self { family, configs, tokenizer, text_encoder, tokenizer_2, text_encoder_2, vae, unet, fingerprints, names })
+        Ok(Self::assemble(family, configs, (tokenizer, text), tokenizer_2.zip(text_2), vae, unet))
     }
 
     /// Loads a single-file checkpoint. `configs` come from a diffusers folder
@@ -349,62 +365,72 @@ impl StableDiffusion {
         let family = detect_family(file)?;
         let configs = configs.unwrap_or_else(|| ModelConfigs::standard(family));
         let tokenizer = ClipTokenizer::standard(&configs.pad_token)?;
+        // Each component ignores the others' tensors, known by their prefix.
+        let outside = |prefix: &'static str| move |n: &str| !n.starts_with(prefix);
 
         let unet_config = configs.unet.clone();
-        let mut loader = Loader::new(vec![file], Box::new(move |n| single_file::unet_name(n, &unet_config)), device.clone()).with_weight_dtype(dtypes.unet);
-        let unet = UNet2DConditionModel::load(&configs.unet, &mut loader);
-        let mut fingerprints = Fingerprints { unet: loader.fingerprint(), ..Default::default() };
-        let mut names = ComponentNames { unet: std::mem::take(&mut loader.names), ..Default::default() };
-        loader.finish("UNet", &|n| !n.starts_with(UNET_PREFIX))?;
-
+        let unet = load_component(component_loader(file, Box::new(move |n| single_file::unet_name(n, &unet_config)), dtypes.unet, device), "UNet", &outside(UNET_PREFIX), |l| {
+            UNet2DConditionModel::load(&configs.unet, l)
+        })?;
         let vae_config = configs.vae.clone();
-        let mut loader = Loader::new(vec![file], Box::new(move |n| single_file::vae_name(n, &vae_config)), device.clone()).with_weight_dtype(dtypes.vae);
-        let vae = AutoencoderKl::load(&configs.vae, &mut loader);
-        fingerprints.vae = loader.fingerprint();
-        names.vae = std::mem::take(&mut loader.names);
-        loader.finish("VAE", &|n| !n.starts_with(VAE_PREFIX))?;
+        let vae = load_component(component_loader(file, Box::new(move |n| single_file::vae_name(n, &vae_config)), dtypes.vae, device), "VAE", &outside(VAE_PREFIX), |l| {
+            AutoencoderKl::load(&configs.vae, l)
+        })?;
 
-        let text_encoder = match family {
+        let clip = |l: &mut Loader<'_>| ClipTextModel::load(&configs.text, l, "", false);
+        let text = match family {
             Family::Sd1 => {
                 let with_prefix = has_text_model_prefix(file, SD1_TEXT_PREFIX);
-                let mut loader = Loader::new(vec![file], Box::new(move |n| single_file::sd1_text_name(n, with_prefix)), device.clone()).with_weight_dtype(dtypes.text_encoder);
-                let model = ClipTextModel::load(&configs.text, &mut loader, "", false);
-                fingerprints.text_encoder = loader.fingerprint();
-                names.text_encoder = std::mem::take(&mut loader.names);
-                loader.finish("text encoder", &|n| !n.starts_with(SD1_TEXT_PREFIX) || n.ends_with("position_ids"))?;
-                model
+                let rename = Box::new(move |n: &str| single_file::sd1_text_name(n, with_prefix));
+                load_component(component_loader(file, rename, dtypes.text_encoder, device), "text encoder", &|n| outside(SD1_TEXT_PREFIX)(n) || position_ids(n), clip)?
             }
             Family::Sd2 => {
                 let view = OpenClipView::new(file, OPENCLIP_PREFIX, configs.text.num_hidden_layers, false);
-                let mut loader = Loader::new(vec![&view], Box::new(|n| n.to_string()), device.clone()).with_weight_dtype(dtypes.text_encoder);
-                let model = ClipTextModel::load(&configs.text, &mut loader, "", false);
-                fingerprints.text_encoder = loader.fingerprint();
-                names.text_encoder = std::mem::take(&mut loader.names);
-                loader.finish("text encoder", &|_| false)?;
-                model
+                load_component(component_loader(&view, unchanged(), dtypes.text_encoder, device), "text encoder", &|_| false, clip)?
             }
             Family::Sdxl => {
                 let with_prefix = has_text_model_prefix(file, SDXL_TEXT_PREFIX);
-                let rename = move |n: &str| single_file::clip_text_name(SDXL_TEXT_PREFIX, n, with_prefix);
-                let mut loader = Loader::new(vec![file], Box::new(rename), device.clone()).with_weight_dtype(dtypes.text_encoder);
-                let model = ClipTextModel::load(&configs.text, &mut loader, "", false);
-                fingerprints.text_encoder = loader.fingerprint();
-                names.text_encoder = std::mem::take(&mut loader.names);
-                loader.finish("text encoder", &|n| !n.starts_with(SDXL_TEXT_PREFIX) || n.ends_with("position_ids"))?;
-                model
+                let rename = Box::new(move |n: &str| single_file::clip_text_name(SDXL_TEXT_PREFIX, n, with_prefix));
+                load_component(component_loader(file, rename, dtypes.text_encoder, device), "text encoder", &|n| outside(SDXL_TEXT_PREFIX)(n) || position_ids(n), clip)?
             }
         };
-        let (mut tokenizer_2, mut text_encoder_2) = (None, None);
+        let mut second = None;
         if let (Family::Sdxl, Some(config)) = (family, &configs.text_2) {
-            tokenizer_2 = Some(ClipTokenizer::standard(&configs.pad_token_2)?);
             let view = OpenClipView::new(file, SDXL_OPENCLIP_PREFIX, config.num_hidden_layers, true);
-            let mut loader = Loader::new(vec![&view], Box::new(|n| n.to_string()), device.clone()).with_weight_dtype(dtypes.text_encoder);
-            text_encoder_2 = Some(ClipTextModel::load(config, &mut loader, "", true));
-            fingerprints.text_encoder_2 = loader.fingerprint();
-            names.text_encoder_2 = std::mem::take(&mut loader.names);
-            loader.finish("text encoder 2", &|_| false)?;
+            let text_2 = load_component(component_loader(&view, unchanged(), dtypes.text_encoder, device), "text encoder 2", &|_| false, |l| {
+                ClipTextModel::load(config, l, "", true)
+            })?;
+            second = Some((ClipTokenizer::standard(&configs.pad_token_2)?, text_2));
         }
-        Ok(Self { family, configs, tokenizer, text_encoder, tokenizer_2, text_encoder_2, vae, unet, fingerprints, names })
+        Ok(Self::assemble(family, configs, (tokenizer, text), second, vae, unet))
+    }
+
+    /// The model from its loaded components.
+    fn assemble(
+        family: Family,
+        configs: ModelConfigs,
+        (tokenizer, text): (ClipTokenizer, Loaded<ClipTextModel>),
+        second: Option<(ClipTokenizer, Loaded<ClipTextModel>)>,
+        vae: Loaded<AutoencoderKl>,
+        unet: Loaded<UNet2DConditionModel>,
+    ) -> Self {
+        let (tokenizer_2, text_2) = second.unzip();
+        let (text_encoder_2, text_2_fingerprint, text_2_names) = match text_2 {
+            Some(t) => (Some(t.module), t.fingerprint, t.names),
+            None => (None, String::new(), loader::ParamNames::default()),
+        };
+        Self {
+            family,
+            configs,
+            tokenizer,
+            fingerprints: Fingerprints { unet: unet.fingerprint, vae: vae.fingerprint, text_encoder: text.fingerprint, text_encoder_2: text_2_fingerprint },
+            names: ComponentNames { unet: unet.names, vae: vae.names, text_encoder: text.names, text_encoder_2: text_2_names },
+            text_encoder: text.module,
+            tokenizer_2,
+            text_encoder_2,
+            vae: vae.module,
+            unet: unet.module,
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use image::RgbImage;
 
 use crate::error::{Error, Result};
 use crate::models::unet::AddedConditions;
-use crate::models::StableDiffusion;
+use crate::models::{Family, StableDiffusion};
 use crate::rng::SeededRng;
 use crate::schedulers::{SamplerKind, Scheduler};
 
@@ -121,22 +121,20 @@ impl StableDiffusion {
             }
             None => gaussian_noise(shape, &mut rng, device),
         };
-        let conditioning = self.encode_conditioning(&[&request.negative_prompt, &request.prompt], device)?;
+        // SDXL (force_zeros_for_empty_prompt): an empty negative prompt
+        // conditions on zeros, so it is not encoded.
+        let zero_negative = self.family == Family::Sdxl && request.negative_prompt.is_empty();
+        let prompts = if zero_negative { vec![request.prompt.as_str()] } else { vec![request.negative_prompt.as_str(), request.prompt.as_str()] };
+        let conditioning = self.encode_conditioning(&prompts, device)?;
         let mut context = conditioning.context;
-        let mut added = None;
-        if let Some(mut pooled) = conditioning.pooled {
-            // SDXL (force_zeros_for_empty_prompt): an empty negative prompt conditions on zeros.
-            if request.negative_prompt.is_empty() {
-                let [_, length, width] = context.dims();
-                let zeros = Tensor::<3>::zeros([1, length, width], device);
-                context = Tensor::cat(vec![zeros, context.slice([1..2, 0..length, 0..width])], 0);
-                let pooled_width = pooled.dims()[1];
-                pooled = Tensor::cat(vec![Tensor::<2>::zeros([1, pooled_width], device), pooled.slice([1..2, 0..pooled_width])], 0);
-            }
-            // Original size, crop top-left, target size: a whole, uncropped image.
-            let (h, w) = (request.height as f32, request.width as f32);
-            added = Some(AddedConditions { pooled, time_ids: vec![[h, w, 0.0, 0.0, h, w]; 2] });
+        let mut pooled = conditioning.pooled;
+        if zero_negative {
+            context = Tensor::cat(vec![context.zeros_like(), context], 0);
+            pooled = pooled.map(|p| Tensor::cat(vec![p.zeros_like(), p], 0));
         }
+        // Original size, crop top-left, target size: a whole, uncropped image.
+        let (h, w) = (request.height as f32, request.width as f32);
+        let added = pooled.map(|pooled| AddedConditions { pooled, time_ids: vec![[h, w, 0.0, 0.0, h, w]; 2] });
         let mut scheduler = Scheduler::new(request.sampler, &self.configs.scheduler, request.steps)?;
         let mut latents = noise * scheduler.init_noise_sigma();
         let total = scheduler.timesteps.len();

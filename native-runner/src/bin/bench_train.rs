@@ -6,7 +6,13 @@
 //! and the process's peak resident memory. `--with-torch` runs
 //! scripts/bench_train_torch.py (diffusers + peft) on the same config.
 //!
-//! cargo run --release -p native-runner --bin bench-train -- [--steps 5] [--device cpu,cpu-gpu,gpu] [--with-torch]
+//! `--unet sd15` takes SD 1.5's UNet instead (860 M parameters, context
+//! 768), `--resolution` the image side in pixels (latents are 1/8 of it;
+//! default 256, 32x32 latents), `--checkpointing` turns on gradient
+//! checkpointing (burn's autodiff checkpointing; diffusers'
+//! enable_gradient_checkpointing on the PyTorch side).
+//!
+//! cargo run --release -p native-runner --bin bench-train -- [--steps 5] [--device cpu,cpu-gpu,gpu] [--unet mid|sd15] [--resolution 512] [--checkpointing] [--with-torch]
 
 use std::time::Instant;
 
@@ -28,9 +34,21 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-fn bench(name: &str, device: Device, steps: usize) {
-    let config: UNetConfig = serde_json::from_str(MID_SIZE_UNET).expect("valid config");
-    let train_device = device.clone().autodiff();
+/// What one run measures.
+struct Settings {
+    unet: &'static str,
+    latent_side: usize,
+    checkpointing: bool,
+    steps: usize,
+}
+
+fn bench(name: &str, device: Device, settings: &Settings) {
+    let steps = settings.steps;
+    let config: UNetConfig = serde_json::from_str(settings.unet).expect("valid config");
+    let mut train_device = device.clone().autodiff();
+    if settings.checkpointing {
+        train_device = train_device.gradient_checkpointing();
+    }
     let mut loader = Loader::random(1, train_device.clone());
     let mut unet = UNet2DConditionModel::load(&config, &mut loader);
     unet = burn::module::Module::no_grad(unet);
@@ -45,9 +63,10 @@ fn bench(name: &str, device: Device, steps: usize) {
     }
     let mut optimizer = AdamW::new(AdamWSettings { beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weight_decay: 1e-2, max_grad_norm: 1.0, bf16: false });
     let mut rng = SeededRng::new(2);
-    let latents = frozen_on(gaussian_noise([1, 4, 32, 32], &mut rng, &device), &train_device);
-    let context: Tensor<3> = frozen_on(gaussian_noise([1, 77, 256, 1], &mut rng, &device).reshape([1, 77, 256]), &train_device);
-    let target = frozen_on(gaussian_noise([1, 4, 32, 32], &mut rng, &device), &train_device);
+    let (side, width) = (settings.latent_side, config.cross_attention_dim.get(0));
+    let latents = frozen_on(gaussian_noise([1, 4, side, side], &mut rng, &device), &train_device);
+    let context: Tensor<3> = frozen_on(gaussian_noise([1, 77, width, 1], &mut rng, &device).reshape([1, 77, width]), &train_device);
+    let target = frozen_on(gaussian_noise([1, 4, side, side], &mut rng, &device), &train_device);
     let mut times = Vec::new();
     let mut first = 0.0;
     for step in 0..=steps {
@@ -79,11 +98,28 @@ fn main() {
     }
     let steps: usize = arg("--steps").and_then(|r| r.parse().ok()).unwrap_or(5);
     let devices_arg = arg("--device").unwrap_or_else(|| "cpu,cpu-gpu".into());
+    let unet_name = arg("--unet").unwrap_or_else(|| "mid".into());
+    let unet = match unet_name.as_str() {
+        "mid" => MID_SIZE_UNET,
+        "sd15" => trainer_core::models::standard::SD15_UNET,
+        other => {
+            eprintln!("--unet {other}: expected mid or sd15");
+            std::process::exit(2);
+        }
+    };
+    let resolution: usize = arg("--resolution").and_then(|r| r.parse().ok()).unwrap_or(256);
+    let checkpointing = std::env::args().any(|a| a == "--checkpointing");
+    let settings = Settings { unet, latent_side: resolution / 8, checkpointing, steps };
+    println!("UNet {unet_name}, {resolution} px (latents {0}x{0}), gradient checkpointing {checkpointing}", resolution / 8);
     for (label, device) in devices(&devices_arg) {
-        bench(label, device, steps);
+        bench(label, device, &settings);
     }
     if std::env::args().any(|a| a == "--with-torch") {
-        let status = std::process::Command::new("python3").args(["scripts/bench_train_torch.py", "--steps", &steps.to_string()]).status();
+        let mut torch_args = vec!["scripts/bench_train_torch.py".to_string(), "--steps".into(), steps.to_string(), "--unet".into(), unet_name, "--resolution".into(), resolution.to_string()];
+        if checkpointing {
+            torch_args.push("--checkpointing".into());
+        }
+        let status = std::process::Command::new("python3").args(&torch_args).status();
         if !matches!(status, Ok(s) if s.success()) {
             eprintln!("the PyTorch side failed (pip install torch diffusers peft)");
         }

@@ -69,17 +69,18 @@ pub async fn write_diffusers_folder(
     storage.write(&join(dir, "unet/diffusion_pytorch_model.safetensors"), &tensor_file::write(&unet, &pt_metadata())?)?;
     let vae = named_tensors(&model.vae, &model.names.vae, "VAE").await?;
     storage.write(&join(dir, "vae/diffusion_pytorch_model.safetensors"), &tensor_file::write(&vae, &pt_metadata())?)?;
-    let text: BTreeMap<String, HostTensor> =
-        named_tensors(&model.text_encoder, &model.names.text_encoder, "text encoder").await?.into_iter().map(|(n, t)| (format!("text_model.{n}"), t)).collect();
-    storage.write(&join(dir, "text_encoder/model.safetensors"), &tensor_file::write(&text, &pt_metadata())?)?;
+    let mut encoders = vec![("text_encoder", &model.text_encoder, &model.names.text_encoder, "text encoder")];
     if let Some(encoder) = &model.text_encoder_2 {
-        // transformers keeps the projection outside `text_model.`.
-        let text: BTreeMap<String, HostTensor> = named_tensors(encoder, &model.names.text_encoder_2, "text encoder 2")
+        encoders.push(("text_encoder_2", encoder, &model.names.text_encoder_2, "text encoder 2"));
+    }
+    for (folder, encoder, names, what) in encoders {
+        // transformers names everything under `text_model.` but SDXL's projection.
+        let text: BTreeMap<String, HostTensor> = named_tensors(encoder, names, what)
             .await?
             .into_iter()
             .map(|(n, t)| (if n.starts_with("text_projection") { n } else { format!("text_model.{n}") }, t))
             .collect();
-        storage.write(&join(dir, "text_encoder_2/model.safetensors"), &tensor_file::write(&text, &pt_metadata())?)?;
+        storage.write(&join(dir, &format!("{folder}/model.safetensors")), &tensor_file::write(&text, &pt_metadata())?)?;
     }
     let texts: BTreeMap<String, String> = match configs {
         Some(configs) => configs.clone(),

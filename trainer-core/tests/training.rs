@@ -296,6 +296,38 @@ fn caches_are_reused_and_invalidated_by_geometry() {
     assert_eq!(storage.paths().len(), entries + 5, "one subject and four class entries at the new size");
 }
 
+/// Gradient checkpointing (on by default) trains as one backward pass
+/// does: prior preservation (two UNet passes a step), LoRA dropout and the
+/// text encoder's adapters included.
+#[test]
+fn gradient_checkpointing_gives_the_losses_and_weights_of_one_backward_pass() {
+    let device = Device::flex();
+    let env = "MAX_NUM_STEPS=3\nLORA_DROPOUT=0.2\nREGULARISATION_MODE=prior_preservation\nTRAINER_EXTRA_ARGS=\"--train_text_encoder\"\n";
+    let run = |checkpointing: bool| {
+        let storage = MemoryStorage::default();
+        let setup = setup(&format!("{env}USE_GRADIENT_CHECKPOINTING={checkpointing}\n"), true);
+        assert_eq!(setup.training.gradient_checkpointing, checkpointing);
+        let mut run = session(&setup, &storage, &device, F32_TARGET);
+        let reports: Vec<(f32, f32)> = (0..3).map(|_| block_on(run.train_step()).map(|r| (r.loss, r.grad_norm)).unwrap()).collect();
+        let adapters: Vec<f32> = run.model.unet.adapted_layers().iter().chain(run.model.text_encoder.adapted_layers().iter())
+            .flat_map(|l| {
+                let lora = l.lora.as_ref().unwrap();
+                [lora.down.val(), lora.up.val()].map(|t| t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()).concat()
+            })
+            .collect();
+        (reports, adapters)
+    };
+    let (plain, plain_weights) = run(false);
+    let (staged, staged_weights) = run(true);
+    for (step, ((loss_a, norm_a), (loss_b, norm_b))) in plain.iter().zip(&staged).enumerate() {
+        assert!((loss_a - loss_b).abs() <= 1e-5 * loss_a.abs(), "step {}: loss {loss_a} vs {loss_b} with checkpointing", step + 1);
+        assert!((norm_a - norm_b).abs() <= 1e-4 * norm_a.abs(), "step {}: gradient norm {norm_a} vs {norm_b} with checkpointing", step + 1);
+    }
+    let scale = plain_weights.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let error = plain_weights.iter().zip(&staged_weights).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(error <= 1e-4 * scale, "adapter weights differ by {error} (largest {scale})");
+}
+
 #[test]
 fn a_diverging_loss_stops_training_with_a_message() {
     let device = Device::flex();

@@ -9,7 +9,7 @@
 //! `--unet sd15` takes SD 1.5's UNet instead (860 M parameters, context
 //! 768), `--resolution` the image side in pixels (latents are 1/8 of it;
 //! default 256, 32x32 latents), `--checkpointing` turns on gradient
-//! checkpointing (burn's autodiff checkpointing; diffusers'
+//! checkpointing (by stage, as `train` does it; diffusers'
 //! enable_gradient_checkpointing on the PyTorch side).
 //!
 //! cargo run --release -p native-runner --bin bench-train -- [--steps 5] [--device cpu,cpu-gpu,gpu] [--unet mid|sd15] [--resolution 512] [--checkpointing] [--with-torch]
@@ -24,6 +24,7 @@ use trainer_core::models::lora::LoraTargets;
 use trainer_core::models::unet::UNet2DConditionModel;
 use trainer_core::pipeline::gaussian_noise;
 use trainer_core::rng::SeededRng;
+use trainer_core::train::checkpointing::backward_in_stages;
 use trainer_core::train::optimizer::{frozen_on, AdamW, AdamWSettings};
 
 /// Peak resident set size of this process (Linux), in MiB.
@@ -45,10 +46,7 @@ struct Settings {
 fn bench(name: &str, device: Device, settings: &Settings) {
     let steps = settings.steps;
     let config: UNetConfig = serde_json::from_str(settings.unet).expect("valid config");
-    let mut train_device = device.clone().autodiff();
-    if settings.checkpointing {
-        train_device = train_device.gradient_checkpointing();
-    }
+    let train_device = device.clone().autodiff();
     let mut loader = Loader::random(1, train_device.clone());
     let mut unet = UNet2DConditionModel::load(&config, &mut loader);
     unet = burn::module::Module::no_grad(unet);
@@ -71,10 +69,15 @@ fn bench(name: &str, device: Device, settings: &Settings) {
     let mut first = 0.0;
     for step in 0..=steps {
         let start = Instant::now();
-        let prediction = unet.forward(latents.clone(), &[500.0], context.clone());
-        let loss = (prediction - target.clone()).square().mean();
-        let mut grads = loss.backward();
-        optimizer.accumulate(&unet, "", &mut grads, 1.0);
+        let loss_of = |prediction: Tensor<4>| (prediction - target.clone()).square().mean();
+        let loss = if settings.checkpointing {
+            let mut collect = |grads: &mut burn::tensor::Gradients| optimizer.accumulate(&unet, "", grads, 1.0);
+            backward_in_stages(&unet, latents.clone(), &[500.0], context.clone(), None, &train_device, &loss_of, &mut collect)
+        } else {
+            let loss = loss_of(unet.forward(latents.clone(), &[500.0], context.clone()));
+            optimizer.accumulate(&unet, "", &mut loss.backward(), 1.0);
+            loss
+        };
         let (next, _norm) = optimizer.step(unet, 1e-4, &train_device).expect("step");
         unet = next;
         let _ = loss.into_scalar::<f32>(); // waits for the device

@@ -48,9 +48,10 @@ impl LoraAdapter {
         self.alpha / self.rank() as f64
     }
 
-    fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+    /// `layer`: the adapted layer's path (names its dropout stream).
+    fn forward<const D: usize>(&self, x: Tensor<D>, layer: &str) -> Tensor<D> {
         let x = match &self.dropout {
-            Some(dropout) => dropout.apply(x),
+            Some(dropout) => dropout.apply(x, layer),
             None => x,
         };
         // bf16 adapters (adamw_bf16) compute in the activations' dtype.
@@ -68,7 +69,7 @@ impl LoraLinear {
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         match &self.lora {
-            Some(lora) => self.base.forward(x.clone()) + lora.forward(x),
+            Some(lora) => self.base.forward(x.clone()) + lora.forward(x, &self.path),
             None => self.base.forward(x),
         }
     }
@@ -152,9 +153,11 @@ impl LoraTargets {
     }
 }
 
-/// LoRA dropout masks from a seeded generator shared by every adapter of a
-/// model. The trainer reseeds it each step, so a resumed run draws the same
-/// masks, and the masks do not depend on the backend.
+/// LoRA dropout masks from seeded generators. Each mask is drawn from a
+/// stream named by the training step, micro-batch, forward pass and layer
+/// (path and shape), so a resumed run draws the same masks, the masks do
+/// not depend on the backend, and gradient checkpointing, which runs a
+/// stage's forward again, draws the mask the first run used.
 #[derive(Debug, Clone)]
 pub struct DropoutSource {
     state: Arc<Mutex<DropoutState>>,
@@ -163,20 +166,30 @@ pub struct DropoutSource {
 #[derive(Debug)]
 struct DropoutState {
     probability: f64,
-    rng: SeededRng,
+    /// `seed/step/micro-batch` of the current step.
+    stream: (u64, u64, u64),
+    /// Forward passes begun in this step ([`DropoutSource::begin_forward`]).
+    forward: u64,
     active: bool,
 }
 
 impl DropoutSource {
     pub fn new(probability: f64) -> Self {
-        Self { state: Arc::new(Mutex::new(DropoutState { probability, rng: SeededRng::new(0), active: false })) }
+        Self { state: Arc::new(Mutex::new(DropoutState { probability, stream: (0, 0, 0), forward: 0, active: false })) }
     }
 
-    /// Turns dropout on for a training step, with that step's stream.
+    /// Turns dropout on for a training step (or micro-batch).
     pub fn start_step(&self, seed: u64, step: u64, micro_batch: u64) {
         let mut state = self.state.lock().expect("dropout lock");
-        state.rng = SeededRng::derived(seed, &format!("lora-dropout/{step}/{micro_batch}"));
+        state.stream = (seed, step, micro_batch);
+        state.forward = 0;
         state.active = true;
+    }
+
+    /// Starts a new forward pass within the step: the next pass through
+    /// the same layers draws new masks.
+    pub fn begin_forward(&self) {
+        self.state.lock().expect("dropout lock").forward += 1;
     }
 
     /// Turns dropout off (validation, parent predictions).
@@ -184,17 +197,19 @@ impl DropoutSource {
         self.state.lock().expect("dropout lock").active = false;
     }
 
-    fn apply<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let mut state = self.state.lock().expect("dropout lock");
+    fn apply<const D: usize>(&self, x: Tensor<D>, layer: &str) -> Tensor<D> {
+        let state = self.state.lock().expect("dropout lock");
         if !state.active || state.probability <= 0.0 {
             return x;
         }
         let p = state.probability;
         let keep_scale = (1.0 / (1.0 - p)) as f32;
         let shape = x.dims();
-        let count: usize = shape.iter().product();
-        let mask: Vec<f32> = (0..count).map(|_| if state.rng.next_f64() < p { 0.0 } else { keep_scale }).collect();
+        let (seed, step, micro) = state.stream;
+        let mut rng = SeededRng::derived(seed, &format!("lora-dropout/{step}/{micro}/{}/{layer}/{shape:?}", state.forward));
         drop(state);
+        let count: usize = shape.iter().product();
+        let mask: Vec<f32> = (0..count).map(|_| if rng.next_f64() < p { 0.0 } else { keep_scale }).collect();
         let mask = Tensor::<D>::from_data(TensorData::new(mask, shape), &x.device());
         x * mask
     }

@@ -326,56 +326,119 @@ impl UNet2DConditionModel {
 
     /// [`forward`](Self::forward) with SDXL's added conditions.
     pub fn forward_with(&self, sample: Tensor<4>, timesteps: &[f32], context: Tensor<3>, added: Option<&AddedConditions>) -> Tensor<4> {
-        let device = sample.device();
-        let features = self.timestep_features(timesteps, &device);
-        let mut temb = self.time_embedding.linear_2.forward(silu(self.time_embedding.linear_1.forward(features)));
+        let temb = self.time_embedding_of(timesteps, added, &sample.device());
+        let mut x = sample;
+        let mut skips = Vec::new();
+        for step in self.stages() {
+            let skip = step.takes_skip.then(|| skips.pop().expect("one skip per up-block resnet"));
+            x = self.run_stage(step.stage, x, skip, &temb, &context);
+            if step.keeps_skip {
+                skips.push(x.clone());
+            }
+        }
+        x
+    }
+
+    /// The time embedding every resnet adds: the timesteps' sinusoidal
+    /// features through `time_embedding`, plus SDXL's added conditions.
+    pub fn time_embedding_of(&self, timesteps: &[f32], added: Option<&AddedConditions>, device: &burn::tensor::Device) -> Tensor<2> {
+        let features = self.timestep_features(timesteps, device);
+        let temb = self.time_embedding.linear_2.forward(silu(self.time_embedding.linear_1.forward(features)));
         match (&self.add_embedding, added) {
             (Some(embedding), Some(added)) => {
                 let batch = added.time_ids.len();
                 let ids: Vec<f32> = added.time_ids.iter().flatten().copied().collect();
-                let time = self.sinusoidal(&ids, self.addition_time_embed_dim, &device).reshape([batch, 6 * self.addition_time_embed_dim]);
+                let time = self.sinusoidal(&ids, self.addition_time_embed_dim, device).reshape([batch, 6 * self.addition_time_embed_dim]);
                 let time = super::layers::in_dtype(time, added.pooled.dtype());
                 let input = Tensor::cat(vec![added.pooled.clone(), time], 1);
-                temb = temb + embedding.linear_2.forward(silu(embedding.linear_1.forward(input)));
+                temb + embedding.linear_2.forward(silu(embedding.linear_1.forward(input)))
             }
             (Some(_), None) => panic!("this UNet (SDXL) needs the pooled text embedding and time ids"),
-            (None, _) => {}
+            (None, _) => temb,
         }
-
-        let mut x = self.conv_in.forward(sample);
-        let mut skips = vec![x.clone()];
-        for block in &self.down_blocks {
-            for (j, resnet) in block.resnets.iter().enumerate() {
-                x = resnet.forward(x, Some(temb.clone()));
-                if let Some(attention) = block.attentions.get(j) {
-                    x = attention.forward(x, context.clone());
-                }
-                skips.push(x.clone());
-            }
-            if let Some(down) = &block.downsampler {
-                x = down.forward(x);
-                skips.push(x.clone());
-            }
-        }
-
-        x = self.mid_block.resnets[0].forward(x, Some(temb.clone()));
-        x = self.mid_block.attention.forward(x, context.clone());
-        x = self.mid_block.resnets[1].forward(x, Some(temb.clone()));
-
-        for block in &self.up_blocks {
-            for (j, resnet) in block.resnets.iter().enumerate() {
-                let skip = skips.pop().expect("one skip per up-block resnet");
-                x = resnet.forward(Tensor::cat(vec![x, skip], 1), Some(temb.clone()));
-                if let Some(attention) = block.attentions.get(j) {
-                    x = attention.forward(x, context.clone());
-                }
-            }
-            if let Some(up) = &block.upsampler {
-                x = up.forward(x);
-            }
-        }
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
     }
+
+    /// The forward pass as a list of stages: conv_in, each down block's
+    /// resnets, transformers and downsampler, the mid block's three parts,
+    /// each up block's resnets, transformers and upsampler, and the output
+    /// head. Gradient checkpointing recomputes one stage at a time.
+    pub fn stages(&self) -> Vec<StageStep> {
+        let step = |stage, takes_skip, keeps_skip| StageStep { stage, takes_skip, keeps_skip };
+        let mut steps = vec![step(Stage::ConvIn, false, true)];
+        for (block, down) in self.down_blocks.iter().enumerate() {
+            for layer in 0..down.resnets.len() {
+                let attention = layer < down.attentions.len();
+                steps.push(step(Stage::DownResnet { block, layer }, false, !attention));
+                if attention {
+                    steps.push(step(Stage::DownAttention { block, layer }, false, true));
+                }
+            }
+            if down.downsampler.is_some() {
+                steps.push(step(Stage::Downsample { block }, false, true));
+            }
+        }
+        steps.extend([step(Stage::MidResnet { layer: 0 }, false, false), step(Stage::MidAttention, false, false), step(Stage::MidResnet { layer: 1 }, false, false)]);
+        for (block, up) in self.up_blocks.iter().enumerate() {
+            for layer in 0..up.resnets.len() {
+                steps.push(step(Stage::UpResnet { block, layer }, true, false));
+                if layer < up.attentions.len() {
+                    steps.push(step(Stage::UpAttention { block, layer }, false, false));
+                }
+            }
+            if up.upsampler.is_some() {
+                steps.push(step(Stage::Upsample { block }, false, false));
+            }
+        }
+        steps.push(step(Stage::Out, false, false));
+        steps
+    }
+
+    /// Runs one stage on `x` (the sample for `ConvIn`); up-block resnets
+    /// also take their skip connection.
+    pub fn run_stage(&self, stage: Stage, x: Tensor<4>, skip: Option<Tensor<4>>, temb: &Tensor<2>, context: &Tensor<3>) -> Tensor<4> {
+        let temb = || Some(temb.clone());
+        match stage {
+            Stage::ConvIn => self.conv_in.forward(x),
+            Stage::DownResnet { block, layer } => self.down_blocks[block].resnets[layer].forward(x, temb()),
+            Stage::DownAttention { block, layer } => self.down_blocks[block].attentions[layer].forward(x, context.clone()),
+            Stage::Downsample { block } => self.down_blocks[block].downsampler.as_ref().expect("listed by stages()").forward(x),
+            Stage::MidResnet { layer } => self.mid_block.resnets[layer].forward(x, temb()),
+            Stage::MidAttention => self.mid_block.attention.forward(x, context.clone()),
+            Stage::UpResnet { block, layer } => {
+                let skip = skip.expect("an up-block resnet takes a skip connection");
+                self.up_blocks[block].resnets[layer].forward(Tensor::cat(vec![x, skip], 1), temb())
+            }
+            Stage::UpAttention { block, layer } => self.up_blocks[block].attentions[layer].forward(x, context.clone()),
+            Stage::Upsample { block } => self.up_blocks[block].upsampler.as_ref().expect("listed by stages()").forward(x),
+            Stage::Out => self.conv_out.forward(silu(self.conv_norm_out.forward(x))),
+        }
+    }
+}
+
+/// One part of the UNet's forward pass (see [`UNet2DConditionModel::stages`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    ConvIn,
+    DownResnet { block: usize, layer: usize },
+    DownAttention { block: usize, layer: usize },
+    Downsample { block: usize },
+    MidResnet { layer: usize },
+    MidAttention,
+    UpResnet { block: usize, layer: usize },
+    UpAttention { block: usize, layer: usize },
+    Upsample { block: usize },
+    Out,
+}
+
+/// A stage and how it uses the skip connections: down-block outputs are
+/// kept for the up blocks, whose resnets take them last-in first-out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StageStep {
+    pub stage: Stage,
+    /// Pops the most recent skip and concatenates it to its input.
+    pub takes_skip: bool,
+    /// Its output is also kept as a skip.
+    pub keeps_skip: bool,
 }
 
 impl Transformer2D {

@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod checkpoint;
+pub mod checkpointing;
 pub mod export;
 pub mod full_export;
 pub mod metrics;

@@ -131,6 +131,17 @@ impl AdamW {
         }
     }
 
+    /// The gradients accumulated for the current step, by parameter path
+    /// (flattened, f32).
+    pub fn gradients(&self) -> &BTreeMap<String, Tensor<1>> {
+        &self.accumulated
+    }
+
+    /// Drops the gradients accumulated for the current step (a step that failed).
+    pub fn discard_gradients(&mut self) {
+        self.accumulated.clear();
+    }
+
     /// Applies the accumulated gradients to one module. Returns the global
     /// gradient norm before clipping, still on the device.
     pub fn step<M: Module>(&mut self, module: M, lr: f64, train_device: &Device) -> Result<(M, Option<Tensor<1>>)> {

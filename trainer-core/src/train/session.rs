@@ -10,6 +10,7 @@ use image::RgbImage;
 
 use super::cache::{self, CachedLatents, CachedText};
 use super::checkpoint::{self, Checkpoint, RunState};
+use super::checkpointing::backward_in_stages;
 use super::export;
 use super::metrics::{self, StepMetrics};
 use super::noise::NoiseSchedule;
@@ -133,6 +134,48 @@ struct BatchInputs {
     base_added: Option<AddedConditions>,
 }
 
+/// One UNet pass of a training step: its inputs and what its prediction
+/// is compared with.
+struct Regression {
+    noisy: Tensor<4>,
+    t_values: Vec<f32>,
+    context: Tensor<3>,
+    added: Option<AddedConditions>,
+    target: Tensor<4>,
+    /// Min-SNR-γ weight per batch item, `[batch, 1]`.
+    weights: Option<Tensor<2>>,
+    /// Multiplies the loss (`prior_loss_weight` for the class batch).
+    factor: f64,
+}
+
+impl Regression {
+    /// The mean (weighted) squared error of `prediction`, times `factor`.
+    fn loss(&self, prediction: Tensor<4>) -> Tensor<1> {
+        let batch = prediction.dims()[0];
+        let per_sample = (prediction - self.target.clone()).square().reshape([batch as i32, -1]).mean_dim(1);
+        let loss = match &self.weights {
+            Some(weights) => (per_sample * weights.clone()).mean(),
+            None => per_sample.mean(),
+        };
+        if self.factor == 1.0 {
+            loss
+        } else {
+            loss * self.factor
+        }
+    }
+}
+
+/// A NaN or infinite loss stops the run before the weights change.
+fn check_finite(loss: f32, step: u64) -> Result<()> {
+    if loss.is_finite() {
+        return Ok(());
+    }
+    Err(Error::Training {
+        step,
+        message: format!("the loss is {loss}; the weights were not updated and the last checkpoint is intact. Lower the learning rate or check the data"),
+    })
+}
+
 /// Moves every parameter onto the training device, frozen.
 struct ToTrainDevice<'a> {
     device: &'a Device,
@@ -154,8 +197,7 @@ impl ModuleMapper for ToTrainDevice<'_> {
 }
 
 impl<'a> Session<'a> {
-    /// Sets a run up: the UNet goes to the training device (autodiff, with
-    /// gradient checkpointing when configured), LoRA adapters are attached
+    /// Sets a run up: the UNet goes to the training device (autodiff), LoRA adapters are attached
     /// or the whole UNet is made trainable. `sources[i]` gives the files of
     /// `plan.datasets[i]`.
     pub fn new(
@@ -193,10 +235,8 @@ impl<'a> Session<'a> {
                 problems: vec!["regularisation_mode parent_prediction needs LoRA training (the base model's prediction is the adapter switched off); use prior_preservation or mixed for full fine-tuning".into()],
             });
         }
-        let mut train_device = device.clone().autodiff();
-        if config.gradient_checkpointing {
-            train_device = train_device.gradient_checkpointing();
-        }
+        // Gradient checkpointing works by stage (train::checkpointing), not per operation.
+        let train_device = device.clone().autodiff();
         let noise = NoiseSchedule::new(&model.configs.scheduler, config.prediction_type.as_deref())?;
         let full = config.model_type == ModelType::Full;
         let unet = model.unet.clone();
@@ -453,9 +493,10 @@ impl<'a> Session<'a> {
         Ok(BatchInputs { latents: frozen_on(latents, &self.train_device), context, base_context, added, base_added })
     }
 
-    /// The mean (min-SNR weighted) MSE of one batch. `parent` replaces the
-    /// target by the base model's prediction; `weighted` applies min-SNR-γ.
-    fn batch_loss(&self, inputs: BatchInputs, rng: &mut SeededRng, parent: bool, weighted: bool) -> Tensor<1> {
+    /// One batch's noisy latents, timesteps and regression target. `parent`
+    /// replaces the target by the base model's prediction; `weighted`
+    /// applies min-SNR-γ.
+    fn regression(&self, inputs: BatchInputs, rng: &mut SeededRng, parent: bool, weighted: bool) -> Regression {
         let BatchInputs { latents, context, base_context, added, base_added } = inputs;
         let shape = latents.dims();
         let batch = shape[0];
@@ -480,22 +521,21 @@ impl<'a> Session<'a> {
         } else {
             self.noise.target(latents, noise, &timesteps)
         };
-        let prediction = self.model.unet.forward_with(noisy, &t_values, context, added.as_ref());
-        let per_sample = (prediction - target).square().reshape([batch as i32, -1]).mean_dim(1);
-        match (weighted, self.config.snr_gamma) {
+        let weights = match (weighted, self.config.snr_gamma) {
             (true, Some(gamma)) if gamma > 0.0 => {
                 let weights: Vec<f32> = timesteps.iter().map(|&t| self.noise.min_snr_weight(t, gamma) as f32).collect();
-                let weights = frozen_on(Tensor::<2>::from_data(TensorData::new(weights, [batch, 1]), &self.device), &self.train_device);
-                (per_sample * weights).mean()
+                Some(frozen_on(Tensor::<2>::from_data(TensorData::new(weights, [batch, 1]), &self.device), &self.train_device))
             }
-            _ => per_sample.mean(),
-        }
+            _ => None,
+        };
+        Regression { noisy, t_values, context, added, target, weights, factor: 1.0 }
     }
 
     /// One optimizer step (with gradient accumulation). Fails with a
     /// message on a NaN or infinite loss, before the weights are touched.
     pub async fn train_step(&mut self) -> Result<StepReport> {
         let accumulation = self.config.gradient_accumulation_steps.max(1) as u64;
+        let scale = 1.0 / accumulation as f64;
         let mut loss_sum = 0.0f32;
         for micro in 0..accumulation {
             let mut rng = SeededRng::derived(self.config.seed, &format!("step/{}/{micro}", self.step));
@@ -507,32 +547,25 @@ impl<'a> Session<'a> {
             let is_class_batch = self.plan.datasets[self.main.datasets[batch.dataset]].is_regularisation_data;
             let inputs = self.batch_inputs(&batch, &self.main, &mut rng)?;
             let parent = is_class_batch && self.config.regularisation_mode == RegularisationMode::ParentPrediction && self.config.model_type == ModelType::Lora;
-            let mut loss = self.batch_loss(inputs, &mut rng, parent, !parent);
+            let mut terms = vec![self.regression(inputs, &mut rng, parent, !parent)];
             if self.prior.is_some() {
                 let prior = self.prior.as_mut().expect("checked");
                 let class_batch = prior.sampler.next_batch().ok_or_else(|| Error::Training { step: self.step, message: "the class datasets ran out of batches".into() })?;
                 let prior = self.prior.as_ref().expect("checked");
                 let inputs = self.batch_inputs(&class_batch, prior, &mut rng)?;
                 // The prior term is never SNR-weighted (train_dreambooth.py).
-                loss = loss + self.batch_loss(inputs, &mut rng, false, false) * self.config.prior_loss_weight;
+                let mut term = self.regression(inputs, &mut rng, false, false);
+                term.factor = self.config.prior_loss_weight;
+                terms.push(term);
             }
-            let value = loss
-                .clone()
-                .into_scalar_async::<f32>()
-                .await
-                .map_err(|e| Error::Training { step: self.step + 1, message: crate::error::device_failure("the loss", e) })?;
-            if !value.is_finite() {
-                return Err(Error::Training {
-                    step: self.step + 1,
-                    message: format!("the loss is {value}; the weights were not updated and the last checkpoint is intact. Lower the learning rate or check the data"),
-                });
-            }
+            let value = match self.micro_batch_backward(terms, scale).await {
+                Ok(value) => value,
+                Err(error) => {
+                    self.optimizer.discard_gradients();
+                    return Err(error);
+                }
+            };
             loss_sum += value;
-            let mut grads = loss.backward();
-            self.optimizer.accumulate(&self.model.unet, "", &mut grads, 1.0 / accumulation as f64);
-            for (prefix, encoder) in trained_text_encoders(self.config.train_text_encoder, &self.model) {
-                self.optimizer.accumulate(encoder, prefix, &mut grads, 1.0 / accumulation as f64);
-            }
         }
         let lr = self.lr_schedule.at(self.step);
         let grad_norm = self.optimizer.begin_step();
@@ -553,6 +586,55 @@ impl<'a> Session<'a> {
             dropout.stop();
         }
         Ok(StepReport { step: self.step, epoch: self.epoch, loss: loss_sum / accumulation as f32, lr, grad_norm })
+    }
+
+    /// Back-propagates the sum of `terms`' losses (one UNet pass each),
+    /// adding the gradients, times `scale`, to the optimizer's. With
+    /// gradient checkpointing each pass goes stage by stage
+    /// ([`backward_in_stages`]). Returns the loss; a NaN or infinite loss
+    /// is an error.
+    async fn micro_batch_backward(&mut self, terms: Vec<Regression>, scale: f64) -> Result<f32> {
+        let step = self.step + 1;
+        let read = |loss: Tensor<1>| async move {
+            loss.into_scalar_async::<f32>().await.map_err(|e| Error::Training { step, message: crate::error::device_failure("the loss", e) })
+        };
+        let (optimizer, model, train_text) = (&mut self.optimizer, &self.model, self.config.train_text_encoder);
+        let mut collect = |grads: &mut burn::tensor::Gradients| {
+            optimizer.accumulate(&model.unet, "", grads, scale);
+            for (prefix, encoder) in trained_text_encoders(train_text, model) {
+                optimizer.accumulate(encoder, prefix, grads, scale);
+            }
+        };
+        let mut value = 0.0;
+        if self.config.gradient_checkpointing {
+            for term in terms {
+                if let Some(dropout) = &self.dropout {
+                    dropout.begin_forward();
+                }
+                let loss = backward_in_stages(&model.unet, term.noisy.clone(), &term.t_values, term.context.clone(), term.added.as_ref(), &self.train_device, &|prediction| term.loss(prediction), &mut collect);
+                value += read(loss).await?;
+            }
+            check_finite(value, step)?;
+        } else {
+            let mut total: Option<Tensor<1>> = None;
+            for term in terms {
+                if let Some(dropout) = &self.dropout {
+                    dropout.begin_forward();
+                }
+                let prediction = model.unet.forward_with(term.noisy.clone(), &term.t_values, term.context.clone(), term.added.as_ref());
+                let loss = term.loss(prediction);
+                total = Some(match total {
+                    Some(sum) => sum + loss,
+                    None => loss,
+                });
+            }
+            let loss = total.expect("at least one term");
+            value = read(loss.clone()).await?;
+            // Checked before the backward pass: no gradient of a broken loss is kept.
+            check_finite(value, step)?;
+            collect(&mut loss.backward());
+        }
+        Ok(value)
     }
 
     /// Records a step in `metrics.jsonl` and redraws `loss.png`.

@@ -14,6 +14,9 @@ parser.add_argument("--steps", type=int, default=5)
 parser.add_argument("--unet", choices=["mid", "sd15"], default="mid")
 parser.add_argument("--resolution", type=int, default=256)
 parser.add_argument("--checkpointing", action="store_true")
+# train_dreambooth_lora.py --mixed_precision fp16: frozen UNet in f16, LoRA in
+# f32, forward under autocast. CUDA only; the CPU run stays f32.
+parser.add_argument("--f16-base", action="store_true")
 args = parser.parse_args()
 torch.set_num_threads(2)
 torch.manual_seed(0)
@@ -29,7 +32,16 @@ unet.requires_grad_(False)
 if args.checkpointing:
     unet.enable_gradient_checkpointing()
     unet.train()
+f16 = args.f16_base and cuda
+if f16:
+    unet.to(torch.float16)
 unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+if f16:
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+elif args.f16_base:
+    print("PyTorch: --f16-base needs CUDA; the CPU run keeps f32 weights")
 params = [p for p in unet.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=1e-4)
 side, width = args.resolution // 8, unet.config.cross_attention_dim
@@ -42,7 +54,9 @@ if cuda:
 times = []
 for step in range(args.steps + 1):
     start = time.perf_counter()
-    loss = torch.nn.functional.mse_loss(unet(latents, 500, context).sample, target)
+    with torch.autocast("cuda", dtype=torch.float16, enabled=f16):
+        prediction = unet(latents, 500, context).sample
+    loss = torch.nn.functional.mse_loss(prediction.float(), target)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
@@ -58,5 +72,5 @@ with open("/proc/self/status") as status:
 device = f"{peak:.0f} MiB peak RSS"
 if cuda:
     device += f", {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB peak CUDA memory"
-print(f"{'PyTorch (CUDA)' if cuda else 'PyTorch (CPU)':>18}: LoRA step {statistics.median(times):.3f} s (median of {args.steps}), "
+print(f"{'PyTorch (CUDA)' if cuda else 'PyTorch (CPU)':>18}{' f16 base' if f16 else ''}: LoRA step {statistics.median(times):.3f} s (median of {args.steps}), "
       f"{sum(p.numel() for p in params)} LoRA parameters, {device}")

@@ -10,9 +10,11 @@
 //! 768), `--resolution` the image side in pixels (latents are 1/8 of it;
 //! default 256, 32x32 latents), `--checkpointing` turns on gradient
 //! checkpointing (by stage, as `train` does it; diffusers'
-//! enable_gradient_checkpointing on the PyTorch side).
+//! enable_gradient_checkpointing on the PyTorch side), `--f16-base` stores
+//! the frozen base weights in f16 as `train` does on GPUs (the PyTorch side
+//! loads the UNet in f16 then, its LoRA weights staying f32).
 //!
-//! cargo run --release -p native-runner --bin bench-train -- [--steps 5] [--device cpu,cpu-gpu,gpu] [--unet mid|sd15] [--resolution 512] [--checkpointing] [--with-torch]
+//! cargo run --release -p native-runner --bin bench-train -- [--steps 5] [--device cpu,cpu-gpu,gpu] [--unet mid|sd15] [--resolution 512] [--checkpointing] [--f16-base] [--with-torch]
 
 use std::time::Instant;
 
@@ -40,6 +42,7 @@ struct Settings {
     unet: &'static str,
     latent_side: usize,
     checkpointing: bool,
+    f16_base: bool,
     steps: usize,
 }
 
@@ -47,7 +50,8 @@ fn bench(name: &str, device: Device, settings: &Settings) {
     let steps = settings.steps;
     let config: UNetConfig = serde_json::from_str(settings.unet).expect("valid config");
     let train_device = device.clone().autodiff();
-    let mut loader = Loader::random(1, train_device.clone());
+    let weight_dtype = if settings.f16_base { burn::tensor::DType::F16 } else { burn::tensor::DType::F32 };
+    let mut loader = Loader::random(1, train_device.clone()).with_weight_dtype(weight_dtype);
     let mut unet = UNet2DConditionModel::load(&config, &mut loader);
     unet = burn::module::Module::no_grad(unet);
     let targets = LoraTargets::attention();
@@ -88,10 +92,14 @@ fn bench(name: &str, device: Device, settings: &Settings) {
             times.push(elapsed);
         }
     }
-    let memory = peak_rss_mib().map(|m| format!("{m:.0} MiB peak RSS (process so far)")).unwrap_or_default();
+    let mut memory = peak_rss_mib().map(|m| format!("{m:.0} MiB peak RSS (process so far)")).unwrap_or_default();
+    // wgpu's memory pools keep the pages they grew to: what the device had to hold.
+    if let Some(usage) = device.memory_pool_usage() {
+        memory += &format!(", {:.0} MiB reserved in the device's memory pools", usage.bytes_reserved as f64 / 1048576.0);
+    }
     println!(
         "{name:>18}: LoRA step {:.3} s (median of {steps}; first {first:.2} s), {lora_parameters} LoRA parameters, {memory}",
-        median(&times)
+        if times.is_empty() { first } else { median(&times) }
     );
 }
 
@@ -112,8 +120,9 @@ fn main() {
     };
     let resolution: usize = arg("--resolution").and_then(|r| r.parse().ok()).unwrap_or(256);
     let checkpointing = std::env::args().any(|a| a == "--checkpointing");
-    let settings = Settings { unet, latent_side: resolution / 8, checkpointing, steps };
-    println!("UNet {unet_name}, {resolution} px (latents {0}x{0}), gradient checkpointing {checkpointing}", resolution / 8);
+    let f16_base = std::env::args().any(|a| a == "--f16-base");
+    let settings = Settings { unet, latent_side: resolution / 8, checkpointing, f16_base, steps };
+    println!("UNet {unet_name}, {resolution} px (latents {0}x{0}), gradient checkpointing {checkpointing}, base weights {1}", resolution / 8, if f16_base { "f16" } else { "f32" });
     for (label, device) in devices(&devices_arg) {
         bench(label, device, &settings);
     }
@@ -121,6 +130,9 @@ fn main() {
         let mut torch_args = vec!["scripts/bench_train_torch.py".to_string(), "--steps".into(), steps.to_string(), "--unet".into(), unet_name, "--resolution".into(), resolution.to_string()];
         if checkpointing {
             torch_args.push("--checkpointing".into());
+        }
+        if f16_base {
+            torch_args.push("--f16-base".into());
         }
         let status = std::process::Command::new("python3").args(&torch_args).status();
         if !matches!(status, Ok(s) if s.success()) {

@@ -83,10 +83,37 @@ impl Attention {
         let q = self.to_q.forward(x).reshape([batch, length, self.heads, head_dim]).swap_dims(1, 2);
         let k = self.to_k.forward(context.clone()).reshape([batch, context_length, self.heads, head_dim]).swap_dims(1, 2);
         let v = self.to_v.forward(context).reshape([batch, context_length, self.heads, head_dim]).swap_dims(1, 2);
-        let scores = q.matmul(k.swap_dims(2, 3)) * (head_dim as f64).powf(-0.5);
-        let out = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([batch, length, dim]);
+        let out = sliced_attention(q, k, v).swap_dims(1, 2).reshape([batch, length, dim]);
         self.to_out.forward(out)
     }
+}
+
+/// The most bytes one slice of attention scores takes. wgpu binds a buffer
+/// only up to the adapter's `maxStorageBufferBindingSize` (128 MiB on
+/// lavapipe and many WebGPU adapters), and SD 1.5's scores at 512 px are
+/// 8 heads x 4096^2 x 4 B = 512 MiB per image.
+const ATTENTION_SLICE_BYTES: usize = 64 << 20;
+
+/// softmax(q kᵀ / √d) v over `[batch, heads, tokens, head dim]`, in slices
+/// of query rows whose scores fit [`ATTENTION_SLICE_BYTES`] (diffusers'
+/// attention slicing). Small inputs take one slice.
+fn sliced_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    attention_in_slices(q, k, v, ATTENTION_SLICE_BYTES)
+}
+
+fn attention_in_slices(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, slice_bytes: usize) -> Tensor<4> {
+    let [batch, heads, queries, head_dim] = q.dims();
+    let keys = k.dims()[2];
+    let q = q * (head_dim as f64).powf(-0.5);
+    let k_t = k.swap_dims(2, 3);
+    let attend = |q: Tensor<4>| softmax(q.matmul(k_t.clone()), 3).matmul(v.clone());
+    let row_bytes = batch * heads * keys * q.dtype().size();
+    let rows = (slice_bytes / row_bytes.max(1)).clamp(1, queries);
+    if rows == queries {
+        return attend(q);
+    }
+    let slices = (0..queries).step_by(rows).map(|start| attend(q.clone().slice([0..batch, 0..heads, start..(start + rows).min(queries), 0..head_dim])));
+    Tensor::cat(slices.collect(), 2)
 }
 
 /// Stride-2 convolution. The VAE pads asymmetrically (right and bottom by
@@ -129,4 +156,32 @@ impl Upsample2D {
 pub fn upsample_nearest_2x(x: Tensor<4>) -> Tensor<4> {
     let [b, c, h, w] = x.dims();
     x.reshape([b, c, h, 1, w, 1]).repeat_dim(3, 2).repeat_dim(5, 2).reshape([b, c, h * 2, w * 2])
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Device, Distribution, Tensor};
+
+    use super::attention_in_slices;
+
+    /// Slicing the query rows (7 slices of 3 rows, the last of 2) gives the
+    /// output and the gradients of one slice (relative error ≤ 1e-5).
+    #[test]
+    fn sliced_attention_matches_one_slice_with_gradients() {
+        let device = Device::flex().autodiff();
+        let input = |seed_shape: [usize; 4]| Tensor::<4>::random(seed_shape, Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let (q, k, v) = (input([2, 3, 20, 8]), input([2, 3, 11, 8]), input([2, 3, 11, 8]));
+        let run = |slice_bytes: usize| {
+            let out = attention_in_slices(q.clone(), k.clone(), v.clone(), slice_bytes);
+            let weights = Tensor::<4>::ones(out.dims(), &device).cumsum(2);
+            let grads = (out.clone() * weights).sum().backward();
+            [out.without_autodiff(), q.grad(&grads).unwrap(), k.grad(&grads).unwrap(), v.grad(&grads).unwrap()]
+        };
+        let row_bytes = 2 * 3 * 11 * 4;
+        for (whole, sliced) in run(usize::MAX).into_iter().zip(run(3 * row_bytes)) {
+            let scale = whole.clone().abs().max().into_scalar::<f32>();
+            let error = (whole - sliced).abs().max().into_scalar::<f32>();
+            assert!(error <= 1e-5 * scale, "sliced attention differs by {error} (largest value {scale})");
+        }
+    }
 }

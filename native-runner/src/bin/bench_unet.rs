@@ -4,15 +4,20 @@
 //! backend and on wgpu, with random weights. `scripts/bench_unet_torch.py`
 //! times PyTorch on the same config; `--with-torch` runs it too.
 //!
-//! cargo run --release -p native-runner --bin bench-unet -- [--runs 5] [--device cpu,cpu-gpu,gpu] [--with-torch]
+//! `--vae-decode` times SD's VAE decoder instead (random weights) on
+//! latents of a `--resolution` px image (default 512): what every sample,
+//! validation images included, ends with.
+//!
+//! cargo run --release -p native-runner --bin bench-unet -- [--runs 5] [--device cpu,cpu-gpu,gpu] [--with-torch] [--vae-decode [--resolution 512]]
 
 use std::time::Instant;
 
 use burn::tensor::{Device, Tensor};
 use native_runner::bench::{arg, devices, median, MID_SIZE_UNET};
-use trainer_core::models::config::UNetConfig;
+use trainer_core::models::config::{UNetConfig, VaeConfig};
 use trainer_core::models::loader::Loader;
 use trainer_core::models::unet::UNet2DConditionModel;
+use trainer_core::models::vae::AutoencoderKl;
 use trainer_core::pipeline::gaussian_noise;
 use trainer_core::rng::SeededRng;
 
@@ -40,12 +45,36 @@ fn bench(name: &str, device: Device, runs: usize) -> Option<f64> {
     Some(m)
 }
 
+fn bench_vae_decode(name: &str, device: Device, runs: usize, resolution: usize) {
+    let config: VaeConfig = serde_json::from_str(trainer_core::models::standard::SD_VAE).expect("valid config");
+    let mut loader = Loader::random(1, device.clone());
+    let vae = AutoencoderKl::load(&config, &mut loader);
+    let side = resolution / 8;
+    let latents = gaussian_noise([1, 4, side, side], &mut SeededRng::new(2), &device);
+    let mut times = Vec::new();
+    for _ in 0..=runs {
+        let start = Instant::now();
+        let _ = vae.decode(latents.clone()).into_data(); // waits for the device
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let first = times.remove(0);
+    let memory = device.memory_pool_usage().map(|u| format!(", {:.0} MiB reserved in the device's memory pools", u.bytes_reserved as f64 / 1048576.0)).unwrap_or_default();
+    println!("{name:>10}: VAE decode to {resolution} px {:.3} s (median of {runs}; first call {first:.2} s){memory}", if times.is_empty() { first } else { median(&times) });
+}
+
 fn main() {
     if cfg!(debug_assertions) {
         println!("warning: debug build; use --release for meaningful timings");
     }
     let runs: usize = arg("--runs").and_then(|r| r.parse().ok()).unwrap_or(5);
     let devices_arg = arg("--device").unwrap_or_else(|| "cpu,cpu-gpu".into());
+    if std::env::args().any(|a| a == "--vae-decode") {
+        let resolution = arg("--resolution").and_then(|r| r.parse().ok()).unwrap_or(512);
+        for (label, device) in devices(&devices_arg) {
+            bench_vae_decode(label, device, runs, resolution);
+        }
+        return;
+    }
     for (label, device) in devices(&devices_arg) {
         bench(label, device, runs);
     }

@@ -94,6 +94,13 @@ impl Attention {
 /// 8 heads x 4096^2 x 4 B = 512 MiB per image.
 const ATTENTION_SLICE_BYTES: usize = 64 << 20;
 
+/// At most this many slices: beyond that the attention would be computed
+/// in so many pieces that it would take hours (a 512 px image through a
+/// VAE with attention at full resolution: 17 GB of scores). Slices then
+/// grow past [`ATTENTION_SLICE_BYTES`] and a device that cannot hold them
+/// reports running out of memory, with advice.
+const ATTENTION_MAX_SLICES: usize = 1024;
+
 /// softmax(q kᵀ / √d) v over `[batch, heads, tokens, head dim]`, in slices
 /// of query rows whose scores fit [`ATTENTION_SLICE_BYTES`] (diffusers'
 /// attention slicing). Small inputs take one slice.
@@ -108,7 +115,7 @@ fn attention_in_slices(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, slice_bytes: us
     let k_t = k.swap_dims(2, 3);
     let attend = |q: Tensor<4>| softmax(q.matmul(k_t.clone()), 3).matmul(v.clone());
     let row_bytes = batch * heads * keys * q.dtype().size();
-    let rows = (slice_bytes / row_bytes.max(1)).clamp(1, queries);
+    let rows = (slice_bytes / row_bytes.max(1)).max(queries.div_ceil(ATTENTION_MAX_SLICES)).clamp(1, queries);
     if rows == queries {
         return attend(q);
     }

@@ -66,7 +66,8 @@ pub fn backward_in_stages(
     let steps = unet.stages();
     let plain = unet.valid();
     let mut inputs: Vec<Tensor<4>> = Vec::with_capacity(steps.len());
-    // Per stage, the index of the skip it takes; per skip, the stage that kept it.
+    // Per stage, the index in `skips` of the skip it takes; `open_skips`
+    // is the stack of skips not taken yet.
     let mut taken_skip: Vec<Option<usize>> = Vec::with_capacity(steps.len());
     let mut skips: Vec<Tensor<4>> = Vec::new();
     let mut open_skips: Vec<usize> = Vec::new();

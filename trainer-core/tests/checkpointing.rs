@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, DeviceKind, Tensor};
 use trainer_core::models::clip::ClipTextModel;
 use trainer_core::models::lora::{DropoutSource, LoraLinear, LoraTargets};
@@ -16,24 +16,11 @@ use trainer_core::models::{DiskFolder, StableDiffusion, WeightDtypes};
 use trainer_core::pipeline::gaussian_noise;
 use trainer_core::rng::SeededRng;
 use trainer_core::train::checkpointing::backward_in_stages;
-use trainer_core::train::optimizer::{frozen_on, trainable_on, AdamW, AdamWSettings};
+use trainer_core::train::optimizer::{frozen_on, trainable_on, AdamW, AdamWSettings, ToTrainDevice};
 
 fn fixture(family: &str, device: &Device) -> StableDiffusion {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(family).join("diffusers");
     StableDiffusion::from_folder_with(&DiskFolder { root }, device, WeightDtypes::default()).unwrap()
-}
-
-/// Every parameter on the training device, trainable or frozen.
-struct OnTrainDevice<'a> {
-    device: &'a Device,
-    trainable: bool,
-}
-
-impl ModuleMapper for OnTrainDevice<'_> {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let (device, trainable) = (self.device, self.trainable);
-        param.map(|t| if trainable { trainable_on(t.without_autodiff(), device) } else { frozen_on(t.without_autodiff(), device) })
-    }
 }
 
 /// Counts a module's float tensors.
@@ -123,8 +110,8 @@ fn staged_backward_matches_one_backward_full_unet_and_text_encoder_lora() {
         let train_device = device.clone().autodiff();
         let mut model = fixture("sd1", &device);
         let dropout = DropoutSource::new(0.25);
-        model.unet = model.unet.map(&mut OnTrainDevice { device: &train_device, trainable: true });
-        let mut encoder = model.text_encoder.map(&mut OnTrainDevice { device: &train_device, trainable: false });
+        model.unet = model.unet.map(&mut ToTrainDevice { device: &train_device, trainable: true });
+        let mut encoder = model.text_encoder.map(&mut ToTrainDevice { device: &train_device, trainable: false });
         attach_random(encoder.lora_layers_mut(), &LoraTargets::attention(), true, &dropout, &train_device);
         model.text_encoder = encoder;
         let mut unet_tensors = TensorCount(0);
@@ -144,11 +131,11 @@ fn staged_backward_matches_one_backward_sdxl_lora_with_dropout_and_both_text_enc
     let train_device = device.clone().autodiff();
     let mut model = fixture("sdxl", &device);
     let dropout = DropoutSource::new(0.25);
-    let mut unet = model.unet.map(&mut OnTrainDevice { device: &train_device, trainable: false });
+    let mut unet = model.unet.map(&mut ToTrainDevice { device: &train_device, trainable: false });
     attach_random(unet.lora_layers_mut(), &LoraTargets::all_linear(), false, &dropout, &train_device);
     model.unet = unet;
     for encoder in [&mut model.text_encoder, model.text_encoder_2.as_mut().unwrap()] {
-        let mut on_device = encoder.clone().map(&mut OnTrainDevice { device: &train_device, trainable: false });
+        let mut on_device = encoder.clone().map(&mut ToTrainDevice { device: &train_device, trainable: false });
         attach_random(on_device.lora_layers_mut(), &LoraTargets::attention(), true, &dropout, &train_device);
         *encoder = on_device;
     }

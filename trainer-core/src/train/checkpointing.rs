@@ -31,11 +31,12 @@ fn leaf<const D: usize>(plain: &Tensor<D>, needs_grad: bool, train_device: &Devi
     }
 }
 
-fn add_grad<const D: usize>(sum: &mut Option<Tensor<D>>, grad: Option<Tensor<D>>) {
-    if let Some(grad) = grad {
+/// Adds `term` (when there is one) to `sum`.
+fn add_to<const D: usize>(sum: &mut Option<Tensor<D>>, term: Option<Tensor<D>>) {
+    if let Some(term) = term {
         *sum = Some(match sum.take() {
-            Some(total) => total + grad,
-            None => grad,
+            Some(total) => total + term,
+            None => term,
         });
     }
 }
@@ -96,7 +97,7 @@ pub fn backward_in_stages(
         let mut grad_out = output_grad.take();
         if step.keeps_skip {
             kept_skip -= 1;
-            add_grad(&mut grad_out, skip_grads[kept_skip].take());
+            add_to(&mut grad_out, skip_grads[kept_skip].take());
         }
         // conv_in's input is the noisy sample: no gradient needed.
         let x = leaf(&inputs[k], k > 0, train_device);
@@ -123,8 +124,8 @@ pub fn backward_in_stages(
         if let (Some(skip), Some(i)) = (&skip, taken_skip[k]) {
             skip_grads[i] = skip.grad_remove(&mut grads);
         }
-        add_grad(&mut temb_grad, temb_leaf.grad_remove(&mut grads));
-        add_grad(&mut context_grad, context_leaf.grad_remove(&mut grads));
+        add_to(&mut temb_grad, temb_leaf.grad_remove(&mut grads));
+        add_to(&mut context_grad, context_leaf.grad_remove(&mut grads));
         collect(&mut grads);
         inputs.truncate(k);
     }
@@ -132,14 +133,10 @@ pub fn backward_in_stages(
     // Last, through the time embedding and the text context.
     let mut objective: Option<Tensor<1>> = None;
     if let (true, Some(grad)) = (temb_trains, temb_grad) {
-        objective = Some((temb * frozen_on(grad, train_device)).sum());
+        add_to(&mut objective, Some((temb * frozen_on(grad, train_device)).sum()));
     }
     if let (true, Some(grad)) = (context_trains, context_grad) {
-        let term = (context * frozen_on(grad, train_device)).sum();
-        objective = Some(match objective {
-            Some(sum) => sum + term,
-            None => term,
-        });
+        add_to(&mut objective, Some((context * frozen_on(grad, train_device)).sum()));
     }
     if let Some(objective) = objective {
         collect(&mut objective.backward());

@@ -266,3 +266,24 @@ pub fn frozen_on<const D: usize>(tensor: Tensor<D>, train_device: &Device) -> Te
         None => tensor,
     }
 }
+
+/// Moves every parameter onto the training device: trainable leaves, or
+/// frozen constants.
+pub struct ToTrainDevice<'a> {
+    pub device: &'a Device,
+    pub trainable: bool,
+}
+
+impl ModuleMapper for ToTrainDevice<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (device, trainable) = (self.device, self.trainable);
+        param.map(|t| {
+            let t = frozen_on(t.without_autodiff(), device);
+            if trainable {
+                t.require_grad()
+            } else {
+                t
+            }
+        })
+    }
+}

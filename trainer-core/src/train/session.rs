@@ -14,7 +14,7 @@ use super::checkpointing::backward_in_stages;
 use super::export;
 use super::metrics::{self, StepMetrics};
 use super::noise::NoiseSchedule;
-use super::optimizer::{frozen_on, AdamW, AdamWSettings};
+use super::optimizer::{frozen_on, AdamW, AdamWSettings, ToTrainDevice};
 use super::storage::{join, Storage};
 use super::tensor_file::HostTensor;
 use crate::config::training::{ModelFamily, ModelType, Optimizer, RegularisationMode, TrainingConfig};
@@ -174,26 +174,6 @@ fn check_finite(loss: f32, step: u64) -> Result<()> {
         step,
         message: format!("the loss is {loss}; the weights were not updated and the last checkpoint is intact. Lower the learning rate or check the data"),
     })
-}
-
-/// Moves every parameter onto the training device, frozen.
-struct ToTrainDevice<'a> {
-    device: &'a Device,
-    trainable: bool,
-}
-
-impl ModuleMapper for ToTrainDevice<'_> {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let (device, trainable) = (self.device, self.trainable);
-        param.map(|t| {
-            let t = frozen_on(t.without_autodiff(), device);
-            if trainable {
-                t.require_grad()
-            } else {
-                t
-            }
-        })
-    }
 }
 
 impl<'a> Session<'a> {
@@ -605,33 +585,24 @@ impl<'a> Session<'a> {
                 optimizer.accumulate(encoder, prefix, grads, scale);
             }
         };
-        let mut value = 0.0;
-        if self.config.gradient_checkpointing {
-            for term in terms {
-                if let Some(dropout) = &self.dropout {
-                    dropout.begin_forward();
-                }
-                let loss = backward_in_stages(&model.unet, term.noisy.clone(), &term.t_values, term.context.clone(), term.added.as_ref(), &self.train_device, &|prediction| term.loss(prediction), &mut collect);
-                value += read(loss).await?;
+        let checkpointing = self.config.gradient_checkpointing;
+        let mut losses = Vec::with_capacity(terms.len());
+        for term in terms {
+            if let Some(dropout) = &self.dropout {
+                dropout.begin_forward();
             }
-            check_finite(value, step)?;
-        } else {
-            let mut total: Option<Tensor<1>> = None;
-            for term in terms {
-                if let Some(dropout) = &self.dropout {
-                    dropout.begin_forward();
-                }
-                let prediction = model.unet.forward_with(term.noisy.clone(), &term.t_values, term.context.clone(), term.added.as_ref());
-                let loss = term.loss(prediction);
-                total = Some(match total {
-                    Some(sum) => sum + loss,
-                    None => loss,
-                });
-            }
-            let loss = total.expect("at least one term");
-            value = read(loss.clone()).await?;
-            // Checked before the backward pass: no gradient of a broken loss is kept.
-            check_finite(value, step)?;
+            losses.push(if checkpointing {
+                backward_in_stages(&model.unet, term.noisy.clone(), &term.t_values, term.context.clone(), term.added.as_ref(), &self.train_device, &|prediction| term.loss(prediction), &mut collect)
+            } else {
+                term.loss(model.unet.forward_with(term.noisy.clone(), &term.t_values, term.context.clone(), term.added.as_ref()))
+            });
+        }
+        let loss = losses.into_iter().reduce(|sum, loss| sum + loss).expect("at least one term");
+        let value = read(loss.clone()).await?;
+        // Without checkpointing this is checked before the backward pass; with
+        // it the gradients are already collected and the caller discards them.
+        check_finite(value, step)?;
+        if !checkpointing {
             collect(&mut loss.backward());
         }
         Ok(value)

@@ -38,3 +38,10 @@ pub fn devices(list: &str) -> Vec<(&'static str, Device)> {
     }
     found
 }
+
+/// ", N MiB reserved in the device's memory pools" where the device has
+/// pools (wgpu): they keep the pages they grew to, so this is what the
+/// device had to hold. Empty elsewhere.
+pub fn pool_memory(device: &Device) -> String {
+    device.memory_pool_usage().map(|u| format!(", {:.0} MiB reserved in the device's memory pools", u.bytes_reserved as f64 / 1048576.0)).unwrap_or_default()
+}

@@ -19,7 +19,7 @@
 use std::time::Instant;
 
 use burn::tensor::{Device, Tensor};
-use native_runner::bench::{arg, devices, median, MID_SIZE_UNET};
+use native_runner::bench::{arg, devices, median, pool_memory, MID_SIZE_UNET};
 use trainer_core::models::config::UNetConfig;
 use trainer_core::models::loader::Loader;
 use trainer_core::models::lora::LoraTargets;
@@ -92,11 +92,7 @@ fn bench(name: &str, device: Device, settings: &Settings) {
             times.push(elapsed);
         }
     }
-    let mut memory = peak_rss_mib().map(|m| format!("{m:.0} MiB peak RSS (process so far)")).unwrap_or_default();
-    // wgpu's memory pools keep the pages they grew to: what the device had to hold.
-    if let Some(usage) = device.memory_pool_usage() {
-        memory += &format!(", {:.0} MiB reserved in the device's memory pools", usage.bytes_reserved as f64 / 1048576.0);
-    }
+    let memory = peak_rss_mib().map(|m| format!("{m:.0} MiB peak RSS (process so far)")).unwrap_or_default() + &pool_memory(&device);
     println!(
         "{name:>18}: LoRA step {:.3} s (median of {steps}; first {first:.2} s), {lora_parameters} LoRA parameters, {memory}",
         if times.is_empty() { first } else { median(&times) }

@@ -13,7 +13,7 @@
 use std::time::Instant;
 
 use burn::tensor::{Device, Tensor};
-use native_runner::bench::{arg, devices, median, MID_SIZE_UNET};
+use native_runner::bench::{arg, devices, median, pool_memory, MID_SIZE_UNET};
 use trainer_core::models::config::{UNetConfig, VaeConfig};
 use trainer_core::models::loader::Loader;
 use trainer_core::models::unet::UNet2DConditionModel;
@@ -58,7 +58,7 @@ fn bench_vae_decode(name: &str, device: Device, runs: usize, resolution: usize) 
         times.push(start.elapsed().as_secs_f64());
     }
     let first = times.remove(0);
-    let memory = device.memory_pool_usage().map(|u| format!(", {:.0} MiB reserved in the device's memory pools", u.bytes_reserved as f64 / 1048576.0)).unwrap_or_default();
+    let memory = pool_memory(&device);
     println!("{name:>10}: VAE decode to {resolution} px {:.3} s (median of {runs}; first call {first:.2} s){memory}", if times.is_empty() { first } else { median(&times) });
 }
 

@@ -442,7 +442,7 @@ pub fn plan_dataset(
         }
         let info = {
             let mut file = source.open(path)?;
-            probe(file.as_mut())?
+            probe(file.as_mut(), training.max_image_pixels)?
         };
         let info = match info {
             Ok(info) => info,
@@ -453,13 +453,13 @@ pub fn plan_dataset(
         };
         if info.suspect_truncated {
             // The end of the file looks wrong: only a full decode can tell.
-            if let Err(reason) = source.read(path).map_err(|e| e.to_string()).and_then(|bytes| decode_oriented(&bytes)) {
+            if let Err(reason) = source.read(path).map_err(|e| e.to_string()).and_then(|bytes| decode_oriented(&bytes, training.max_image_pixels)) {
                 skipped.push(SkippedFile { path: path.clone(), reason: format!("truncated or corrupt: {reason}") });
                 continue;
             }
         }
         let original = info.oriented_size();
-        if let Err(reason) = sizer.check_minimum_size(original) {
+        if let Err(reason) = sizer.check_minimum_size(original).and_then(|()| check_aspect(dataset, original)) {
             skipped.push(SkippedFile { path: path.clone(), reason });
             continue;
         }
@@ -566,6 +566,26 @@ pub fn plan_dataset(
 
 /// Groups images by bucket (in ascending aspect order) and checks each
 /// bucket can fill a batch.
+/// How far from square an image may be (long edge over short edge) when the
+/// dataset sets no `minimum_aspect_ratio` / `maximum_aspect_ratio`. Beyond
+/// it the bucket's short edge rounds to nothing (a 4x1200 image rounds to
+/// aspect 0.0) or its long edge to many times the resolution.
+pub const MAX_ASPECT_RATIO: f64 = 8.0;
+
+/// Refuses images too far from square to bucket.
+fn check_aspect(dataset: &ImageDatasetConfig, [width, height]: [u32; 2]) -> std::result::Result<(), String> {
+    let aspect = width as f64 / height as f64;
+    let lowest = dataset.minimum_aspect_ratio.unwrap_or(1.0 / MAX_ASPECT_RATIO).max(1.0 / 64.0);
+    let highest = dataset.maximum_aspect_ratio.unwrap_or(MAX_ASPECT_RATIO).min(64.0);
+    if aspect < lowest || aspect > highest {
+        let ratio = if aspect < 1.0 { format!("1:{:.0}", 1.0 / aspect) } else { format!("{aspect:.0}:1") };
+        return Err(format!(
+            "extreme aspect ratio: {width}x{height} is {ratio}, outside {lowest:.3} to {highest:.3} (width over height); set minimum_aspect_ratio / maximum_aspect_ratio to allow it"
+        ));
+    }
+    Ok(())
+}
+
 fn bucket_plans(
     training: &TrainingConfig,
     dataset: &ImageDatasetConfig,

@@ -6,7 +6,7 @@ use burn::tensor::Tensor;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::models::config::SchedulerConfig;
+use crate::models::config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -46,22 +46,21 @@ impl SamplerKind {
     }
 }
 
-/// What the model predicts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Prediction {
-    Epsilon,
-    V,
-}
-
 /// ᾱ_t for every training timestep.
 pub fn alphas_cumprod(config: &SchedulerConfig) -> Vec<f64> {
     let n = config.num_train_timesteps;
-    let betas: Vec<f64> = match config.beta_schedule.as_str() {
-        "linear" => (0..n).map(|i| config.beta_start + (config.beta_end - config.beta_start) * i as f64 / (n - 1) as f64).collect(),
-        // "scaled_linear": linear in sqrt(beta).
-        _ => {
+    let betas: Vec<f64> = match config.beta_schedule {
+        BetaSchedule::Linear => (0..n).map(|i| config.beta_start + (config.beta_end - config.beta_start) * i as f64 / (n - 1) as f64).collect(),
+        BetaSchedule::ScaledLinear => {
             let (a, b) = (config.beta_start.sqrt(), config.beta_end.sqrt());
             (0..n).map(|i| (a + (b - a) * i as f64 / (n - 1) as f64).powi(2)).collect()
+        }
+        // ᾱ(t) = cos²((t + 0.008) / 1.008 · π/2) sampled at i/N, each beta
+        // 1 − ᾱ((i+1)/N) / ᾱ(i/N) capped at 0.999 (diffusers'
+        // betas_for_alpha_bar; the beta_start/beta_end keys are unused).
+        BetaSchedule::SquaredcosCapV2 => {
+            let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
+            (0..n).map(|i| (1.0 - alpha_bar((i + 1) as f64 / n as f64) / alpha_bar(i as f64 / n as f64)).min(0.999)).collect()
         }
     };
     let mut product = 1.0;
@@ -71,8 +70,9 @@ pub fn alphas_cumprod(config: &SchedulerConfig) -> Vec<f64> {
     }).collect()
 }
 
-fn spacing(config: &SchedulerConfig, class_default: &str) -> String {
-    config.timestep_spacing.clone().unwrap_or_else(|| class_default.to_string())
+/// The config's spacing, or the sampler class's own default.
+fn spacing(config: &SchedulerConfig, class_default: TimestepSpacing) -> TimestepSpacing {
+    config.timestep_spacing.unwrap_or(class_default)
 }
 
 /// diffusers' `np.round`: half to even.
@@ -81,17 +81,16 @@ fn round(x: f64) -> f64 {
 }
 
 /// Timesteps for `steps` inference steps (as floats: Euler may interpolate).
-pub fn timesteps(config: &SchedulerConfig, steps: usize, spacing: &str) -> Vec<f64> {
+pub fn timesteps(config: &SchedulerConfig, steps: usize, spacing: TimestepSpacing) -> Vec<f64> {
     let t = config.num_train_timesteps as f64;
     let n = steps as f64;
     match spacing {
-        "trailing" => {
+        TimestepSpacing::Trailing => {
             let ratio = t / n;
             (0..steps).map(|i| round(t - i as f64 * ratio) - 1.0).collect()
         }
-        "linspace" => (0..steps).rev().map(|i| if steps == 1 { 0.0 } else { (t - 1.0) * i as f64 / (n - 1.0) }).collect(),
-        // "leading"
-        _ => {
+        TimestepSpacing::Linspace => (0..steps).rev().map(|i| if steps == 1 { 0.0 } else { (t - 1.0) * i as f64 / (n - 1.0) }).collect(),
+        TimestepSpacing::Leading => {
             let ratio = (config.num_train_timesteps / steps) as f64;
             (0..steps).rev().map(|i| round(i as f64 * ratio) + config.steps_offset as f64).collect()
         }
@@ -142,7 +141,7 @@ fn karras(sigma_min: f64, sigma_max: f64, steps: usize) -> Vec<f64> {
 /// A scheduler set up for one sampling run.
 pub struct Scheduler {
     pub kind: SamplerKind,
-    pub prediction: Prediction,
+    pub prediction: PredictionType,
     /// Timesteps given to the model, one per step.
     pub timesteps: Vec<f64>,
     /// σ per step and a final 0 (Euler and DPM++ families).
@@ -150,47 +149,40 @@ pub struct Scheduler {
     alphas: Vec<f64>,
     final_alpha: f64,
     step_ratio: usize,
-    spacing: String,
+    spacing: TimestepSpacing,
     /// DPM++ 2M: the previous step's denoised estimate.
     previous_x0: Option<Tensor<4>>,
 }
 
 impl Scheduler {
     pub fn new(kind: SamplerKind, config: &SchedulerConfig, steps: usize) -> Result<Self> {
-        let prediction = match config.prediction_type.as_str() {
-            "epsilon" => Prediction::Epsilon,
-            "v_prediction" => Prediction::V,
-            other => {
-                return Err(Error::Config { source_name: "scheduler config".into(), problems: vec![format!("prediction_type '{other}' is not supported")] })
-            }
-        };
+        let prediction = config.prediction_type;
         if steps == 0 {
             return Err(Error::Config { source_name: "--steps".into(), problems: vec!["at least one step is needed".into()] });
         }
         let alphas = alphas_cumprod(config);
         let full = full_sigmas(&alphas);
         let final_alpha = if config.set_alpha_to_one { 1.0 } else { alphas[0] };
-        let default_spacing = if kind == SamplerKind::Ddim { "leading" } else { "linspace" };
-        let spacing_name = spacing(config, default_spacing);
+        let default_spacing = if kind == SamplerKind::Ddim { TimestepSpacing::Leading } else { TimestepSpacing::Linspace };
+        let spacing = spacing(config, default_spacing);
         let (timesteps, sigmas) = match kind {
-            SamplerKind::Ddim => (timesteps(config, steps, &spacing(config, "leading")), Vec::new()),
+            SamplerKind::Ddim => (timesteps(config, steps, spacing), Vec::new()),
             SamplerKind::Euler | SamplerKind::EulerAncestral => {
-                let ts = timesteps(config, steps, &spacing(config, "linspace"));
+                let ts = timesteps(config, steps, spacing);
                 let mut sigmas: Vec<f64> = ts.iter().map(|t| interp_sigma(*t, &full)).collect();
                 sigmas.push(0.0);
                 (ts, sigmas)
             }
             SamplerKind::DpmPp2m | SamplerKind::DpmPp2mKarras => {
-                let spacing = spacing(config, "linspace");
                 let t = config.num_train_timesteps;
                 // DPM-Solver works on N+1 points and drops the last.
-                let mut ts: Vec<f64> = if spacing == "leading" {
-                    let ratio = (t / (steps + 1)) as f64;
-                    (0..=steps).rev().map(|i| round(i as f64 * ratio) + config.steps_offset as f64).collect()
-                } else if spacing == "trailing" {
-                    timesteps(config, steps, "trailing")
-                } else {
-                    (0..=steps).rev().map(|i| round((t - 1) as f64 * i as f64 / steps as f64)).collect()
+                let mut ts: Vec<f64> = match spacing {
+                    TimestepSpacing::Leading => {
+                        let ratio = (t / (steps + 1)) as f64;
+                        (0..=steps).rev().map(|i| round(i as f64 * ratio) + config.steps_offset as f64).collect()
+                    }
+                    TimestepSpacing::Trailing => timesteps(config, steps, TimestepSpacing::Trailing),
+                    TimestepSpacing::Linspace => (0..=steps).rev().map(|i| round((t - 1) as f64 * i as f64 / steps as f64)).collect(),
                 };
                 ts.truncate(steps);
                 let mut sigmas: Vec<f64> = ts.iter().map(|t| interp_sigma(*t, &full)).collect();
@@ -210,7 +202,7 @@ impl Scheduler {
             alphas,
             final_alpha,
             step_ratio: config.num_train_timesteps / steps,
-            spacing: spacing_name,
+            spacing,
             previous_x0: None,
         })
     }
@@ -221,7 +213,7 @@ impl Scheduler {
             SamplerKind::Euler | SamplerKind::EulerAncestral => {
                 let max = self.sigmas.iter().cloned().fold(0.0, f64::max);
                 // diffusers: σ_max for linspace and trailing spacing, else sqrt(σ_max² + 1).
-                if matches!(self.spacing.as_str(), "linspace" | "trailing") {
+                if matches!(self.spacing, TimestepSpacing::Linspace | TimestepSpacing::Trailing) {
                     max
                 } else {
                     (max * max + 1.0).sqrt()
@@ -256,11 +248,12 @@ impl Scheduler {
         let a_t = self.alphas[t];
         let a_prev = t.checked_sub(self.step_ratio).map(|p| self.alphas[p]).unwrap_or(self.final_alpha);
         let (x0, eps) = match self.prediction {
-            Prediction::Epsilon => ((sample.clone() - output.clone() * (1.0 - a_t).sqrt()) / a_t.sqrt(), output),
-            Prediction::V => (
+            PredictionType::Epsilon => ((sample.clone() - output.clone() * (1.0 - a_t).sqrt()) / a_t.sqrt(), output),
+            PredictionType::VPrediction => (
                 sample.clone() * a_t.sqrt() - output.clone() * (1.0 - a_t).sqrt(),
                 output * a_t.sqrt() + sample * (1.0 - a_t).sqrt(),
             ),
+            PredictionType::Sample => (output.clone(), (sample - output * a_t.sqrt()) / (1.0 - a_t).sqrt()),
         };
         x0 * a_prev.sqrt() + eps * (1.0 - a_prev).sqrt()
     }
@@ -269,8 +262,9 @@ impl Scheduler {
         let sigma = self.sigmas[step];
         let next = self.sigmas[step + 1];
         let x0 = match self.prediction {
-            Prediction::Epsilon => sample.clone() - output * sigma,
-            Prediction::V => output * (-sigma / (sigma * sigma + 1.0).sqrt()) + sample.clone() / (sigma * sigma + 1.0),
+            PredictionType::Epsilon => sample.clone() - output * sigma,
+            PredictionType::VPrediction => output * (-sigma / (sigma * sigma + 1.0).sqrt()) + sample.clone() / (sigma * sigma + 1.0),
+            PredictionType::Sample => output,
         };
         let derivative = (sample.clone() - x0) / sigma;
         if self.kind == SamplerKind::EulerAncestral {
@@ -294,8 +288,9 @@ impl Scheduler {
         };
         let (alpha_t, sigma_t) = alpha_sigma(sigma);
         let x0 = match self.prediction {
-            Prediction::Epsilon => (sample.clone() - output * sigma_t) / alpha_t,
-            Prediction::V => sample.clone() * alpha_t - output * sigma_t,
+            PredictionType::Epsilon => (sample.clone() - output * sigma_t) / alpha_t,
+            PredictionType::VPrediction => sample.clone() * alpha_t - output * sigma_t,
+            PredictionType::Sample => output,
         };
         let (alpha_next, sigma_next) = alpha_sigma(next);
         let lambda = |alpha: f64, s: f64| alpha.ln() - s.ln();
@@ -326,11 +321,12 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::config::Choice;
 
     fn sd_config(spacing: Option<&str>) -> SchedulerConfig {
         let mut config = SchedulerConfig::default();
         config.steps_offset = 1;
-        config.timestep_spacing = spacing.map(str::to_string);
+        config.timestep_spacing = spacing.map(|s| TimestepSpacing::parse(s).unwrap());
         config
     }
 
@@ -344,9 +340,9 @@ mod tests {
     // Reference vectors: diffusion-reference.md §5 (scaled_linear, N = 10).
     #[test]
     fn leading_and_trailing_spacing() {
-        let leading = timesteps(&sd_config(None), 10, "leading");
+        let leading = timesteps(&sd_config(None), 10, TimestepSpacing::Leading);
         close(&leading, &[901.0, 801.0, 701.0, 601.0, 501.0, 401.0, 301.0, 201.0, 101.0, 1.0], 0.0);
-        let trailing = timesteps(&sd_config(None), 10, "trailing");
+        let trailing = timesteps(&sd_config(None), 10, TimestepSpacing::Trailing);
         close(&trailing, &[999.0, 899.0, 799.0, 699.0, 599.0, 499.0, 399.0, 299.0, 199.0, 99.0], 0.0);
     }
 

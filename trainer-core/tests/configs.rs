@@ -236,6 +236,7 @@ fn training_config_errors_are_named() {
         ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nTRAIN_BATCH_SIZE=two", "train_batch_size"),
         ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nLEARNING_RATE=1e-7\nLR_END=1e-6", "lr_end"),
         ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nVALIDATION_PROMPT=\"unterminated", "quote"),
+        ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nTRAINER_EXTRA_ARGS=\"--prediction_type=x0\"", "'prediction_type' is 'x0', which is not one of: epsilon, v_prediction, sample"),
     ];
     for (text, needle) in cases {
         let result = TrainingConfig::parse(text, ConfigFormat::Env, "/x/config.env", &no_env);

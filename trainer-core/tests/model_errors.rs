@@ -107,3 +107,15 @@ fn pickle_files_are_refused_with_advice() {
     assert!(message.contains("pickle"), "{message}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_unknown_noise_schedule_is_refused_by_file_and_key() {
+    let root = scratch("schedule");
+    let path = root.join("scheduler/scheduler_config.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("\"scaled_linear\"", "\"sigmoid\"")).unwrap();
+    let message = load_error(&root);
+    assert!(message.contains(&path.display().to_string()), "{message}");
+    assert!(message.contains("'beta_schedule' is 'sigmoid', which is not one of: linear, scaled_linear, squaredcos_cap_v2"), "{message}");
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -9,12 +9,12 @@ use common::*;
 use image::ImageFormat;
 use trainer_core::data::geometry::{CropStyle, GeometrySettings, ResolutionType, Sizer};
 use trainer_core::data::preprocess::{decode_oriented, prepare, resize_lanczos};
-use trainer_core::data::probe::probe;
+use trainer_core::data::probe::{probe, DEFAULT_MAX_IMAGE_PIXELS};
 use trainer_core::data::source::SliceAccess;
 use trainer_core::rng::SeededRng;
 
 fn probe_size(bytes: &[u8]) -> [u32; 2] {
-    probe(&mut SliceAccess(bytes)).unwrap().unwrap().oriented_size()
+    probe(&mut SliceAccess(bytes), DEFAULT_MAX_IMAGE_PIXELS).unwrap().unwrap().oriented_size()
 }
 
 #[test]
@@ -29,11 +29,11 @@ fn headers_give_sizes_for_every_format() {
 fn exif_orientation_swaps_size_in_header_and_pixels() {
     let rotated = with_exif_orientation(&jpeg(120, 80), 6);
     assert_eq!(probe_size(&rotated), [80, 120]);
-    let image = decode_oriented(&rotated).unwrap();
+    let image = decode_oriented(&rotated, DEFAULT_MAX_IMAGE_PIXELS).unwrap();
     assert_eq!(image.dimensions(), (80, 120));
     // Orientation 6 means "rotate 90 degrees clockwise to display": the
     // stored top-left pixel ends up top-right.
-    let stored = decode_oriented(&jpeg(120, 80)).unwrap();
+    let stored = decode_oriented(&jpeg(120, 80), DEFAULT_MAX_IMAGE_PIXELS).unwrap();
     let corner = stored.get_pixel(0, 0);
     let moved = image.get_pixel(79, 0);
     for c in 0..3 {
@@ -133,7 +133,7 @@ fn captions_follow_each_strategy() {
 
 #[test]
 fn transparency_is_composited_on_white() {
-    let image = decode_oriented(&transparent_png(8, 8)).unwrap();
+    let image = decode_oriented(&transparent_png(8, 8), DEFAULT_MAX_IMAGE_PIXELS).unwrap();
     assert!(image.pixels().all(|p| p.0 == [255, 255, 255]));
 }
 
@@ -176,7 +176,7 @@ fn grayscale_and_cmyk_free_jpegs_decode_to_rgb() {
     let gray = image::GrayImage::from_fn(40, 30, |x, _| image::Luma([(x * 6) as u8]));
     let mut bytes = std::io::Cursor::new(Vec::new());
     gray.write_to(&mut bytes, ImageFormat::Jpeg).unwrap();
-    let rgb = decode_oriented(&bytes.into_inner()).unwrap();
+    let rgb = decode_oriented(&bytes.into_inner(), DEFAULT_MAX_IMAGE_PIXELS).unwrap();
     assert_eq!(rgb.dimensions(), (40, 30));
     let p = rgb.get_pixel(20, 10);
     assert!(p[0] == p[1] && p[1] == p[2] && (p[0] as i32 - 120).abs() < 10, "{p:?}");

@@ -27,6 +27,7 @@ use native_runner::bench::median;
 use trainer_core::config;
 use trainer_core::data::geometry::{CropAspect, CropStyle, GeometrySettings, ImageGeometry, ResolutionType, Sizer};
 use trainer_core::data::preprocess::{decode_oriented, resize_and_crop};
+use trainer_core::data::probe::DEFAULT_MAX_IMAGE_PIXELS;
 use trainer_core::data::source::ImageSource;
 use trainer_core::plan::{plan, Plan, PlanTarget};
 use trainer_core::rng::SeededRng;
@@ -145,7 +146,7 @@ fn run(args: Args) -> Result<(), String> {
     // `Resizer` (which picks the best CPU extensions) is reached by inference
     // from `resize_and_crop`'s signature. One untimed warm-up image.
     let mut resizer = Default::default();
-    let warm_up = decode_oriented(&files[0])?;
+    let warm_up = decode_oriented(&files[0], DEFAULT_MAX_IMAGE_PIXELS)?;
     resize_and_crop(&warm_up, &geometry, &mut resizer)?;
     drop(warm_up);
     println!("[preprocess] fast_image_resize CPU extensions: {:?}", resizer.cpu_extensions());
@@ -157,7 +158,7 @@ fn run(args: Args) -> Result<(), String> {
         let (mut decode, mut resize) = (Duration::ZERO, Duration::ZERO);
         for bytes in &files {
             let start = Instant::now();
-            let image = decode_oriented(bytes)?;
+            let image = decode_oriented(bytes, DEFAULT_MAX_IMAGE_PIXELS)?;
             let decoded = Instant::now();
             let out = resize_and_crop(&image, &geometry, &mut resizer)?;
             // Freeing the decoded image is part of the cost (Pillow's side

@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use super::dataset::{resolve_path, DatasetDefaults};
 use super::values::Reader;
 use crate::error::{nearest, Diagnostics, Error, Result};
+use crate::models::config::PredictionType;
 
 /// SimpleTuner env names -> option names.
 const ENV_NAMES: &str = include_str!("env_names.tsv");
@@ -158,9 +159,12 @@ pub struct TrainingConfig {
     pub noise_offset: f64,
     pub noise_offset_probability: f64,
     pub snr_gamma: Option<f64>,
-    pub prediction_type: Option<String>,
+    pub prediction_type: Option<PredictionType>,
     pub data_backend_sampling: DatasetSampling,
     pub allow_dataset_oversubscription: bool,
+    /// Images with more pixels are skipped unread (`max_image_pixels`,
+    /// Burnbooth's own key; Pillow's limit by default).
+    pub max_image_pixels: u64,
     pub regularisation_mode: RegularisationMode,
     pub prior_loss_weight: f64,
     pub aspect_bucket_alignment: u32,
@@ -615,12 +619,13 @@ fn read_config(
     let noise_offset = r.f64(&["noise_offset"]).unwrap_or(0.1);
     let noise_offset_probability = r.f64(&["noise_offset_probability"]).unwrap_or(0.25);
     let snr_gamma = r.f64(&["snr_gamma"]).filter(|g| *g > 0.0);
-    let prediction_type = r.choice(&["prediction_type"], &["epsilon", "v_prediction", "sample"]);
+    let prediction_type = r.choice_of::<PredictionType>(&["prediction_type"]);
     let data_backend_sampling = match r.choice(&["data_backend_sampling"], &["uniform", "auto-weighting", "auto_weighting"]).as_deref() {
         Some("uniform") => DatasetSampling::Uniform,
         _ => DatasetSampling::AutoWeighting,
     };
     let allow_dataset_oversubscription = r.bool(&["allow_dataset_oversubscription"]).unwrap_or(false);
+    let max_image_pixels = r.int(&["max_image_pixels"], 1).map(|v| v as u64).unwrap_or(crate::data::probe::DEFAULT_MAX_IMAGE_PIXELS);
     let regularisation_mode = match r
         .choice(&["regularisation_mode"], &["mixed", "prior_preservation", "parent_prediction"])
         .as_deref()
@@ -695,6 +700,7 @@ fn read_config(
         prediction_type,
         data_backend_sampling,
         allow_dataset_oversubscription,
+        max_image_pixels,
         regularisation_mode,
         prior_loss_weight,
         aspect_bucket_alignment,

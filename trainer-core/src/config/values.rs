@@ -11,6 +11,7 @@ use std::collections::BTreeSet;
 use serde_json::{Map, Value};
 
 use crate::error::{nearest, Diagnostics};
+use crate::models::config::Choice;
 
 pub struct Reader<'a> {
     /// How problems name the owner, e.g. "dataset 'subject'".
@@ -142,6 +143,18 @@ impl<'a> Reader<'a> {
             Value::String(s) => Some(s.clone()),
             _ => {
                 self.error(format!("'{key}' must be a string, not {value}"));
+                None
+            }
+        }
+    }
+
+    /// A setting read into its enum (compared case-insensitively).
+    pub fn choice_of<T: Choice>(&mut self, names: &[&str]) -> Option<T> {
+        let text = self.string(names)?;
+        match T::parse(&text.trim().to_ascii_lowercase()) {
+            Ok(value) => Some(value),
+            Err(_) => {
+                self.error(format!("'{}' is '{text}', which is not one of: {}", names[0], T::accepted().join(", ")));
                 None
             }
         }

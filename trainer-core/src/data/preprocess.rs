@@ -14,9 +14,10 @@ use super::geometry::{ImageGeometry, Size};
 use super::probe::{probe, ImageFormat, ImageInfo};
 use super::source::SliceAccess;
 
-/// Decodes an image with its EXIF orientation applied, as RGB.
-pub fn decode_oriented(bytes: &[u8]) -> Result<RgbImage, String> {
-    let info = probe_bytes(bytes)?;
+/// Decodes an image with its EXIF orientation applied, as RGB. Images of
+/// more than `max_pixels` pixels are refused before anything is allocated.
+pub fn decode_oriented(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, String> {
+    let info = probe_bytes(bytes, max_pixels)?;
     let mut image = if info.format == ImageFormat::Jpeg {
         DynamicImage::ImageRgb8(decode_jpeg(bytes, info.stored_size)?)
     } else {
@@ -59,8 +60,8 @@ fn decode_jpeg(bytes: &[u8], size: [u32; 2]) -> Result<RgbImage, String> {
     RgbImage::from_raw(size[0], size[1], pixels).ok_or_else(|| "JPEG decoded to an unexpected size".to_string())
 }
 
-fn probe_bytes(bytes: &[u8]) -> Result<ImageInfo, String> {
-    probe(&mut SliceAccess(bytes)).map_err(|e| e.to_string())?
+fn probe_bytes(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, String> {
+    probe(&mut SliceAccess(bytes), max_pixels).map_err(|e| e.to_string())?
 }
 
 /// RGB with any transparency composited on white (a transparent background
@@ -119,6 +120,9 @@ pub fn resize_and_crop(image: &RgbImage, geometry: &ImageGeometry, resizer: &mut
 
 /// The whole preprocessing of one file.
 pub fn prepare(bytes: &[u8], geometry: &ImageGeometry, resizer: &mut Resizer) -> Result<RgbImage, String> {
-    let image = decode_oriented(bytes)?;
+    // The plan admitted this image at its planned size: a file that now
+    // claims more pixels is refused before decoding (resize_and_crop names it).
+    let [width, height] = geometry.original_size;
+    let image = decode_oriented(bytes, width as u64 * height as u64)?;
     resize_and_crop(&image, geometry, resizer)
 }

@@ -45,8 +45,29 @@ impl ImageInfo {
 /// Why a file is not a usable image.
 pub type SkipReason = String;
 
-/// Reads the headers of one file.
-pub fn probe(file: &mut dyn RandomAccess) -> Result<std::result::Result<ImageInfo, SkipReason>> {
+/// The most pixels an image may have before it is skipped, unread: Pillow's
+/// `Image.MAX_IMAGE_PIXELS` (the decoded RGB image is about 512 MiB). A
+/// header can claim any size, and decoding allocates what it claims.
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 178_956_970;
+
+/// Reads the headers of one file; images of more than `max_pixels` pixels
+/// are skipped with a reason.
+pub fn probe(file: &mut dyn RandomAccess, max_pixels: u64) -> Result<std::result::Result<ImageInfo, SkipReason>> {
+    Ok(probe_headers(file)?.and_then(|info| {
+        let [width, height] = info.stored_size;
+        let pixels = width as u64 * height as u64;
+        if pixels > max_pixels {
+            return Err(format!(
+                "too many pixels: {width}x{height} is {:.1} MP, over the limit of {:.1} MP (max_image_pixels); not decoded",
+                pixels as f64 / 1e6,
+                max_pixels as f64 / 1e6
+            ));
+        }
+        Ok(info)
+    }))
+}
+
+fn probe_headers(file: &mut dyn RandomAccess) -> Result<std::result::Result<ImageInfo, SkipReason>> {
     let length = file.len();
     if length == 0 {
         return Ok(Err("empty file (0 bytes)".into()));
@@ -151,14 +172,16 @@ pub fn exif_orientation(tiff: &[u8]) -> Option<u8> {
     };
     let read16 = |i: usize| if little { le16(tiff, i) } else { be16(tiff, i) };
     let read32 = |i: usize| if little { le32(tiff, i) } else { be32(tiff, i) };
-    let ifd = read32(4) as usize;
-    if ifd + 2 > tiff.len() {
+    // Offsets come from the file: checked arithmetic, since usize is 32
+    // bits on wasm32 and an offset near 4 GiB would wrap.
+    let ifd = usize::try_from(read32(4)).ok()?;
+    if ifd.checked_add(2)? > tiff.len() {
         return None;
     }
     let count = read16(ifd) as usize;
     for entry in 0..count {
-        let at = ifd + 2 + entry * 12;
-        if at + 12 > tiff.len() {
+        let at = ifd.checked_add(2)?.checked_add(entry.checked_mul(12)?)?;
+        if at.checked_add(12)? > tiff.len() {
             return None;
         }
         if read16(at) == 0x0112 {

@@ -178,6 +178,106 @@ pub struct ClipTextConfig {
     pub eos_token_id: Option<u32>,
 }
 
+/// A setting with a fixed set of spellings, read into an enum once, where
+/// the file is read: an unknown value is an error naming the key and the
+/// accepted values, never a fallback.
+pub trait Choice: Copy + PartialEq + 'static {
+    /// The key the value is read from (for messages).
+    const KEY: &'static str;
+    /// Every accepted spelling and its value; the first spelling of a value
+    /// is the one written back.
+    const VALUES: &'static [(&'static str, Self)];
+
+    /// The accepted spellings, one per value.
+    fn accepted() -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = Vec::new();
+        for (name, value) in Self::VALUES {
+            if !names.iter().any(|n| Self::parse(n).ok() == Some(*value)) {
+                names.push(name);
+            }
+        }
+        names
+    }
+
+    fn parse(text: &str) -> std::result::Result<Self, String> {
+        Self::VALUES
+            .iter()
+            .find(|(name, _)| *name == text)
+            .map(|(_, value)| *value)
+            .ok_or_else(|| format!("'{}' is '{text}', which is not one of: {}", Self::KEY, Self::accepted().join(", ")))
+    }
+
+    fn name(self) -> &'static str {
+        Self::VALUES.iter().find(|(_, value)| *value == self).map(|(name, _)| *name).expect("every value has a spelling")
+    }
+}
+
+/// Serialises a [`Choice`] as its name and reads it through `Choice::parse`.
+macro_rules! choice_serde {
+    ($type:ty) => {
+        impl Serialize for $type {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.name())
+            }
+        }
+        impl<'de> Deserialize<'de> for $type {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+                let text = String::deserialize(deserializer)?;
+                <$type>::parse(&text).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+/// How the training betas grow over the timesteps (diffusers' `beta_schedule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BetaSchedule {
+    /// Linear from `beta_start` to `beta_end`.
+    Linear,
+    /// Linear in sqrt(beta): what SD 1.x, 2.x and SDXL use.
+    ScaledLinear,
+    /// The cosine schedule of Nichol & Dhariwal (improved DDPM).
+    SquaredcosCapV2,
+}
+
+impl Choice for BetaSchedule {
+    const KEY: &'static str = "beta_schedule";
+    const VALUES: &'static [(&'static str, Self)] = &[("linear", Self::Linear), ("scaled_linear", Self::ScaledLinear), ("squaredcos_cap_v2", Self::SquaredcosCapV2)];
+}
+choice_serde!(BetaSchedule);
+
+/// How inference timesteps are spread over the training ones (diffusers'
+/// `timestep_spacing`, "Common Diffusion Noise Schedules are Flawed", table 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimestepSpacing {
+    Leading,
+    Trailing,
+    Linspace,
+}
+
+impl Choice for TimestepSpacing {
+    const KEY: &'static str = "timestep_spacing";
+    const VALUES: &'static [(&'static str, Self)] = &[("leading", Self::Leading), ("trailing", Self::Trailing), ("linspace", Self::Linspace)];
+}
+choice_serde!(TimestepSpacing);
+
+/// What the UNet predicts (diffusers' `prediction_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PredictionType {
+    /// The added noise (SD 1.x, SD 2.x base, SDXL).
+    Epsilon,
+    /// The velocity sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x₀ (SD 2.x 768-v).
+    VPrediction,
+    /// The clean sample x₀.
+    Sample,
+}
+
+impl Choice for PredictionType {
+    const KEY: &'static str = "prediction_type";
+    const VALUES: &'static [(&'static str, Self)] = &[("epsilon", Self::Epsilon), ("v_prediction", Self::VPrediction), ("sample", Self::Sample)];
+}
+choice_serde!(PredictionType);
+
 /// `scheduler/scheduler_config.json`: what the sampling schedulers need.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SchedulerConfig {
@@ -188,13 +288,14 @@ pub struct SchedulerConfig {
     #[serde(default = "default_beta_end")]
     pub beta_end: f64,
     #[serde(default = "default_beta_schedule")]
-    pub beta_schedule: String,
+    pub beta_schedule: BetaSchedule,
     #[serde(default = "default_prediction")]
-    pub prediction_type: String,
+    pub prediction_type: PredictionType,
     #[serde(default)]
     pub steps_offset: usize,
+    /// None: each sampler's own default (diffusers' class default).
     #[serde(default)]
-    pub timestep_spacing: Option<String>,
+    pub timestep_spacing: Option<TimestepSpacing>,
     #[serde(default)]
     pub set_alpha_to_one: bool,
 }
@@ -208,11 +309,11 @@ fn default_beta_start() -> f64 {
 fn default_beta_end() -> f64 {
     0.012
 }
-fn default_beta_schedule() -> String {
-    "scaled_linear".into()
+fn default_beta_schedule() -> BetaSchedule {
+    BetaSchedule::ScaledLinear
 }
-fn default_prediction() -> String {
-    "epsilon".into()
+fn default_prediction() -> PredictionType {
+    PredictionType::Epsilon
 }
 
 impl Default for SchedulerConfig {

@@ -201,7 +201,7 @@ pub fn read_folder_configs(files: &dyn ModelFiles) -> Result<ModelConfigs> {
     }
     let read = |path: &str| files.read_text(path);
     let scheduler = if files.exists("scheduler/scheduler_config.json") {
-        parse(&read("scheduler/scheduler_config.json")?, "scheduler/scheduler_config.json")?
+        parse(&read("scheduler/scheduler_config.json")?, &format!("{}/scheduler/scheduler_config.json", files.describe()))?
     } else {
         SchedulerConfig::default()
     };

@@ -57,9 +57,9 @@ pub async fn kohya_file(model: &StableDiffusion, extra: &BTreeMap<String, String
         step: 0,
         message: "the model has no LoRA adapters to export".into(),
     })?;
-    let (version, architecture, v2) = match (model.family, model.configs.scheduler.prediction_type.as_str()) {
+    let (version, architecture, v2) = match (model.family, model.configs.scheduler.prediction_type) {
         (crate::models::Family::Sd1, _) => ("sd_v1", "stable-diffusion-v1/lora", "False"),
-        (crate::models::Family::Sd2, "v_prediction") => ("sd_2.0", "stable-diffusion-v2-768-v/lora", "True"),
+        (crate::models::Family::Sd2, crate::models::config::PredictionType::VPrediction) => ("sd_2.0", "stable-diffusion-v2-768-v/lora", "True"),
         (crate::models::Family::Sd2, _) => ("sd_2.0", "stable-diffusion-v2-512/lora", "True"),
         (crate::models::Family::Sdxl, _) => ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "False"),
     };

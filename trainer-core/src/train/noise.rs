@@ -4,38 +4,21 @@
 
 use burn::tensor::{Tensor, TensorData};
 
-use crate::error::{Error, Result};
-use crate::models::config::SchedulerConfig;
+use crate::models::config::{PredictionType, SchedulerConfig};
 use crate::schedulers::alphas_cumprod;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target {
-    Epsilon,
-    Velocity,
-}
 
 #[derive(Debug, Clone)]
 pub struct NoiseSchedule {
     alphas_cumprod: Vec<f64>,
-    pub target: Target,
+    /// What the UNet learns to predict.
+    pub prediction: PredictionType,
 }
 
 impl NoiseSchedule {
     /// From the model's scheduler config; `prediction_override` is the
     /// training config's `prediction_type`, when set.
-    pub fn new(config: &SchedulerConfig, prediction_override: Option<&str>) -> Result<Self> {
-        let prediction = prediction_override.unwrap_or(&config.prediction_type);
-        let target = match prediction {
-            "epsilon" => Target::Epsilon,
-            "v_prediction" | "v-prediction" | "v" => Target::Velocity,
-            other => {
-                return Err(Error::Config {
-                    source_name: "prediction_type".into(),
-                    problems: vec![format!("'{other}' is not supported (epsilon or v_prediction)")],
-                })
-            }
-        };
-        Ok(Self { alphas_cumprod: alphas_cumprod(config), target })
+    pub fn new(config: &SchedulerConfig, prediction_override: Option<PredictionType>) -> Self {
+        Self { alphas_cumprod: alphas_cumprod(config), prediction: prediction_override.unwrap_or(config.prediction_type) }
     }
 
     pub fn num_timesteps(&self) -> usize {
@@ -55,12 +38,14 @@ impl NoiseSchedule {
     }
 
     /// min-SNR-γ weight (train_dreambooth.py, kohya): `min(SNR, γ) / SNR`
-    /// for epsilon, `min(SNR, γ) / (SNR + 1)` for v-prediction.
+    /// for epsilon, `min(SNR, γ) / (SNR + 1)` for v-prediction, `min(SNR, γ)`
+    /// for sample prediction (diffusers' train_text_to_image.py).
     pub fn min_snr_weight(&self, t: usize, gamma: f64) -> f64 {
         let snr = self.snr(t);
-        match self.target {
-            Target::Epsilon => snr.min(gamma) / snr,
-            Target::Velocity => snr.min(gamma) / (snr + 1.0),
+        match self.prediction {
+            PredictionType::Epsilon => snr.min(gamma) / snr,
+            PredictionType::VPrediction => snr.min(gamma) / (snr + 1.0),
+            PredictionType::Sample => snr.min(gamma),
         }
     }
 
@@ -77,11 +62,12 @@ impl NoiseSchedule {
         latents * signal + noise * sigma
     }
 
-    /// What the UNet learns to predict: ε, or v = sqrt(ᾱ) ε - sqrt(1-ᾱ) x_0.
+    /// What the UNet learns to predict: ε, v = sqrt(ᾱ) ε - sqrt(1-ᾱ) x_0, or x_0.
     pub fn target(&self, latents: Tensor<4>, noise: Tensor<4>, timesteps: &[usize]) -> Tensor<4> {
-        match self.target {
-            Target::Epsilon => noise,
-            Target::Velocity => {
+        match self.prediction {
+            PredictionType::Epsilon => noise,
+            PredictionType::Sample => latents,
+            PredictionType::VPrediction => {
                 let signal = self.per_sample(timesteps, |t| self.coefficients(t).0, &latents);
                 let sigma = self.per_sample(timesteps, |t| self.coefficients(t).1, &latents);
                 noise * signal - latents * sigma
@@ -97,7 +83,7 @@ mod tests {
     #[test]
     fn matches_the_reference_values() {
         // diffusion-reference.md §3.1 (diffusers 0.42.1).
-        let schedule = NoiseSchedule::new(&SchedulerConfig::default(), None).unwrap();
+        let schedule = NoiseSchedule::new(&SchedulerConfig::default(), None);
         let close = |got: f64, want: f64| assert!((got - want).abs() / want < 1e-4, "{got} vs {want}");
         close(schedule.alphas_cumprod[0], 0.99915);
         close(schedule.alphas_cumprod[499], 0.27767);

@@ -217,7 +217,7 @@ impl<'a> Session<'a> {
         }
         // Gradient checkpointing works by stage (train::checkpointing), not per operation.
         let train_device = device.clone().autodiff();
-        let noise = NoiseSchedule::new(&model.configs.scheduler, config.prediction_type.as_deref())?;
+        let noise = NoiseSchedule::new(&model.configs.scheduler, config.prediction_type);
         let full = config.model_type == ModelType::Full;
         let unet = model.unet.clone();
         let mut unet = unet.map(&mut ToTrainDevice { device: &train_device, trainable: full });

@@ -21,6 +21,13 @@ pub mod train;
 
 pub use error::{Error, Result};
 
+/// Whether `device` is burn's CPU backend rather than a cubecl device
+/// (wgpu, WebGPU). Only cubecl devices allocate from memory pools, which is
+/// what tells them apart through burn's device API.
+pub fn is_cpu_backend(device: &burn::tensor::Device) -> bool {
+    device.memory_pool_usage().is_none()
+}
+
 /// Runs one of the core's async operations to completion. The core reads
 /// tensors back asynchronously (the browser cannot block on the GPU); native
 /// callers simply wait.

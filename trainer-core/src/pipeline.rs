@@ -6,6 +6,7 @@ use image::RgbImage;
 
 use crate::error::{Error, Result};
 use crate::models::unet::AddedConditions;
+use crate::models::vae::{VaeTiling, WEBGPU_BINDING_BYTES};
 use crate::models::{Family, StableDiffusion};
 use crate::rng::SeededRng;
 use crate::schedulers::{SamplerKind, Scheduler};
@@ -154,10 +155,20 @@ impl StableDiffusion {
         Ok(Generated { latents, image })
     }
 
-    /// Latents (as sampled) to an image in [0, 1].
+    /// Latents (as sampled) to an image in [0, 1], in tiles where the
+    /// device binds buffers of limited size and the image needs it.
     pub fn decode_latents(&self, latents: Tensor<4>) -> Tensor<4> {
+        let [batch, _, h, w] = latents.dims();
+        let factor = self.configs.vae.downscale();
+        let tiling = vae_budget(&latents.device()).and_then(|budget| VaeTiling::for_decoding(&self.configs.vae, batch, h * factor, w * factor, budget));
         let scaled = latents / self.configs.vae.scaling_factor;
-        (self.vae.decode(scaled) / 2.0 + 0.5).clamp(0.0, 1.0)
+        (self.vae.decode_tiled(scaled, &self.configs.vae, tiling) / 2.0 + 0.5).clamp(0.0, 1.0)
+    }
+
+    /// How a `height × width` image is encoded on `device`: tiled where its
+    /// activations would not bind there (see [`vae_budget`]).
+    pub fn encode_tiling(&self, device: &Device, height: usize, width: usize) -> Option<VaeTiling> {
+        vae_budget(device).and_then(|budget| VaeTiling::for_encoding(&self.configs.vae, 1, height, width, budget))
     }
 }
 
@@ -216,4 +227,11 @@ pub fn png_with_parameters(image: &RgbImage, parameters: &str) -> Result<Vec<u8>
         writer.write_image_data(image.as_raw()).map_err(|e| Error::Io { path: "png".into(), message: e.to_string() })?;
     }
     Ok(bytes)
+}
+
+/// The largest VAE activation `device` is asked to hold in one buffer:
+/// WebGPU's guaranteed binding size on cubecl devices (wgpu, WebGPU, which
+/// allocate from memory pools), none on burn's CPU backend.
+pub fn vae_budget(device: &Device) -> Option<u64> {
+    (!crate::is_cpu_backend(device)).then_some(WEBGPU_BINDING_BYTES)
 }

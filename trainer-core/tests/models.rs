@@ -285,3 +285,26 @@ fn sdxl_single_file_loads_the_same_model_as_the_folder() {
     let b = single.generate(&request, None, &device, &mut |_, _| {}).unwrap();
     assert_close("sdxl single-file sampling", &values(b.image), &values(a.image), 1e-6);
 }
+
+/// Tiled decoding and encoding (diffusers' enable_tiling, 16-pixel tiles on
+/// the tiny VAE, whose downscale factor is 2) against diffusers' own tiled
+/// output, on a non-square latent and image so edge tiles are narrower.
+#[test]
+fn vae_tiling_matches_diffusers() {
+    use trainer_core::models::vae::VaeTiling;
+    let reference = SafetensorsFile::open(fixture("sd1").join("vae_tiling.safetensors").to_str().unwrap()).unwrap();
+    let tiling = Some(VaeTiling { tile_sample_size: 16, overlap: 0.25 });
+    for (name, device, tolerance) in devices() {
+        let model = load("sd1", &device);
+        let config = &model.configs.vae;
+        let latents = tensor::<4>(&reference, "latents", &device);
+        let tiled = values(model.vae.decode_tiled(latents.clone(), config, tiling));
+        assert_close(&format!("{name} tiled decode"), &tiled, &reference.to_f32("decoded_tiled").unwrap(), tolerance);
+        let whole = values(model.vae.decode_tiled(latents, config, None));
+        assert_close(&format!("{name} untiled decode"), &whole, &reference.to_f32("decoded_untiled").unwrap(), tolerance);
+        let image = tensor::<4>(&reference, "image", &device);
+        let posterior = model.vae.encode_tiled(image, config, tiling);
+        assert_close(&format!("{name} tiled encode mean"), &values(posterior.mean), &reference.to_f32("mean_tiled").unwrap(), tolerance);
+        assert_close(&format!("{name} tiled encode logvar"), &values(posterior.logvar), &reference.to_f32("logvar_tiled").unwrap(), tolerance);
+    }
+}

@@ -101,10 +101,20 @@ const ATTENTION_SLICE_BYTES: usize = 64 << 20;
 /// reports running out of memory, with advice.
 const ATTENTION_MAX_SLICES: usize = 1024;
 
-/// softmax(q kᵀ / √d) v over `[batch, heads, tokens, head dim]`, in slices
-/// of query rows whose scores fit [`ATTENTION_SLICE_BYTES`] (diffusers'
-/// attention slicing). Small inputs take one slice.
+/// softmax(q kᵀ / √d) v over `[batch, heads, tokens, head dim]`.
+///
+/// Where no gradient flows through it on the CPU backend (sampling,
+/// validation, caching, the first forward of checkpointed training), burn's
+/// fused attention, which tiles the keys with an online softmax and never
+/// holds the scores. Elsewhere in slices of query rows whose scores fit
+/// [`ATTENTION_SLICE_BYTES`] (diffusers' attention slicing): burn's fused
+/// attention materialises every score under autodiff and on wgpu without
+/// autotune. Small inputs take one slice.
 fn sliced_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    let untracked = !(q.is_tracked() || k.is_tracked() || v.is_tracked());
+    if untracked && crate::is_cpu_backend(&q.device()) {
+        return burn::tensor::module::attention(q, k, v, None, None, Default::default());
+    }
     attention_in_slices(q, k, v, ATTENTION_SLICE_BYTES)
 }
 
@@ -169,7 +179,7 @@ pub fn upsample_nearest_2x(x: Tensor<4>) -> Tensor<4> {
 mod tests {
     use burn::tensor::{Device, Distribution, Tensor};
 
-    use super::attention_in_slices;
+    use super::{attention_in_slices, sliced_attention};
 
     /// Slicing the query rows (7 slices of 3 rows, the last of 2) gives the
     /// output and the gradients of one slice (relative error ≤ 1e-5).
@@ -189,6 +199,25 @@ mod tests {
             let scale = whole.clone().abs().max().into_scalar::<f32>();
             let error = (whole - sliced).abs().max().into_scalar::<f32>();
             assert!(error <= 1e-5 * scale, "sliced attention differs by {error} (largest value {scale})");
+        }
+    }
+
+    /// Without autodiff the CPU backend takes burn's fused attention (flash
+    /// tiles with an online softmax once the scores pass 256K elements):
+    /// self- and cross-attention shapes, odd lengths, head sizes 8, 40 and
+    /// 64 give the reference's output within 1e-5 relative.
+    #[test]
+    fn fused_attention_matches_the_reference_without_autodiff() {
+        let device = Device::flex();
+        let shapes = [([2, 3, 20, 8], 11), ([1, 8, 257, 40], 77), ([1, 5, 1000, 64], 1000), ([2, 2, 999, 8], 999)];
+        for ([batch, heads, queries, head_dim], keys) in shapes {
+            let input = |length: usize| Tensor::<4>::random([batch, heads, length, head_dim], Distribution::Normal(0.0, 1.0), &device);
+            let (q, k, v) = (input(queries), input(keys), input(keys));
+            let reference = attention_in_slices(q.clone(), k.clone(), v.clone(), usize::MAX);
+            let fused = sliced_attention(q, k, v);
+            let scale = reference.clone().abs().max().into_scalar::<f32>();
+            let error = (reference - fused).abs().max().into_scalar::<f32>();
+            assert!(error <= 1e-5 * scale, "{queries}x{keys} head dim {head_dim}: fused attention differs by {error} (largest value {scale})");
         }
     }
 }

@@ -323,12 +323,19 @@ impl<'a> Session<'a> {
             for image in &dataset.images {
                 let bytes = self.sources[d].read(&image.path)?;
                 let geometry = image.geometry();
-                let key = cache::latent_key(&bytes, &geometry, &self.model.fingerprints.vae);
+                let [width, height] = geometry.target_size.map(|side| side as usize);
+                let tiling = self.model.encode_tiling(&self.device, height, width);
+                // Tiled latents differ slightly from whole ones: their cache entries do too.
+                let vae_identity = match tiling {
+                    Some(tiling) => format!("{}+tiles{}", self.model.fingerprints.vae, tiling.tile_sample_size),
+                    None => self.model.fingerprints.vae.clone(),
+                };
+                let key = cache::latent_key(&bytes, &geometry, &vae_identity);
                 let path = cache::entry_path(&dataset.cache_dir_vae, &key);
                 if !self.storage.exists(&path)? {
                     let pixels = prepare(&bytes, &geometry, &mut resizer)
                         .map_err(|reason| Error::Image { path: format!("{}/{}", dataset.folder, image.path), reason })?;
-                    let distribution = self.model.vae.encode(image_tensor(&pixels, &self.device));
+                    let distribution = self.model.vae.encode_tiled(image_tensor(&pixels, &self.device), &self.model.configs.vae, tiling);
                     // A device failure names the image being encoded.
                     let at_image = |error: Error| match error {
                         Error::Io { message, .. } => Error::Io { path: format!("{}/{}", dataset.folder, image.path), message: format!("encoding its latents: {message}") },

@@ -3,7 +3,7 @@
 
 use burn::tensor::Device;
 
-use crate::sample_command::device;
+use crate::device::pick;
 
 /// The "mid-size UNet" of bench.md: SD1-style, blocks 64/128/256/256, 2
 /// layers per block, 8 heads, context 256 (35.1 M parameters).
@@ -31,8 +31,8 @@ pub fn devices(list: &str) -> Vec<(&'static str, Device)> {
             "cpu-gpu" => "wgpu (cpu adapter)",
             _ => "wgpu (gpu)",
         };
-        match device(name) {
-            Ok(device) => found.push((label, device)),
+        match pick(name) {
+            Ok(picked) => found.push((label, picked.device)),
             Err(error) => eprintln!("{error}"),
         }
     }

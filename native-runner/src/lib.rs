@@ -1,5 +1,6 @@
 //! The native runner's pieces, shared by its binaries and tests.
 
+pub mod device;
 pub mod folder;
 pub mod plan_command;
 pub mod sample_command;

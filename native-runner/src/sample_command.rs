@@ -2,11 +2,13 @@
 
 use std::path::Path;
 
-use burn::tensor::{DType, Device, DeviceKind, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use trainer_core::models::safetensors_file::SafetensorsFile;
-use trainer_core::models::{read_folder_configs, DiskFolder, StableDiffusion, WeightDtypes};
+use trainer_core::models::StableDiffusion;
+
+use crate::device::load_model;
 use trainer_core::pipeline::{a1111_parameters, png_with_parameters, to_rgb8, GenerateRequest};
 use trainer_core::schedulers::SamplerKind;
 use trainer_core::{Error, Result};
@@ -41,9 +43,10 @@ pub struct SampleArgs {
     /// A .safetensors file with one tensor `latents` [1, 4, H/8, W/8] to start from.
     #[arg(long)]
     init_latents: Option<String>,
-    /// Where to compute: gpu (wgpu on the best adapter), cpu-gpu (wgpu on a
-    /// CPU Vulkan adapter such as lavapipe) or cpu (burn's CPU backend).
-    #[arg(long, default_value = "gpu")]
+    /// Where to compute: auto (a GPU when there is one, else the CPU
+    /// backend), gpu (wgpu on the best adapter), cpu-gpu (wgpu on a CPU
+    /// Vulkan adapter such as lavapipe) or cpu (burn's CPU backend).
+    #[arg(long, default_value = "auto")]
     device: String,
     #[arg(long)]
     out: String,
@@ -77,49 +80,6 @@ pub fn apply_loras(model: &mut StableDiffusion, specs: &[String], device: &Devic
     Ok(applied)
 }
 
-pub fn device(name: &str) -> Result<Device> {
-    Ok(match name {
-        "gpu" => Device::wgpu(DeviceKind::DefaultDevice),
-        "cpu-gpu" | "lavapipe" => Device::wgpu(DeviceKind::Cpu),
-        "cpu" => Device::flex(),
-        other => {
-            return Err(Error::Config { source_name: "--device".into(), problems: vec![format!("unknown device '{other}': use gpu, cpu-gpu or cpu")] })
-        }
-    })
-}
-
-/// Whether frozen weights are stored in f16 on this device: on wgpu when the
-/// adapter has f16 (memory is the GPU's limit); on the CPU backend weights
-/// stay f32 (every use would pay a cast, and system memory is larger).
-pub fn has_f16(name: &str, device: &Device) -> bool {
-    name != "cpu" && device.supports_dtype(DType::F16)
-}
-
-/// Storage dtypes for inference (sample and the tools) on `device`.
-pub fn inference_dtypes(name: &str, device: &Device) -> WeightDtypes {
-    if has_f16(name, device) {
-        WeightDtypes::all(DType::F16)
-    } else {
-        WeightDtypes::default()
-    }
-}
-
-pub fn load_model(model: &str, config_from: Option<&str>, device: &Device, dtypes: WeightDtypes) -> Result<StableDiffusion> {
-    let path = Path::new(model);
-    if path.is_dir() {
-        return StableDiffusion::from_folder_with(&DiskFolder { root: path.to_path_buf() }, device, dtypes);
-    }
-    if !path.exists() {
-        return Err(Error::Io { path: model.to_string(), message: "no such file or folder".into() });
-    }
-    let file = SafetensorsFile::open(model)?;
-    let configs = match config_from {
-        Some(folder) => Some(read_folder_configs(&DiskFolder { root: folder.into() })?),
-        None => None,
-    };
-    StableDiffusion::from_single_file_with(&file, configs, device, dtypes)
-}
-
 fn read_latents(path: &str, device: &Device) -> Result<Tensor<4>> {
     let file = SafetensorsFile::open(path)?;
     let info = file.info("latents").ok_or_else(|| Error::Io { path: path.into(), message: "no tensor named 'latents'".into() })?;
@@ -133,8 +93,10 @@ fn read_latents(path: &str, device: &Device) -> Result<Tensor<4>> {
 pub fn run(args: SampleArgs) -> Result<()> {
     // Cheap argument checks first, before a model is loaded.
     let sampler = SamplerKind::parse(&args.sampler)?;
-    let device = device(&args.device)?;
-    let mut model = load_model(&args.model, args.config_from.as_deref(), &device, inference_dtypes(&args.device, &device))?;
+    let picked = crate::device::pick(&args.device)?;
+    eprintln!("{}", picked.reason);
+    let device = picked.device.clone();
+    let mut model = load_model(&args.model, args.config_from.as_deref(), &device, picked.inference_dtypes())?;
     let loras = apply_loras(&mut model, &args.lora, &device)?;
     let native = model.native_size();
     let init = args.init_latents.as_deref().map(|p| read_latents(p, &device)).transpose()?;

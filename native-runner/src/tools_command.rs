@@ -11,7 +11,7 @@ use trainer_core::tools::{self, RegularisationSet, TokenReport};
 use trainer_core::train::storage::DiskStorage;
 use trainer_core::{block_on, Error, Result};
 
-use crate::sample_command::{device, inference_dtypes, load_model};
+use crate::device::{load_model, pick};
 
 #[derive(Args)]
 pub struct FindTokenArgs {
@@ -61,8 +61,10 @@ pub fn run_find_token(args: FindTokenArgs) -> Result<()> {
     if args.min_chars == 0 || args.min_chars > args.max_chars {
         return Err(Error::Config { source_name: "--min-chars/--max-chars".into(), problems: vec!["need 1 <= --min-chars <= --max-chars".into()] });
     }
-    let device = device(&args.device)?;
-    let model = load_model(&args.model, None, &device, inference_dtypes(&args.device, &device))?;
+    let picked = pick(&args.device)?;
+    eprintln!("{}", picked.reason);
+    let device = picked.device.clone();
+    let model = load_model(&args.model, None, &device, picked.inference_dtypes())?;
     let class = args.class.as_deref();
     let progress = bar("scoring [{bar:30}] {pos}/{len} ({per_sec}, {eta})");
     let mut on_progress = |done: usize, total: usize| {
@@ -122,8 +124,8 @@ pub struct MakeRegArgs {
     width: Option<usize>,
     #[arg(long)]
     height: Option<usize>,
-    /// gpu, cpu-gpu or cpu.
-    #[arg(long, default_value = "gpu")]
+    /// auto (a GPU when there is one, else the CPU backend), gpu, cpu-gpu or cpu.
+    #[arg(long, default_value = "auto")]
     device: String,
 }
 
@@ -132,11 +134,13 @@ pub fn run_make_reg(args: MakeRegArgs) -> Result<()> {
     if args.count == 0 {
         return Err(Error::Config { source_name: "--count".into(), problems: vec!["--count must be at least 1".into()] });
     }
-    let device = device(&args.device)?;
+    let picked = pick(&args.device)?;
+    eprintln!("{}", picked.reason);
+    let device = picked.device.clone();
     let loading = bar("{spinner} {msg}");
     loading.set_message(format!("loading {}", args.model));
     loading.enable_steady_tick(Duration::from_millis(120));
-    let model = load_model(&args.model, None, &device, inference_dtypes(&args.device, &device));
+    let model = load_model(&args.model, None, &device, picked.inference_dtypes());
     loading.finish_and_clear();
     let model = model?;
     let side = args.resolution.unwrap_or(model.native_size());

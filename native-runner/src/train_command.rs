@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use burn::tensor::DType;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use trainer_core::config;
@@ -21,7 +20,7 @@ use trainer_core::{block_on, Error, Result};
 
 use crate::folder::FolderSource;
 use crate::plan_command::{env_lookup, read_text};
-use crate::sample_command::{device, has_f16, load_model};
+use crate::device::{load_model, pick};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -47,9 +46,10 @@ pub struct TrainArgs {
     /// Continue from a checkpoint: `latest` or a checkpoint folder.
     #[arg(long)]
     resume: Option<String>,
-    /// gpu (wgpu on the best adapter), cpu-gpu (wgpu on a CPU Vulkan adapter
-    /// such as lavapipe) or cpu (burn's CPU backend).
-    #[arg(long, default_value = "gpu")]
+    /// auto (a GPU when there is one, else the CPU backend), gpu (wgpu on
+    /// the best adapter), cpu-gpu (wgpu on a CPU Vulkan adapter such as
+    /// lavapipe) or cpu (burn's CPU backend).
+    #[arg(long, default_value = "auto")]
     device: String,
     /// LoRA target layers: attention (to_q, to_k, to_v, to_out.0), all, or a
     /// comma-separated list of to_q, to_k, to_v, to_out.0, ff.net.0.proj, ff.net.2, proj_in, proj_out.
@@ -124,8 +124,10 @@ fn summary(plan: &Plan) -> String {
 fn open_session<'a>(args: &TrainArgs, storage: &'a DiskStorage) -> Result<Session<'a>> {
     let (training, dataloader) = load_configs(args)?;
     let lora_targets = LoraTargets::parse(&args.lora_targets).map_err(|message| Error::Config { source_name: "--lora-targets".into(), problems: vec![message] })?;
-    let device = device(&args.device)?;
-    let target = PlanTarget { has_bf16: device.supports_dtype(DType::BF16) && args.device == "cpu", has_f16: has_f16(&args.device, &device) };
+    let picked = pick(&args.device)?;
+    eprintln!("{}", picked.reason);
+    let device = picked.device.clone();
+    let target = PlanTarget { has_bf16: picked.has_bf16(), has_f16: picked.stores_f16() };
     let (plan, sources) = plan_run(&training, &dataloader, target)?;
     eprintln!("plan: {}", summary(&plan));
     let model_path = training.pretrained_model_name_or_path.clone().ok_or_else(|| Error::Config {
@@ -161,16 +163,17 @@ pub fn run_cache(args: TrainArgs) -> Result<()> {
     fill_caches(&mut session)
 }
 
-/// Ctrl-C asks the loop to stop after the current step.
+/// Ctrl-C (SIGINT) and SIGTERM (what `kill`, systemd and job schedulers
+/// send) ask the loop to stop after the current step, saving a checkpoint.
 fn interrupt_flag() -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
-    let handler_flag = flag.clone();
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    let registered = unsafe {
-        signal_hook_registry::register(libc::SIGINT, move || handler_flag.store(true, Ordering::SeqCst))
-    };
-    if registered.is_err() {
-        eprintln!("warning: could not install the Ctrl-C handler; Ctrl-C will stop without a checkpoint");
+    for (signal, name) in [(libc::SIGINT, "Ctrl-C"), (libc::SIGTERM, "SIGTERM")] {
+        let handler_flag = flag.clone();
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        let registered = unsafe { signal_hook_registry::register(signal, move || handler_flag.store(true, Ordering::SeqCst)) };
+        if registered.is_err() {
+            eprintln!("warning: could not install the {name} handler; {name} will stop without a checkpoint");
+        }
     }
     flag
 }

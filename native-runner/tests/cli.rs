@@ -271,3 +271,117 @@ fn sample_single_file_and_every_sampler() {
     assert!(stderr(&output).contains("plms"), "{}", stderr(&output));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The quick-start command, as README.md gives it: the `cargo run …` part of
+/// the line that holds it, continued lines joined.
+fn readme_quick_start() -> String {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let joined = readme.replace("\\\n", " ");
+    let line = joined.lines().find(|l| l.contains("cargo run -p native-runner -- train")).expect("README.md has a `cargo run -p native-runner -- train` command");
+    let command = &line[line.find("cargo run").unwrap()..];
+    command.split("&&").next().unwrap().trim().to_string()
+}
+
+#[test]
+fn readme_quick_start_runs_as_written() {
+    let command = readme_quick_start();
+    let out = scratch("readme");
+    // The command verbatim, with a step limit and a scratch output folder
+    // added. It runs through cargo as a user's would (so a missing
+    // `default-run` fails here); the build is the one this test came from.
+    let binary = Path::new(env!("CARGO_BIN_EXE_native-runner"));
+    let target_dir = binary.parent().unwrap().parent().unwrap();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let script = format!("{} --max-steps 2 --output-dir {}", command.replacen("cargo", &cargo, 1), out.display());
+    let output = Command::new("sh").args(["-c", &script]).current_dir(repo()).env("CARGO_TARGET_DIR", target_dir).output().unwrap();
+    assert!(output.status.success(), "`{script}` failed:\n{}", stderr(&output));
+    assert!(out.join("burnbooth-lora.safetensors").is_file(), "no LoRA in {}: {}", out.display(), stderr(&output));
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().filter(|l| l.contains("\"loss\"")).count(), 2, "{metrics}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// A PNG of `width × height` black pixels, streamed so a decompression bomb
+/// (gigabytes of pixels in a few megabytes) is written without holding it.
+fn black_png(path: &Path, width: u32, height: u32) {
+    let file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut encoder = png::Encoder::new(file, width, height);
+    encoder.set_color(png::ColorType::Grayscale);
+    encoder.set_compression(png::Compression::Fast);
+    let mut writer = encoder.write_header().unwrap().into_stream_writer().unwrap();
+    let row = vec![0u8; width as usize];
+    for _ in 0..height {
+        std::io::Write::write_all(&mut writer, &row).unwrap();
+    }
+    writer.finish().unwrap();
+}
+
+/// A small real JPEG whose frame header is patched to claim `width × height`.
+fn jpeg_claiming(width: u16, height: u16) -> Vec<u8> {
+    let mut bytes = std::fs::read(repo().join("examples/dreambooth/subject/robot_01.jpg")).unwrap();
+    let sof = bytes.windows(2).position(|w| w[0] == 0xFF && matches!(w[1], 0xC0 | 0xC1 | 0xC2)).unwrap();
+    bytes[sof + 5..sof + 7].copy_from_slice(&height.to_be_bytes());
+    bytes[sof + 7..sof + 9].copy_from_slice(&width.to_be_bytes());
+    bytes
+}
+
+/// A real JPEG with an EXIF block whose first directory lies far past its end.
+fn jpeg_with_exif_offset_past_the_end() -> Vec<u8> {
+    let bytes = std::fs::read(repo().join("examples/dreambooth/subject/robot_02.jpg")).unwrap();
+    let mut tiff = b"Exif\0\0II*\0".to_vec();
+    tiff.extend_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+    let mut out = vec![0xFF, 0xD8, 0xFF, 0xE1];
+    out.extend_from_slice(&((tiff.len() + 2) as u16).to_be_bytes());
+    out.extend_from_slice(&tiff);
+    out.extend_from_slice(&bytes[2..]);
+    out
+}
+
+/// Peak resident memory of the largest child this process has waited for, in MiB.
+fn children_peak_mib() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) }, 0);
+    usage.ru_maxrss as f64 / 1024.0
+}
+
+#[test]
+fn hostile_images_are_skipped_by_plan_and_cache_with_a_named_reason() {
+    let dir = scratch("hostile");
+    copy_dir(&repo().join("examples/dreambooth"), &dir);
+    let subject = dir.join("subject");
+    black_png(&subject.join("bomb.png"), 30000, 30000);
+    std::fs::write(subject.join("huge.jpg"), jpeg_claiming(65000, 65000)).unwrap();
+    image::RgbImage::from_pixel(4, 1200, image::Rgb([200, 10, 10])).save(subject.join("thin.png")).unwrap();
+    image::RgbImage::from_pixel(1200, 2, image::Rgb([10, 200, 10])).save(subject.join("flat.png")).unwrap();
+    image::RgbImage::from_pixel(4000, 10, image::Rgb([10, 10, 200])).save(subject.join("wide.png")).unwrap();
+    std::fs::write(subject.join("exif.jpg"), jpeg_with_exif_offset_past_the_end()).unwrap();
+    let config = dir.join("tiny.env");
+
+    let output = runner(&["plan", "--config", config.to_str().unwrap(), "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let plan: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    let dataset = &plan["datasets"][0];
+    let skipped: Vec<String> = dataset["skipped"].as_array().unwrap().iter().map(|s| format!("{}: {}", s["path"].as_str().unwrap(), s["reason"].as_str().unwrap())).collect();
+    for (file, reason) in [("bomb.png", "30000x30000 is 900.0 MP, over the limit of 179.0 MP"), ("huge.jpg", "65000x65000"), ("thin.png", "extreme aspect ratio: 4x1200 is 1:300"), ("flat.png", "1200x2"), ("wide.png", "extreme aspect ratio: 4000x10 is 400:1")] {
+        assert!(skipped.iter().any(|s| s.starts_with(file) && s.contains(reason)), "{file} should be skipped for '{reason}': {skipped:?}");
+    }
+    // A broken EXIF block is ignored (orientation as stored), as Pillow's exif_transpose does.
+    let used: Vec<&str> = dataset["images"].as_array().unwrap().iter().map(|i| i["path"].as_str().unwrap()).collect();
+    assert!(used.contains(&"exif.jpg"), "{used:?}");
+    assert_eq!(used.len(), 7, "the six robots and exif.jpg: {used:?}");
+
+    let model = repo().join("trainer-core/tests/fixtures/models/sd1/diffusers");
+    let output = Command::new(env!("CARGO_BIN_EXE_native-runner"))
+        .args(["cache", "--config", config.to_str().unwrap(), "--model", model.to_str().unwrap(), "--device", "cpu"])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "cache failed: {}", stderr(&output));
+    assert!(stderr(&output).contains("caches ready"), "{}", stderr(&output));
+    let peak = children_peak_mib();
+    assert!(peak < 600.0, "a child process peaked at {peak:.0} MiB");
+    let latents = std::fs::read_dir(dir.join("output/tiny/cache/vae/zwxrobot")).unwrap().count();
+    assert_eq!(latents, 7, "one latent per usable image");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -206,6 +206,41 @@ fn kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_usable() {
 }
 
 #[test]
+fn sigterm_saves_a_checkpoint_that_resumes() {
+    let dir = run_folder("sigterm", "MAX_NUM_STEPS=40\nCHECKPOINTING_STEPS=100\nVALIDATION_STEPS=0\n");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_native-runner"))
+        .args(["train", "--config", "config.env", "--device", "cpu"])
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first step's metrics, then ask the process to stop.
+    let metrics = dir.join("output/metrics.jsonl");
+    let started = Instant::now();
+    while std::fs::read_to_string(&metrics).map(|m| m.lines().count()).unwrap_or(0) < 1 {
+        assert!(started.elapsed() < Duration::from_secs(300), "no step seen");
+        assert!(child.try_wait().unwrap().is_none(), "training ended before the signal");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: signalling a child process this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let output = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "SIGTERM should end the run cleanly: {text}");
+    assert!(text.contains("interrupted: saved"), "{text}");
+    let stopped_at = losses(&dir).last().unwrap().0;
+    assert!(stopped_at < 40, "the run stopped early");
+    let saved: Vec<_> = std::fs::read_dir(dir.join("output/checkpoints")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(saved, [format!("checkpoint-{stopped_at:08}")], "one checkpoint, written at the signal");
+
+    let end = (stopped_at + 2).to_string();
+    let output = runner(&["train", "--config", "config.env", "--device", "cpu", "--resume", "latest", "--max-steps", &end], &dir);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(losses(&dir).iter().map(|(s, _)| *s).collect::<Vec<_>>(), (1..=stopped_at + 2).collect::<Vec<_>>());
+}
+
+#[test]
 fn the_guide_configuration_trains_unchanged_apart_from_paths() {
     // examples/dreambooth/config.env is the guide's setup (adamw-bf16, polynomial
     // decay to LEARNING_RATE_END, both step and epoch limits); only the model

@@ -30,6 +30,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    native_runner::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Plan(args) => plan_command::run(args),

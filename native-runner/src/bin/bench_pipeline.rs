@@ -55,6 +55,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    native_runner::keep_freed_memory();
     let args = Args::parse();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,

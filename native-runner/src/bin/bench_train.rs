@@ -100,6 +100,7 @@ fn bench(name: &str, device: Device, settings: &Settings) {
 }
 
 fn main() {
+    native_runner::keep_freed_memory();
     if cfg!(debug_assertions) {
         println!("warning: debug build; use --release for meaningful timings");
     }

@@ -63,6 +63,7 @@ fn bench_vae_decode(name: &str, device: Device, runs: usize, resolution: usize) 
 }
 
 fn main() {
+    native_runner::keep_freed_memory();
     if cfg!(debug_assertions) {
         println!("warning: debug build; use --release for meaningful timings");
     }

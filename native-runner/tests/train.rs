@@ -241,6 +241,28 @@ fn sigterm_saves_a_checkpoint_that_resumes() {
 }
 
 #[test]
+fn a_non_finite_gradient_stops_the_run_before_the_update_and_keeps_the_checkpoint() {
+    let dir = run_folder("nan", "MAX_NUM_STEPS=2\nCHECKPOINTING_STEPS=2\nVALIDATION_STEPS=0\n");
+    let output = runner(&["train", "--config", "config.env", "--device", "cpu"], &dir);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let checkpoint = dir.join("output/checkpoints/checkpoint-00000002/trainable.safetensors");
+    let before = std::fs::read(&checkpoint).unwrap();
+    // A prior-loss weight of 1e30 keeps the loss finite (about 1e30) while
+    // the squared gradients overflow f32: the gradient norm is infinite.
+    let mut config = std::fs::read_to_string(dir.join("config.env")).unwrap();
+    config.push_str("PRIOR_LOSS_WEIGHT=1e30\nMAX_NUM_STEPS=4\n");
+    std::fs::write(dir.join("config.env"), config).unwrap();
+    let output = runner(&["train", "--config", "config.env", "--device", "cpu", "--resume", "latest"], &dir);
+    assert!(!output.status.success());
+    let text = stderr(&output);
+    assert!(text.contains("step 3") && text.contains("gradient norm is inf") && text.contains("the weights were not updated"), "{text}");
+    assert_eq!(std::fs::read(&checkpoint).unwrap(), before, "the last good checkpoint is untouched");
+    let saved: Vec<_> = std::fs::read_dir(dir.join("output/checkpoints")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(saved, ["checkpoint-00000002"]);
+    assert_eq!(losses(&dir).iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 2], "the failed step is not recorded");
+}
+
+#[test]
 fn the_guide_configuration_trains_unchanged_apart_from_paths() {
     // examples/dreambooth/config.env is the guide's setup (adamw-bf16, polynomial
     // decay to LEARNING_RATE_END, both step and epoch limits); only the model

@@ -83,6 +83,16 @@ pub fn save(
     keep: u32,
     between_files: &dyn Fn(),
 ) -> Result<String> {
+    // A checkpoint with NaN or infinite weights would be resumed from, and
+    // pruning would delete good ones in its favour: never write one.
+    for (kind, tensors) in [("weight", &checkpoint.trainable), ("optimizer state", &checkpoint.optimizer)] {
+        if let Some((name, _)) = tensors.iter().find(|(_, t)| t.values.iter().any(|v| !v.is_finite())) {
+            return Err(Error::Training {
+                step: checkpoint.state.step,
+                message: format!("not saving a checkpoint: {kind} '{name}' has NaN or infinite values; the earlier checkpoints are kept"),
+            });
+        }
+    }
     let dir = checkpoints_dir(output_dir);
     let name = format!("{PREFIX}{:08}", checkpoint.state.step);
     let partial = join(&dir, &format!("{name}{PARTIAL}"));

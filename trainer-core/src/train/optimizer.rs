@@ -142,6 +142,15 @@ impl AdamW {
         self.accumulated.clear();
     }
 
+    /// Abandons a step begun by [`begin_step`](Self::begin_step) before any
+    /// parameter was updated: its gradients are dropped and the step count
+    /// (AdamW's bias correction) is as before.
+    pub fn discard_step(&mut self) {
+        self.pending.clear();
+        self.accumulated.clear();
+        self.steps -= 1;
+    }
+
     /// Applies the accumulated gradients to one module. Returns the global
     /// gradient norm before clipping, still on the device.
     pub fn step<M: Module>(&mut self, module: M, lr: f64, train_device: &Device) -> Result<(M, Option<Tensor<1>>)> {

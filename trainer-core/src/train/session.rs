@@ -556,11 +556,9 @@ impl<'a> Session<'a> {
         }
         let lr = self.lr_schedule.at(self.step);
         let grad_norm = self.optimizer.begin_step();
-        self.model.unet = self.optimizer.apply(self.model.unet.clone(), "", lr, &self.train_device);
-        // The schedule scales both rates alike (diffusers' parameter groups).
-        let text_lr = self.config.text_encoder_lr.map_or(lr, |rate| lr * rate / self.config.learning_rate);
-        let (optimizer, train_device) = (&mut self.optimizer, &self.train_device);
-        update_text_encoders(self.config.train_text_encoder, &mut self.model, |prefix, encoder| Ok(optimizer.apply(encoder, prefix, text_lr, train_device)))?;
+        // Read the norm before the update: a NaN or infinite gradient with a
+        // finite loss would otherwise turn every weight into NaN (the clip
+        // factor multiplies them all).
         let grad_norm = match grad_norm {
             Some(norm) => norm
                 .into_scalar_async::<f32>()
@@ -568,6 +566,21 @@ impl<'a> Session<'a> {
                 .map_err(|e| Error::Training { step: self.step + 1, message: crate::error::device_failure("the gradient norm", e) })?,
             None => 0.0,
         };
+        if !grad_norm.is_finite() {
+            self.optimizer.discard_step();
+            return Err(Error::Training {
+                step: self.step + 1,
+                message: format!(
+                    "the gradient norm is {grad_norm} (the loss was {}); the weights were not updated and the last checkpoint is intact. Lower the learning rate or check the data",
+                    loss_sum / accumulation as f32
+                ),
+            });
+        }
+        self.model.unet = self.optimizer.apply(self.model.unet.clone(), "", lr, &self.train_device);
+        // The schedule scales both rates alike (diffusers' parameter groups).
+        let text_lr = self.config.text_encoder_lr.map_or(lr, |rate| lr * rate / self.config.learning_rate);
+        let (optimizer, train_device) = (&mut self.optimizer, &self.train_device);
+        update_text_encoders(self.config.train_text_encoder, &mut self.model, |prefix, encoder| Ok(optimizer.apply(encoder, prefix, text_lr, train_device)))?;
         self.step += 1;
         if let Some(dropout) = &self.dropout {
             dropout.stop();

@@ -237,6 +237,17 @@ fn training_config_errors_are_named() {
         ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nLEARNING_RATE=1e-7\nLR_END=1e-6", "lr_end"),
         ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nVALIDATION_PROMPT=\"unterminated", "quote"),
         ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nTRAINER_EXTRA_ARGS=\"--prediction_type=x0\"", "'prediction_type' is 'x0', which is not one of: epsilon, v_prediction, sample"),
+        ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nLEARNING_RATE=0", "learning_rate must be positive"),
+        ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nLR_END=-1e-6", "'lr_end' must be at least 0, not -0.000001"),
+        ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nTRAINER_EXTRA_ARGS=\"--adam_beta1=1.0\"", "'adam_beta1' must be at least 0 and below 1, not 1"),
+        ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nTRAINER_EXTRA_ARGS=\"--adam_beta2=-0.5\"", "'adam_beta2' must be at least 0 and below 1"),
+        ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nTRAINER_EXTRA_ARGS=\"--adam_epsilon=0\"", "'adam_epsilon' must be positive"),
+        ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nTRAINER_EXTRA_ARGS=\"--adam_weight_decay=-0.01\"", "'adam_weight_decay' must be at least 0"),
+        ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nTRAINER_EXTRA_ARGS=\"--lora_dropout=1.0\"", "'lora_dropout' must be at least 0 and below 1"),
+        ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nLORA_ALPHA=0", "'lora_alpha' must be positive"),
+        ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nTRAINER_EXTRA_ARGS=\"--max_grad_norm=-1\"", "'max_grad_norm' must be at least 0"),
+        ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nPRIOR_LOSS_WEIGHT=-1", "'prior_loss_weight' must be at least 0"),
+        ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nTRAINER_EXTRA_ARGS=\"--text_encoder_lr=0\"", "'text_encoder_lr' must be positive"),
     ];
     for (text, needle) in cases {
         let result = TrainingConfig::parse(text, ConfigFormat::Env, "/x/config.env", &no_env);

@@ -522,10 +522,10 @@ fn read_config(
         r.error(format!("learning_rate must be positive, not {learning_rate}"));
     }
     let lr_end_given = r.has("lr_end");
-    let lr_end = r.f64(&["lr_end"]).unwrap_or(4e-7);
+    let lr_end = r.f64_where(&["lr_end"], |v| v >= 0.0, "at least 0").unwrap_or(4e-7);
     let lr_warmup_steps = r.int(&["lr_warmup_steps"], 0).unwrap_or(0) as u64;
-    let lr_power = r.f64(&["lr_power"]).unwrap_or(0.8);
-    let lr_num_cycles = r.f64(&["lr_num_cycles"]).unwrap_or(1.0);
+    let lr_power = r.f64_where(&["lr_power"], |v| v > 0.0, "positive").unwrap_or(0.8);
+    let lr_num_cycles = r.f64_where(&["lr_num_cycles"], |v| v > 0.0, "positive").unwrap_or(1.0);
     let schedule_text = r.string(&["lr_scheduler"]);
     let lr_scheduler = match schedule_text.as_deref().map(|s| s.trim().to_ascii_lowercase()) {
         // LEARNING_RATE_END / LR_END alone means a decay toward it (decisions.md).
@@ -564,11 +564,13 @@ fn read_config(
         }
     };
     // SimpleTuner's adamw_bf16 defaults (optimizer_param.py): wd 1e-2, eps 1e-6.
-    let adam_beta1 = r.f64(&["adam_beta1", "optimizer_beta1"]).unwrap_or(0.9);
-    let adam_beta2 = r.f64(&["adam_beta2", "optimizer_beta2"]).unwrap_or(0.999);
-    let adam_weight_decay = r.f64(&["adam_weight_decay"]).unwrap_or(1e-2);
-    let adam_epsilon = r.f64(&["adam_epsilon"]).unwrap_or(1e-6);
-    let max_grad_norm = r.f64(&["max_grad_norm"]).unwrap_or(2.0);
+    // Ranges as torch.optim.AdamW checks them.
+    let beta = |v: f64| (0.0..1.0).contains(&v);
+    let adam_beta1 = r.f64_where(&["adam_beta1", "optimizer_beta1"], beta, "at least 0 and below 1").unwrap_or(0.9);
+    let adam_beta2 = r.f64_where(&["adam_beta2", "optimizer_beta2"], beta, "at least 0 and below 1").unwrap_or(0.999);
+    let adam_weight_decay = r.f64_where(&["adam_weight_decay"], |v| v >= 0.0, "at least 0").unwrap_or(1e-2);
+    let adam_epsilon = r.f64_where(&["adam_epsilon"], |v| v > 0.0, "positive").unwrap_or(1e-6);
+    let max_grad_norm = r.f64_where(&["max_grad_norm"], |v| v >= 0.0, "at least 0 (0 turns clipping off)").unwrap_or(2.0);
 
     let max_train_steps = r.int(&["max_train_steps"], 0).filter(|s| *s > 0).map(|s| s as u64);
     let epochs_given = r.has("num_train_epochs");
@@ -587,7 +589,7 @@ fn read_config(
     let validation_step_interval = r.int(&["validation_step_interval"], 0).unwrap_or(100) as u64;
     let validation_prompt = r.string(&["validation_prompt"]);
     let validation_negative_prompt = r.string(&["validation_negative_prompt"]).unwrap_or_else(|| "blurry, cropped, ugly".into());
-    let validation_guidance = r.f64(&["validation_guidance"]).unwrap_or(7.5);
+    let validation_guidance = r.f64_where(&["validation_guidance"], |v| v >= 0.0, "at least 0").unwrap_or(7.5);
     let validation_num_inference_steps = r.int(&["validation_num_inference_steps"], 1).unwrap_or(30) as u32;
     let validation_resolution = match r.raw(&["validation_resolution"]) {
         Some((_, Value::String(s))) => s.clone(),
@@ -602,10 +604,10 @@ fn read_config(
     let validation_seed = r.int(&["validation_seed"], 0).map(|s| s as u64);
 
     let lora_rank = r.int(&["lora_rank"], 1).unwrap_or(16) as u32;
-    let lora_alpha = r.f64(&["lora_alpha"]).unwrap_or(lora_rank as f64);
-    let lora_dropout = r.f64(&["lora_dropout"]).unwrap_or(0.1);
+    let lora_alpha = r.f64_where(&["lora_alpha"], |v| v > 0.0, "positive").unwrap_or(lora_rank as f64);
+    let lora_dropout = r.f64_where(&["lora_dropout"], |v| (0.0..1.0).contains(&v), "at least 0 and below 1").unwrap_or(0.1);
     let train_text_encoder = r.bool(&["train_text_encoder"]).unwrap_or(false);
-    let text_encoder_lr = r.f64(&["text_encoder_lr"]);
+    let text_encoder_lr = r.f64_where(&["text_encoder_lr"], |v| v > 0.0, "positive");
     if train_text_encoder && model_type == ModelType::Full {
         r.error("train_text_encoder: only LoRA training (model_type lora) trains the text encoder so far");
     }
@@ -616,8 +618,8 @@ fn read_config(
         r.error(format!("caption_dropout_probability must be between 0 and 1, not {caption_dropout_probability}"));
     }
     let offset_noise = r.bool(&["offset_noise"]).unwrap_or(false);
-    let noise_offset = r.f64(&["noise_offset"]).unwrap_or(0.1);
-    let noise_offset_probability = r.f64(&["noise_offset_probability"]).unwrap_or(0.25);
+    let noise_offset = r.f64_where(&["noise_offset"], |v| v >= 0.0, "at least 0").unwrap_or(0.1);
+    let noise_offset_probability = r.f64_where(&["noise_offset_probability"], |v| (0.0..=1.0).contains(&v), "between 0 and 1").unwrap_or(0.25);
     let snr_gamma = r.f64(&["snr_gamma"]).filter(|g| *g > 0.0);
     let prediction_type = r.choice_of::<PredictionType>(&["prediction_type"]);
     let data_backend_sampling = match r.choice(&["data_backend_sampling"], &["uniform", "auto-weighting", "auto_weighting"]).as_deref() {
@@ -637,7 +639,7 @@ fn read_config(
         _ if model_type == ModelType::Lora => RegularisationMode::ParentPrediction,
         _ => RegularisationMode::Mixed,
     };
-    let prior_loss_weight = r.f64(&["prior_loss_weight"]).unwrap_or(1.0);
+    let prior_loss_weight = r.f64_where(&["prior_loss_weight"], |v| v >= 0.0, "at least 0").unwrap_or(1.0);
     let aspect_bucket_alignment = r.int(&["aspect_bucket_alignment"], 8).unwrap_or(64) as u32;
     let aspect_bucket_rounding = r.int(&["aspect_bucket_rounding"], 1).unwrap_or(2) as u32;
     let strict_config = r.bool(&["strict_config"]).unwrap_or(false);

@@ -89,6 +89,18 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// A number for which `valid` holds; otherwise an error saying it must
+    /// be `rule` (for example "between 0 and 1").
+    pub fn f64_where(&mut self, names: &[&str], valid: impl Fn(f64) -> bool, rule: &str) -> Option<f64> {
+        let value = self.f64(names)?;
+        if valid(value) {
+            Some(value)
+        } else {
+            self.error(format!("'{}' must be {rule}, not {value}", names[0]));
+            None
+        }
+    }
+
     pub fn f64(&mut self, names: &[&str]) -> Option<f64> {
         let (key, value) = self.raw(names)?;
         match value {

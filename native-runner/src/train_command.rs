@@ -13,6 +13,7 @@ use trainer_core::config::training::{ModelType, TrainingConfig};
 use trainer_core::data::source::ImageSource;
 use trainer_core::models::lora::LoraTargets;
 use trainer_core::plan::{plan, Plan, PlanTarget};
+use trainer_core::train::run_record::OutputUse;
 use trainer_core::train::session::{Progress, Session, SessionOptions};
 use trainer_core::train::storage::DiskStorage;
 use trainer_core::error::{is_out_of_memory, MEMORY_ADVICE};
@@ -46,6 +47,10 @@ pub struct TrainArgs {
     /// Continue from a checkpoint: `latest` or a checkpoint folder.
     #[arg(long)]
     resume: Option<String>,
+    /// The output folder holds an earlier run: move its outputs (all but the
+    /// caches) to a previous-N folder inside it and start afresh.
+    #[arg(long, conflicts_with = "resume")]
+    start_over: bool,
     /// auto (a GPU when there is one, else the CPU backend), gpu (wgpu on
     /// the best adapter), cpu-gpu (wgpu on a CPU Vulkan adapter such as
     /// lavapipe) or cpu (burn's CPU backend).
@@ -163,6 +168,52 @@ pub fn run_cache(args: TrainArgs) -> Result<()> {
     fill_caches(&mut session)
 }
 
+/// One run at a time per output folder: `.burnbooth.lock` in it holds the
+/// process id of the run using it, and is removed when the run ends. A lock
+/// whose process is gone (a killed run) is taken over.
+struct OutputLock {
+    path: std::path::PathBuf,
+}
+
+impl OutputLock {
+    fn acquire(output_dir: &str) -> Result<Self> {
+        let io = |e: std::io::Error| Error::Io { path: output_dir.to_string(), message: e.to_string() };
+        std::fs::create_dir_all(output_dir).map_err(io)?;
+        let path = std::path::Path::new(output_dir).join(".burnbooth.lock");
+        loop {
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut file) => {
+                    std::io::Write::write_all(&mut file, std::process::id().to_string().as_bytes()).map_err(io)?;
+                    return Ok(Self { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = std::fs::read_to_string(&path).ok().and_then(|text| text.trim().parse::<i32>().ok());
+                    if let Some(pid) = holder.filter(|pid| process_exists(*pid)) {
+                        return Err(Error::Config {
+                            source_name: output_dir.to_string(),
+                            problems: vec![format!("another run (process {pid}) is using this output folder; wait for it to end or give this run another OUTPUT_DIR")],
+                        });
+                    }
+                    // Left by a run that was killed: take it over.
+                    std::fs::remove_file(&path).map_err(io)?;
+                }
+                Err(e) => return Err(io(e)),
+            }
+        }
+    }
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn process_exists(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    pid > 0 && (unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+}
+
 /// Ctrl-C (SIGINT) and SIGTERM (what `kill`, systemd and job schedulers
 /// send) ask the loop to stop after the current step, saving a checkpoint.
 fn interrupt_flag() -> Arc<AtomicBool> {
@@ -190,10 +241,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let delay = Duration::from_millis(delay.parse().unwrap_or(0));
         session.checkpoint_hook = Box::new(move || std::thread::sleep(delay));
     }
-    let resume = args.resume.clone().or_else(|| session.config.resume_from_checkpoint.clone());
-    if let Some(which) = resume {
-        let path = session.resume(&which)?;
-        eprintln!("resumed from {path} at step {}", session.step);
+    let _lock = OutputLock::acquire(&session.config.output_dir)?;
+    let resume = if args.start_over { None } else { args.resume.clone().or_else(|| session.config.resume_from_checkpoint.clone()) };
+    let output_use = match (&resume, args.start_over) {
+        (Some(_), _) => OutputUse::Resume,
+        (None, true) => OutputUse::StartOver,
+        (None, false) => OutputUse::New,
+    };
+    for note in session.begin(output_use, resume.as_deref())? {
+        eprintln!("{note}");
     }
     fill_caches(&mut session)?;
 

@@ -263,6 +263,72 @@ fn a_non_finite_gradient_stops_the_run_before_the_update_and_keeps_the_checkpoin
 }
 
 #[test]
+fn a_used_output_folder_is_refused_resumed_with_changes_named_or_started_over() {
+    let dir = run_folder("used", "MAX_NUM_STEPS=2\nCHECKPOINTING_STEPS=2\nVALIDATION_STEPS=0\n");
+    let train = |extra: &[&str]| runner(&[&["train", "--config", "config.env", "--device", "cpu"], extra].concat(), &dir);
+    assert!(train(&[]).status.success());
+    let first_losses = losses(&dir);
+
+    // Another run into the same folder: refused, nothing touched.
+    let output = train(&[]);
+    assert!(!output.status.success());
+    let text = stderr(&output);
+    assert!(text.contains("output") && text.contains("holds an earlier run") && text.contains("--resume latest") && text.contains("--start-over"), "{text}");
+    assert_eq!(losses(&dir), first_losses);
+
+    // Resuming after a config change says what changed.
+    let config = std::fs::read_to_string(dir.join("config.env")).unwrap();
+    std::fs::write(dir.join("config.env"), format!("{config}LEARNING_RATE=2e-3\n")).unwrap();
+    let output = train(&["--resume", "latest", "--max-steps", "3"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains("since the run began: setting learning_rate was 0.001 and is now 0.002"), "{}", stderr(&output));
+
+    // A different adapter layout cannot resume.
+    std::fs::write(dir.join("config.env"), format!("{config}LORA_RANK=8\n")).unwrap();
+    let output = train(&["--resume", "latest", "--max-steps", "4"]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("cannot resume: lora_rank was 4 and is now 8"), "{}", stderr(&output));
+
+    // Starting over moves the old outputs aside, caches stay.
+    let output = train(&["--start-over"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains("moved to") && stderr(&output).contains("previous-1"), "{}", stderr(&output));
+    let aside = dir.join("output/previous-1");
+    assert!(aside.join("metrics.jsonl").is_file() && aside.join("checkpoints/checkpoint-00000003").is_dir() && aside.join("burnbooth-lora.safetensors").is_file());
+    assert!(dir.join("cache/vae/subject").is_dir(), "caches are kept");
+    assert_eq!(losses(&dir).iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 2], "the new run's metrics only");
+}
+
+#[test]
+fn a_second_run_cannot_use_a_folder_while_the_first_trains() {
+    let dir = run_folder("locked", "MAX_NUM_STEPS=40\nCHECKPOINTING_STEPS=100\nVALIDATION_STEPS=0\n");
+    let mut first = Command::new(env!("CARGO_BIN_EXE_native-runner"))
+        .args(["train", "--config", "config.env", "--device", "cpu"])
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = dir.join("output/.burnbooth.lock");
+    let started = Instant::now();
+    while !lock.exists() {
+        assert!(started.elapsed() < Duration::from_secs(300), "no lock seen");
+        assert!(first.try_wait().unwrap().is_none(), "the first run ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = runner(&["train", "--config", "config.env", "--device", "cpu", "--resume", "latest"], &dir);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains(&format!("another run (process {}) is using this output folder", first.id())), "{}", stderr(&output));
+    first.kill().unwrap(); // SIGKILL: the lock stays behind
+    first.wait().unwrap();
+    assert!(lock.exists());
+    // A lock whose process is gone is taken over.
+    let output = runner(&["train", "--config", "config.env", "--device", "cpu", "--start-over", "--max-steps", "1"], &dir);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(!lock.exists(), "the lock is removed when the run ends");
+}
+
+#[test]
 fn the_guide_configuration_trains_unchanged_apart_from_paths() {
     // examples/dreambooth/config.env is the guide's setup (adamw-bf16, polynomial
     // decay to LEARNING_RATE_END, both step and epoch limits); only the model

@@ -136,9 +136,46 @@ impl Sampler {
         Self { datasets, settings, state }
     }
 
-    /// Moves the sampler to a saved position (resuming a run).
-    pub fn restore(&mut self, state: SamplerState) {
-        self.state = state;
+    /// Moves the sampler to a saved position (resuming a run). A position
+    /// saved over other datasets (images added or removed, buckets changed)
+    /// cannot be taken exactly: the sampler then keeps its fresh passes,
+    /// continues the saved step and epoch count, and says why.
+    pub fn restore(&mut self, state: SamplerState) -> Result<(), String> {
+        match self.misfit(&state) {
+            None => {
+                self.state = state;
+                Ok(())
+            }
+            Some(reason) => {
+                self.state.batches_drawn = state.batches_drawn;
+                self.state.epoch = state.epoch;
+                Err(reason)
+            }
+        }
+    }
+
+    /// Why `state` does not fit these datasets: its bucket orders must be
+    /// shuffles of the buckets' images (or a dataset not started yet).
+    fn misfit(&self, state: &SamplerState) -> Option<String> {
+        if state.datasets.len() != self.datasets.len() {
+            return Some(format!("the checkpoint had {} datasets, the plan has {}", state.datasets.len(), self.datasets.len()));
+        }
+        for (dataset, saved) in self.datasets.iter().zip(&state.datasets) {
+            if saved.buckets.is_empty() {
+                continue;
+            }
+            let same = saved.buckets.len() == dataset.buckets.len()
+                && saved.buckets.iter().zip(&dataset.buckets).all(|(s, b)| {
+                    let (mut order, mut images) = (s.order.clone(), b.images.clone());
+                    order.sort_unstable();
+                    images.sort_unstable();
+                    order == images && s.cursor <= s.order.len()
+                });
+            if !same {
+                return Some(format!("dataset '{}' has other images or buckets than when the checkpoint was saved", dataset.id));
+            }
+        }
+        None
     }
 
     pub fn state(&self) -> &SamplerState {

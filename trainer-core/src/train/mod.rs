@@ -9,6 +9,7 @@ pub mod full_export;
 pub mod metrics;
 pub mod noise;
 pub mod optimizer;
+pub mod run_record;
 pub mod session;
 pub mod storage;
 pub mod tensor_file;

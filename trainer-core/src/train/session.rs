@@ -15,6 +15,7 @@ use super::export;
 use super::metrics::{self, StepMetrics};
 use super::noise::NoiseSchedule;
 use super::optimizer::{frozen_on, AdamW, AdamWSettings, ToTrainDevice};
+use super::run_record::{self, OutputUse, RunRecord};
 use super::storage::{join, Storage};
 use super::tensor_file::HostTensor;
 use crate::config::training::{ModelFamily, ModelType, Optimizer, RegularisationMode, TrainingConfig};
@@ -90,6 +91,8 @@ pub struct Session<'a> {
     pub metrics: Vec<StepMetrics>,
     /// Runs between checkpoint files (tests kill the process there).
     pub checkpoint_hook: Box<dyn Fn() + 'a>,
+    /// What the last [`resume`](Self::resume) could not restore exactly.
+    pub resume_notes: Vec<String>,
 }
 
 /// Where the text encoder's tensors are named in checkpoints and optimizer state.
@@ -297,6 +300,7 @@ impl<'a> Session<'a> {
             text_paths: BTreeMap::new(),
             metrics: Vec::new(),
             checkpoint_hook: Box::new(|| {}),
+            resume_notes: Vec::new(),
         })
     }
 
@@ -753,6 +757,55 @@ impl<'a> Session<'a> {
 
     /// Continues from a checkpoint (`latest` or a path): weights, moments,
     /// step, sampler positions; metrics after that step are dropped.
+    /// What this run trains, how and on what, for the output folder's record.
+    pub fn run_record(&self) -> RunRecord {
+        let c = &self.config;
+        let mut adapters = BTreeMap::from([("model_type".to_string(), format!("{:?}", c.model_type))]);
+        if c.model_type == ModelType::Lora {
+            let layers: Vec<&str> = self.model.unet.adapted_layers().iter().map(|l| l.path.as_str()).collect();
+            adapters.insert("lora_rank".into(), c.lora_rank.to_string());
+            adapters.insert("lora_alpha".into(), c.lora_alpha.to_string());
+            adapters.insert("LoRA target layers".into(), format!("{} layers, {}", layers.len(), &RunRecord::dataset_hash(&layers)[..12]));
+            adapters.insert("train_text_encoder".into(), c.train_text_encoder.to_string());
+        }
+        let datasets = self.plan.datasets.iter().map(|d| (d.id.clone(), RunRecord::dataset_hash(&d.images))).collect();
+        let model = serde_json::to_value(&self.model.fingerprints).expect("fingerprints serialise");
+        RunRecord::new(model, adapters, serde_json::to_value(c).expect("configs serialise"), datasets)
+    }
+
+    /// Readies the output folder and records this run in it: a new run
+    /// into a folder that holds one is refused, `StartOver` moves the old
+    /// outputs aside, and resuming (`resume`: `latest` or a checkpoint)
+    /// checks the folder's record, refusing a changed model or adapter
+    /// layout. Returns what to tell the user (what changed, where old
+    /// outputs went, which checkpoint was resumed).
+    pub fn begin(&mut self, output_use: OutputUse, resume: Option<&str>) -> Result<Vec<String>> {
+        let output_dir = self.config.output_dir.clone();
+        let mut notes = Vec::new();
+        if let Some(aside) = run_record::prepare_output(self.storage, &output_dir, output_use)? {
+            notes.push(format!("the earlier run's outputs were moved to {aside}"));
+        }
+        let record = self.run_record();
+        if let (Some(which), OutputUse::Resume) = (resume, output_use) {
+            if let Some(earlier) = run_record::read(self.storage, &output_dir)? {
+                match record.compare(&earlier) {
+                    Ok(changes) => notes.extend(changes.into_iter().map(|c| format!("since the run began: {c}"))),
+                    Err(problems) => {
+                        return Err(Error::Config {
+                            source_name: join(&output_dir, run_record::RUN_RECORD),
+                            problems: problems.into_iter().map(|p| format!("cannot resume: {p}")).collect(),
+                        })
+                    }
+                }
+            }
+            let path = self.resume(which)?;
+            notes.push(format!("resumed from {path} at step {}", self.step));
+            notes.extend(self.resume_notes.iter().cloned());
+        }
+        run_record::write(self.storage, &output_dir, &record)?;
+        Ok(notes)
+    }
+
     pub fn resume(&mut self, which: &str) -> Result<String> {
         let path = checkpoint::resolve(self.storage, &self.config.output_dir, which)?;
         let saved = checkpoint::load(self.storage, &path)?;
@@ -777,10 +830,12 @@ impl<'a> Session<'a> {
             checkpoint::restore_trainable(encoder, &text.remove(prefix).unwrap_or_default(), train_device, &path)
         })?;
         self.optimizer.load_state(&saved.optimizer, saved.state.step, &self.device)?;
-        self.main.sampler.restore(saved.state.sampler.clone());
+        let mut misfits = Vec::new();
+        misfits.extend(self.main.sampler.restore(saved.state.sampler.clone()).err());
         if let (Some(prior), Some(state)) = (self.prior.as_mut(), saved.state.prior_sampler.clone()) {
-            prior.sampler.restore(state);
+            misfits.extend(prior.sampler.restore(state).err());
         }
+        self.resume_notes = misfits.into_iter().map(|m| format!("{m}: the data order starts a new pass (the step count goes on)")).collect();
         self.step = saved.state.step;
         self.epoch = saved.state.epoch;
         let metrics_path = self.output_path("metrics.jsonl");

@@ -195,6 +195,9 @@ impl Storage for DiskStorage {
     }
 
     fn rename(&self, from: &str, to: &str) -> Result<()> {
+        if let Some(parent) = std::path::Path::new(to).parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io_error(to, e))?;
+        }
         std::fs::rename(from, to).map_err(|e| io_error(to, e))
     }
 

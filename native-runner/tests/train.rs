@@ -364,6 +364,58 @@ fn a_full_fine_tune_exports_a_diffusers_folder_and_a_single_file_that_sample_ali
     assert_exports_sample_alike(&dir, &folder, &single, &repo().join("trainer-core/tests/fixtures/models/sd1/diffusers"));
 }
 
+/// Every file under `dir` with its bytes.
+fn contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(contents(&path));
+        } else {
+            files.push((path.clone(), std::fs::read(&path).unwrap()));
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn a_killed_full_export_leaves_the_previous_export_whole() {
+    let dir = run_folder("export-kill", "MAX_NUM_STEPS=2\nCHECKPOINTING_STEPS=2\nVALIDATION_STEPS=0\n");
+    let config = std::fs::read_to_string(dir.join("config.env")).unwrap().replace("MODEL_TYPE=lora", "MODEL_TYPE=full");
+    std::fs::write(dir.join("config.env"), config).unwrap();
+    let output = runner(&["train", "--config", "config.env", "--device", "cpu", "--output-name", "tuned"], &dir);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let folder = dir.join("output/tuned");
+    let before = contents(&folder);
+
+    // Two more steps; the hook pauses between the files of the new export.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_native-runner"))
+        .args(["train", "--config", "config.env", "--device", "cpu", "--output-name", "tuned", "--resume", "latest", "--max-steps", "4"])
+        .current_dir(&dir)
+        .env("BURNBOOTH_TEST_CHECKPOINT_PAUSE_MS", "1500")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let partial = dir.join("output/tuned.partial/unet/diffusion_pytorch_model.safetensors");
+    let started = Instant::now();
+    while !partial.exists() {
+        assert!(started.elapsed() < Duration::from_secs(300), "no export write seen");
+        assert!(child.try_wait().unwrap().is_none(), "training ended before the export");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL mid-export
+    child.wait().unwrap();
+    assert_eq!(contents(&folder), before, "the previous export is untouched");
+
+    let output = runner(&["train", "--config", "config.env", "--device", "cpu", "--output-name", "tuned", "--resume", "latest", "--max-steps", "4"], &dir);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains("tuned.partial, an export a stopped run had not finished"), "{}", stderr(&output));
+    assert!(!dir.join("output/tuned.partial").exists());
+    assert_ne!(contents(&folder), before, "the new export replaced the old");
+}
+
 /// The exported folder and single file hold the same trained weights under
 /// their two naming schemes: both sample the same image, unlike the base model.
 fn assert_exports_sample_alike(dir: &Path, folder: &Path, single: &Path, base_model: &Path) {

@@ -64,9 +64,11 @@ pub async fn write_diffusers_folder(
     storage: &dyn Storage,
     dir: &str,
     configs: Option<&BTreeMap<String, String>>,
+    between_files: &dyn Fn(),
 ) -> Result<()> {
     let unet = named_tensors(&model.unet.without_lora(), &model.names.unet, "UNet").await?;
     storage.write(&join(dir, "unet/diffusion_pytorch_model.safetensors"), &tensor_file::write(&unet, &pt_metadata())?)?;
+    between_files();
     let vae = named_tensors(&model.vae, &model.names.vae, "VAE").await?;
     storage.write(&join(dir, "vae/diffusion_pytorch_model.safetensors"), &tensor_file::write(&vae, &pt_metadata())?)?;
     let mut encoders = vec![("text_encoder", &model.text_encoder, &model.names.text_encoder, "text encoder")];

@@ -15,6 +15,10 @@ use super::storage::{join, Storage};
 use crate::error::{Error, Result};
 
 pub const RUN_RECORD: &str = "run.json";
+/// An export being written: it becomes the export once complete.
+pub const PARTIAL: &str = ".partial";
+/// The export being replaced, for the moment of the swap.
+pub const REPLACED: &str = ".replaced";
 const FORMAT: u32 = 1;
 
 /// Settings a resumed run may change without remark: how long it runs and
@@ -160,6 +164,29 @@ pub fn prepare_output(storage: &dyn Storage, output_dir: &str, output_use: Outpu
         storage.rename(&join(output_dir, &entry), &join(&aside, &entry))?;
     }
     Ok(Some(aside))
+}
+
+/// Tidies what a killed run left in `output_dir`: half-written exports
+/// (`*.partial`) go; an export caught mid-swap (`*.replaced` without its
+/// replacement) is put back. Returns what was done.
+pub fn clean_interrupted_writes(storage: &dyn Storage, output_dir: &str) -> Result<Vec<String>> {
+    let mut notes = Vec::new();
+    let entries = storage.list(output_dir)?;
+    for entry in &entries {
+        let path = join(output_dir, entry);
+        if entry.ends_with(PARTIAL) {
+            storage.remove_all(&path)?;
+            notes.push(format!("removed {path}, an export a stopped run had not finished"));
+        } else if let Some(base) = entry.strip_suffix(REPLACED) {
+            if entries.iter().any(|e| e == base) {
+                storage.remove_all(&path)?;
+            } else {
+                storage.rename(&path, &join(output_dir, base))?;
+                notes.push(format!("restored {}, the export a stopped run was replacing", join(output_dir, base)));
+            }
+        }
+    }
+    Ok(notes)
 }
 
 /// Reads the folder's record, if it has one.

@@ -781,7 +781,7 @@ impl<'a> Session<'a> {
     /// outputs went, which checkpoint was resumed).
     pub fn begin(&mut self, output_use: OutputUse, resume: Option<&str>) -> Result<Vec<String>> {
         let output_dir = self.config.output_dir.clone();
-        let mut notes = Vec::new();
+        let mut notes = run_record::clean_interrupted_writes(self.storage, &output_dir)?;
         if let Some(aside) = run_record::prepare_output(self.storage, &output_dir, output_use)? {
             notes.push(format!("the earlier run's outputs were moved to {aside}"));
         }
@@ -877,7 +877,19 @@ impl<'a> Session<'a> {
     /// `<output>/<name>.safetensors`. Returns both paths.
     pub async fn export_full(&self, name: &str, configs: Option<&BTreeMap<String, String>>) -> Result<(String, String)> {
         let dir = self.output_path(name);
-        super::full_export::write_diffusers_folder(&self.model, self.storage, &dir, configs).await?;
+        // Written beside the old export and swapped in whole: a run killed
+        // mid-export leaves the previous export as it was
+        // (run_record::clean_interrupted_writes tidies up at the next start).
+        let partial = format!("{dir}{}", run_record::PARTIAL);
+        self.storage.remove_all(&partial)?;
+        super::full_export::write_diffusers_folder(&self.model, self.storage, &partial, configs, self.checkpoint_hook.as_ref()).await?;
+        let old = format!("{dir}{}", run_record::REPLACED);
+        if self.storage.exists(&dir)? {
+            self.storage.remove_all(&old)?;
+            self.storage.rename(&dir, &old)?;
+        }
+        self.storage.rename(&partial, &dir)?;
+        self.storage.remove_all(&old)?;
         let path = self.output_path(&format!("{name}.safetensors"));
         self.storage.write(&path, &super::full_export::single_file_checkpoint(&self.model).await?)?;
         Ok((dir, path))

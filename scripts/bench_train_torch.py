@@ -1,5 +1,5 @@
 """PyTorch side of bench-train: one LoRA step (forward, backward, AdamW) of the
-mid-size UNet of shared/spec/bench.md (or SD 1.5's with --unet sd15) with
+mid-size UNet of docs/reference.md §5 (or SD 1.5's with --unet sd15) with
 diffusers + peft, on CUDA when there is one, else the CPU with 2 threads."""
 import argparse
 import statistics

@@ -1,11 +1,11 @@
 //! Shared by the benchmark binaries (`src/bin/bench_*.rs`): the reference
-//! configs of shared/spec/bench.md and small helpers. Benchmarks, not tests.
+//! configs of docs/reference.md §5 and small helpers. Benchmarks, not tests.
 
 use burn::tensor::Device;
 
 use crate::device::pick;
 
-/// The "mid-size UNet" of bench.md: SD1-style, blocks 64/128/256/256, 2
+/// The "mid-size UNet" of docs/reference.md §5: SD1-style, blocks 64/128/256/256, 2
 /// layers per block, 8 heads, context 256 (35.1 M parameters).
 pub const MID_SIZE_UNET: &str = r#"{"block_out_channels":[64,128,256,256],"down_block_types":["CrossAttnDownBlock2D","CrossAttnDownBlock2D","CrossAttnDownBlock2D","DownBlock2D"],"up_block_types":["UpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D"],"layers_per_block":2,"attention_head_dim":8,"cross_attention_dim":256,"norm_num_groups":32}"#;
 

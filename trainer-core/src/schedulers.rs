@@ -337,7 +337,7 @@ mod tests {
         }
     }
 
-    // Reference vectors: diffusion-reference.md §5 (scaled_linear, N = 10).
+    // Reference vectors: docs/reference.md §3 (scaled_linear, N = 10).
     #[test]
     fn leading_and_trailing_spacing() {
         let leading = timesteps(&sd_config(None), 10, TimestepSpacing::Leading);

@@ -1,5 +1,5 @@
 //! Benchmark (not a test): one LoRA training step (forward, backward, AdamW)
-//! of the mid-size SD1-style UNet of shared/spec/bench.md (latents
+//! of the mid-size SD1-style UNet of docs/reference.md §5 (latents
 //! [1, 4, 32, 32], context [1, 77, 256], LoRA rank 4 / alpha 4 on to_q, to_k,
 //! to_v, to_out.0, AdamW lr 1e-4), with random weights, through the same
 //! LoRA, loss and optimizer code as `train`. Reports the median step time

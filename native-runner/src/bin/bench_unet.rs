@@ -1,5 +1,5 @@
 //! Benchmark (not a test): forward time of a mid-size SD1-style UNet (the
-//! "mid-size UNet" of shared/spec/bench.md: blocks 64/128/256/256, 2 layers
+//! "mid-size UNet" of docs/reference.md §5: blocks 64/128/256/256, 2 layers
 //! per block, 8 heads, context 256, latents [1, 4, 32, 32]) on burn's CPU
 //! backend and on wgpu, with random weights. `scripts/bench_unet_torch.py`
 //! times PyTorch on the same config; `--with-torch` runs it too.

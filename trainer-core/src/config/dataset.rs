@@ -1,7 +1,7 @@
 //! SimpleTuner's dataloader config: a JSON array of dataset entries.
 //!
 //! Reading follows SimpleTuner's keys and defaults (see the reference notes),
-//! with Burnbooth's stricter rules from decisions.md: types are checked,
+//! with Burnbooth's stricter rules (docs/reference.md §1.2): types are checked,
 //! unknown keys are reported with a suggestion, unsupported backends and
 //! options fail with the dataset id named, and every problem in the file is
 //! reported at once.

@@ -84,7 +84,7 @@ pub enum DatasetSampling {
     AutoWeighting,
 }
 
-/// How datasets marked `is_regularisation_data` are trained (decisions.md).
+/// How datasets marked `is_regularisation_data` are trained (docs/reference.md §1.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RegularisationMode {
@@ -528,7 +528,7 @@ fn read_config(
     let lr_num_cycles = r.f64_where(&["lr_num_cycles"], |v| v > 0.0, "positive").unwrap_or(1.0);
     let schedule_text = r.string(&["lr_scheduler"]);
     let lr_scheduler = match schedule_text.as_deref().map(|s| s.trim().to_ascii_lowercase()) {
-        // LEARNING_RATE_END / LR_END alone means a decay toward it (decisions.md).
+        // LEARNING_RATE_END / LR_END alone means a decay toward it (docs/reference.md §1.1).
         None if lr_end_given => LrSchedule::Polynomial,
         None => LrSchedule::ConstantWithWarmup,
         Some(s) => match s.as_str() {

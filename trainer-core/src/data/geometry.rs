@@ -320,7 +320,7 @@ impl Sizer {
             }
             (target, intermediary, bucket)
         };
-        // The square crop of decisions.md: never distort; make sure the
+        // The square crop of docs/reference.md §1.2: never distort; make sure the
         // intermediary covers the P x P target on both edges.
         if square_crop && (intermediary[0] < edge || intermediary[1] < edge) {
             intermediary = cover(original, [edge, edge]);

@@ -1,4 +1,4 @@
-//! Latent and text-embedding caches (decisions.md, "Caches").
+//! Latent and text-embedding caches (docs/reference.md §1.4).
 //!
 //! Each image is encoded once into its VAE posterior (mean and log-variance,
 //! so every step can draw a fresh latent sample) and each caption once into

@@ -1,4 +1,4 @@
-//! LoRA files in kohya's format (diffusion-reference.md §4.2, §4.5): what
+//! LoRA files in kohya's format (docs/reference.md §4): what
 //! ComfyUI, A1111/Forge and diffusers all load.
 //!
 //! `lora_unet_<diffusers module path with _>.lora_down.weight` `[rank, in]`,

@@ -82,7 +82,7 @@ mod tests {
 
     #[test]
     fn matches_the_reference_values() {
-        // diffusion-reference.md §3.1 (diffusers 0.42.1).
+        // docs/reference.md §2.1 (diffusers 0.42.1).
         let schedule = NoiseSchedule::new(&SchedulerConfig::default(), None);
         let close = |got: f64, want: f64| assert!((got - want).abs() / want < 1e-4, "{got} vs {want}");
         close(schedule.alphas_cumprod[0], 0.99915);

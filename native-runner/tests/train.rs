@@ -3,7 +3,7 @@
 //! runs short): outputs, kohya export, resume and kill -9 mid-checkpoint.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn repo() -> PathBuf {
@@ -12,6 +12,28 @@ fn repo() -> PathBuf {
 
 fn runner(args: &[&str], dir: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_native-runner")).args(args).current_dir(dir).output().unwrap()
+}
+
+/// `train --config config.env --device cpu` plus `extra` in the background;
+/// a non-empty `pause_ms` sets the test hook that pauses between the files
+/// of a checkpoint or export.
+fn spawn_train(dir: &Path, extra: &[&str], pause_ms: &str, stderr: Stdio) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_native-runner"));
+    command.args([&["train", "--config", "config.env", "--device", "cpu"], extra].concat()).current_dir(dir).stdout(Stdio::null()).stderr(stderr);
+    if !pause_ms.is_empty() {
+        command.env("BURNBOOTH_TEST_CHECKPOINT_PAUSE_MS", pause_ms);
+    }
+    command.spawn().unwrap()
+}
+
+/// Waits (up to 5 minutes) until `ready` holds while `child` still runs.
+fn wait_until(child: &mut Child, what: &str, ready: impl Fn() -> bool) {
+    let started = Instant::now();
+    while !ready() {
+        assert!(started.elapsed() < Duration::from_secs(300), "waited 5 minutes for {what}");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn stderr(output: &Output) -> String {
@@ -177,22 +199,10 @@ fn a_lora_for_another_model_is_refused_with_the_layer_named() {
 #[test]
 fn kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_usable() {
     let dir = run_folder("kill", "MAX_NUM_STEPS=6\nCHECKPOINTING_STEPS=2\nVALIDATION_STEPS=0\n");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_native-runner"))
-        .args(["train", "--config", "config.env", "--device", "cpu"])
-        .current_dir(&dir)
-        .env("BURNBOOTH_TEST_CHECKPOINT_PAUSE_MS", "1500")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_train(&dir, &[], "1500", Stdio::null());
     // Wait until the step-4 checkpoint is being written (step 2's is complete by then).
     let partial = dir.join("output/checkpoints/checkpoint-00000004.partial");
-    let started = Instant::now();
-    while !partial.join("trainable.safetensors").exists() {
-        assert!(started.elapsed() < Duration::from_secs(300), "no checkpoint write seen");
-        assert!(child.try_wait().unwrap().is_none(), "training ended before the checkpoint write");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(&mut child, "the step-4 checkpoint write", || partial.join("trainable.safetensors").exists());
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert!(!dir.join("output/checkpoints/checkpoint-00000004").exists(), "a half-written checkpoint must not look complete");
@@ -208,21 +218,10 @@ fn kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_usable() {
 #[test]
 fn sigterm_saves_a_checkpoint_that_resumes() {
     let dir = run_folder("sigterm", "MAX_NUM_STEPS=40\nCHECKPOINTING_STEPS=100\nVALIDATION_STEPS=0\n");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_native-runner"))
-        .args(["train", "--config", "config.env", "--device", "cpu"])
-        .current_dir(&dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_train(&dir, &[], "", Stdio::piped());
     // Wait for the first step's metrics, then ask the process to stop.
     let metrics = dir.join("output/metrics.jsonl");
-    let started = Instant::now();
-    while std::fs::read_to_string(&metrics).map(|m| m.lines().count()).unwrap_or(0) < 1 {
-        assert!(started.elapsed() < Duration::from_secs(300), "no step seen");
-        assert!(child.try_wait().unwrap().is_none(), "training ended before the signal");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(&mut child, "the first step", || std::fs::read_to_string(&metrics).map(|m| m.lines().count()).unwrap_or(0) >= 1);
     // SAFETY: signalling a child process this test started.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let output = child.wait_with_output().unwrap();
@@ -302,20 +301,9 @@ fn a_used_output_folder_is_refused_resumed_with_changes_named_or_started_over() 
 #[test]
 fn a_second_run_cannot_use_a_folder_while_the_first_trains() {
     let dir = run_folder("locked", "MAX_NUM_STEPS=40\nCHECKPOINTING_STEPS=100\nVALIDATION_STEPS=0\n");
-    let mut first = Command::new(env!("CARGO_BIN_EXE_native-runner"))
-        .args(["train", "--config", "config.env", "--device", "cpu"])
-        .current_dir(&dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = spawn_train(&dir, &[], "", Stdio::null());
     let lock = dir.join("output/.burnbooth.lock");
-    let started = Instant::now();
-    while !lock.exists() {
-        assert!(started.elapsed() < Duration::from_secs(300), "no lock seen");
-        assert!(first.try_wait().unwrap().is_none(), "the first run ended early");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(&mut first, "the lock", || lock.exists());
     let output = runner(&["train", "--config", "config.env", "--device", "cpu", "--resume", "latest"], &dir);
     assert!(!output.status.success());
     assert!(stderr(&output).contains(&format!("another run (process {}) is using this output folder", first.id())), "{}", stderr(&output));
@@ -390,21 +378,9 @@ fn a_killed_full_export_leaves_the_previous_export_whole() {
     let before = contents(&folder);
 
     // Two more steps; the hook pauses between the files of the new export.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_native-runner"))
-        .args(["train", "--config", "config.env", "--device", "cpu", "--output-name", "tuned", "--resume", "latest", "--max-steps", "4"])
-        .current_dir(&dir)
-        .env("BURNBOOTH_TEST_CHECKPOINT_PAUSE_MS", "1500")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_train(&dir, &["--output-name", "tuned", "--resume", "latest", "--max-steps", "4"], "1500", Stdio::null());
     let partial = dir.join("output/tuned.partial/unet/diffusion_pytorch_model.safetensors");
-    let started = Instant::now();
-    while !partial.exists() {
-        assert!(started.elapsed() < Duration::from_secs(300), "no export write seen");
-        assert!(child.try_wait().unwrap().is_none(), "training ended before the export");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(&mut child, "the export write", || partial.exists());
     child.kill().unwrap(); // SIGKILL mid-export
     child.wait().unwrap();
     assert_eq!(contents(&folder), before, "the previous export is untouched");

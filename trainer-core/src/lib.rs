@@ -11,6 +11,7 @@ pub mod config;
 pub mod data;
 pub mod models;
 pub mod error;
+pub mod fuzz_targets;
 pub mod pipeline;
 pub mod plan;
 pub mod rng;

@@ -54,7 +54,11 @@ fn unknown_scheduler_values_are_refused_with_the_accepted_ones() {
         (r#"{"beta_schedule": "cosine"}"#, "'beta_schedule' is 'cosine', which is not one of: linear, scaled_linear, squaredcos_cap_v2"),
         (r#"{"timestep_spacing": "even"}"#, "'timestep_spacing' is 'even', which is not one of: leading, trailing, linspace"),
         (r#"{"prediction_type": "flow"}"#, "'prediction_type' is 'flow', which is not one of: epsilon, v_prediction, sample"),
+        (r#"{"rescale_betas_zero_snr": true}"#, "'rescale_betas_zero_snr' is true: zero-terminal-SNR schedules are not supported yet"),
+        (r#"{"trained_betas": [0.1, 0.2]}"#, "'trained_betas' is set"),
     ];
+    // What SD's own configs hold parses.
+    assert!(parse::<SchedulerConfig>(r#"{"rescale_betas_zero_snr": false, "trained_betas": null}"#, "x").is_ok());
     for (json, needle) in cases {
         let message = error_text(parse::<SchedulerConfig>(json, "model/scheduler/scheduler_config.json"));
         assert!(message.contains("model/scheduler/scheduler_config.json") && message.contains(needle), "{json} -> {message}");

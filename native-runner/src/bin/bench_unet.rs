@@ -6,9 +6,13 @@
 //!
 //! `--vae-decode` times SD's VAE decoder instead (random weights) on
 //! latents of a `--resolution` px image (default 512): what every sample,
-//! validation images included, ends with.
+//! validation images included, ends with. It tiles as the pipeline does (on
+//! wgpu when an activation would pass 128 MiB); `--tile N` forces N px tiles
+//! and `--against-untiled` also decodes whole and prints how far apart the
+//! two are (`scripts/bench_vae_tiling_torch.py` gives diffusers' figure for
+//! the same tiles).
 //!
-//! cargo run --release -p native-runner --bin bench-unet -- [--runs 5] [--device cpu,cpu-gpu,gpu] [--with-torch] [--vae-decode [--resolution 512]]
+//! cargo run --release -p native-runner --bin bench-unet -- [--runs 5] [--device cpu,cpu-gpu,gpu] [--with-torch] [--vae-decode [--resolution 512] [--tile 352] [--against-untiled]]
 
 use std::time::Instant;
 
@@ -17,8 +21,8 @@ use native_runner::bench::{arg, devices, median, pool_memory, MID_SIZE_UNET};
 use trainer_core::models::config::{UNetConfig, VaeConfig};
 use trainer_core::models::loader::Loader;
 use trainer_core::models::unet::UNet2DConditionModel;
-use trainer_core::models::vae::AutoencoderKl;
-use trainer_core::pipeline::gaussian_noise;
+use trainer_core::models::vae::{AutoencoderKl, VaeTiling};
+use trainer_core::pipeline::{gaussian_noise, vae_budget};
 use trainer_core::rng::SeededRng;
 
 fn bench(name: &str, device: Device, runs: usize) -> Option<f64> {
@@ -51,15 +55,29 @@ fn bench_vae_decode(name: &str, device: Device, runs: usize, resolution: usize) 
     let vae = AutoencoderKl::load(&config, &mut loader);
     let side = resolution / 8;
     let latents = gaussian_noise([1, 4, side, side], &mut SeededRng::new(2), &device);
+    let tiling = match arg("--tile").and_then(|t| t.parse().ok()) {
+        Some(tile_sample_size) => Some(VaeTiling { tile_sample_size, overlap: 0.25 }),
+        None => vae_budget(&device).and_then(|budget| VaeTiling::for_decoding(&config, 1, resolution, resolution, budget)),
+    };
     let mut times = Vec::new();
+    let mut decoded = None;
     for _ in 0..=runs {
         let start = Instant::now();
-        let _ = vae.decode(latents.clone()).into_data(); // waits for the device
+        decoded = Some(vae.decode_tiled(latents.clone(), &config, tiling).into_data()); // waits for the device
         times.push(start.elapsed().as_secs_f64());
     }
     let first = times.remove(0);
     let memory = pool_memory(&device);
-    println!("{name:>10}: VAE decode to {resolution} px {:.3} s (median of {runs}; first call {first:.2} s){memory}", if times.is_empty() { first } else { median(&times) });
+    let tiles = tiling.map(|t| format!(", in {} px tiles", t.tile_sample_size)).unwrap_or_else(|| ", whole".into());
+    println!("{name:>10}: VAE decode to {resolution} px{tiles} {:.3} s (median of {runs}; first call {first:.2} s){memory}", if times.is_empty() { first } else { median(&times) });
+    if std::env::args().any(|a| a == "--against-untiled") {
+        let tiled: Vec<f32> = decoded.expect("decoded at least once").try_to_vec::<f32>().expect("f32 output");
+        let whole: Vec<f32> = vae.decode(latents).into_data().try_to_vec::<f32>().expect("f32 output");
+        let largest = whole.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let max_difference = tiled.iter().zip(&whole).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let mean_difference = tiled.iter().zip(&whole).map(|(a, b)| (a - b).abs() as f64).sum::<f64>() / whole.len() as f64;
+        println!("{name:>10}: tiled vs whole: max |difference| / max |whole| {:.4}, mean |difference| {mean_difference:.4} (max |whole| {largest:.3})", max_difference / largest);
+    }
 }
 
 fn main() {

@@ -88,7 +88,7 @@ impl ClipTextModel {
     pub fn load(config: &ClipTextConfig, loader: &mut Loader<'_>, prefix: &str, with_projection: bool) -> Self {
         let d = config.hidden_size;
         let eps = config.layer_norm_eps;
-        let quick_gelu = config.hidden_act == "quick_gelu";
+        let quick_gelu = config.hidden_act == super::config::ClipActivation::QuickGelu;
         // Adapters are named by transformers' module path whatever prefix
         // the file uses (kohya: `lora_te_text_model_encoder_layers_0_self_attn_q_proj`).
         let linear = |loader: &mut Loader<'_>, i: usize, name: &str, d_in: usize, d_out: usize| {

@@ -6,6 +6,58 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// A setting with a fixed set of spellings, read into an enum once, where
+/// the file is read: an unknown value is an error naming the key and the
+/// accepted values, never a fallback.
+pub trait Choice: Copy + PartialEq + 'static {
+    /// The key the value is read from (for messages).
+    const KEY: &'static str;
+    /// Every accepted spelling and its value; the first spelling of a value
+    /// is the one written back.
+    const VALUES: &'static [(&'static str, Self)];
+
+    /// The accepted spellings, one per value.
+    fn accepted() -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = Vec::new();
+        for (name, value) in Self::VALUES {
+            if !names.iter().any(|n| Self::parse(n).ok() == Some(*value)) {
+                names.push(name);
+            }
+        }
+        names
+    }
+
+    fn parse(text: &str) -> std::result::Result<Self, String> {
+        Self::VALUES
+            .iter()
+            .find(|(name, _)| *name == text)
+            .map(|(_, value)| *value)
+            .ok_or_else(|| format!("'{}' is '{text}', which is not one of: {}", Self::KEY, Self::accepted().join(", ")))
+    }
+
+    fn name(self) -> &'static str {
+        Self::VALUES.iter().find(|(_, value)| *value == self).map(|(name, _)| *name).expect("every value has a spelling")
+    }
+}
+
+/// Serialises a [`Choice`] as its name and reads it through `Choice::parse`.
+macro_rules! choice_serde {
+    ($type:ty) => {
+        impl Serialize for $type {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.name())
+            }
+        }
+        impl<'de> Deserialize<'de> for $type {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+                let text = String::deserialize(deserializer)?;
+                <$type>::parse(&text).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+
 /// A value that configs give either once or per block.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -148,8 +200,23 @@ impl VaeConfig {
     }
 }
 
-fn default_act() -> String {
-    "quick_gelu".into()
+/// The text encoder's MLP activation (transformers' `hidden_act`): CLIP-L
+/// (SD 1.x, SDXL's first encoder) uses quick GELU, OpenCLIP (SD 2.x,
+/// SDXL's second) exact GELU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClipActivation {
+    QuickGelu,
+    Gelu,
+}
+
+impl Choice for ClipActivation {
+    const KEY: &'static str = "hidden_act";
+    const VALUES: &'static [(&'static str, Self)] = &[("quick_gelu", Self::QuickGelu), ("gelu", Self::Gelu)];
+}
+choice_serde!(ClipActivation);
+
+fn default_act() -> ClipActivation {
+    ClipActivation::QuickGelu
 }
 fn default_positions() -> usize {
     77
@@ -169,64 +236,13 @@ pub struct ClipTextConfig {
     #[serde(default = "default_positions")]
     pub max_position_embeddings: usize,
     #[serde(default = "default_act")]
-    pub hidden_act: String,
+    pub hidden_act: ClipActivation,
     #[serde(default = "default_clip_eps")]
     pub layer_norm_eps: f64,
     #[serde(default)]
     pub projection_dim: Option<usize>,
     #[serde(default)]
     pub eos_token_id: Option<u32>,
-}
-
-/// A setting with a fixed set of spellings, read into an enum once, where
-/// the file is read: an unknown value is an error naming the key and the
-/// accepted values, never a fallback.
-pub trait Choice: Copy + PartialEq + 'static {
-    /// The key the value is read from (for messages).
-    const KEY: &'static str;
-    /// Every accepted spelling and its value; the first spelling of a value
-    /// is the one written back.
-    const VALUES: &'static [(&'static str, Self)];
-
-    /// The accepted spellings, one per value.
-    fn accepted() -> Vec<&'static str> {
-        let mut names: Vec<&'static str> = Vec::new();
-        for (name, value) in Self::VALUES {
-            if !names.iter().any(|n| Self::parse(n).ok() == Some(*value)) {
-                names.push(name);
-            }
-        }
-        names
-    }
-
-    fn parse(text: &str) -> std::result::Result<Self, String> {
-        Self::VALUES
-            .iter()
-            .find(|(name, _)| *name == text)
-            .map(|(_, value)| *value)
-            .ok_or_else(|| format!("'{}' is '{text}', which is not one of: {}", Self::KEY, Self::accepted().join(", ")))
-    }
-
-    fn name(self) -> &'static str {
-        Self::VALUES.iter().find(|(_, value)| *value == self).map(|(name, _)| *name).expect("every value has a spelling")
-    }
-}
-
-/// Serialises a [`Choice`] as its name and reads it through `Choice::parse`.
-macro_rules! choice_serde {
-    ($type:ty) => {
-        impl Serialize for $type {
-            fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-                serializer.serialize_str(self.name())
-            }
-        }
-        impl<'de> Deserialize<'de> for $type {
-            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-                let text = String::deserialize(deserializer)?;
-                <$type>::parse(&text).map_err(serde::de::Error::custom)
-            }
-        }
-    };
 }
 
 /// How the training betas grow over the timesteps (diffusers' `beta_schedule`).
@@ -298,6 +314,26 @@ pub struct SchedulerConfig {
     pub timestep_spacing: Option<TimestepSpacing>,
     #[serde(default)]
     pub set_alpha_to_one: bool,
+    /// Schedules Burnbooth does not implement are refused by name rather
+    /// than silently replaced by the plain one.
+    #[serde(default, deserialize_with = "refuse_zero_snr", skip_serializing)]
+    pub rescale_betas_zero_snr: bool,
+    #[serde(default, deserialize_with = "refuse_trained_betas", skip_serializing)]
+    pub trained_betas: Option<()>,
+}
+
+fn refuse_zero_snr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<bool, D::Error> {
+    match Option::<bool>::deserialize(deserializer)? {
+        Some(true) => Err(serde::de::Error::custom("'rescale_betas_zero_snr' is true: zero-terminal-SNR schedules are not supported yet")),
+        _ => Ok(false),
+    }
+}
+
+fn refuse_trained_betas<'de, D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Option<()>, D::Error> {
+    match Option::<serde_json::Value>::deserialize(deserializer)? {
+        Some(value) if !value.is_null() => Err(serde::de::Error::custom("'trained_betas' is set: explicit beta lists are not supported yet")),
+        _ => Ok(None),
+    }
 }
 
 fn default_train_steps() -> usize {

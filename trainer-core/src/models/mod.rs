@@ -82,7 +82,10 @@ impl ModelConfigs {
             return Ok(Family::Sdxl);
         }
         // SD 2.x uses OpenCLIP-H (gelu); SD 1.x CLIP-L (quick_gelu).
-        Ok(if self.text.hidden_act == "gelu" { Family::Sd2 } else { Family::Sd1 })
+        Ok(match self.text.hidden_act {
+            config::ClipActivation::Gelu => Family::Sd2,
+            config::ClipActivation::QuickGelu => Family::Sd1,
+        })
     }
 
     /// The published SD 1.5, SD 2.1 or SDXL 1.0 configs.

@@ -86,13 +86,15 @@ impl SafetensorsFile {
         let mut tensors = BTreeMap::new();
         for (name, info) in metadata.tensors() {
             let (start, end) = info.data_offsets;
-            if data_start + end > bytes.len() {
+            // Offsets come from the file: checked, so a header claiming
+            // offsets near usize::MAX is refused rather than wrapping.
+            let Some(file_end) = data_start.checked_add(end).filter(|e| *e <= bytes.len() && start <= end) else {
                 return Err(Error::Io {
                     path: path.to_string(),
-                    message: format!("truncated: tensor '{name}' ends at byte {} but the file has {}", data_start + end, bytes.len()),
+                    message: format!("truncated: tensor '{name}' ends at byte {data_start}+{end} but the file has {}", bytes.len()),
                 });
-            }
-            tensors.insert(name.clone(), TensorInfo { dtype: info.dtype, shape: info.shape.clone(), start: data_start + start, end: data_start + end });
+            };
+            tensors.insert(name.clone(), TensorInfo { dtype: info.dtype, shape: info.shape.clone(), start: data_start + start, end: file_end });
         }
         let metadata = metadata.metadata().clone().unwrap_or_default().into_iter().collect();
         Ok(Self { path: path.to_string(), storage, tensors, metadata })

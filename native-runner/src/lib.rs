@@ -20,6 +20,19 @@ extern "C" {
     fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
 }
 
+/// Turns off Mesa's Vulkan device-select layer on machines without a
+/// display session (no `XDG_RUNTIME_DIR`): to order GPUs it asks the
+/// Wayland compositor, and without one libwayland prints "XDG_RUNTIME_DIR
+/// is invalid or not set" each time a Vulkan instance is made. Burnbooth
+/// picks the adapter itself (`device.rs`), so the layer adds nothing.
+/// Honours a `NODEVICE_SELECT` the user set. Call first thing in `main`,
+/// before any thread starts.
+pub fn quiet_headless_vulkan() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() && std::env::var_os("NODEVICE_SELECT").is_none() {
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
+}
+
 /// `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (index 15 in v2
 /// and v3; the Rust bindings do not name it).
 const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;

@@ -31,6 +31,7 @@ enum Command {
 
 fn main() -> ExitCode {
     native_runner::keep_freed_memory();
+    native_runner::quiet_headless_vulkan();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Plan(args) => plan_command::run(args),

@@ -385,3 +385,19 @@ fn hostile_images_are_skipped_by_plan_and_cache_with_a_named_reason() {
     assert_eq!(latents, 7, "one latent per usable image");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn commands_on_a_headless_machine_print_no_display_warnings() {
+    let model = fixture("sd1").join("diffusers");
+    let out = scratch("headless").join("x.png");
+    let output = Command::new(env!("CARGO_BIN_EXE_native-runner"))
+        .args(["sample", "--model", model.to_str().unwrap(), "--prompt", "x", "--steps", "1", "--width", "32", "--height", "32", "--out", out.to_str().unwrap()])
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("NODEVICE_SELECT")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stderr(&output);
+    assert!(!text.contains("XDG_RUNTIME_DIR"), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("device: ") && l.contains("--device auto")), "the device and why: {text}");
+}

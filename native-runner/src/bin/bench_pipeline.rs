@@ -56,6 +56,7 @@ struct Args {
 
 fn main() -> ExitCode {
     native_runner::keep_freed_memory();
+    native_runner::quiet_headless_vulkan();
     let args = Args::parse();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,

@@ -101,6 +101,7 @@ fn bench(name: &str, device: Device, settings: &Settings) {
 
 fn main() {
     native_runner::keep_freed_memory();
+    native_runner::quiet_headless_vulkan();
     if cfg!(debug_assertions) {
         println!("warning: debug build; use --release for meaningful timings");
     }

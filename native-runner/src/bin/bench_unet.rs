@@ -82,6 +82,7 @@ fn bench_vae_decode(name: &str, device: Device, runs: usize, resolution: usize) 
 
 fn main() {
     native_runner::keep_freed_memory();
+    native_runner::quiet_headless_vulkan();
     if cfg!(debug_assertions) {
         println!("warning: debug build; use --release for meaningful timings");
     }

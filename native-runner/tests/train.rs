@@ -334,11 +334,17 @@ fn the_guide_configuration_trains_unchanged_apart_from_paths() {
     assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2);
 }
 
-#[test]
-fn a_full_fine_tune_exports_a_diffusers_folder_and_a_single_file_that_sample_alike() {
-    let dir = run_folder("full", "MAX_NUM_STEPS=2\nLEARNING_RATE=1e-3\n");
+/// [`run_folder`] for a full fine-tune.
+fn full_run_folder(name: &str, extra_env: &str) -> PathBuf {
+    let dir = run_folder(name, extra_env);
     let config = std::fs::read_to_string(dir.join("config.env")).unwrap().replace("MODEL_TYPE=lora", "MODEL_TYPE=full");
     std::fs::write(dir.join("config.env"), config).unwrap();
+    dir
+}
+
+#[test]
+fn a_full_fine_tune_exports_a_diffusers_folder_and_a_single_file_that_sample_alike() {
+    let dir = full_run_folder("full", "MAX_NUM_STEPS=2\nLEARNING_RATE=1e-3\n");
     let output = runner(&["train", "--config", "config.env", "--device", "cpu", "--output-name", "tuned"], &dir);
     assert!(output.status.success(), "{}", stderr(&output));
     let folder = dir.join("output/tuned");
@@ -369,9 +375,7 @@ fn contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 #[test]
 fn a_killed_full_export_leaves_the_previous_export_whole() {
-    let dir = run_folder("export-kill", "MAX_NUM_STEPS=2\nCHECKPOINTING_STEPS=2\nVALIDATION_STEPS=0\n");
-    let config = std::fs::read_to_string(dir.join("config.env")).unwrap().replace("MODEL_TYPE=lora", "MODEL_TYPE=full");
-    std::fs::write(dir.join("config.env"), config).unwrap();
+    let dir = full_run_folder("export-kill", "MAX_NUM_STEPS=2\nCHECKPOINTING_STEPS=2\nVALIDATION_STEPS=0\n");
     let output = runner(&["train", "--config", "config.env", "--device", "cpu", "--output-name", "tuned"], &dir);
     assert!(output.status.success(), "{}", stderr(&output));
     let folder = dir.join("output/tuned");

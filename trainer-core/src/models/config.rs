@@ -18,10 +18,12 @@ pub trait Choice: Copy + PartialEq + 'static {
 
     /// The accepted spellings, one per value.
     fn accepted() -> Vec<&'static str> {
-        let mut names: Vec<&'static str> = Vec::new();
+        let mut seen: Vec<Self> = Vec::new();
+        let mut names = Vec::new();
         for (name, value) in Self::VALUES {
-            if !names.iter().any(|n| Self::parse(n).ok() == Some(*value)) {
-                names.push(name);
+            if !seen.contains(value) {
+                seen.push(*value);
+                names.push(*name);
             }
         }
         names

@@ -59,9 +59,9 @@ impl RunRecord {
         Self { format: FORMAT, model, adapters, config, datasets }
     }
 
-    /// A dataset's identity: the hash of its planned images.
-    pub fn dataset_hash<T: Serialize>(images: &T) -> String {
-        let text = serde_json::to_string(images).expect("planned images serialise");
+    /// A short identity for serialisable content (planned images, layer lists).
+    pub fn content_hash<T: Serialize>(content: &T) -> String {
+        let text = serde_json::to_string(content).expect("record contents serialise");
         format!("{:x}", Sha256::digest(text.as_bytes()))
     }
 

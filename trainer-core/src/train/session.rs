@@ -765,10 +765,10 @@ impl<'a> Session<'a> {
             let layers: Vec<&str> = self.model.unet.adapted_layers().iter().map(|l| l.path.as_str()).collect();
             adapters.insert("lora_rank".into(), c.lora_rank.to_string());
             adapters.insert("lora_alpha".into(), c.lora_alpha.to_string());
-            adapters.insert("LoRA target layers".into(), format!("{} layers, {}", layers.len(), &RunRecord::dataset_hash(&layers)[..12]));
+            adapters.insert("LoRA target layers".into(), format!("{} layers, {}", layers.len(), &RunRecord::content_hash(&layers)[..12]));
             adapters.insert("train_text_encoder".into(), c.train_text_encoder.to_string());
         }
-        let datasets = self.plan.datasets.iter().map(|d| (d.id.clone(), RunRecord::dataset_hash(&d.images))).collect();
+        let datasets = self.plan.datasets.iter().map(|d| (d.id.clone(), RunRecord::content_hash(&d.images))).collect();
         let model = serde_json::to_value(&self.model.fingerprints).expect("fingerprints serialise");
         RunRecord::new(model, adapters, serde_json::to_value(c).expect("configs serialise"), datasets)
     }

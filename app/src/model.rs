@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use burn::tensor::Device;
 use trainer_core::models::safetensors_file::SafetensorsFile;
 use trainer_core::models::{detect_family, read_folder_configs, Family, ModelFiles, StableDiffusion, WeightDtypes};
+use trainer_core::train::full_export::source_config_paths;
 use trainer_core::{Error, Result};
 
 use crate::browser::PickedFile;
@@ -166,6 +167,18 @@ impl PickedModel {
         match self {
             Self::Folder { name, .. } | Self::SingleFile { name, .. } => name,
         }
+    }
+
+    /// The picked folder's configs and tokenizer files that a full
+    /// fine-tune's exported folder copies (`None` for a single file: the
+    /// export then uses the family's published configs).
+    pub fn source_configs(&self) -> Option<BTreeMap<String, String>> {
+        let Self::Folder { files, .. } = self else { return None };
+        let texts = source_config_paths().into_iter().filter_map(|path| {
+            let text = String::from_utf8(files.get(&path)?.clone()).ok()?;
+            Some((path, text))
+        });
+        Some(texts.collect())
     }
 
     fn folder(&self) -> Option<PickedModelFolder<'_>> {

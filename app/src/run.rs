@@ -1,24 +1,25 @@
-//! The training run in the tab: the same [`Session`] as the native runner,
-//! driven step by step with a yield to the browser between steps, so the
-//! page stays responsive. Outputs go to memory and are mirrored to OPFS
+//! The training run in the tab: the run loop the native runner drives too
+//! ([`run::run`]), with a yield to the browser between steps, so the page
+//! stays responsive. Outputs go to memory and are mirrored to OPFS
 //! after caching and at every checkpoint, so a closed tab resumes.
 
 use std::cell::Cell;
 
-use trainer_core::config::training::ModelType;
 use trainer_core::pipeline::{png_with_parameters, to_rgb8, GenerateRequest};
 use trainer_core::schedulers::SamplerKind;
-use trainer_core::train::checkpoint;
-use trainer_core::train::session::{Session, SessionOptions};
-use trainer_core::train::storage::Storage;
+use trainer_core::train::metrics::StepMetrics;
+use trainer_core::train::run::{self, Control, RunEnd, RunHost, RunOptions, StepTiming};
+use trainer_core::train::run_record::{self, OutputUse};
+use trainer_core::train::session::{Session, SessionOptions, StepReport};
+use trainer_core::train::{checkpoint, storage::Storage};
 
 use crate::browser::{now_ms, opfs, sleep};
 use crate::protocol::FromWorker;
 use crate::workspace::{self, storage};
 use crate::worker::post;
 
-/// The name of the exported LoRA (as the native runner's default).
-pub const LORA_NAME: &str = "burnbooth-lora";
+/// The name of the exported LoRA or full model (as the native runner's default).
+pub const EXPORT_NAME: &str = "burnbooth-lora";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunState {
@@ -59,7 +60,7 @@ impl RunView {
         let prefix = format!("{}/", output_dir.trim_end_matches('/'));
         let mut files: Vec<String> = storage().paths().into_iter().filter(|p| p.starts_with(&prefix) && !p.contains("/cache/")).collect();
         // The LoRA first, then the rest by name.
-        files.sort_by_key(|p| (!p.ends_with(&format!("{LORA_NAME}.safetensors")), p.clone()));
+        files.sort_by_key(|p| (!p.ends_with(&format!("{EXPORT_NAME}.safetensors")), p.clone()));
         post(&FromWorker::Outputs(files), Vec::new());
     }
 
@@ -93,6 +94,8 @@ async fn sync(view: &RunView) -> Result<(), String> {
 }
 
 /// Runs (or resumes) training until done or stopped; returns how it ended.
+/// A folder with checkpoints resumes from the latest; one that holds an
+/// earlier run without any moves it aside (previous-N, nothing is lost).
 pub async fn train(view: RunView) -> Result<String, String> {
     let started = now_ms();
     view.restore().await?;
@@ -103,97 +106,104 @@ pub async fn train(view: RunView) -> Result<String, String> {
     let (model, device) = workspace::load_model(Some(plan.precision.weight_dtypes(training.model_type)))?;
     let output_dir = training.output_dir.clone();
     let mut session = Session::new(training, plan, model, sources, storage(), device, SessionOptions::default()).map_err(|e| e.to_string())?;
-    if !checkpoint::list(storage(), &output_dir).map_err(|e| e.to_string())?.is_empty() {
-        let path = session.resume("latest").map_err(|e| e.to_string())?;
-        post(&FromWorker::Losses(session.metrics.iter().map(|m| (m.step, m.loss)).collect()), Vec::new());
-        view.note(format!("resumed from {path} at step {}", session.step));
-    }
     view.note(format!("model loaded in {:.1} s", (now_ms() - started) / 1000.0));
-
-    let caching = now_ms();
-    let mut computed = (0, 0);
-    session
-        .prepare_caches(&mut |p| {
-            view.progress(&format!("caching {}", p.phase), p.done as u64, p.total as u64);
-            if p.phase == "latents" {
-                computed.0 = p.computed;
-            } else {
-                computed.1 = p.computed;
-            }
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    view.note(format!("caches ready in {:.1} s: {} latent(s) and {} text embedding(s) computed, the rest reused", (now_ms() - caching) / 1000.0, computed.0, computed.1));
-    sync(&view).await?;
-
-    let total = session.total_steps();
-    let first_step = session.step;
-    let loop_started = now_ms();
-    while !session.is_done() {
-        match state() {
-            RunState::Stopping => break,
-            RunState::Paused => {
-                view.progress("paused", session.step, total);
-                sleep(200).await;
-                continue;
-            }
-            _ => {}
-        }
-        let step_started = now_ms();
-        let report = session.train_step().await.map_err(|e| e.to_string())?;
-        let seconds = (now_ms() - step_started) / 1000.0;
-        if report.step == first_step + 1 {
-            view.note(format!("first step took {seconds:.1} s ({:.1} s after pressing Train)", (now_ms() - started) / 1000.0));
-        } else if report.step <= first_step + 5 {
-            // The first steps compile kernels; these show when steps settle.
-            view.note(format!("step {} took {seconds:.1} s", report.step));
-        }
-        session.record(&report, (now_ms() - loop_started) / 1000.0).map_err(|e| e.to_string())?;
-        let done = report.step - first_step;
-        let per_step = (now_ms() - loop_started) / 1000.0 / done as f64;
-        let eta = per_step * (total - report.step) as f64;
-        let stats = format!("step {}/{total}  loss {:.4}  lr {:.2e}  {:.2} it/s  ETA {}", report.step, report.loss, report.lr, 1.0 / per_step, duration(eta));
-        post(&FromWorker::Step { step: report.step, loss: report.loss, stats }, Vec::new());
-        view.progress("training", report.step, total);
-        if session.validation_due() {
-            validate(&view, &mut session).await?;
-        }
-        if session.checkpoint_due() && !session.is_done() {
-            let path = session.save_checkpoint().await.map_err(|e| e.to_string())?;
-            session.write_loss_plot().map_err(|e| e.to_string())?;
-            view.note(format!("checkpoint {path}"));
-            sync(&view).await?;
-            view.refresh_outputs(&output_dir);
-        }
-        // Let Pause/Stop messages in.
-        sleep(0).await;
-    }
-    let path = session.save_checkpoint().await.map_err(|e| e.to_string())?;
-    view.note(format!("checkpoint {path}"));
-    session.write_loss_plot().map_err(|e| e.to_string())?;
-    let phase = if session.is_done() {
-        if session.config.model_type == ModelType::Lora {
-            let lora = session.export_lora(LORA_NAME).await.map_err(|e| e.to_string())?;
-            view.note(format!("LoRA (kohya format) {lora}"));
-        }
-        "finished".to_string()
+    let has_checkpoints = !checkpoint::list(storage(), &output_dir).map_err(|e| e.to_string())?.is_empty();
+    let output_use = if has_checkpoints {
+        OutputUse::Resume
+    } else if run_record::holds_a_run(storage(), &output_dir).map_err(|e| e.to_string())? {
+        OutputUse::StartOver
     } else {
-        format!("stopped at step {}; Train continues from there", session.step)
+        OutputUse::New
     };
-    sync(&view).await?;
-    view.refresh_outputs(&output_dir);
+    let options = RunOptions {
+        output_use,
+        resume: has_checkpoints.then(|| "latest".to_string()),
+        export_name: EXPORT_NAME.to_string(),
+        source_configs: workspace::with(|w| w.model.as_ref().and_then(|m| m.source_configs())),
+    };
+    let mut host = BrowserHost { view, output_dir, total: session.total_steps(), first_step: None };
+    let end = run::run(&mut session, &mut host, &options).await;
     workspace::with(|w| w.session = Some(session));
-    Ok(phase)
+    match end.map_err(|e| e.to_string())? {
+        RunEnd::Finished { .. } => Ok("finished".to_string()),
+        RunEnd::Stopped { step, .. } => Ok(format!("stopped at step {step}; Train continues from there")),
+    }
 }
 
-async fn validate(view: &RunView, session: &mut Session<'static>) -> Result<(), String> {
-    let result = session.validate(&mut |p| view.progress("validation sampling", p.done as u64, p.total as u64)).await.map_err(|e| e.to_string())?;
-    if let Some((path, _)) = result {
-        let bytes = storage().read(&path).map_err(|e| e.to_string())?.ok_or("validation image vanished")?;
-        view.note(format!("validation image {path}"));
-        post(&FromWorker::Validation { caption: format!("step {}", session.step) }, vec![bytes]);
+/// The page's view of a run: messages to the page, Pause/Stop read between
+/// steps, outputs mirrored to OPFS whenever files were written.
+struct BrowserHost {
+    view: RunView,
+    output_dir: String,
+    total: u64,
+    /// The step this visit's training began at.
+    first_step: Option<u64>,
+}
+
+impl RunHost for BrowserHost {
+    fn now(&self) -> f64 {
+        now_ms() / 1000.0
     }
-    Ok(())
+
+    fn note(&mut self, line: &str) {
+        self.view.note(line);
+    }
+
+    fn progress(&mut self, phase: &str, done: u64, total: u64) {
+        self.view.progress(phase, done, total);
+    }
+
+    fn history(&mut self, earlier: &[StepMetrics]) {
+        post(&FromWorker::Losses(earlier.iter().map(|m| (m.step, m.loss)).collect()), Vec::new());
+    }
+
+    fn stepped(&mut self, report: &StepReport, timing: &StepTiming) {
+        let first = *self.first_step.get_or_insert(report.step - 1);
+        if report.step > first + 1 && report.step <= first + 5 {
+            // The first steps compile kernels; these show when steps settle.
+            self.view.note(format!("step {} took {:.1} s", report.step, timing.seconds));
+        }
+        let stats = format!(
+            "step {}/{}  loss {:.4}  lr {:.2e}  {:.2} it/s  ETA {}",
+            report.step,
+            self.total,
+            report.loss,
+            report.lr,
+            1.0 / timing.per_step,
+            duration(timing.eta_seconds)
+        );
+        post(&FromWorker::Step { step: report.step, loss: report.loss, stats }, Vec::new());
+        self.view.progress("training", report.step, self.total);
+    }
+
+    fn validation_image(&mut self, path: &str, step: u64) {
+        match storage().read(path) {
+            Ok(Some(bytes)) => post(&FromWorker::Validation { caption: format!("step {step}") }, vec![bytes]),
+            _ => self.view.note(format!("validation image {path} could not be read back")),
+        }
+    }
+
+    async fn saved(&mut self) -> trainer_core::Result<()> {
+        sync(&self.view).await.map_err(|message| trainer_core::Error::Io { path: "the browser's storage (OPFS)".into(), message })?;
+        self.view.refresh_outputs(&self.output_dir);
+        Ok(())
+    }
+
+    async fn between_steps(&mut self, step: u64, total: u64) -> Control {
+        self.total = total;
+        loop {
+            // Let Pause/Stop messages in.
+            sleep(0).await;
+            match state() {
+                RunState::Stopping => return Control::Stop,
+                RunState::Paused => {
+                    self.view.progress("paused", step, total);
+                    sleep(200).await;
+                }
+                _ => return Control::Continue,
+            }
+        }
+    }
 }
 
 /// Generates an image with the trained weights (or the base model when

@@ -14,9 +14,9 @@ use trainer_core::data::source::ImageSource;
 use trainer_core::models::lora::LoraTargets;
 use trainer_core::plan::{plan, Plan, PlanTarget};
 use trainer_core::train::run_record::OutputUse;
-use trainer_core::train::session::{Progress, Session, SessionOptions};
+use trainer_core::train::run::{self, Control, RunEnd, RunHost, RunOptions, StepTiming};
+use trainer_core::train::session::{Session, SessionOptions, StepReport};
 use trainer_core::train::storage::DiskStorage;
-use trainer_core::error::{is_out_of_memory, MEMORY_ADVICE};
 use trainer_core::{block_on, Error, Result};
 
 use crate::folder::FolderSource;
@@ -149,23 +149,11 @@ fn open_session<'a>(args: &TrainArgs, storage: &'a DiskStorage) -> Result<Sessio
     Session::new(training, plan, model, sources, storage, device, SessionOptions { lora_targets, ..Default::default() })
 }
 
-fn fill_caches(session: &mut Session<'_>) -> Result<()> {
-    let progress = bar("{msg:>16} [{bar:30}] {pos}/{len} ({per_sec}, {eta})");
-    let result = block_on(session.prepare_caches(&mut |p: Progress<'_>| {
-        progress.set_message(p.phase.to_string());
-        progress.set_length(p.total as u64);
-        progress.set_position(p.done as u64);
-    }));
-    progress.finish_and_clear();
-    result?;
-    eprintln!("caches ready");
-    Ok(())
-}
-
 pub fn run_cache(args: TrainArgs) -> Result<()> {
     let storage = DiskStorage;
     let mut session = open_session(&args, &storage)?;
-    fill_caches(&mut session)
+    let mut host = CliHost::default();
+    block_on(run::fill_caches(&mut session, &mut host))
 }
 
 /// One run at a time per output folder: `.burnbooth.lock` in it holds the
@@ -229,10 +217,6 @@ fn interrupt_flag() -> Arc<AtomicBool> {
     flag
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload.downcast_ref::<String>().cloned().or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "unknown panic".into())
-}
-
 pub fn run(args: TrainArgs) -> Result<()> {
     let storage = DiskStorage;
     let mut session = open_session(&args, &storage)?;
@@ -248,86 +232,96 @@ pub fn run(args: TrainArgs) -> Result<()> {
         (None, true) => OutputUse::StartOver,
         (None, false) => OutputUse::New,
     };
-    for note in session.begin(output_use, resume.as_deref())? {
-        eprintln!("{note}");
-    }
-    fill_caches(&mut session)?;
-
-    let interrupted = interrupt_flag();
-    let total = session.total_steps();
-    let progress = bar("train [{bar:30}] {pos}/{len} steps {msg} ({per_sec}, ETA {eta})");
-    progress.set_length(total);
-    progress.set_position(session.step);
-    let started = Instant::now();
-    let first_step = session.step;
-    while !session.is_done() {
-        let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| block_on(session.train_step())));
-        let report = match step {
-            Ok(Ok(report)) => report,
-            Ok(Err(error)) => {
-                progress.abandon();
-                return Err(error);
-            }
-            Err(payload) => {
-                progress.abandon();
-                let message = panic_message(payload.as_ref());
-                let message = if is_out_of_memory(&message) { format!("{MEMORY_ADVICE}. ({message})") } else { message };
-                return Err(Error::Training { step: session.step + 1, message: format!("{message}; the last checkpoint is intact") });
-            }
-        };
-        session.record(&report, started.elapsed().as_secs_f64())?;
-        progress.set_position(report.step);
-        progress.set_message(format!("loss {:.4} lr {:.2e}", report.loss, report.lr));
-        if session.validation_due() {
-            progress.suspend(|| validate(&mut session))?;
-        }
-        if session.checkpoint_due() && !session.is_done() {
-            let path = block_on(session.save_checkpoint())?;
-            progress.println(format!("checkpoint {path}"));
-        }
-        if interrupted.load(Ordering::SeqCst) {
-            progress.abandon();
-            let path = block_on(session.save_checkpoint())?;
-            session.write_loss_plot()?;
-            eprintln!("interrupted: saved {path}; continue with --resume latest");
-            return Ok(());
-        }
-    }
-    progress.finish_and_clear();
-    let steps_run = session.step - first_step;
-    if steps_run > 0 {
-        eprintln!("trained {steps_run} steps in {:.1} s ({:.2} s/step)", started.elapsed().as_secs_f64(), started.elapsed().as_secs_f64() / steps_run as f64);
-    }
-    let checkpoint = block_on(session.save_checkpoint())?;
-    eprintln!("checkpoint {checkpoint}");
-    let plot = session.write_loss_plot()?;
-    eprintln!("loss plot {plot}, metrics {}", session.output_path("metrics.jsonl"));
-    match session.config.model_type {
-        ModelType::Lora => {
-            let path = block_on(session.export_lora(&args.output_name))?;
-            eprintln!("LoRA (kohya format) {path}");
-        }
-        ModelType::Full => {
-            let configs = source_configs(&session, &args)?;
-            let (folder, single) = block_on(session.export_full(&args.output_name, configs.as_ref()))?;
-            eprintln!("full fine-tune: diffusers folder {folder}");
-            eprintln!("full fine-tune: single-file checkpoint {single}");
-        }
+    let source_configs = match session.config.model_type {
+        ModelType::Full => source_configs(&session, &args)?,
+        ModelType::Lora => None,
+    };
+    let options = RunOptions { output_use, resume, export_name: args.output_name.clone(), source_configs };
+    let mut host = CliHost::default();
+    let end = block_on(run::run(&mut session, &mut host, &options));
+    host.clear();
+    if let RunEnd::Stopped { checkpoint, .. } = end? {
+        eprintln!("interrupted: saved {checkpoint}; continue with --resume latest");
     }
     Ok(())
 }
 
-fn validate(session: &mut Session<'_>) -> Result<()> {
-    let progress = bar("validation [{bar:30}] {pos}/{len} steps");
-    let result = block_on(session.validate(&mut |p| {
-        progress.set_length(p.total as u64);
-        progress.set_position(p.done as u64);
-    }));
-    progress.finish_and_clear();
-    if let Some((path, _)) = result? {
-        eprintln!("validation image {path}");
+/// The terminal's view of a run: one progress bar for the phase under way
+/// (caching, training, validation sampling) and notes printed above it.
+struct CliHost {
+    clock: Instant,
+    bar: Option<(String, ProgressBar)>,
+    /// Set by Ctrl-C or SIGTERM; installed at the first step, so that
+    /// before it (planning, loading, caching) they end the process at once.
+    interrupted: Option<Arc<AtomicBool>>,
+}
+
+impl Default for CliHost {
+    fn default() -> Self {
+        Self { clock: Instant::now(), bar: None, interrupted: None }
     }
-    Ok(())
+}
+
+impl CliHost {
+    /// The bar for `phase`, replacing another phase's.
+    fn bar_for(&mut self, phase: &str, template: &str) -> &ProgressBar {
+        if self.bar.as_ref().is_none_or(|(current, _)| current != phase) {
+            self.clear();
+            self.bar = Some((phase.to_string(), bar(template)));
+        }
+        &self.bar.as_ref().expect("just set").1
+    }
+
+    fn clear(&mut self) {
+        if let Some((_, bar)) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl RunHost for CliHost {
+    fn now(&self) -> f64 {
+        self.clock.elapsed().as_secs_f64()
+    }
+
+    fn note(&mut self, line: &str) {
+        match &self.bar {
+            // Printed whether or not stderr is a terminal (a hidden bar's println is not).
+            Some((_, bar)) => bar.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn progress(&mut self, phase: &str, done: u64, total: u64) {
+        let bar = self.bar_for(phase, "{msg:>24} [{bar:30}] {pos}/{len} ({per_sec}, {eta})");
+        bar.set_message(phase.to_string());
+        bar.set_length(total);
+        bar.set_position(done);
+    }
+
+    fn stepped(&mut self, report: &StepReport, timing: &StepTiming) {
+        let bar = self.bar_for("train", "train [{bar:30}] {pos}/{len} steps {msg}");
+        bar.set_position(report.step);
+        bar.set_message(format!("loss {:.4} lr {:.2e} ({:.2} s/step, ETA {:.0} s)", report.loss, report.lr, timing.per_step, timing.eta_seconds));
+    }
+
+    fn validation_image(&mut self, _path: &str, _step: u64) {}
+
+    async fn saved(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn between_steps(&mut self, step: u64, total: u64) -> Control {
+        let interrupted = self.interrupted.get_or_insert_with(interrupt_flag).clone();
+        let bar = self.bar_for("train", "train [{bar:30}] {pos}/{len} steps {msg}");
+        bar.set_length(total);
+        bar.set_position(step);
+        if interrupted.load(Ordering::SeqCst) {
+            Control::Stop
+        } else {
+            Control::Continue
+        }
+    }
 }
 
 /// The config, tokenizer and scheduler files of the model's diffusers folder
@@ -340,15 +334,7 @@ fn source_configs(session: &Session<'_>, args: &TrainArgs) -> Result<Option<std:
         None => return Ok(None),
     };
     let mut files = std::collections::BTreeMap::new();
-    let mut names = vec!["model_index.json".to_string(), "unet/config.json".into(), "vae/config.json".into(), "scheduler/scheduler_config.json".into()];
-    // SDXL's second encoder and tokenizer come along when the folder has them.
-    for (encoder, tokenizer) in [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")] {
-        names.push(format!("{encoder}/config.json"));
-        for file in ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"] {
-            names.push(format!("{tokenizer}/{file}"));
-        }
-    }
-    for name in names {
+    for name in trainer_core::train::full_export::source_config_paths() {
         let path = folder.join(&name);
         if path.is_file() {
             files.insert(name, read_text(&path.display().to_string())?);

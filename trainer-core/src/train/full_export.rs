@@ -55,6 +55,21 @@ fn pt_metadata() -> BTreeMap<String, String> {
     BTreeMap::from([("format".to_string(), "pt".to_string())])
 }
 
+/// The files of a diffusers folder that an exported folder copies from its
+/// base model when they are there: `model_index.json` and each component's
+/// config, the scheduler config, and the tokenizers (SDXL's second encoder
+/// and tokenizer included).
+pub fn source_config_paths() -> Vec<String> {
+    let mut paths = vec!["model_index.json".to_string(), "unet/config.json".into(), "vae/config.json".into(), "scheduler/scheduler_config.json".into()];
+    for (encoder, tokenizer) in [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")] {
+        paths.push(format!("{encoder}/config.json"));
+        for file in ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"] {
+            paths.push(format!("{tokenizer}/{file}"));
+        }
+    }
+    paths
+}
+
 /// Writes a complete diffusers folder under `dir`: the three components'
 /// weights (the UNet as trained), and their configs, tokenizer, scheduler
 /// and `model_index.json` from `configs` (name -> JSON text, as read from

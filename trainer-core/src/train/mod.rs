@@ -1,5 +1,6 @@
 //! Training: caches, noise and loss, LoRA, the optimizer, checkpoints,
-//! validation, metrics and exports. [`session::Session`] runs it all.
+//! validation, metrics and exports. [`session::Session`] holds a run's state;
+//! [`run::run`] is the loop both hosts drive.
 
 pub mod cache;
 pub mod checkpoint;
@@ -9,6 +10,7 @@ pub mod full_export;
 pub mod metrics;
 pub mod noise;
 pub mod optimizer;
+pub mod run;
 pub mod run_record;
 pub mod session;
 pub mod storage;

@@ -1,0 +1,90 @@
+//! Validation images and sampling with the weights being trained (adapters
+//! on or off).
+
+use burn::module::Module;
+use image::RgbImage;
+
+use super::{Progress, Session};
+use crate::error::Result;
+use crate::models::clip::ClipTextModel;
+use crate::pipeline::{a1111_parameters, png_with_parameters, to_rgb8, GenerateRequest, Generated};
+use crate::schedulers::SamplerKind;
+
+impl Session<'_> {
+
+    pub fn validation_due(&self) -> bool {
+        let every = self.config.validation_step_interval;
+        self.config.validation_prompt.is_some() && every > 0 && self.step % every == 0
+    }
+
+
+    /// The validation image size: `validation_resolution` or the first bucket's size.
+    fn validation_size(&self) -> (usize, usize) {
+        let text = self.config.validation_resolution.trim();
+        let parsed = match text.split_once('x') {
+            Some((w, h)) => w.trim().parse().ok().zip(h.trim().parse().ok()),
+            None => text.parse::<f64>().ok().filter(|v| *v > 16.0).map(|v| (v as usize, v as usize)),
+        };
+        parsed.unwrap_or_else(|| {
+            let size = self.plan.datasets.iter().flat_map(|d| d.buckets.first()).next().map(|b| b.target_size);
+            size.map(|s| (s[0] as usize, s[1] as usize)).unwrap_or((512, 512))
+        })
+    }
+
+    /// Samples the validation prompt with the current weights and writes
+    /// `validation/step-<N>.png` (with its parameters). Returns the path and image.
+    pub async fn validate(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Result<Option<(String, RgbImage)>> {
+        let Some(prompt) = self.config.validation_prompt.clone() else { return Ok(None) };
+        let (width, height) = self.validation_size();
+        let request = GenerateRequest {
+            prompt,
+            negative_prompt: self.config.validation_negative_prompt.clone(),
+            steps: self.config.validation_num_inference_steps.max(1) as usize,
+            guidance: self.config.validation_guidance,
+            sampler: SamplerKind::DpmPp2m,
+            seed: self.config.validation_seed.unwrap_or(self.config.seed),
+            width,
+            height,
+        };
+        let image = self.sample(&request, progress).await?;
+        let parameters = a1111_parameters(&request, self.plan.model.as_deref().unwrap_or("model"), &[("Burnbooth step", self.step.to_string())]);
+        let path = self.output_path(&format!("validation/step-{:06}.png", self.step));
+        self.storage.write(&path, &png_with_parameters(&image, &parameters)?)?;
+        Ok(Some((path, image)))
+    }
+
+    /// Generates with the current weights (adapters on, dropout off).
+    pub fn generate(&mut self, request: &GenerateRequest, progress: &mut dyn FnMut(Progress<'_>)) -> Result<Generated> {
+        if let Some(dropout) = &self.dropout {
+            dropout.stop();
+        }
+        let inference = self.model.unet.valid();
+        let trained = std::mem::replace(&mut self.model.unet, inference);
+        let inference_text = self.inference_text_encoders(true);
+        let trained_text = self.replace_text_encoders(inference_text);
+        let result = self.model.generate(request, None, &self.device, &mut |done, total| progress(Progress { phase: "sampling", done, total, computed: done }));
+        self.model.unet = trained;
+        self.replace_text_encoders(trained_text);
+        result
+    }
+
+    /// Samples with the trained adapters, or with the base model (`with_lora` off).
+    pub async fn sample_with(&mut self, request: &GenerateRequest, with_lora: bool, progress: &mut dyn FnMut(Progress<'_>)) -> Result<RgbImage> {
+        if with_lora {
+            return self.sample(request, progress).await;
+        }
+        let base_unet = self.model.unet.without_lora();
+        let trained_unet = std::mem::replace(&mut self.model.unet, base_unet);
+        let base_text = (self.model.text_encoder.without_lora(), self.model.text_encoder_2.as_ref().map(ClipTextModel::without_lora));
+        let trained_text = self.replace_text_encoders(base_text);
+        let result = self.sample(request, progress).await;
+        self.model.unet = trained_unet;
+        self.replace_text_encoders(trained_text);
+        result
+    }
+
+    pub async fn sample(&mut self, request: &GenerateRequest, progress: &mut dyn FnMut(Progress<'_>)) -> Result<RgbImage> {
+        to_rgb8(self.generate(request, progress)?.image).await
+    }
+
+}

@@ -5,19 +5,15 @@ use js_sys::{Array, Reflect, Uint8Array};
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{
-    Blob, BlobPropertyBag, File, FileList, FileSystemDirectoryHandle, FileSystemFileHandle, FileSystemGetDirectoryOptions,
-    FileSystemGetFileOptions, FileSystemRemoveOptions, FileSystemWritableFileStream, HtmlAnchorElement, Url,
+    Blob, BlobPropertyBag, File, FileList, FileSystemDirectoryHandle, FileSystemFileHandle, FileSystemGetDirectoryOptions, FileSystemGetFileOptions,
+    FileSystemRemoveOptions, FileSystemWritableFileStream, HtmlAnchorElement, Url,
 };
 
 use trainer_core::train::storage::{Change, MemoryStorage, Storage};
 
 /// A JavaScript error as text.
 pub fn js_error(value: JsValue) -> String {
-    value
-        .dyn_ref::<js_sys::Error>()
-        .map(|e| String::from(e.message()))
-        .or_else(|| value.as_string())
-        .unwrap_or_else(|| format!("{value:?}"))
+    value.dyn_ref::<js_sys::Error>().map(|e| String::from(e.message())).or_else(|| value.as_string()).unwrap_or_else(|| format!("{value:?}"))
 }
 
 /// The page's window (not available in the worker).
@@ -115,10 +111,7 @@ pub mod opfs {
     const PARENT: &str = "%2E%2E";
 
     fn to_segments(path: &str) -> Vec<String> {
-        path.split('/')
-            .filter(|s| !s.is_empty() && *s != ".")
-            .map(|s| if s == ".." { PARENT.to_string() } else { s.to_string() })
-            .collect()
+        path.split('/').filter(|s| !s.is_empty() && *s != ".").map(|s| if s == ".." { PARENT.to_string() } else { s.to_string() }).collect()
     }
 
     fn from_segments(segments: &[String]) -> String {
@@ -131,7 +124,8 @@ pub mod opfs {
 
     async fn root() -> Result<FileSystemDirectoryHandle, String> {
         let storage = storage_manager();
-        let handle = JsFuture::from(storage.get_directory()).await.map_err(|e| format!("the browser's private storage (OPFS) is not available: {}", js_error(e)))?;
+        let handle =
+            JsFuture::from(storage.get_directory()).await.map_err(|e| format!("the browser's private storage (OPFS) is not available: {}", js_error(e)))?;
         directory(&handle.unchecked_into(), ROOT, true).await
     }
 

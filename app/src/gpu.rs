@@ -48,7 +48,7 @@ pub async fn init() -> Result<(Device, AdapterSummary), String> {
         name,
         backend: format!("{:?}", setup.backend),
         max_buffer_bytes: limits.max_buffer_size,
-        max_binding_bytes: limits.max_storage_buffer_binding_size as u64,
+        max_binding_bytes: limits.max_storage_buffer_binding_size,
         shader_f16: setup.device.features().contains(burn::tensor::wgpu::wgpu::Features::SHADER_F16),
     };
     Ok((device, summary))

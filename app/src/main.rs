@@ -53,4 +53,3 @@ fn App() -> impl IntoView {
         <footer>{move || ui.run.saved.get()}</footer>
     }
 }
-

@@ -38,12 +38,14 @@ impl ModelFiles for PickedModelFolder<'_> {
     }
 
     fn read_text(&self, relative: &str) -> Result<String> {
-        let bytes = self.files.get(relative).ok_or_else(|| Error::Io { path: format!("{}/{relative}", self.name), message: "not in the picked folder".into() })?;
+        let bytes =
+            self.files.get(relative).ok_or_else(|| Error::Io { path: format!("{}/{relative}", self.name), message: "not in the picked folder".into() })?;
         String::from_utf8(bytes.clone()).map_err(|e| Error::Io { path: format!("{}/{relative}", self.name), message: e.to_string() })
     }
 
     fn safetensors(&self, relative: &str) -> Result<SafetensorsFile> {
-        let bytes = self.files.get(relative).ok_or_else(|| Error::Io { path: format!("{}/{relative}", self.name), message: "not in the picked folder".into() })?;
+        let bytes =
+            self.files.get(relative).ok_or_else(|| Error::Io { path: format!("{}/{relative}", self.name), message: "not in the picked folder".into() })?;
         SafetensorsFile::from_bytes(&format!("{}/{relative}", self.name), bytes.clone())
     }
 }
@@ -139,11 +141,8 @@ pub fn needed_files(name: &str, picked: &[PickedFile]) -> std::result::Result<Ve
     if !by_path.contains_key("unet/config.json") {
         return Err(format!("{name}: not a diffusers model folder (no unet/config.json). Pick the folder that holds model_index.json, unet/, vae/ and text_encoder/, or a single .safetensors checkpoint"));
     }
-    let mut wanted: Vec<PickedFile> = picked
-        .iter()
-        .filter(|f| (f.path.ends_with(".json") || f.path.ends_with(".txt")) && f.path.split('/').count() <= 2)
-        .cloned()
-        .collect();
+    let mut wanted: Vec<PickedFile> =
+        picked.iter().filter(|f| (f.path.ends_with(".json") || f.path.ends_with(".txt")) && f.path.split('/').count() <= 2).cloned().collect();
     for (component, names) in WEIGHTS {
         if component == "text_encoder_2" && !by_path.contains_key("text_encoder_2/config.json") {
             continue;

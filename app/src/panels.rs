@@ -58,7 +58,9 @@ pub fn ModelPanel(ui: Ui) -> impl IntoView {
         let files = input_files(&ev);
         match files.into_iter().next() {
             Some(file) if file.path.ends_with(".safetensors") => send_model(file.path.clone(), true, vec![file]),
-            Some(file) => ui.model_fit.set(Some(Err(format!("{}: pick a .safetensors checkpoint (pickled .ckpt files are not loaded, for safety)", file.path)))),
+            Some(file) => {
+                ui.model_fit.set(Some(Err(format!("{}: pick a .safetensors checkpoint (pickled .ckpt files are not loaded, for safety)", file.path))))
+            }
             None => {}
         }
     };
@@ -440,4 +442,3 @@ pub fn ToolsPanel(ui: Ui) -> impl IntoView {
         </section>
     }
 }
-

@@ -15,26 +15,57 @@ pub enum ToWorker {
     /// Reads what OPFS holds from earlier visits.
     Restore,
     /// Creates the compute device (`cpu` for burn's CPU backend).
-    Device { cpu: bool },
+    Device {
+        cpu: bool,
+    },
     /// A model's files (bytes in the same order as `paths`). `single_file`:
     /// one `.safetensors` checkpoint, else a diffusers folder.
-    Model { name: String, single_file: bool, paths: Vec<String> },
+    Model {
+        name: String,
+        single_file: bool,
+        paths: Vec<String>,
+    },
     /// A dataset's picked files.
-    Dataset { id: String, paths: Vec<String> },
+    Dataset {
+        id: String,
+        paths: Vec<String>,
+    },
     /// Trains (or resumes) with these configs: (file name, text).
-    Train { training: (String, String), dataloader: (String, String) },
+    Train {
+        training: (String, String),
+        dataloader: (String, String),
+    },
     Pause,
     Resume,
     Stop,
-    Sample { prompt: String, steps: usize, seed: u64, size: usize, with_lora: bool },
+    Sample {
+        prompt: String,
+        steps: usize,
+        seed: u64,
+        size: usize,
+        with_lora: bool,
+    },
     /// A stored file, for download.
-    Read { path: String },
+    Read {
+        path: String,
+    },
     /// Multiplies matrices on the device and compares with the CPU.
     SelfTest,
     /// The rare-token finder: search (`check` empty) or score the given texts.
-    FindToken { count: usize, max_chars: usize, class: Option<String>, check: Vec<String> },
+    FindToken {
+        count: usize,
+        max_chars: usize,
+        class: Option<String>,
+        check: Vec<String>,
+    },
     /// Generates a regularisation set with the base model.
-    MakeReg { prompt: String, count: usize, steps: usize, seed: u64, size: usize },
+    MakeReg {
+        prompt: String,
+        count: usize,
+        steps: usize,
+        seed: u64,
+        size: usize,
+    },
     ClearSaved,
 }
 
@@ -42,27 +73,52 @@ pub enum ToWorker {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum FromWorker {
     Ready,
-    Device { ok: bool, text: String },
+    Device {
+        ok: bool,
+        text: String,
+    },
     Saved(String),
     /// The model's description and whether the adapter can hold it.
-    Model { info: Result<String, String>, fit: Option<Result<String, String>> },
-    Progress { phase: String, done: u64, total: u64 },
-    Step { step: u64, loss: f32, stats: String },
+    Model {
+        info: Result<String, String>,
+        fit: Option<Result<String, String>>,
+    },
+    Progress {
+        phase: String,
+        done: u64,
+        total: u64,
+    },
+    Step {
+        step: u64,
+        loss: f32,
+        stats: String,
+    },
     /// The losses so far (after resuming).
     Losses(Vec<(u64, f32)>),
     Note(String),
     /// A validation PNG (in `bytes`).
-    Validation { caption: String },
+    Validation {
+        caption: String,
+    },
     Outputs(Vec<String>),
     /// The run ended (finished, stopped or failed: then `error`).
-    Ended { phase: String, error: Option<String> },
+    Ended {
+        phase: String,
+        error: Option<String>,
+    },
     /// A sampled PNG (in `bytes`).
     Sample,
-    File { path: String },
+    File {
+        path: String,
+    },
     SelfTest(Result<String, String>),
     Tokens(Vec<trainer_core::tools::TokenReport>),
     /// A regularisation set: its dataloader entry and images (in `bytes`).
-    RegularisationSet { entry: String, folder: String, paths: Vec<String> },
+    RegularisationSet {
+        entry: String,
+        folder: String,
+        paths: Vec<String>,
+    },
     Error(String),
 }
 

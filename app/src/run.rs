@@ -15,8 +15,8 @@ use trainer_core::train::{checkpoint, storage::Storage};
 
 use crate::browser::{now_ms, opfs, sleep};
 use crate::protocol::FromWorker;
-use crate::workspace::{self, storage};
 use crate::worker::post;
+use crate::workspace::{self, storage};
 
 /// The name of the exported LoRA or full model (as the native runner's default).
 pub const EXPORT_NAME: &str = "burnbooth-lora";
@@ -217,9 +217,8 @@ pub async fn sample(view: RunView, request: GenerateRequest, with_lora: bool) ->
         }
         None => {
             let (model, device) = workspace::load_model(None)?;
-            let generated = model
-                .generate(&request, None, &device, &mut |done, total| view.progress("sampling", done as u64, total as u64))
-                .map_err(|e| e.to_string())?;
+            let generated =
+                model.generate(&request, None, &device, &mut |done, total| view.progress("sampling", done as u64, total as u64)).map_err(|e| e.to_string())?;
             to_rgb8(generated.image).await.map_err(|e| e.to_string())
         }
     };

@@ -352,4 +352,3 @@ pub fn input_files(ev: &leptos::ev::Event) -> Vec<PickedFile> {
     let input: HtmlInputElement = event_target(ev);
     picked_files(input.files())
 }
-

@@ -11,8 +11,8 @@ use burn::tensor::{DType, Device};
 use trainer_core::config::dataset::{DataloaderConfig, ImageDatasetConfig};
 use trainer_core::config::training::TrainingConfig;
 use trainer_core::data::source::{ImageSource, MemorySource, RandomAccess};
-use trainer_core::plan::{plan, Plan, PlanTarget};
 use trainer_core::models::{StableDiffusion, WeightDtypes};
+use trainer_core::plan::{plan, Plan, PlanTarget};
 use trainer_core::train::session::Session;
 use trainer_core::train::storage::MemoryStorage;
 use trainer_core::{config, Error, Result};
@@ -149,11 +149,7 @@ pub fn plan_run(training: &TrainingConfig, dataloader: &DataloaderConfig) -> Res
     // WebGPU stores no bf16; the wasm CPU backend is planned the same way.
     let has_f16 = compute().map(|c| c.has_f16()).unwrap_or(false);
     let plan = plan(training, dataloader, &open, PlanTarget { has_bf16: false, has_f16 }, &mut |_| {})?;
-    let run_sources = plan
-        .datasets
-        .iter()
-        .map(|d| Box::new(SharedSource(sources[&d.id].clone())) as Box<dyn ImageSource>)
-        .collect();
+    let run_sources = plan.datasets.iter().map(|d| Box::new(SharedSource(sources[&d.id].clone())) as Box<dyn ImageSource>).collect();
     Ok((plan, run_sources))
 }
 

@@ -94,7 +94,8 @@ fn wgpu_device(kind: DeviceKind, found: &[Adapter]) -> Device {
         return device.clone();
     }
     let on_vulkan = found.iter().any(|a| a.api == "Vulkan" && a.is_gpu == wanted_gpu);
-    let pinned = on_vulkan.then(|| Device::wgpu_options().graphics_api(burn::tensor::wgpu::WgpuBackend::Vulkan).device_kind(kind.clone()).init().ok()).flatten();
+    let pinned =
+        on_vulkan.then(|| Device::wgpu_options().graphics_api(burn::tensor::wgpu::WgpuBackend::Vulkan).device_kind(kind.clone()).init().ok()).flatten();
     let device = pinned.unwrap_or_else(|| Device::wgpu(kind));
     initialised.push((wanted_gpu, device.clone()));
     device
@@ -118,17 +119,25 @@ pub fn pick(name: &str) -> Result<Picked> {
                 ("auto", None) => {
                     let software: Vec<&str> = found.iter().map(|a| a.name.as_str()).collect();
                     let seen = if software.is_empty() { "no GPU adapter".to_string() } else { format!("only the software adapter {}", software.join(", ")) };
-                    cpu(format!("device: burn's CPU backend: wgpu found {seen}, where the CPU backend is faster (--device auto; --device cpu-gpu to use it anyway)"))
+                    cpu(format!(
+                        "device: burn's CPU backend: wgpu found {seen}, where the CPU backend is faster (--device auto; --device cpu-gpu to use it anyway)"
+                    ))
                 }
                 ("gpu", _) => Picked {
                     device: wgpu_device(DeviceKind::DefaultDevice, &found),
                     backend: Backend::Wgpu,
                     reason: match gpu {
                         Some(gpu) => format!("device: {} through wgpu ({}) (--device gpu)", gpu.name, gpu.api),
-                        None => "device: wgpu's default adapter (--device gpu); no GPU was found, so this is a software adapter, slower than --device cpu".into(),
+                        None => {
+                            "device: wgpu's default adapter (--device gpu); no GPU was found, so this is a software adapter, slower than --device cpu".into()
+                        }
                     },
                 },
-                _ => Picked { device: wgpu_device(DeviceKind::Cpu, &found), backend: Backend::Wgpu, reason: "device: wgpu on a CPU Vulkan adapter (--device cpu-gpu)".into() },
+                _ => Picked {
+                    device: wgpu_device(DeviceKind::Cpu, &found),
+                    backend: Backend::Wgpu,
+                    reason: "device: wgpu on a CPU Vulkan adapter (--device cpu-gpu)".into(),
+                },
             }
         }
         _ => return Err(unknown()),

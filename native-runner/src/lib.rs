@@ -1,12 +1,12 @@
 //! The native runner's pieces, shared by its binaries and tests.
 
+pub mod bench;
 pub mod device;
 pub mod folder;
 pub mod plan_command;
 pub mod sample_command;
 pub mod tools_command;
 pub mod train_command;
-pub mod bench;
 
 /// mimalloc for every binary and test of the runner. With glibc's malloc a
 /// training step spent a quarter of its time in page faults: tensors above

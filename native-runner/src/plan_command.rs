@@ -32,11 +32,7 @@ pub fn env_lookup(name: &str) -> Option<String> {
 pub fn run(args: PlanArgs) -> Result<()> {
     let (training, dataloader) = config::load(&args.config, args.dataloader_config.as_deref(), &read_text, &env_lookup)?;
     let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{msg:>24} [{bar:30}] {pos}/{len} images ({per_sec}, {eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
+    bar.set_style(ProgressStyle::with_template("{msg:>24} [{bar:30}] {pos}/{len} images ({per_sec}, {eta})").expect("valid template").progress_chars("=> "));
     let mut on_progress = |p: trainer_core::plan::PlanProgress<'_>| {
         bar.set_message(p.dataset.to_string());
         bar.set_length(p.total as u64);

@@ -83,10 +83,11 @@ pub fn apply_loras(model: &mut StableDiffusion, specs: &[String], device: &Devic
 fn read_latents(path: &str, device: &Device) -> Result<Tensor<4>> {
     let file = SafetensorsFile::open(path)?;
     let info = file.info("latents").ok_or_else(|| Error::Io { path: path.into(), message: "no tensor named 'latents'".into() })?;
-    let shape: [usize; 4] = info.shape.clone().try_into().map_err(|_| Error::Io {
-        path: path.into(),
-        message: format!("'latents' has shape {:?}; expected [1, 4, H/8, W/8]", info.shape),
-    })?;
+    let shape: [usize; 4] = info
+        .shape
+        .clone()
+        .try_into()
+        .map_err(|_| Error::Io { path: path.into(), message: format!("'latents' has shape {:?}; expected [1, 4, H/8, W/8]", info.shape) })?;
     Ok(Tensor::from_data(TensorData::new(file.to_f32("latents")?, shape), device))
 }
 

@@ -13,15 +13,15 @@ use trainer_core::config::training::{ModelType, TrainingConfig};
 use trainer_core::data::source::ImageSource;
 use trainer_core::models::lora::LoraTargets;
 use trainer_core::plan::{plan, Plan, PlanTarget};
-use trainer_core::train::run_record::OutputUse;
 use trainer_core::train::run::{self, Control, RunEnd, RunHost, RunOptions, StepTiming};
+use trainer_core::train::run_record::OutputUse;
 use trainer_core::train::session::{Session, SessionOptions, StepReport};
 use trainer_core::train::storage::DiskStorage;
 use trainer_core::{block_on, Error, Result};
 
+use crate::device::{load_model, pick};
 use crate::folder::FolderSource;
 use crate::plan_command::{env_lookup, read_text};
-use crate::device::{load_model, pick};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -128,7 +128,8 @@ fn summary(plan: &Plan) -> String {
 /// Sets the run up to the point where training can start.
 fn open_session<'a>(args: &TrainArgs, storage: &'a DiskStorage) -> Result<Session<'a>> {
     let (training, dataloader) = load_configs(args)?;
-    let lora_targets = LoraTargets::parse(&args.lora_targets).map_err(|message| Error::Config { source_name: "--lora-targets".into(), problems: vec![message] })?;
+    let lora_targets =
+        LoraTargets::parse(&args.lora_targets).map_err(|message| Error::Config { source_name: "--lora-targets".into(), problems: vec![message] })?;
     let picked = pick(&args.device)?;
     eprintln!("{}", picked.reason);
     let device = picked.device.clone();
@@ -179,7 +180,9 @@ impl OutputLock {
                     if let Some(pid) = holder.filter(|pid| process_exists(*pid)) {
                         return Err(Error::Config {
                             source_name: output_dir.to_string(),
-                            problems: vec![format!("another run (process {pid}) is using this output folder; wait for it to end or give this run another OUTPUT_DIR")],
+                            problems: vec![format!(
+                                "another run (process {pid}) is using this output folder; wait for it to end or give this run another OUTPUT_DIR"
+                            )],
                         });
                     }
                     // Left by a run that was killed: take it over.

@@ -181,7 +181,10 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
     let tokens = result["tokens"].as_str().unwrap();
     assert!(tokens.contains("sks") && tokens.contains("rifle"), "the rare-token finder in the page: {tokens}");
     let reg_plan = result["regPlan"].as_str().unwrap();
-    assert!(reg_plan.contains("Dataset 'regularisation-data'  [regularisation]\n  folder: regularisation/a-picture-of-a-toy\n  images: 2 found, 2 used"), "the generated class images plan as a dataset: {reg_plan}");
+    assert!(
+        reg_plan.contains("Dataset 'regularisation-data'  [regularisation]\n  folder: regularisation/a-picture-of-a-toy\n  images: 2 found, 2 used"),
+        "the generated class images plan as a dataset: {reg_plan}"
+    );
     assert_eq!(result["selfTestWithShim"]["ok"], true, "the GPU self-test: {}", result["selfTestWithShim"]);
     // Without the subgroups workaround the same test shows whether wgpu/cubecl
     // still need it (DEVELOPERS.md); reported, since either outcome is a fact.
@@ -191,8 +194,25 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
     let lora = out.join("lora.safetensors");
     let image = out.join("sampled-with-browser-lora.png");
     runner(
-        &["sample", "--model", model.to_str().unwrap(), "--lora", lora.to_str().unwrap(), "--prompt", "a photograph of zwxrobot", "--steps", "2",
-          "--width", "64", "--height", "64", "--device", "cpu", "--out", image.to_str().unwrap()],
+        &[
+            "sample",
+            "--model",
+            model.to_str().unwrap(),
+            "--lora",
+            lora.to_str().unwrap(),
+            "--prompt",
+            "a photograph of zwxrobot",
+            "--steps",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--device",
+            "cpu",
+            "--out",
+            image.to_str().unwrap(),
+        ],
         &work,
     );
     assert!(image.is_file());

@@ -89,7 +89,15 @@ fn plan_text_on_the_shipped_example() {
     let output = runner(&["plan", "--config", "examples/dreambooth/config.env"]);
     assert!(output.status.success(), "{}", stderr(&output));
     let text = stdout(&output);
-    for needle in ["Dataset 'zwxrobot-data'", "6 found, 6 used, 0 skipped", "[regularisation]", "Steps per epoch", "max_train_steps (1000) stops training", "adamw_bf16", "polynomial"] {
+    for needle in [
+        "Dataset 'zwxrobot-data'",
+        "6 found, 6 used, 0 skipped",
+        "[regularisation]",
+        "Steps per epoch",
+        "max_train_steps (1000) stops training",
+        "adamw_bf16",
+        "polynomial",
+    ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
 }
@@ -134,7 +142,10 @@ fn invalid_configs_exit_non_zero_naming_the_culprit() {
     let output = runner(&["plan", "--config", dir.join("config.env").to_str().unwrap()]);
     assert!(!output.status.success());
     let message = stderr(&output);
-    assert!(message.contains("multidatabackend-dreambooth.json") && message.contains("dataset 'regularisation-data'") && message.contains("'repeats'"), "{message}");
+    assert!(
+        message.contains("multidatabackend-dreambooth.json") && message.contains("dataset 'regularisation-data'") && message.contains("'repeats'"),
+        "{message}"
+    );
 
     std::fs::write(&dataloader, text.replace("\"instance_data_dir\": \"subject\"", "\"instance_data_dir\": \"no-such-folder\"")).unwrap();
     let output = runner(&["plan", "--config", dir.join("config.env").to_str().unwrap()]);
@@ -229,9 +240,25 @@ fn sample_from_given_latents_reproduces_diffusers() {
             let out = dir.join(format!("{family}-{sampler}.png"));
             let model = fixture(family).join("diffusers");
             let output = runner(&[
-                "sample", "--model", model.to_str().unwrap(), "--prompt", "a photo of sks dog", "--negative-prompt", "blurry",
-                "--steps", "5", "--guidance", "7.5", "--sampler", sampler, "--init-latents", latents.to_str().unwrap(),
-                "--device", device, "--out", out.to_str().unwrap(),
+                "sample",
+                "--model",
+                model.to_str().unwrap(),
+                "--prompt",
+                "a photo of sks dog",
+                "--negative-prompt",
+                "blurry",
+                "--steps",
+                "5",
+                "--guidance",
+                "7.5",
+                "--sampler",
+                sampler,
+                "--init-latents",
+                latents.to_str().unwrap(),
+                "--device",
+                device,
+                "--out",
+                out.to_str().unwrap(),
             ]);
             assert!(output.status.success(), "{}", stderr(&output));
             let (width, height, pixels, parameters) = read_png(&out);
@@ -239,7 +266,7 @@ fn sample_from_given_latents_reproduces_diffusers() {
             let want = reference_pixels(family, sampler);
             let worst = pixels.iter().zip(&want).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
             assert!(worst <= 1, "{family} {sampler}: a pixel differs by {worst}/255 from diffusers");
-            assert!(parameters.starts_with("a photo of sks dog\nNegative prompt: blurry\nSteps: 5, Sampler:"), "{parameters}");
+            assert!(parameters.starts_with("a photo of sks dog\nNegative prompt: blurry\nSteps: 5, BatchSampler:"), "{parameters}");
             assert!(parameters.contains("CFG scale: 7.5") && parameters.contains("Size: 16x16"), "{parameters}");
         }
     }
@@ -255,8 +282,23 @@ fn sample_single_file_and_every_sampler() {
     for sampler in ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"] {
         let out = dir.join(format!("{sampler}.png"));
         let output = runner(&[
-            "sample", "--model", single.to_str().unwrap(), "--config-from", folder.to_str().unwrap(), "--prompt", "a robot",
-            "--steps", "4", "--sampler", sampler, "--seed", "3", "--device", "cpu", "--out", out.to_str().unwrap(),
+            "sample",
+            "--model",
+            single.to_str().unwrap(),
+            "--config-from",
+            folder.to_str().unwrap(),
+            "--prompt",
+            "a robot",
+            "--steps",
+            "4",
+            "--sampler",
+            sampler,
+            "--seed",
+            "3",
+            "--device",
+            "cpu",
+            "--out",
+            out.to_str().unwrap(),
         ]);
         assert!(output.status.success(), "{sampler}: {}", stderr(&output));
         let (_, _, pixels, parameters) = read_png(&out);
@@ -277,7 +319,8 @@ fn sample_single_file_and_every_sampler() {
 fn readme_quick_start() -> String {
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     let joined = readme.replace("\\\n", " ");
-    let line = joined.lines().find(|l| l.contains("cargo run -p native-runner -- train")).expect("README.md has a `cargo run -p native-runner -- train` command");
+    let line =
+        joined.lines().find(|l| l.contains("cargo run -p native-runner -- train")).expect("README.md has a `cargo run -p native-runner -- train` command");
     let command = &line[line.find("cargo run").unwrap()..];
     command.split("&&").next().unwrap().trim().to_string()
 }
@@ -319,7 +362,7 @@ fn black_png(path: &Path, width: u32, height: u32) {
 /// A small real JPEG whose frame header is patched to claim `width × height`.
 fn jpeg_claiming(width: u16, height: u16) -> Vec<u8> {
     let mut bytes = std::fs::read(repo().join("examples/dreambooth/subject/robot_01.jpg")).unwrap();
-    let sof = bytes.windows(2).position(|w| w[0] == 0xFF && matches!(w[1], 0xC0 | 0xC1 | 0xC2)).unwrap();
+    let sof = bytes.windows(2).position(|w| w[0] == 0xFF && matches!(w[1], 0xC0..=0xC2)).unwrap();
     bytes[sof + 5..sof + 7].copy_from_slice(&height.to_be_bytes());
     bytes[sof + 7..sof + 9].copy_from_slice(&width.to_be_bytes());
     bytes
@@ -362,8 +405,15 @@ fn hostile_images_are_skipped_by_plan_and_cache_with_a_named_reason() {
     assert!(output.status.success(), "{}", stderr(&output));
     let plan: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
     let dataset = &plan["datasets"][0];
-    let skipped: Vec<String> = dataset["skipped"].as_array().unwrap().iter().map(|s| format!("{}: {}", s["path"].as_str().unwrap(), s["reason"].as_str().unwrap())).collect();
-    for (file, reason) in [("bomb.png", "30000x30000 is 900.0 MP, over the limit of 179.0 MP"), ("huge.jpg", "65000x65000"), ("thin.png", "extreme aspect ratio: 4x1200 is 1:300"), ("flat.png", "1200x2"), ("wide.png", "extreme aspect ratio: 4000x10 is 400:1")] {
+    let skipped: Vec<String> =
+        dataset["skipped"].as_array().unwrap().iter().map(|s| format!("{}: {}", s["path"].as_str().unwrap(), s["reason"].as_str().unwrap())).collect();
+    for (file, reason) in [
+        ("bomb.png", "30000x30000 is 900.0 MP, over the limit of 179.0 MP"),
+        ("huge.jpg", "65000x65000"),
+        ("thin.png", "extreme aspect ratio: 4x1200 is 1:300"),
+        ("flat.png", "1200x2"),
+        ("wide.png", "extreme aspect ratio: 4000x10 is 400:1"),
+    ] {
         assert!(skipped.iter().any(|s| s.starts_with(file) && s.contains(reason)), "{file} should be skipped for '{reason}': {skipped:?}");
     }
     // A broken EXIF block is ignored (orientation as stored), as Pillow's exif_transpose does.
@@ -391,7 +441,21 @@ fn commands_on_a_headless_machine_print_no_display_warnings() {
     let model = fixture("sd1").join("diffusers");
     let out = scratch("headless").join("x.png");
     let output = Command::new(env!("CARGO_BIN_EXE_native-runner"))
-        .args(["sample", "--model", model.to_str().unwrap(), "--prompt", "x", "--steps", "1", "--width", "32", "--height", "32", "--out", out.to_str().unwrap()])
+        .args([
+            "sample",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--steps",
+            "1",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--out",
+            out.to_str().unwrap(),
+        ])
         .env_remove("XDG_RUNTIME_DIR")
         .env_remove("NODEVICE_SELECT")
         .output()

@@ -67,7 +67,8 @@ fn find_token_ranks_single_tokens_by_prior_deterministically() {
 fn find_token_check_explains_known_words_and_multi_token_names() {
     let dir = scratch("check");
     let model = model();
-    let (out, _) = ok(runner(&["find-token", "--model", &model, "--check", "sks", "--check", "tom cruise", "--check", "zwxrobot", "--class", "man", "--json"], &dir));
+    let (out, _) =
+        ok(runner(&["find-token", "--model", &model, "--check", "sks", "--check", "tom cruise", "--check", "zwxrobot", "--class", "man", "--json"], &dir));
     let reports = json(&out);
     assert!(reports[0]["warning"].as_str().unwrap().contains("rifle"), "{}", reports[0]);
     assert_eq!(reports[1]["pieces"], serde_json::json!(["tom", "cruise"]));
@@ -86,7 +87,25 @@ fn find_token_check_explains_known_words_and_multi_token_names() {
 fn make_reg_makes_valid_images_resumes_and_writes_an_entry_plan_accepts() {
     let dir = scratch("reg");
     let model = model();
-    let args = ["make-reg", "--model", &model, "--prompt", "a picture of a toy", "--count", "3", "--out", "classes", "--steps", "2", "--resolution", "64", "--device", "cpu", "--seed", "5"];
+    let args = [
+        "make-reg",
+        "--model",
+        &model,
+        "--prompt",
+        "a picture of a toy",
+        "--count",
+        "3",
+        "--out",
+        "classes",
+        "--steps",
+        "2",
+        "--resolution",
+        "64",
+        "--device",
+        "cpu",
+        "--seed",
+        "5",
+    ];
     let (entry_text, stderr) = ok(runner(&args, &dir));
     assert!(stderr.contains("3 image(s) generated, 0 already there"), "{stderr}");
     let mut first = Vec::new();
@@ -117,7 +136,11 @@ fn make_reg_makes_valid_images_resumes_and_writes_an_entry_plan_accepts() {
         {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": true, "cache_dir": "cache/text"}
     ]);
     std::fs::write(dir.join("dataloader.json"), serde_json::to_string_pretty(&dataloader).unwrap()).unwrap();
-    std::fs::write(dir.join("config.env"), "MODEL_FAMILY=sd1x\nMODEL_TYPE=lora\nMAX_NUM_STEPS=10\nDATALOADER_CONFIG=dataloader.json\nREGULARISATION_MODE=prior_preservation\n").unwrap();
+    std::fs::write(
+        dir.join("config.env"),
+        "MODEL_FAMILY=sd1x\nMODEL_TYPE=lora\nMAX_NUM_STEPS=10\nDATALOADER_CONFIG=dataloader.json\nREGULARISATION_MODE=prior_preservation\n",
+    )
+    .unwrap();
     let (plan, _) = ok(runner(&["plan", "--config", "config.env"], &dir));
     assert!(plan.contains("Dataset 'regularisation-data'  [regularisation]\n  folder: classes\n  images: 3 found, 3 used, 0 skipped"), "{plan}");
 }

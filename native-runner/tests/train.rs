@@ -131,7 +131,10 @@ fn train_writes_every_output_and_resume_reproduces_the_losses() {
     assert_eq!(alpha.shape(), [] as [usize; 0]);
     assert_eq!(f32::from_le_bytes(alpha.data().try_into().unwrap()), 2.0);
     // 3 transformers x 2 attentions x 4 projections (fixture: 2 down, 1 mid, 2x... levels).
-    assert!(file.names().iter().all(|n| n.starts_with("lora_unet_") && (n.ends_with(".lora_down.weight") || n.ends_with(".lora_up.weight") || n.ends_with(".alpha"))));
+    assert!(file
+        .names()
+        .iter()
+        .all(|n| n.starts_with("lora_unet_") && (n.ends_with(".lora_down.weight") || n.ends_with(".lora_up.weight") || n.ends_with(".alpha"))));
     let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let metadata = metadata.metadata().clone().unwrap();
     assert_eq!(metadata["ss_network_dim"], "4");
@@ -147,7 +150,11 @@ fn train_writes_every_output_and_resume_reproduces_the_losses() {
     for file in ["state.json", "trainable.safetensors", "optimizer.safetensors"] {
         std::fs::copy(checkpoint.join(file), target.join(file)).unwrap();
     }
-    std::fs::write(again.join("output/metrics.jsonl"), std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().take(3).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    std::fs::write(
+        again.join("output/metrics.jsonl"),
+        std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().take(3).map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
     let output = runner(&["train", "--config", "config.env", "--device", "cpu", "--resume", "latest"], &again);
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(stderr(&output).contains("resumed from"), "{}", stderr(&output));
@@ -159,7 +166,25 @@ fn train_writes_every_output_and_resume_reproduces_the_losses() {
     let lora = out.join("burnbooth-lora.safetensors");
     let sample = |extra: &[&str], name: &str| -> Vec<u8> {
         let path = dir.join(name);
-        let mut args = vec!["sample", "--model", model.to_str().unwrap(), "--prompt", "a photograph of zwxrobot", "--steps", "4", "--seed", "5", "--device", "cpu", "--width", "32", "--height", "32", "--out", path.to_str().unwrap()];
+        let mut args = vec![
+            "sample",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a photograph of zwxrobot",
+            "--steps",
+            "4",
+            "--seed",
+            "5",
+            "--device",
+            "cpu",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--out",
+            path.to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
         let output = runner(&args, &dir);
         assert!(output.status.success(), "{}", stderr(&output));
@@ -293,7 +318,9 @@ fn a_used_output_folder_is_refused_resumed_with_changes_named_or_started_over() 
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(stderr(&output).contains("moved to") && stderr(&output).contains("previous-1"), "{}", stderr(&output));
     let aside = dir.join("output/previous-1");
-    assert!(aside.join("metrics.jsonl").is_file() && aside.join("checkpoints/checkpoint-00000003").is_dir() && aside.join("burnbooth-lora.safetensors").is_file());
+    assert!(
+        aside.join("metrics.jsonl").is_file() && aside.join("checkpoints/checkpoint-00000003").is_dir() && aside.join("burnbooth-lora.safetensors").is_file()
+    );
     assert!(dir.join("cache/vae/subject").is_dir(), "caches are kept");
     assert_eq!(losses(&dir).iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 2], "the new run's metrics only");
 }
@@ -324,7 +351,19 @@ fn the_guide_configuration_trains_unchanged_apart_from_paths() {
     let out = scratch("guide");
     let model = repo().join("trainer-core/tests/fixtures/models/sd1/diffusers");
     let output = runner(
-        &["train", "--config", "examples/dreambooth/config.env", "--model", model.to_str().unwrap(), "--max-steps", "2", "--device", "cpu", "--output-dir", out.to_str().unwrap()],
+        &[
+            "train",
+            "--config",
+            "examples/dreambooth/config.env",
+            "--model",
+            model.to_str().unwrap(),
+            "--max-steps",
+            "2",
+            "--device",
+            "cpu",
+            "--output-dir",
+            out.to_str().unwrap(),
+        ],
         &repo(),
     );
     assert!(output.status.success(), "{}", stderr(&output));
@@ -348,8 +387,15 @@ fn a_full_fine_tune_exports_a_diffusers_folder_and_a_single_file_that_sample_ali
     let output = runner(&["train", "--config", "config.env", "--device", "cpu", "--output-name", "tuned"], &dir);
     assert!(output.status.success(), "{}", stderr(&output));
     let folder = dir.join("output/tuned");
-    for file in ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                 "text_encoder/model.safetensors", "tokenizer/vocab.json", "scheduler/scheduler_config.json"] {
+    for file in [
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "tokenizer/vocab.json",
+        "scheduler/scheduler_config.json",
+    ] {
         assert!(folder.join(file).is_file(), "{file} missing from the exported folder");
     }
     let single = dir.join("output/tuned.safetensors");
@@ -400,7 +446,25 @@ fn a_killed_full_export_leaves_the_previous_export_whole() {
 /// their two naming schemes: both sample the same image, unlike the base model.
 fn assert_exports_sample_alike(dir: &Path, folder: &Path, single: &Path, base_model: &Path) {
     let sample = |model_arg: &str, extra: &[&str], out: &str| {
-        let mut args = vec!["sample", "--model", model_arg, "--prompt", "a photograph of zwxrobot", "--steps", "3", "--width", "32", "--height", "32", "--device", "cpu", "--seed", "7", "--out", out];
+        let mut args = vec![
+            "sample",
+            "--model",
+            model_arg,
+            "--prompt",
+            "a photograph of zwxrobot",
+            "--steps",
+            "3",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--device",
+            "cpu",
+            "--seed",
+            "7",
+            "--out",
+            out,
+        ];
         args.extend_from_slice(extra);
         let output = runner(&args, dir);
         assert!(output.status.success(), "sample {model_arg}: {}", stderr(&output));
@@ -437,7 +501,19 @@ fn the_guide_sdxl_configuration_trains_the_tiny_sdxl_model() {
     let out = scratch("guide-sdxl");
     let model = repo().join("trainer-core/tests/fixtures/models/sdxl/diffusers");
     let output = runner(
-        &["train", "--config", "examples/dreambooth/sdxl.env", "--model", model.to_str().unwrap(), "--max-steps", "2", "--device", "cpu", "--output-dir", out.to_str().unwrap()],
+        &[
+            "train",
+            "--config",
+            "examples/dreambooth/sdxl.env",
+            "--model",
+            model.to_str().unwrap(),
+            "--max-steps",
+            "2",
+            "--device",
+            "cpu",
+            "--output-dir",
+            out.to_str().unwrap(),
+        ],
         &repo(),
     );
     let text = stderr(&output);
@@ -456,8 +532,25 @@ fn the_guide_sdxl_configuration_trains_the_tiny_sdxl_model() {
 
     // The LoRA loads back onto the model it was trained on (every module matches a layer).
     let applied = runner(
-        &["sample", "--model", model.to_str().unwrap(), "--prompt", "a photograph of zwxrobot", "--steps", "3", "--width", "32", "--height", "32",
-          "--device", "cpu", "--lora", lora.to_str().unwrap(), "--out", out.join("lora.png").to_str().unwrap()],
+        &[
+            "sample",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a photograph of zwxrobot",
+            "--steps",
+            "3",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--device",
+            "cpu",
+            "--lora",
+            lora.to_str().unwrap(),
+            "--out",
+            out.join("lora.png").to_str().unwrap(),
+        ],
         &repo(),
     );
     assert!(applied.status.success(), "{}", stderr(&applied));
@@ -465,7 +558,19 @@ fn the_guide_sdxl_configuration_trains_the_tiny_sdxl_model() {
 
     // Pointing the SD 1.x guide config at an SDXL model is refused, by name.
     let wrong = runner(
-        &["train", "--config", "examples/dreambooth/config.env", "--model", model.to_str().unwrap(), "--max-steps", "1", "--device", "cpu", "--output-dir", out.join("wrong").to_str().unwrap()],
+        &[
+            "train",
+            "--config",
+            "examples/dreambooth/config.env",
+            "--model",
+            model.to_str().unwrap(),
+            "--max-steps",
+            "1",
+            "--device",
+            "cpu",
+            "--output-dir",
+            out.join("wrong").to_str().unwrap(),
+        ],
         &repo(),
     );
     assert!(!wrong.status.success());
@@ -486,7 +591,13 @@ fn an_sdxl_full_fine_tune_exports_a_folder_and_an_sgm_single_file_that_sample_al
     let output = runner(&["train", "--config", "config.env", "--device", "cpu", "--output-name", "tuned"], &dir);
     assert!(output.status.success(), "{}", stderr(&output));
     let folder = dir.join("output/tuned");
-    for file in ["model_index.json", "text_encoder_2/model.safetensors", "text_encoder_2/config.json", "tokenizer_2/vocab.json", "unet/diffusion_pytorch_model.safetensors"] {
+    for file in [
+        "model_index.json",
+        "text_encoder_2/model.safetensors",
+        "text_encoder_2/config.json",
+        "tokenizer_2/vocab.json",
+        "unet/diffusion_pytorch_model.safetensors",
+    ] {
         assert!(folder.join(file).is_file(), "{file} missing from the exported folder");
     }
     assert_exports_sample_alike(&dir, &folder, &dir.join("output/tuned.safetensors"), &model);

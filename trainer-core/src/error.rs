@@ -103,19 +103,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
     previous[b.len()]
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nearest_finds_typos_but_not_unrelated_words() {
-        let known = ["instance_prompt", "repeats", "crop_style"];
-        assert_eq!(nearest("instance_promt", known), Some("instance_prompt"));
-        assert_eq!(nearest("repeat", known), Some("repeats"));
-        assert_eq!(nearest("zzzzzzzzzzzz", known), None);
-    }
-}
-
 /// What to change when the device ran out of memory.
 pub const MEMORY_ADVICE: &str = "the device ran out of memory: lower TRAIN_BATCH_SIZE or the dataset resolution, \
 enable gradient checkpointing (gradient_checkpointing=true), keep MIXED_PRECISION on (f16 base weights on GPUs), \
@@ -138,10 +125,19 @@ pub fn device_failure(what: &str, error: impl fmt::Debug) -> String {
     if !is_out_of_memory(&details) {
         return format!("reading {what} back from the device failed: {details}");
     }
-    let reason = details
-        .lines()
-        .map(str::trim)
-        .find(|line| MEMORY_MARKERS.iter().any(|m| line.to_lowercase().contains(m)))
-        .unwrap_or("out of memory");
+    let reason = details.lines().map(str::trim).find(|line| MEMORY_MARKERS.iter().any(|m| line.to_lowercase().contains(m))).unwrap_or("out of memory");
     format!("{MEMORY_ADVICE} (computing {what}: {reason})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_finds_typos_but_not_unrelated_words() {
+        let known = ["instance_prompt", "repeats", "crop_style"];
+        assert_eq!(nearest("instance_promt", known), Some("instance_prompt"));
+        assert_eq!(nearest("repeat", known), Some("repeats"));
+        assert_eq!(nearest("zzzzzzzzzzzz", known), None);
+    }
 }

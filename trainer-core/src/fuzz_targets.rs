@@ -47,5 +47,8 @@ pub fn safetensors(data: &[u8]) {
 }
 
 /// Every target by name, for the corpus test and the fuzz crate.
-pub const TARGETS: &[(&str, fn(&[u8]))] =
+/// A fuzz target: its name and the function that reads one input.
+pub type Target = (&'static str, fn(&[u8]));
+
+pub const TARGETS: &[Target] =
     &[("image_headers", image_headers), ("training_config", training_config), ("dataloader_config", dataloader_config), ("safetensors", safetensors)];

@@ -1,21 +1,31 @@
 //! Burnbooth's core, shared by the native runner and the browser app.
 //!
-//! - [`config`]: SimpleTuner-compatible training and dataloader configs.
-//! - [`data`]: image discovery, sizing, captions, preprocessing and the batch sampler.
+//! - [`config`]: SimpleTuner-compatible training and dataloader configs,
+//!   parsed into typed settings once, at the edge.
+//! - [`data`]: image sources, header probes, sizing and crops, captions,
+//!   preprocessing and the batch sampler.
 //! - [`plan`]: what a training run would do, computed without loading a model.
+//! - [`models`]: the SD 1.x/2.x/SDXL components, their configs and loaders.
+//! - [`pipeline`]: text to image; [`schedulers`]: the sampling schedulers
+//!   (DDIM, Euler, DPM-Solver++); [`lr_schedule`]: the learning-rate schedule.
+//! - [`train`]: a run's session (caches, steps, validation, checkpoints,
+//!   exports) and the run loop both hosts drive ([`train::run`]).
+//! - [`tools`]: the rare-token finder and the regularisation-set generator.
 //!
 //! Nothing here touches the filesystem directly: files come through the
-//! [`data::source::ImageSource`] trait, so the same code runs in a browser tab.
+//! [`data::source::ImageSource`] and [`train::storage::Storage`] traits, so
+//! the same code runs in a browser tab. DEVELOPERS.md ("Architecture") has
+//! the layers and how data flows through them.
 
 pub mod config;
 pub mod data;
-pub mod models;
 pub mod error;
 pub mod fuzz_targets;
+pub mod lr_schedule;
+pub mod models;
 pub mod pipeline;
 pub mod plan;
 pub mod rng;
-pub mod schedule;
 pub mod schedulers;
 pub mod tools;
 pub mod train;

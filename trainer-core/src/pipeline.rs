@@ -90,7 +90,7 @@ impl StableDiffusion {
     /// Latent shape for an image size (must divide by the VAE's downscale).
     pub fn latent_shape(&self, width: usize, height: usize) -> Result<[usize; 4]> {
         let factor = self.configs.vae.downscale();
-        if width % factor != 0 || height % factor != 0 || width == 0 || height == 0 {
+        if !width.is_multiple_of(factor) || !height.is_multiple_of(factor) || width == 0 || height == 0 {
             return Err(Error::Config {
                 source_name: "--width/--height".into(),
                 problems: vec![format!("{width}x{height} must be a positive multiple of {factor} (the VAE's downscale)")],
@@ -175,10 +175,7 @@ impl StableDiffusion {
 /// `[1, 3, H, W]` in [0, 1] to 8-bit RGB (rounding as diffusers' `numpy_to_pil`).
 pub async fn to_rgb8(image: Tensor<4>) -> Result<RgbImage> {
     let [_, _, height, width] = image.dims();
-    let data = image
-        .into_data_async()
-        .await
-        .map_err(|e| Error::Io { path: "image".into(), message: crate::error::device_failure("the image", e) })?;
+    let data = image.into_data_async().await.map_err(|e| Error::Io { path: "image".into(), message: crate::error::device_failure("the image", e) })?;
     let values: Vec<f32> = data.convert::<f32>().try_to_vec::<f32>().map_err(|e| Error::Io { path: "image".into(), message: format!("{e:?}") })?;
     let plane = width * height;
     let mut rgb = RgbImage::new(width as u32, height as u32);
@@ -220,9 +217,7 @@ pub fn png_with_parameters(image: &RgbImage, parameters: &str) -> Result<Vec<u8>
         let mut encoder = png::Encoder::new(&mut bytes, image.width(), image.height());
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
-        encoder
-            .add_text_chunk("parameters".to_string(), parameters.to_string())
-            .map_err(|e| Error::Io { path: "png".into(), message: e.to_string() })?;
+        encoder.add_text_chunk("parameters".to_string(), parameters.to_string()).map_err(|e| Error::Io { path: "png".into(), message: e.to_string() })?;
         let mut writer = encoder.write_header().map_err(|e| Error::Io { path: "png".into(), message: e.to_string() })?;
         writer.write_image_data(image.as_raw()).map_err(|e| Error::Io { path: "png".into(), message: e.to_string() })?;
     }

@@ -13,15 +13,15 @@ use serde::Serialize;
 
 use crate::config::dataset::{CaptionStrategy, DataloaderConfig, ImageDatasetConfig};
 use crate::config::training::{ModelFamily, ModelType, Optimizer, RegularisationMode, TrainingConfig};
+use crate::data::batch_sampler::{BatchSampler, BatchSamplerBucket, BatchSamplerDataset, BatchSamplerSettings};
 use crate::data::captions::captions_for;
 use crate::data::geometry::{bucket_key, ImageGeometry, Size, Sizer};
 use crate::data::preprocess::decode_oriented;
 use crate::data::probe::probe;
-use crate::data::sampler::{Sampler, SamplerBucket, SamplerDataset, SamplerSettings};
 use crate::data::source::{discover, extension, ImageSource};
 use crate::error::{Error, Result};
+use crate::lr_schedule::LearningRateSchedule;
 use crate::rng::SeededRng;
-use crate::schedule::LearningRateSchedule;
 
 /// Simulating more batches than this to find where training stops is refused.
 const MAX_SIMULATED_BATCHES: u64 = 50_000_000;
@@ -229,10 +229,10 @@ pub fn plan(
 
     let (main, _) = build_samplers(&datasets, training);
     let schedule = simulate(training, main.sampler)?;
-    if training.max_train_steps.is_some() && training.num_train_epochs.is_some() {
+    if let (Some(_), Some(epochs)) = (training.max_train_steps, training.num_train_epochs) {
         let which = match schedule.stops_on {
             StopsOn::MaxSteps => format!("max_train_steps ({}) comes first", schedule.total_steps),
-            StopsOn::Epochs => format!("{} epochs end after {} steps", training.num_train_epochs.unwrap(), schedule.total_steps),
+            StopsOn::Epochs => format!("{epochs} epochs end after {} steps", schedule.total_steps),
         };
         warnings.push(format!("both max_train_steps and num_train_epochs are set: training stops at whichever comes first; {which}"));
     }
@@ -283,10 +283,7 @@ fn precision_plan(training: &TrainingConfig, target: PlanTarget) -> PrecisionPla
 fn optimizer_plan(training: &TrainingConfig, target: PlanTarget) -> OptimizerPlan {
     let (state_dtype, note) = match (training.optimizer, target.has_bf16) {
         (Optimizer::AdamwBf16, true) => ("bf16", "AdamW with bf16 weights and state, stochastic rounding".to_string()),
-        (Optimizer::AdamwBf16, false) => (
-            "f32",
-            "adamw_bf16 requested, but this backend has no bf16: AdamW with f32 weights and state".to_string(),
-        ),
+        (Optimizer::AdamwBf16, false) => ("f32", "adamw_bf16 requested, but this backend has no bf16: AdamW with f32 weights and state".to_string()),
         (Optimizer::Adamw, _) => ("f32", "AdamW with f32 state".to_string()),
     };
     OptimizerPlan {
@@ -302,16 +299,16 @@ fn optimizer_plan(training: &TrainingConfig, target: PlanTarget) -> OptimizerPla
 
 /// A sampler over some of the plan's datasets; `datasets[i]` is the plan
 /// index of the sampler's dataset `i`.
-pub struct PlannedSampler {
-    pub sampler: Sampler,
+pub struct PlannedBatchSampler {
+    pub sampler: BatchSampler,
     pub datasets: Vec<usize>,
 }
 
 /// The samplers a run draws from: one over every dataset, or under
 /// `prior_preservation` one over the instance datasets (it sets the pace:
 /// steps and epochs) and one over the class (regularisation) datasets.
-pub fn build_samplers(datasets: &[DatasetPlan], training: &TrainingConfig) -> (PlannedSampler, Option<PlannedSampler>) {
-    let settings = SamplerSettings {
+pub fn build_samplers(datasets: &[DatasetPlan], training: &TrainingConfig) -> (PlannedBatchSampler, Option<PlannedBatchSampler>) {
+    let settings = BatchSamplerSettings {
         seed: training.seed,
         sampling: training.data_backend_sampling,
         caption_dropout_probability: training.caption_dropout_probability,
@@ -321,7 +318,7 @@ pub fn build_samplers(datasets: &[DatasetPlan], training: &TrainingConfig) -> (P
         if !label.is_empty() {
             settings.seed = SeededRng::derived(training.seed, label).next_u64();
         }
-        PlannedSampler { sampler: Sampler::new(indices.iter().map(|&i| sampler_dataset(&datasets[i])).collect(), settings), datasets: indices }
+        PlannedBatchSampler { sampler: BatchSampler::new(indices.iter().map(|&i| sampler_dataset(&datasets[i])).collect(), settings), datasets: indices }
     };
     let has_class_data = datasets.iter().any(|d| d.is_regularisation_data);
     let has_instance_data = datasets.iter().any(|d| !d.is_regularisation_data);
@@ -334,17 +331,17 @@ pub fn build_samplers(datasets: &[DatasetPlan], training: &TrainingConfig) -> (P
     }
 }
 
-fn sampler_dataset(plan: &DatasetPlan) -> SamplerDataset {
+fn sampler_dataset(plan: &DatasetPlan) -> BatchSamplerDataset {
     let mut index_of: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (index, image) in plan.images.iter().enumerate() {
         index_of.entry(image.aspect_bucket.as_str()).or_default().push(index);
     }
-    SamplerDataset {
+    BatchSamplerDataset {
         id: plan.id.clone(),
         buckets: plan
             .buckets
             .iter()
-            .map(|b| SamplerBucket { key: b.aspect_bucket.clone(), images: index_of.remove(b.aspect_bucket.as_str()).unwrap_or_default() })
+            .map(|b| BatchSamplerBucket { key: b.aspect_bucket.clone(), images: index_of.remove(b.aspect_bucket.as_str()).unwrap_or_default() })
             .collect(),
         repeats: plan.repeats,
         probability: plan.probability,
@@ -363,16 +360,14 @@ struct Schedule {
 
 /// Runs the sampler forward (indices only, no pixels) to find the epoch
 /// length and which limit stops training.
-fn simulate(training: &TrainingConfig, mut sampler: Sampler) -> Result<Schedule> {
+fn simulate(training: &TrainingConfig, mut sampler: BatchSampler) -> Result<Schedule> {
     let accumulation = training.gradient_accumulation_steps.max(1) as u64;
     let max_batches = training.max_train_steps.map(|s| s * accumulation);
-    if !sampler.epochs_can_end() {
-        if max_batches.is_none() {
-            return Err(Error::Config {
-                source_name: training.source_name.clone(),
-                problems: vec!["every dataset has ignore_epochs, so epochs never end: set max_train_steps (MAX_NUM_STEPS)".into()],
-            });
-        }
+    if !sampler.epochs_can_end() && max_batches.is_none() {
+        return Err(Error::Config {
+            source_name: training.source_name.clone(),
+            problems: vec!["every dataset has ignore_epochs, so epochs never end: set max_train_steps (MAX_NUM_STEPS)".into()],
+        });
     }
     let mut batches = 0u64;
     let mut first_epoch_batches: Option<u64> = None;
@@ -437,7 +432,7 @@ pub fn plan_dataset(
     let mut candidates: Vec<(String, [u32; 2], Vec<String>)> = Vec::new();
     let mut with_alpha = 0;
     for (done, path) in discovery.images.iter().enumerate() {
-        if done % 256 == 0 {
+        if done.is_multiple_of(256) {
             progress(PlanProgress { dataset: &dataset.id, done, total });
         }
         let info = {
@@ -586,12 +581,7 @@ fn check_aspect(dataset: &ImageDatasetConfig, [width, height]: [u32; 2]) -> std:
     Ok(())
 }
 
-fn bucket_plans(
-    training: &TrainingConfig,
-    dataset: &ImageDatasetConfig,
-    images: &[PlannedImage],
-    notes: &mut Vec<String>,
-) -> Result<Vec<BucketPlan>> {
+fn bucket_plans(training: &TrainingConfig, dataset: &ImageDatasetConfig, images: &[PlannedImage], notes: &mut Vec<String>) -> Result<Vec<BucketPlan>> {
     let mut by_key: BTreeMap<String, (f64, Size, usize)> = BTreeMap::new();
     for image in images {
         let entry = by_key.entry(image.aspect_bucket.clone()).or_insert((image.aspect_bucket.parse().unwrap_or(1.0), image.target_size, 0));
@@ -658,13 +648,7 @@ pub fn describe(plan: &Plan) -> String {
         let role = if dataset.is_regularisation_data { "  [regularisation]" } else { "" };
         let _ = writeln!(out, "\nDataset '{}'{role}", dataset.id);
         let _ = writeln!(out, "  folder: {}", dataset.folder);
-        let _ = writeln!(
-            out,
-            "  images: {} found, {} used, {} skipped",
-            dataset.images_found,
-            dataset.images_used,
-            dataset.skipped.len()
-        );
+        let _ = writeln!(out, "  images: {} found, {} used, {} skipped", dataset.images_found, dataset.images_used, dataset.skipped.len());
         let _ = writeln!(
             out,
             "  repeats {}, probability {}, batch size {}, captions: {}{}",
@@ -709,11 +693,7 @@ pub fn describe(plan: &Plan) -> String {
         StopsOn::Epochs => format!("training stops when epoch {} ends", plan.epochs),
     };
     let _ = writeln!(out, "Total steps: {}  ({stop})", plan.max_steps);
-    let _ = writeln!(
-        out,
-        "Batch: {} x {} accumulation step(s)",
-        plan.train_batch_size, plan.gradient_accumulation_steps
-    );
+    let _ = writeln!(out, "Batch: {} x {} accumulation step(s)", plan.train_batch_size, plan.gradient_accumulation_steps);
     let _ = writeln!(out, "Optimizer: {} ({})", config_name(&plan.optimizer.name), plan.optimizer.note);
     let _ = writeln!(out, "Weights: {}", plan.precision.note);
     if let Some(lr) = plan.text_encoder_lr {
@@ -728,11 +708,7 @@ pub fn describe(plan: &Plan) -> String {
         s.at(s.total_steps),
         s.total_steps,
         s.warmup_steps,
-        [0.0, 0.25, 0.5, 0.75, 1.0]
-            .iter()
-            .map(|f| format!("{:.3e}", s.at((s.total_steps as f64 * f) as u64)))
-            .collect::<Vec<_>>()
-            .join(" ")
+        [0.0, 0.25, 0.5, 0.75, 1.0].iter().map(|f| format!("{:.3e}", s.at((s.total_steps as f64 * f) as u64))).collect::<Vec<_>>().join(" ")
     );
     let _ = writeln!(out, "Regularisation mode: {}", config_name(&plan.regularisation_mode));
     for warning in &plan.warnings {

@@ -64,10 +64,13 @@ pub fn alphas_cumprod(config: &SchedulerConfig) -> Vec<f64> {
         }
     };
     let mut product = 1.0;
-    betas.iter().map(|beta| {
-        product *= 1.0 - beta;
-        product
-    }).collect()
+    betas
+        .iter()
+        .map(|beta| {
+            product *= 1.0 - beta;
+            product
+        })
+        .collect()
 }
 
 /// The config's spacing, or the sampler class's own default.
@@ -194,17 +197,7 @@ impl Scheduler {
                 (ts, sigmas)
             }
         };
-        Ok(Self {
-            kind,
-            prediction,
-            timesteps,
-            sigmas,
-            alphas,
-            final_alpha,
-            step_ratio: config.num_train_timesteps / steps,
-            spacing,
-            previous_x0: None,
-        })
+        Ok(Self { kind, prediction, timesteps, sigmas, alphas, final_alpha, step_ratio: config.num_train_timesteps / steps, spacing, previous_x0: None })
     }
 
     /// What the starting noise is multiplied by.
@@ -249,10 +242,9 @@ impl Scheduler {
         let a_prev = t.checked_sub(self.step_ratio).map(|p| self.alphas[p]).unwrap_or(self.final_alpha);
         let (x0, eps) = match self.prediction {
             PredictionType::Epsilon => ((sample.clone() - output.clone() * (1.0 - a_t).sqrt()) / a_t.sqrt(), output),
-            PredictionType::VPrediction => (
-                sample.clone() * a_t.sqrt() - output.clone() * (1.0 - a_t).sqrt(),
-                output * a_t.sqrt() + sample * (1.0 - a_t).sqrt(),
-            ),
+            PredictionType::VPrediction => {
+                (sample.clone() * a_t.sqrt() - output.clone() * (1.0 - a_t).sqrt(), output * a_t.sqrt() + sample * (1.0 - a_t).sqrt())
+            }
             PredictionType::Sample => (output.clone(), (sample - output * a_t.sqrt()) / (1.0 - a_t).sqrt()),
         };
         x0 * a_prev.sqrt() + eps * (1.0 - a_prev).sqrt()
@@ -324,10 +316,7 @@ mod tests {
     use crate::models::config::Choice;
 
     fn sd_config(spacing: Option<&str>) -> SchedulerConfig {
-        let mut config = SchedulerConfig::default();
-        config.steps_offset = 1;
-        config.timestep_spacing = spacing.map(|s| TimestepSpacing::parse(s).unwrap());
-        config
+        SchedulerConfig { steps_offset: 1, timestep_spacing: spacing.map(|s| TimestepSpacing::parse(s).unwrap()), ..Default::default() }
     }
 
     fn close(got: &[f64], want: &[f64], tolerance: f64) {

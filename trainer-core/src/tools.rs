@@ -93,11 +93,7 @@ async fn pooled(model: &StableDiffusion, prompts: &[String], device: &Device) ->
     let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [prompts.len(), length]), device);
     let hidden = HostTensor::from_tensor(model.text_encoder.forward(ids).last_hidden_state).await?;
     let width = hidden.shape[2];
-    Ok(ends
-        .iter()
-        .enumerate()
-        .map(|(b, &end)| hidden.values[(b * length + end) * width..(b * length + end + 1) * width].to_vec())
-        .collect())
+    Ok(ends.iter().enumerate().map(|(b, &end)| hidden.values[(b * length + end) * width..(b * length + end + 1) * width].to_vec()).collect())
 }
 
 fn cosine_distance(a: &[f32], b: &[f32]) -> f64 {
@@ -114,15 +110,19 @@ fn warning(model: &StableDiffusion, text: &str, ids: &[u32]) -> Option<String> {
         return Some(format!("{} tokens: right for a look-alike's name (whose prior you want), but a rare token should be one", ids.len()));
     }
     match ids.first() {
-        Some(&id) if id < FREQUENT_BELOW && id != model.tokenizer.eos_id => {
-            Some(format!("a frequent word in CLIP's training text (vocabulary rank {id})"))
-        }
+        Some(&id) if id < FREQUENT_BELOW && id != model.tokenizer.eos_id => Some(format!("a frequent word in CLIP's training text (vocabulary rank {id})")),
         _ => None,
     }
 }
 
 /// Prior scores of texts, in batches (one text-encoder pass per batch).
-pub async fn score(model: &StableDiffusion, texts: &[String], class: Option<&str>, device: &Device, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<TokenReport>> {
+pub async fn score(
+    model: &StableDiffusion,
+    texts: &[String],
+    class: Option<&str>,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<TokenReport>> {
     const BATCH: usize = 64;
     let base = pooled(model, &[baseline(class)], device).await?.remove(0);
     let mut reports = Vec::with_capacity(texts.len());
@@ -157,7 +157,10 @@ pub async fn find_tokens(
 ) -> Result<Vec<TokenReport>> {
     let words: Vec<String> = single_token_words(model, min_chars, max_chars)?.into_iter().map(|(w, _)| w).collect();
     if words.is_empty() {
-        return Err(Error::Config { source_name: "find-token".into(), problems: vec![format!("no single-token words of {min_chars} to {max_chars} letters in this vocabulary")] });
+        return Err(Error::Config {
+            source_name: "find-token".into(),
+            problems: vec![format!("no single-token words of {min_chars} to {max_chars} letters in this vocabulary")],
+        });
     }
     let mut reports = score(model, &words, class, device, progress).await?;
     reports.sort_by(|a, b| {

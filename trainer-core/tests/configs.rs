@@ -138,7 +138,11 @@ fn guide_setup_plans_and_names_the_limit_that_stops() {
 #[test]
 fn every_shared_config_loads_or_fails_naming_dataset_and_reason() {
     let training = training(GUIDE_ENV);
-    let loads = ["00-dreambooth-single-subject.json", "02-simpletuner-config-multidatabackend-multiresolution.json", "06-simpletuner-doc-DREAMBOOTH-md-subject-plus-regularisation.json"];
+    let loads = [
+        "00-dreambooth-single-subject.json",
+        "02-simpletuner-config-multidatabackend-multiresolution.json",
+        "06-simpletuner-doc-DREAMBOOTH-md-subject-plus-regularisation.json",
+    ];
     for name in loads {
         let config = dataloader(&shared_config(name), &training).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(!config.datasets.is_empty());
@@ -176,19 +180,31 @@ fn dataloader_errors_name_the_dataset_key_and_value() {
         (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "repeats": -1}]"#, &["dataset 'a'", "'repeats'", "-1"]),
         (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "repeats": "many"}]"#, &["dataset 'a'", "'repeats'", "many"]),
         (r#"[{"id": "a", "type": "local", "instance_data_dir": "x"}, {"id": "a", "type": "local", "instance_data_dir": "y"}]"#, &["dataset 'a'", "twice"]),
-        (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "cache_dir_vae": "c"}, {"id": "b", "type": "local", "instance_data_dir": "y", "cache_dir_vae": "c/"}]"#, &["'a'", "'b'", "cache_dir_vae"]),
+        (
+            r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "cache_dir_vae": "c"}, {"id": "b", "type": "local", "instance_data_dir": "y", "cache_dir_vae": "c/"}]"#,
+            &["'a'", "'b'", "cache_dir_vae"],
+        ),
         (r#"[{"id": "a", "type": "local"}]"#, &["dataset 'a'", "instance_data_dir"]),
         (r#"[{"id": "a", "type": "csv", "instance_data_dir": "x"}]"#, &["dataset 'a'", "'csv'", "not supported"]),
         (r#"[{"id": "a", "type": "ftp", "instance_data_dir": "x"}]"#, &["dataset 'a'", "'ftp'"]),
         (r#"[{"id": "a", "instance_data_dir": "x"}]"#, &["dataset 'a'", "'type'"]),
         (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "caption_strategy": "instanceprompt"}]"#, &["dataset 'a'", "instance_prompt"]),
-        (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "resolution": 512.5, "resolution_type": "pixel_area"}]"#, &["dataset 'a'", "pixel_area", "512.5"]),
+        (
+            r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "resolution": 512.5, "resolution_type": "pixel_area"}]"#,
+            &["dataset 'a'", "pixel_area", "512.5"],
+        ),
         (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "crop_style": "middle"}]"#, &["dataset 'a'", "crop_style", "middle"]),
         (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "crop": true, "crop_aspect": "closest"}]"#, &["dataset 'a'", "crop_aspect_buckets"]),
         (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "text_embeds": "nope"}]"#, &["dataset 'a'", "'nope'"]),
-        (r#"[{"id": "a", "type": "local", "instance_data_dir": "x"}, {"id": "t1", "type": "local", "dataset_type": "text_embeds", "default": true}, {"id": "t2", "type": "local", "dataset_type": "text_embeds", "default": true}]"#, &["t1", "t2", "default"]),
+        (
+            r#"[{"id": "a", "type": "local", "instance_data_dir": "x"}, {"id": "t1", "type": "local", "dataset_type": "text_embeds", "default": true}, {"id": "t2", "type": "local", "dataset_type": "text_embeds", "default": true}]"#,
+            &["t1", "t2", "default"],
+        ),
         (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "dataset_type": "video"}]"#, &["dataset 'a'", "video"]),
-        (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "resolution_type": "area", "minimum_image_size": 512}]"#, &["dataset 'a'", "minimum_image_size", "megapixels"]),
+        (
+            r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "resolution_type": "area", "minimum_image_size": 512}]"#,
+            &["dataset 'a'", "minimum_image_size", "megapixels"],
+        ),
         (r#"[]"#, &["empty"]),
         (r#"{"id": "a"}"#, &["array"]),
         (r#"[{"id": "a",]"#, &["not valid JSON"]),
@@ -219,8 +235,7 @@ fn unknown_keys_warn_with_a_suggestion_or_fail_when_strict() {
     let warning = config.warnings.iter().find(|w| w.contains("instance_promt")).expect("a warning for the unknown key");
     assert!(warning.contains("dataset 'a'") && warning.contains("did you mean 'instance_prompt'"), "{warning}");
 
-    let mut defaults = trainer_core::config::dataset::DatasetDefaults::default();
-    defaults.strict = true;
+    let defaults = trainer_core::config::dataset::DatasetDefaults { strict: true, ..Default::default() };
     let strict = trainer_core::config::dataset::parse_dataloader_config(json, "d.json", None, &defaults, &no_env);
     assert!(error_text(strict).contains("instance_promt"));
 }
@@ -236,7 +251,10 @@ fn training_config_errors_are_named() {
         ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nTRAIN_BATCH_SIZE=two", "train_batch_size"),
         ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nLEARNING_RATE=1e-7\nLR_END=1e-6", "lr_end"),
         ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nVALIDATION_PROMPT=\"unterminated", "quote"),
-        ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nTRAINER_EXTRA_ARGS=\"--prediction_type=x0\"", "'prediction_type' is 'x0', which is not one of: epsilon, v_prediction, sample"),
+        (
+            "MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nTRAINER_EXTRA_ARGS=\"--prediction_type=x0\"",
+            "'prediction_type' is 'x0', which is not one of: epsilon, v_prediction, sample",
+        ),
         ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nLEARNING_RATE=0", "learning_rate must be positive"),
         ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nLR_END=-1e-6", "'lr_end' must be at least 0, not -0.000001"),
         ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nTRAINER_EXTRA_ARGS=\"--adam_beta1=1.0\"", "'adam_beta1' must be at least 0 and below 1, not 1"),
@@ -254,7 +272,12 @@ fn training_config_errors_are_named() {
         let message = error_text(result);
         assert!(message.contains("/x/config.env") && message.contains(needle), "{text:?} -> {message}");
     }
-    let json = TrainingConfig::parse("{\"model_family\": \"sd1x\", \"data_backend_config\": \"d.json\", \"gradient_checkpointing\": \"maybe\"}", ConfigFormat::Json, "c.json", &no_env);
+    let json = TrainingConfig::parse(
+        "{\"model_family\": \"sd1x\", \"data_backend_config\": \"d.json\", \"gradient_checkpointing\": \"maybe\"}",
+        ConfigFormat::Json,
+        "c.json",
+        &no_env,
+    );
     assert!(error_text(json).contains("gradient_checkpointing"));
     let unknown = TrainingConfig::parse("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nLEARNING_RAT=1", ConfigFormat::Env, "c.env", &no_env).unwrap();
     assert!(unknown.warnings.iter().any(|w| w.contains("LEARNING_RAT") && w.contains("LEARNING_RATE")), "{:?}", unknown.warnings);
@@ -262,11 +285,14 @@ fn training_config_errors_are_named() {
 
 #[test]
 fn extra_args_and_legacy_keys_are_read() {
-    let config = training("MODEL_FAMILY=sd2x\nDATALOADER_CONFIG=d.json\nTRAINER_EXTRA_ARGS=\"--lora_rank=8 --snr_gamma 5 --offset_noise\"\nCHECKPOINTING_STEPS=250");
+    let config =
+        training("MODEL_FAMILY=sd2x\nDATALOADER_CONFIG=d.json\nTRAINER_EXTRA_ARGS=\"--lora_rank=8 --snr_gamma 5 --offset_noise\"\nCHECKPOINTING_STEPS=250");
     assert_eq!(config.lora_rank, 8);
     assert_eq!(config.snr_gamma, Some(5.0));
     assert!(config.offset_noise);
     assert_eq!(config.checkpoint_step_interval, 250);
-    let json = TrainingConfig::parse(r#"{"model_family": "sd1x", "data_backend_config": "d.json", "checkpointing_steps": 50}"#, ConfigFormat::Json, "c.json", &no_env).unwrap();
+    let json =
+        TrainingConfig::parse(r#"{"model_family": "sd1x", "data_backend_config": "d.json", "checkpointing_steps": 50}"#, ConfigFormat::Json, "c.json", &no_env)
+            .unwrap();
     assert_eq!(json.checkpoint_step_interval, 50);
 }

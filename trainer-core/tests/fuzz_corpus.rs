@@ -81,7 +81,8 @@ fn mutate(seed: &[u8], other: &[u8], rng: &mut Rng) -> Vec<u8> {
 
 fn run(target: &str, function: fn(&[u8]), input: &[u8]) {
     if std::panic::catch_unwind(|| function(input)).is_err() {
-        let path: PathBuf = std::env::temp_dir().join(format!("burnbooth-fuzz-{target}-{:016x}", input.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))));
+        let path: PathBuf = std::env::temp_dir()
+            .join(format!("burnbooth-fuzz-{target}-{:016x}", input.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))));
         std::fs::write(&path, input).unwrap();
         panic!("{target} panicked on {} bytes, written to {}", input.len(), Path::new(&path).display());
     }

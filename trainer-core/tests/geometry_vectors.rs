@@ -88,10 +88,7 @@ fn with_pixels_vectors_match_simpletuner() {
                 let [top, left] = got.crop_offset;
                 assert!(left + target[0] <= got.resize_size[0] && top + target[1] <= got.resize_size[1]);
             } else if got.crop_offset != size(&expected["crop"]) {
-                failures.push(format!(
-                    "{config} {image}: crop {:?} (resized to {:?}), want {}",
-                    got.crop_offset, got.resize_size, expected["crop"]
-                ));
+                failures.push(format!("{config} {image}: crop {:?} (resized to {:?}), want {}", got.crop_offset, got.resize_size, expected["crop"]));
             }
             checked += 1;
         }
@@ -105,8 +102,7 @@ fn area_buckets_share_one_size_per_bucket() {
     // Two images whose own sizes differ slightly but land in one bucket must
     // get the same target size (the first image fixes it), or they could not
     // be batched together.
-    let mut s = GeometrySettings::default();
-    s.resolution = 0.5;
+    let s = GeometrySettings { resolution: 0.5, ..Default::default() };
     let mut sizer = Sizer::new(s);
     let mut rng = SeededRng::new(0);
     let a = sizer.geometry([3000, 2000], &mut rng);

@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use trainer_core::models::safetensors_file::SafetensorsFile;
-use trainer_core::models::single_file::{clip_text_name, sd1_text_name, unet_name, vae_name, OpenClipView, OPENCLIP_PREFIX, SDXL_OPENCLIP_PREFIX, SDXL_TEXT_PREFIX};
+use trainer_core::models::single_file::{
+    clip_text_name, sd1_text_name, unet_name, vae_name, OpenClipView, OPENCLIP_PREFIX, SDXL_OPENCLIP_PREFIX, SDXL_TEXT_PREFIX,
+};
 use trainer_core::models::{expected_keys, Family, ModelConfigs};
 
 type Keys = BTreeMap<String, Vec<usize>>;
@@ -16,7 +18,8 @@ fn key_file(name: &str) -> Keys {
         .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
         .map(|line| {
             let (key, shape) = line.split_once('\t').unwrap();
-            let shape: Vec<usize> = shape.trim_matches(|c| c == '[' || c == ']').split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap()).collect();
+            let shape: Vec<usize> =
+                shape.trim_matches(|c| c == '[' || c == ']').split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap()).collect();
             (key.to_string(), shape)
         })
         .filter(|(key, _)| !key.ends_with("position_ids"))
@@ -30,7 +33,14 @@ fn component(keys: &[(String, Vec<usize>)], prefix: &str) -> Keys {
 fn assert_same(what: &str, got: &Keys, want: &Keys) {
     let missing: Vec<&String> = want.keys().filter(|k| !got.contains_key(*k)).collect();
     let extra: Vec<&String> = got.keys().filter(|k| !want.contains_key(*k)).collect();
-    assert!(missing.is_empty() && extra.is_empty(), "{what}: {} missing (e.g. {:?}), {} extra (e.g. {:?})", missing.len(), missing.first(), extra.len(), extra.first());
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{what}: {} missing (e.g. {:?}), {} extra (e.g. {:?})",
+        missing.len(),
+        missing.first(),
+        extra.len(),
+        extra.first()
+    );
     for (key, shape) in want {
         assert_eq!(&got[key], shape, "{what}: shape of {key}");
     }

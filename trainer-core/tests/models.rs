@@ -100,7 +100,12 @@ fn vae_matches_diffusers() {
             let model = load(family, &device);
             let posterior = model.vae.encode(tensor(&reference, "vae.input", &device));
             assert_close(&format!("{family} {name} posterior mean"), &values(posterior.mean), &reference.to_f32("vae.posterior_mean").unwrap(), tolerance);
-            assert_close(&format!("{family} {name} posterior logvar"), &values(posterior.logvar), &reference.to_f32("vae.posterior_logvar").unwrap(), tolerance);
+            assert_close(
+                &format!("{family} {name} posterior logvar"),
+                &values(posterior.logvar),
+                &reference.to_f32("vae.posterior_logvar").unwrap(),
+                tolerance,
+            );
             let decoded = model.vae.decode(tensor(&reference, "vae.decode_input", &device));
             assert_close(&format!("{family} {name} decode"), &values(decoded), &reference.to_f32("vae.decoded").unwrap(), tolerance);
         }
@@ -143,7 +148,12 @@ fn whole_sampling_runs_match_diffusers() {
                 let init = tensor(&reference, "sampling.init_latents", &device);
                 let out = model.generate(&request, Some(init), &device, &mut |_, _| {}).unwrap();
                 let key = sampler.name();
-                assert_close(&format!("{family} {name} {key} latents"), &values(out.latents), &reference.to_f32(&format!("sampling.{key}.latents")).unwrap(), tolerance * 10.0);
+                assert_close(
+                    &format!("{family} {name} {key} latents"),
+                    &values(out.latents),
+                    &reference.to_f32(&format!("sampling.{key}.latents")).unwrap(),
+                    tolerance * 10.0,
+                );
                 let (relative, max) = compare(&values(out.image), &reference.to_f32(&format!("sampling.{key}.image")).unwrap());
                 println!("{family} {name} {key}: image relative error {relative:.2e}, max per-pixel error {max:.2e} (of 1.0)");
                 assert!(max < 1e-3, "{family} {name} {key}: per-pixel error {max:.2e}");
@@ -220,10 +230,9 @@ fn sdxl_text_encoders_and_prompt_conditioning_match_diffusers() {
         let model = load("sdxl", &device);
         assert_eq!(model.family, Family::Sdxl);
         let prompts = ["a photo of sks dog", "", "a cat 🐱 wearing a hat 🎩 and 👩‍🚀 emoji"];
-        for (key, tokenizer, encoder) in [
-            ("text", &model.tokenizer, &model.text_encoder),
-            ("text2", model.tokenizer_2.as_ref().unwrap(), model.text_encoder_2.as_ref().unwrap()),
-        ] {
+        for (key, tokenizer, encoder) in
+            [("text", &model.tokenizer, &model.text_encoder), ("text2", model.tokenizer_2.as_ref().unwrap(), model.text_encoder_2.as_ref().unwrap())]
+        {
             let want_ids = reference.to_i64(&format!("{key}.input_ids")).unwrap();
             let ids: Vec<i64> = prompts.iter().flat_map(|p| tokenizer.encode(p).unwrap()).map(|i| i as i64).collect();
             assert_eq!(ids, want_ids, "{key} token ids");
@@ -248,10 +257,8 @@ fn sdxl_unet_with_added_conditions_matches_diffusers() {
         let model = load("sdxl", &device);
         let timesteps: Vec<f32> = reference.to_i64("unet.timesteps").unwrap().iter().map(|t| *t as f32).collect();
         let ids = reference.to_f32("unet.time_ids").unwrap();
-        let added = AddedConditions {
-            pooled: tensor(&reference, "unet.text_embeds", &device),
-            time_ids: ids.chunks(6).map(|c| c.try_into().unwrap()).collect(),
-        };
+        let added =
+            AddedConditions { pooled: tensor(&reference, "unet.text_embeds", &device), time_ids: ids.chunks(6).map(|c| c.try_into().unwrap()).collect() };
         let out = model.unet.forward_with(tensor(&reference, "unet.sample", &device), &timesteps, tensor(&reference, "unet.context", &device), Some(&added));
         assert_close(&format!("sdxl {name} unet"), &values(out), &reference.to_f32("unet.output").unwrap(), tolerance);
     }

@@ -150,7 +150,8 @@ fn prepare_resizes_with_lanczos_and_crops_where_planned() {
     original.write_to(&mut bytes, ImageFormat::Png).unwrap();
     let bytes = bytes.into_inner();
 
-    let settings = GeometrySettings { resolution: 150.0, resolution_type: ResolutionType::Pixel, crop: true, crop_style: CropStyle::Center, ..Default::default() };
+    let settings =
+        GeometrySettings { resolution: 150.0, resolution_type: ResolutionType::Pixel, crop: true, crop_style: CropStyle::Center, ..Default::default() };
     let mut sizer = Sizer::new(settings);
     let geometry = sizer.geometry([400, 300], &mut SeededRng::new(0));
     assert_eq!(geometry.target_size, [128, 128]);

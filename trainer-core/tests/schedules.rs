@@ -43,7 +43,11 @@ fn every_beta_schedule_matches_diffusers() {
         let want: Vec<f64> = reference["euler_sigmas"].as_array().unwrap().iter().map(|s| s.as_f64().unwrap()).collect();
         assert_eq!(euler.sigmas.len(), want.len());
         for (got, want) in euler.sigmas.iter().zip(&want) {
-            assert!(*want == 0.0 && *got == 0.0 || relative(*got, *want) < SIGMA_TOLERANCE, "{schedule}: Euler sigmas {:?} vs diffusers {want:?}", euler.sigmas);
+            assert!(
+                *want == 0.0 && *got == 0.0 || relative(*got, *want) < SIGMA_TOLERANCE,
+                "{schedule}: Euler sigmas {:?} vs diffusers {want:?}",
+                euler.sigmas
+            );
         }
     }
 }

@@ -12,6 +12,7 @@ use burn::module::Module;
 use burn::tensor::Device;
 use common::*;
 use image::{ImageFormat, Rgb, RgbImage};
+use trainer_core::block_on;
 use trainer_core::config::training::TrainingConfig;
 use trainer_core::data::source::{ImageSource, MemorySource};
 use trainer_core::models::{DiskFolder, StableDiffusion, WeightDtypes};
@@ -23,7 +24,6 @@ use trainer_core::train::run::{self, Control, RunEnd, RunHost, RunOptions, StepT
 use trainer_core::train::run_record::OutputUse;
 use trainer_core::train::session::{image_tensor, Session, SessionOptions, StepReport};
 use trainer_core::train::storage::{MemoryStorage, Storage};
-use trainer_core::block_on;
 
 fn fixture_model(device: &Device, dtypes: WeightDtypes) -> StableDiffusion {
     fixture_model_of("sd1", device, dtypes)
@@ -100,9 +100,8 @@ fn session<'a>(setup: &Setup, storage: &'a MemoryStorage, device: &Device, targe
 /// A session on the tiny fixture model of `family` (sd1, sdxl).
 fn session_on<'a>(setup: &Setup, storage: &'a MemoryStorage, device: &Device, target: PlanTarget, family: &str) -> Session<'a> {
     let dataloader = dataloader(&setup.json, &setup.training).unwrap();
-    let open = |d: &trainer_core::config::dataset::ImageDatasetConfig| -> trainer_core::Result<Box<dyn ImageSource>> {
-        Ok(Box::new(setup.sources[&d.id].clone()))
-    };
+    let open =
+        |d: &trainer_core::config::dataset::ImageDatasetConfig| -> trainer_core::Result<Box<dyn ImageSource>> { Ok(Box::new(setup.sources[&d.id].clone())) };
     let planned = plan(&setup.training, &dataloader, &open, target, &mut |_| {}).unwrap();
     let model = fixture_model_of(family, device, planned.precision.weight_dtypes(setup.training.model_type));
     let sources: Vec<Box<dyn ImageSource>> = planned.datasets.iter().map(|d| Box::new(setup.sources[&d.id].clone()) as Box<dyn ImageSource>).collect();
@@ -203,10 +202,13 @@ fn prior_preservation_keeps_the_class_prompt_near_the_base_models_samples() {
     // Averages over seeds, with guidance as users sample.
     let seeds = 7..13;
     let samples = |run: &mut Session<'_>, prompt: &str| -> Vec<Vec<f32>> {
-        seeds.clone().map(|seed| {
-            let request = GenerateRequest { guidance: 3.0, seed, ..request(prompt) };
-            run.generate(&request, &mut |_| {}).unwrap().latents.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
-        }).collect()
+        seeds
+            .clone()
+            .map(|seed| {
+                let request = GenerateRequest { guidance: 3.0, seed, ..request(prompt) };
+                run.generate(&request, &mut |_| {}).unwrap().latents.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+            })
+            .collect()
     };
     let mean_distance = |a: &[Vec<f32>], b: &dyn Fn(usize) -> f64| (0..a.len()).map(b).sum::<f64>() / a.len() as f64;
     let to_subject = |a: &[Vec<f32>]| mean_distance(a, &|i| mean_squared(&a[i], &subject));
@@ -313,7 +315,12 @@ fn gradient_checkpointing_gives_the_losses_and_weights_of_one_backward_pass() {
         assert_eq!(setup.training.gradient_checkpointing, checkpointing);
         let mut run = session(&setup, &storage, &device, F32_TARGET);
         let reports: Vec<(f32, f32)> = (0..3).map(|_| block_on(run.train_step()).map(|r| (r.loss, r.grad_norm)).unwrap()).collect();
-        let adapters: Vec<f32> = run.model.unet.adapted_layers().iter().chain(run.model.text_encoder.adapted_layers().iter())
+        let adapters: Vec<f32> = run
+            .model
+            .unet
+            .adapted_layers()
+            .iter()
+            .chain(run.model.text_encoder.adapted_layers().iter())
             .flat_map(|l| {
                 let lora = l.lora.as_ref().unwrap();
                 [lora.down.val(), lora.up.val()].map(|t| t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()).concat()
@@ -484,7 +491,8 @@ fn sdxl_lora_with_both_text_encoders_trains_resumes_and_exports() {
     train(&mut run, 2);
     block_on(run.save_checkpoint()).unwrap();
     let rest = train(&mut run, 2);
-    let moved: f32 = run.model.text_encoder_2.as_ref().unwrap().adapted_layers().iter().map(|l| l.lora.as_ref().unwrap().up.val().abs().sum().into_scalar::<f32>()).sum();
+    let moved: f32 =
+        run.model.text_encoder_2.as_ref().unwrap().adapted_layers().iter().map(|l| l.lora.as_ref().unwrap().up.val().abs().sum().into_scalar::<f32>()).sum();
     assert!(moved > 0.0, "the second encoder's adapters must train");
     let mut resumed = session_on(&setup, &storage, &device, F32_TARGET, "sdxl");
     resumed.resume("latest").unwrap();
@@ -502,7 +510,8 @@ fn sdxl_lora_with_both_text_encoders_trains_resumes_and_exports() {
 
     let prompt = "a photo of zwx toy";
     let trained = latents(&mut run, prompt);
-    let from_file: Vec<f32> = merged.generate(&request(prompt), None, &device, &mut |_, _| {}).unwrap().latents.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+    let from_file: Vec<f32> =
+        merged.generate(&request(prompt), None, &device, &mut |_, _| {}).unwrap().latents.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
     let relative = (mean_squared(&from_file, &trained) / mean_squared(&trained, &vec![0.0; trained.len()])).sqrt();
     eprintln!("SDXL: merged vs adapter samples differ by {relative:.2e}");
     assert!(relative < 1e-4, "merged samples differ from the adapters' by {relative:.2e} (relative L2)");
@@ -551,7 +560,8 @@ fn the_run_loop_stops_with_a_checkpoint_resumes_and_ends_a_full_fine_tune_with_i
     let setup = setup("MODEL_TYPE=full\nLEARNING_RATE=2e-4\nMAX_NUM_STEPS=4\n", false);
     let storage = MemoryStorage::default();
     let device = Device::flex();
-    let options = |output_use, resume: Option<&str>| RunOptions { output_use, resume: resume.map(String::from), export_name: "tuned".into(), source_configs: None };
+    let options =
+        |output_use, resume: Option<&str>| RunOptions { output_use, resume: resume.map(String::from), export_name: "tuned".into(), source_configs: None };
 
     let mut first = session(&setup, &storage, &device, F32_TARGET);
     let mut host = RecordingHost { stop_at: Some(2), ..Default::default() };

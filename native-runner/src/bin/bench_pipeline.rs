@@ -13,7 +13,6 @@
 //! cargo run --release -p native-runner --bin bench-pipeline -- --with-pillow
 //! ```
 
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -107,12 +106,7 @@ fn run(args: Args) -> Result<(), String> {
         dataset.images_found,
         dataset.images_used,
         dataset.skipped.len(),
-        dataset
-            .buckets
-            .iter()
-            .map(|b| format!("{} {}x{} ({})", b.aspect_bucket, b.target_size[0], b.target_size[1], b.images))
-            .collect::<Vec<_>>()
-            .join(", "),
+        dataset.buckets.iter().map(|b| format!("{} {}x{} ({})", b.aspect_bucket, b.target_size[0], b.target_size[1], b.images)).collect::<Vec<_>>().join(", "),
         plan.max_steps
     );
     let plan_median = median(&plan_times);
@@ -248,9 +242,7 @@ fn ensure_plan_images(dir: &Path, count: usize) -> Result<Option<Duration>, Stri
     for (size_index, &(width, height)) in PLAN_SIZES.iter().enumerate() {
         for (format_index, ext) in ["jpg", "png"].into_iter().enumerate() {
             let tint = (size_index * 2 + format_index) as u32 * 29;
-            let image = RgbImage::from_fn(width, height, |x, y| {
-                image::Rgb([(x * 255 / width) as u8, (y * 255 / height) as u8, (tint % 256) as u8])
-            });
+            let image = RgbImage::from_fn(width, height, |x, y| image::Rgb([(x * 255 / width) as u8, (y * 255 / height) as u8, (tint % 256) as u8]));
             templates.push((encode(&image, ext, 85)?, ext));
         }
     }
@@ -478,13 +470,8 @@ fn run_pillow(jpeg_dir: &Path, count: usize) -> Result<PillowResult, String> {
     let in_repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_pillow.py");
     let script = if in_repo.is_file() { in_repo } else { PathBuf::from("scripts/bench_pillow.py") };
     println!("\n[pillow] python3 {} {} --count {count}", script.display(), jpeg_dir.display());
-    let output = Command::new("python3")
-        .arg(&script)
-        .arg(jpeg_dir)
-        .arg("--count")
-        .arg(count.to_string())
-        .output()
-        .map_err(|e| format!("cannot run python3: {e}"))?;
+    let output =
+        Command::new("python3").arg(&script).arg(jpeg_dir).arg("--count").arg(count.to_string()).output().map_err(|e| format!("cannot run python3: {e}"))?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     for line in stdout.lines().filter(|l| !l.starts_with('{')) {
         println!("[pillow] {line}");

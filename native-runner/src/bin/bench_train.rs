@@ -26,8 +26,8 @@ use trainer_core::models::lora::LoraTargets;
 use trainer_core::models::unet::UNet2DConditionModel;
 use trainer_core::pipeline::gaussian_noise;
 use trainer_core::rng::SeededRng;
-use trainer_core::train::checkpointing::backward_in_stages;
 use trainer_core::train::optimizer::{frozen_on, AdamW, AdamWSettings};
+use trainer_core::train::recompute::backward_in_stages;
 
 /// Peak resident set size of this process (Linux), in MiB.
 fn peak_rss_mib() -> Option<f64> {
@@ -120,12 +120,24 @@ fn main() {
     let checkpointing = std::env::args().any(|a| a == "--checkpointing");
     let f16_base = std::env::args().any(|a| a == "--f16-base");
     let settings = Settings { unet, latent_side: resolution / 8, checkpointing, f16_base, steps };
-    println!("UNet {unet_name}, {resolution} px (latents {0}x{0}), gradient checkpointing {checkpointing}, base weights {1}", resolution / 8, if f16_base { "f16" } else { "f32" });
+    println!(
+        "UNet {unet_name}, {resolution} px (latents {0}x{0}), gradient checkpointing {checkpointing}, base weights {1}",
+        resolution / 8,
+        if f16_base { "f16" } else { "f32" }
+    );
     for (label, device) in devices(&devices_arg) {
         bench(label, device, &settings);
     }
     if std::env::args().any(|a| a == "--with-torch") {
-        let mut torch_args = vec!["scripts/bench_train_torch.py".to_string(), "--steps".into(), steps.to_string(), "--unet".into(), unet_name, "--resolution".into(), resolution.to_string()];
+        let mut torch_args = vec![
+            "scripts/bench_train_torch.py".to_string(),
+            "--steps".into(),
+            steps.to_string(),
+            "--unet".into(),
+            unet_name,
+            "--resolution".into(),
+            resolution.to_string(),
+        ];
         if checkpointing {
             torch_args.push("--checkpointing".into());
         }

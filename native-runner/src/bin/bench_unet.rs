@@ -69,14 +69,20 @@ fn bench_vae_decode(name: &str, device: Device, runs: usize, resolution: usize) 
     let first = times.remove(0);
     let memory = pool_memory(&device);
     let tiles = tiling.map(|t| format!(", in {} px tiles", t.tile_sample_size)).unwrap_or_else(|| ", whole".into());
-    println!("{name:>10}: VAE decode to {resolution} px{tiles} {:.3} s (median of {runs}; first call {first:.2} s){memory}", if times.is_empty() { first } else { median(&times) });
+    println!(
+        "{name:>10}: VAE decode to {resolution} px{tiles} {:.3} s (median of {runs}; first call {first:.2} s){memory}",
+        if times.is_empty() { first } else { median(&times) }
+    );
     if std::env::args().any(|a| a == "--against-untiled") {
         let tiled: Vec<f32> = decoded.expect("decoded at least once").try_to_vec::<f32>().expect("f32 output");
         let whole: Vec<f32> = vae.decode(latents).into_data().try_to_vec::<f32>().expect("f32 output");
         let largest = whole.iter().fold(0f32, |m, v| m.max(v.abs()));
         let max_difference = tiled.iter().zip(&whole).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         let mean_difference = tiled.iter().zip(&whole).map(|(a, b)| (a - b).abs() as f64).sum::<f64>() / whole.len() as f64;
-        println!("{name:>10}: tiled vs whole: max |difference| / max |whole| {:.4}, mean |difference| {mean_difference:.4} (max |whole| {largest:.3})", max_difference / largest);
+        println!(
+            "{name:>10}: tiled vs whole: max |difference| / max |whole| {:.4}, mean |difference| {mean_difference:.4} (max |whole| {largest:.3})",
+            max_difference / largest
+        );
     }
 }
 

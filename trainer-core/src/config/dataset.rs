@@ -117,27 +117,36 @@ impl Default for DatasetDefaults {
 }
 
 const UNSUPPORTED_BACKENDS: [&str; 6] = ["aws", "csv", "huggingface", "parquet", "webshart", "memory"];
-const UNSUPPORTED_DATASET_TYPES: [&str; 9] = [
-    "video", "audio", "conditioning", "eval", "caption", "image_embeds",
-    "conditioning_image_embeds", "distillation_cache", "grounding",
-];
+const UNSUPPORTED_DATASET_TYPES: [&str; 9] =
+    ["video", "audio", "conditioning", "eval", "caption", "image_embeds", "conditioning_image_embeds", "distillation_cache", "grounding"];
 
 /// Keys SimpleTuner accepts that change nothing for local image datasets here
 /// (caching throughput knobs, discovery bookkeeping). Read and ignored.
 const ACCEPTED_NO_OP_KEYS: [&str; 18] = [
-    "vae_cache_clear_each_epoch", "vae_cache_ondemand", "vae_cache_disable", "skip_file_discovery",
-    "preserve_data_backend_cache", "scan_for_errors", "metadata_update_interval", "cache_file_suffix",
-    "hash_filenames", "compress_cache", "image_processing_batch_size", "read_batch_size",
-    "write_batch_size", "vae_batch_size", "max_workers", "disable_validation", "max_upscale_threshold",
+    "vae_cache_clear_each_epoch",
+    "vae_cache_ondemand",
+    "vae_cache_disable",
+    "skip_file_discovery",
+    "preserve_data_backend_cache",
+    "scan_for_errors",
+    "metadata_update_interval",
+    "cache_file_suffix",
+    "hash_filenames",
+    "compress_cache",
+    "image_processing_batch_size",
+    "read_batch_size",
+    "write_batch_size",
+    "vae_batch_size",
+    "max_workers",
+    "disable_validation",
+    "max_upscale_threshold",
     "timestep_sampling_offset",
 ];
 
 /// Keys whose feature Burnbooth lacks; using them would silently change what
 /// is trained, so they are errors.
-const UNSUPPORTED_FEATURE_KEYS: [&str; 9] = [
-    "conditioning", "conditioning_data", "conditioning_type", "source_dataset_id", "parquet",
-    "video", "audio", "caption_filter_list", "image_embeds",
-];
+const UNSUPPORTED_FEATURE_KEYS: [&str; 9] =
+    ["conditioning", "conditioning_data", "conditioning_type", "source_dataset_id", "parquet", "video", "audio", "caption_filter_list", "image_embeds"];
 
 /// Parses a dataloader config. `source_name` names the file in errors;
 /// `base_dir` is the folder relative paths are resolved against.
@@ -148,10 +157,8 @@ pub fn parse_dataloader_config(
     defaults: &DatasetDefaults,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<DataloaderConfig> {
-    let root: Value = serde_json::from_str(text).map_err(|e| Error::Config {
-        source_name: source_name.to_string(),
-        problems: vec![format!("not valid JSON: {e}")],
-    })?;
+    let root: Value =
+        serde_json::from_str(text).map_err(|e| Error::Config { source_name: source_name.to_string(), problems: vec![format!("not valid JSON: {e}")] })?;
     let Value::Array(entries) = root else {
         return Err(Error::Config {
             source_name: source_name.to_string(),
@@ -159,10 +166,7 @@ pub fn parse_dataloader_config(
         });
     };
     if entries.is_empty() {
-        return Err(Error::Config {
-            source_name: source_name.to_string(),
-            problems: vec!["the array is empty: add at least one dataset".into()],
-        });
+        return Err(Error::Config { source_name: source_name.to_string(), problems: vec!["the array is empty: add at least one dataset".into()] });
     }
 
     let context = PlaceholderContext { model_family: &defaults.model_family, output_dir: &defaults.output_dir, env };
@@ -241,25 +245,16 @@ pub fn parse_dataloader_config(
     Ok(DataloaderConfig { datasets, text_embeds, warnings })
 }
 
-fn expand_placeholders(
-    object: &Map<String, Value>,
-    id: &str,
-    context: &PlaceholderContext<'_>,
-) -> std::result::Result<Map<String, Value>, (String, String)> {
+fn expand_placeholders(object: &Map<String, Value>, id: &str, context: &PlaceholderContext<'_>) -> std::result::Result<Map<String, Value>, (String, String)> {
     fn walk(value: &Value, id: &str, context: &PlaceholderContext<'_>) -> std::result::Result<Value, String> {
         Ok(match value {
             Value::String(s) => Value::String(expand(s, id, context)?),
             Value::Array(items) => Value::Array(items.iter().map(|v| walk(v, id, context)).collect::<Result<_, _>>()?),
-            Value::Object(map) => Value::Object(
-                map.iter().map(|(k, v)| Ok((k.clone(), walk(v, id, context)?))).collect::<Result<_, String>>()?,
-            ),
+            Value::Object(map) => Value::Object(map.iter().map(|(k, v)| Ok((k.clone(), walk(v, id, context)?))).collect::<Result<_, String>>()?),
             other => other.clone(),
         })
     }
-    object
-        .iter()
-        .map(|(key, value)| walk(value, id, context).map(|v| (key.clone(), v)).map_err(|e| (key.clone(), e)))
-        .collect()
+    object.iter().map(|(key, value)| walk(value, id, context).map(|v| (key.clone(), v)).map_err(|e| (key.clone(), e))).collect()
 }
 
 /// Joins a relative path to the config's folder; absolute paths stay.
@@ -267,16 +262,25 @@ pub fn resolve_path(path: &str, base_dir: Option<&str>) -> String {
     let trimmed = path.trim();
     let trimmed = if trimmed.len() > 1 { trimmed.trim_end_matches('/') } else { trimmed };
     match base_dir {
-        Some(base) if !Path::new(trimmed).is_absolute() && !base.is_empty() => {
-            Path::new(base).join(trimmed).to_string_lossy().into_owned()
-        }
+        Some(base) if !Path::new(trimmed).is_absolute() && !base.is_empty() => Path::new(base).join(trimmed).to_string_lossy().into_owned(),
         _ => trimmed.to_string(),
     }
 }
 
 fn read_text_embeds(reader: &mut Reader<'_>, id: &str, base_dir: Option<&str>, defaults: &DatasetDefaults) -> Option<TextEmbedsConfig> {
-    reader.accept(&["id", "type", "dataset_type", "disabled", "disable", "write_batch_size", "text_encoder_batch_size",
-        "text_cache_ondemand", "text_cache_disable", "preserve_data_backend_cache", "compress_cache"]);
+    reader.accept(&[
+        "id",
+        "type",
+        "dataset_type",
+        "disabled",
+        "disable",
+        "write_batch_size",
+        "text_encoder_batch_size",
+        "text_cache_ondemand",
+        "text_cache_disable",
+        "preserve_data_backend_cache",
+        "compress_cache",
+    ]);
     if reader.has("caption_filter_list") {
         reader.error("'caption_filter_list' is not supported yet; remove it or edit the captions instead");
     }
@@ -411,9 +415,7 @@ fn read_image_dataset(reader: &mut Reader<'_>, id: &str, base_dir: Option<&str>,
 fn read_geometry(reader: &mut Reader<'_>, defaults: &DatasetDefaults) -> Option<GeometrySettings> {
     let mut ok = true;
     let mut settings = GeometrySettings { alignment: defaults.alignment, rounding: defaults.rounding, ..Default::default() };
-    let resolution_type = reader
-        .choice(&["resolution_type"], &["pixel", "area", "pixel_area"])
-        .unwrap_or_else(|| defaults.resolution_type.clone());
+    let resolution_type = reader.choice(&["resolution_type"], &["pixel", "area", "pixel_area"]).unwrap_or_else(|| defaults.resolution_type.clone());
     let had_resolution = reader.has("resolution");
     let resolution = reader.f64(&["resolution"]).unwrap_or(defaults.resolution);
     if resolution <= 0.0 {
@@ -422,18 +424,12 @@ fn read_geometry(reader: &mut Reader<'_>, defaults: &DatasetDefaults) -> Option<
     }
     let mut maximum = reader.f64(&["maximum_image_size"]).filter(|v| *v > 0.0);
     let mut downsample = reader.f64(&["target_downsample_size"]).filter(|v| *v > 0.0);
-    let mut minimum = if reader.has("minimum_image_size") {
-        reader.f64(&["minimum_image_size"]).filter(|v| *v > 0.0)
-    } else {
-        defaults.minimum_image_size
-    };
+    let mut minimum = if reader.has("minimum_image_size") { reader.f64(&["minimum_image_size"]).filter(|v| *v > 0.0) } else { defaults.minimum_image_size };
     match resolution_type.as_str() {
         "pixel_area" => {
             if resolution.fract() != 0.0 {
                 let source = if had_resolution { "" } else { " (from the training config)" };
-                reader.error(format!(
-                    "resolution_type pixel_area needs a whole-number edge in pixels as 'resolution', not {resolution}{source}"
-                ));
+                reader.error(format!("resolution_type pixel_area needs a whole-number edge in pixels as 'resolution', not {resolution}{source}"));
                 ok = false;
             }
             // SimpleTuner converts pixel_area to area: edge E -> E*E/1e6 megapixels.
@@ -518,10 +514,7 @@ fn read_geometry(reader: &mut Reader<'_>, defaults: &DatasetDefaults) -> Option<
             }
         }
     }
-    if settings.crop
-        && matches!(settings.crop_aspect, CropAspect::Random | CropAspect::Closest)
-        && settings.crop_aspect_buckets.is_empty()
-    {
+    if settings.crop && matches!(settings.crop_aspect, CropAspect::Random | CropAspect::Closest) && settings.crop_aspect_buckets.is_empty() {
         reader.error("crop_aspect random or closest needs 'crop_aspect_buckets', a list of aspect ratios");
         ok = false;
     }
@@ -556,10 +549,7 @@ fn check_cross_references(
         if dataset.text_embeds.is_empty() {
             dataset.text_embeds = default_id.clone();
         } else if !text_embeds.iter().any(|t| t.id == dataset.text_embeds) {
-            diagnostics.error(format!(
-                "dataset '{}': text_embeds '{}' is not the id of any text_embeds entry in this file",
-                dataset.id, dataset.text_embeds
-            ));
+            diagnostics.error(format!("dataset '{}': text_embeds '{}' is not the id of any text_embeds entry in this file", dataset.id, dataset.text_embeds));
         }
     }
     // Each dataset caches latents in its own folder; sharing one would mix
@@ -568,10 +558,7 @@ fn check_cross_references(
     for dataset in datasets.iter() {
         let dir = normalise_dir(&dataset.cache_dir_vae);
         if let Some(other) = vae_dirs.insert(dir.clone(), &dataset.id) {
-            diagnostics.error(format!(
-                "datasets '{other}' and '{}' share cache_dir_vae '{}'; give each dataset its own",
-                dataset.id, dataset.cache_dir_vae
-            ));
+            diagnostics.error(format!("datasets '{other}' and '{}' share cache_dir_vae '{}'; give each dataset its own", dataset.id, dataset.cache_dir_vae));
         }
         if let Some(t) = text_embeds.iter().find(|t| normalise_dir(&t.cache_dir) == dir) {
             diagnostics.error(format!(
@@ -594,5 +581,9 @@ fn normalise_dir(dir: &str) -> String {
         }
     }
     let joined = parts.join("/");
-    if dir.starts_with('/') { format!("/{joined}") } else { joined }
+    if dir.starts_with('/') {
+        format!("/{joined}")
+    } else {
+        joined
+    }
 }

@@ -28,10 +28,9 @@ pub fn load(
     }
     let dataloader_path = training.data_backend_config.clone();
     let dataloader_text = read(&dataloader_path).map_err(|e| match e {
-        Error::Io { path, message } => Error::Io {
-            path,
-            message: format!("{message} (the dataloader config named by DATALOADER_CONFIG / data_backend_config in {training_path})"),
-        },
+        Error::Io { path, message } => {
+            Error::Io { path, message: format!("{message} (the dataloader config named by DATALOADER_CONFIG / data_backend_config in {training_path})") }
+        }
         other => other,
     })?;
     let base_dir = Path::new(&dataloader_path).parent().map(|p| p.to_string_lossy().into_owned());

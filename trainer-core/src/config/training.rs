@@ -178,12 +178,7 @@ impl TrainingConfig {
     /// Reads a training config from its text. `source_name` is the file's
     /// path (its folder anchors a relative DATALOADER_CONFIG); `env` looks up
     /// environment variables for `${VAR}` and `{env:VAR}`.
-    pub fn parse(
-        text: &str,
-        format: ConfigFormat,
-        source_name: &str,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Self> {
+    pub fn parse(text: &str, format: ConfigFormat, source_name: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
         let mut diagnostics = Diagnostics::default();
         let map = match format {
             ConfigFormat::Env => env_to_map(text, env, &mut diagnostics),
@@ -290,9 +285,7 @@ pub fn parse_env_file(text: &str, env: &dyn Fn(&str) -> Option<String>, diagnost
             diagnostics.warn(format!("line {}: ignored, '{key}' is not a variable name", number + 1));
             continue;
         }
-        let lookup = |name: &str| {
-            assignments.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone()).or_else(|| env(name))
-        };
+        let lookup = |name: &str| assignments.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone()).or_else(|| env(name));
         let value = match shell_value(&line[eq + 1..], &lookup) {
             Ok(value) => value,
             Err(message) => {
@@ -466,13 +459,7 @@ fn canonical_keys(map: &Map<String, Value>, diagnostics: &mut Diagnostics) -> Ma
     out
 }
 
-fn read_config(
-    raw: &Map<String, Value>,
-    from_env: bool,
-    source_name: &str,
-    base_dir: Option<&str>,
-    diagnostics: &mut Diagnostics,
-) -> Option<TrainingConfig> {
+fn read_config(raw: &Map<String, Value>, from_env: bool, source_name: &str, base_dir: Option<&str>, diagnostics: &mut Diagnostics) -> Option<TrainingConfig> {
     let map = canonical_keys(raw, diagnostics);
     let mut r = Reader::new("training config".into(), &map, from_env, diagnostics);
 
@@ -544,9 +531,7 @@ fn read_config(
             }
             "polynomial" => LrSchedule::Polynomial,
             other => {
-                r.error(format!(
-                    "lr_scheduler '{other}' is not one of: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial"
-                ));
+                r.error(format!("lr_scheduler '{other}' is not one of: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial"));
                 LrSchedule::Constant
             }
         },
@@ -628,10 +613,7 @@ fn read_config(
     };
     let allow_dataset_oversubscription = r.bool(&["allow_dataset_oversubscription"]).unwrap_or(false);
     let max_image_pixels = r.int(&["max_image_pixels"], 1).map(|v| v as u64).unwrap_or(crate::data::probe::DEFAULT_MAX_IMAGE_PIXELS);
-    let regularisation_mode = match r
-        .choice(&["regularisation_mode"], &["mixed", "prior_preservation", "parent_prediction"])
-        .as_deref()
-    {
+    let regularisation_mode = match r.choice(&["regularisation_mode"], &["mixed", "prior_preservation", "parent_prediction"]).as_deref() {
         Some("mixed") => RegularisationMode::Mixed,
         Some("prior_preservation") => RegularisationMode::PriorPreservation,
         Some("parent_prediction") => RegularisationMode::ParentPrediction,

@@ -190,9 +190,7 @@ impl<'a> Reader<'a> {
         let (key, value) = self.raw(names)?;
         match value {
             Value::String(s) => Some(vec![s.clone()]),
-            Value::Array(items) if items.iter().all(Value::is_string) => {
-                Some(items.iter().map(|v| v.as_str().unwrap().to_string()).collect())
-            }
+            Value::Array(items) if items.iter().all(Value::is_string) => Some(items.iter().map(|v| v.as_str().unwrap().to_string()).collect()),
             _ => {
                 self.error(format!("'{key}' must be a string or a list of strings, not {value}"));
                 None
@@ -223,9 +221,7 @@ impl<'a> Reader<'a> {
     pub fn report_unknown(&mut self, strict: bool) {
         let known: Vec<String> = self.used.iter().cloned().collect();
         for key in self.unknown_keys() {
-            let hint = nearest(&key, known.iter().map(String::as_str))
-                .map(|n| format!("; did you mean '{n}'?"))
-                .unwrap_or_default();
+            let hint = nearest(&key, known.iter().map(String::as_str)).map(|n| format!("; did you mean '{n}'?")).unwrap_or_default();
             let message = format!("unknown key '{key}'{hint}");
             if strict {
                 self.error(message);

@@ -152,11 +152,7 @@ impl Sizer {
     /// `calculate_new_size_by_pixel_edge`: shorter edge = `resolution`.
     fn by_pixel_edge(&self, aspect: f64, resolution: i64, original: Size) -> (Size, Size) {
         let (w0, h0) = (original[0] as f64, original[1] as f64);
-        let (wt, ht) = if w0 < h0 {
-            (resolution, py_int(resolution as f64 / aspect))
-        } else {
-            (py_int(resolution as f64 * aspect), resolution)
-        };
+        let (wt, ht) = if w0 < h0 { (resolution, py_int(resolution as f64 / aspect)) } else { (py_int(resolution as f64 * aspect), resolution) };
         let (wa, ha) = (self.round_to_multiple(wt as f64), self.round_to_multiple(ht as f64));
         let r0 = w0 / h0;
         let (wi, hi) = if r0 >= 1.0 {
@@ -190,11 +186,7 @@ impl Sizer {
         let r0 = w0 / h0;
         let mut wt = self.round_to_multiple(edge as f64 * aspect.sqrt());
         let mut ht = self.round_to_multiple(edge as f64 / aspect.sqrt());
-        let (mut wi, mut hi) = if wt < ht {
-            (wt, py_int(wt as f64 / r0))
-        } else {
-            (py_int(ht as f64 * r0), ht)
-        };
+        let (mut wi, mut hi) = if wt < ht { (wt, py_int(wt as f64 / r0)) } else { (py_int(ht as f64 * r0), ht) };
         let key = bucket_key(self.aspect(wt as f64, ht as f64));
         let stored = self.resolution_map.get(&key).copied();
         if let Some([w, h]) = stored {
@@ -242,11 +234,7 @@ impl Sizer {
     fn target_area(&self) -> f64 {
         const REMAP: [(f64, f64); 5] = [(0.25, 512.0), (0.5, 768.0), (1.0, 1024.0), (2.0, 1536.0), (4.0, 2048.0)];
         let resolution = self.settings.resolution;
-        REMAP
-            .iter()
-            .find(|(mp, _)| (resolution - mp).abs() < 0.05)
-            .map(|(_, edge)| edge * edge)
-            .unwrap_or(resolution * 1e6)
+        REMAP.iter().find(|(mp, _)| (resolution - mp).abs() < 0.05).map(|(_, edge)| edge * edge).unwrap_or(resolution * 1e6)
     }
 
     /// Does the original image meet `minimum_image_size`? (Evaluated on the
@@ -258,9 +246,7 @@ impl Sizer {
         match s.resolution_type {
             ResolutionType::Pixel => {
                 if (w as f64) < minimum || (h as f64) < minimum {
-                    return Err(format!(
-                        "too small: {w}x{h} has an edge under minimum_image_size {minimum} px"
-                    ));
+                    return Err(format!("too small: {w}x{h} has an edge under minimum_image_size {minimum} px"));
                 }
             }
             ResolutionType::Area => {
@@ -268,16 +254,11 @@ impl Sizer {
                 if s.crop && s.crop_aspect == CropAspect::Square {
                     let edge = minimum_pixels.sqrt().floor();
                     if (w as f64) < edge || (h as f64) < edge {
-                        return Err(format!(
-                            "too small: {w}x{h} has an edge under {edge} px (minimum_image_size {minimum} MP, square crop)"
-                        ));
+                        return Err(format!("too small: {w}x{h} has an edge under {edge} px (minimum_image_size {minimum} MP, square crop)"));
                     }
                 }
                 if (w as f64) * (h as f64) < minimum_pixels {
-                    return Err(format!(
-                        "too small: {w}x{h} is {:.3} MP, under minimum_image_size {minimum} MP",
-                        w as f64 * h as f64 / 1e6
-                    ));
+                    return Err(format!("too small: {w}x{h} is {:.3} MP, under minimum_image_size {minimum} MP", w as f64 * h as f64 / 1e6));
                 }
             }
         }
@@ -333,14 +314,7 @@ impl Sizer {
             }
         }
         let crop_offset = crop_offset(settings.crop_style, resize_size, target, rng);
-        ImageGeometry {
-            original_size: original,
-            target_size: target,
-            intermediary_size: intermediary,
-            resize_size,
-            crop_offset,
-            aspect_bucket: bucket,
-        }
+        ImageGeometry { original_size: original, target_size: target, intermediary_size: intermediary, resize_size, crop_offset, aspect_bucket: bucket }
     }
 
     /// The pre-crop resize of the `maximum_image_size` + `target_downsample_size`
@@ -377,10 +351,7 @@ impl Sizer {
 /// The smallest size with the original's aspect that covers `target`.
 fn cover(original: Size, target: Size) -> Size {
     let scale = (target[0] as f64 / original[0] as f64).max(target[1] as f64 / original[1] as f64);
-    [
-        ((original[0] as f64 * scale).round() as u32).max(target[0]),
-        ((original[1] as f64 * scale).round() as u32).max(target[1]),
-    ]
+    [((original[0] as f64 * scale).round() as u32).max(target[0]), ((original[1] as f64 * scale).round() as u32).max(target[1])]
 }
 
 fn closest(buckets: &[f64], aspect: f64) -> f64 {

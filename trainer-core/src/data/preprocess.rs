@@ -21,9 +21,7 @@ pub fn decode_oriented(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, String
     let mut image = if info.format == ImageFormat::Jpeg {
         DynamicImage::ImageRgb8(decode_jpeg(bytes, info.stored_size)?)
     } else {
-        let reader = ImageReader::new(std::io::Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|e| format!("cannot read: {e}"))?;
+        let reader = ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| format!("cannot read: {e}"))?;
         let mut reader = reader;
         reader.no_limits();
         reader.decode().map_err(|e| format!("cannot decode: {e}"))?
@@ -109,11 +107,7 @@ pub fn resize_and_crop(image: &RgbImage, geometry: &ImageGeometry, resizer: &mut
     let [top, left] = geometry.crop_offset;
     let [width, height] = geometry.target_size;
     if left + width > resized.width() || top + height > resized.height() {
-        return Err(format!(
-            "crop {width}x{height} at (top {top}, left {left}) does not fit the resized {}x{}",
-            resized.width(),
-            resized.height()
-        ));
+        return Err(format!("crop {width}x{height} at (top {top}, left {left}) does not fit the resized {}x{}", resized.width(), resized.height()));
     }
     Ok(image::imageops::crop_imm(&resized, left, top, width, height).to_image())
 }

@@ -10,9 +10,7 @@ use crate::error::{Error, Result};
 pub const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "webp", "bmp"];
 
 /// Folders that hold tool or OS bookkeeping, never training images.
-const SYSTEM_FOLDERS: [&str; 7] = [
-    "__MACOSX", "$RECYCLE.BIN", "System Volume Information", ".Trashes", ".Spotlight-V100", ".fseventsd", ".ipynb_checkpoints",
-];
+const SYSTEM_FOLDERS: [&str; 7] = ["__MACOSX", "$RECYCLE.BIN", "System Volume Information", ".Trashes", ".Spotlight-V100", ".fseventsd", ".ipynb_checkpoints"];
 /// Files that OSes drop into folders.
 const SYSTEM_FILES: [&str; 3] = [".DS_Store", "Thumbs.db", "desktop.ini"];
 

@@ -121,8 +121,7 @@ impl ClipTextModel {
             position_embedding: loader.embedding(&format!("{prefix}embeddings.position_embedding.weight"), config.max_position_embeddings, d),
             layers,
             final_layer_norm: loader.layer_norm(&format!("{prefix}final_layer_norm"), d, eps),
-            text_projection: with_projection
-                .then(|| loader.linear("text_projection", d, config.projection_dim.unwrap_or(d), false)),
+            text_projection: with_projection.then(|| loader.linear("text_projection", d, config.projection_dim.unwrap_or(d), false)),
             eos_token_id: config.eos_token_id.unwrap_or(49407),
         }
     }
@@ -150,9 +149,7 @@ impl ClipTextModel {
             let width = last_hidden_state.dims()[2];
             let pooled = last_hidden_state.clone().select(1, eos.clone());
             // select gathers every sequence's eos row for every batch item: keep the diagonal.
-            let rows: Vec<Tensor<2>> = (0..batch)
-                .map(|b| pooled.clone().slice([b..b + 1, b..b + 1, 0..width]).reshape([1, width]))
-                .collect();
+            let rows: Vec<Tensor<2>> = (0..batch).map(|b| pooled.clone().slice([b..b + 1, b..b + 1, 0..width]).reshape([1, width])).collect();
             projection.forward(Tensor::cat(rows, 0))
         });
         ClipOutput { last_hidden_state, hidden_states, text_embeds }

@@ -59,7 +59,6 @@ macro_rules! choice_serde {
     };
 }
 
-
 /// A value that configs give either once or per block.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -260,7 +259,8 @@ pub enum BetaSchedule {
 
 impl Choice for BetaSchedule {
     const KEY: &'static str = "beta_schedule";
-    const VALUES: &'static [(&'static str, Self)] = &[("linear", Self::Linear), ("scaled_linear", Self::ScaledLinear), ("squaredcos_cap_v2", Self::SquaredcosCapV2)];
+    const VALUES: &'static [(&'static str, Self)] =
+        &[("linear", Self::Linear), ("scaled_linear", Self::ScaledLinear), ("squaredcos_cap_v2", Self::SquaredcosCapV2)];
 }
 choice_serde!(BetaSchedule);
 

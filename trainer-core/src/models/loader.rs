@@ -88,7 +88,20 @@ impl<'a> Loader<'a> {
                 index.insert(name, i);
             }
         }
-        Self { files, index, rename, device, dry_run: false, random: None, requested: Vec::new(), used: BTreeSet::new(), problems: Vec::new(), fingerprint: Sha256::new(), names: ParamNames::new(), weight_dtype: DType::F32 }
+        Self {
+            files,
+            index,
+            rename,
+            device,
+            dry_run: false,
+            random: None,
+            requested: Vec::new(),
+            used: BTreeSet::new(),
+            problems: Vec::new(),
+            fingerprint: Sha256::new(),
+            names: ParamNames::new(),
+            weight_dtype: DType::F32,
+        }
     }
 
     /// A loader that reads nothing and records what the model needs.
@@ -151,8 +164,8 @@ impl<'a> Loader<'a> {
         let stored = file.shape(&file_name).expect("indexed");
         let same = stored == shape;
         // 1x1 convolutions stored where a linear layer is expected, and the reverse.
-        let squeezable = stored.iter().filter(|d| **d != 1).eq(shape.iter().filter(|d| **d != 1))
-            && stored.iter().product::<usize>() == shape.iter().product::<usize>();
+        let squeezable =
+            stored.iter().filter(|d| **d != 1).eq(shape.iter().filter(|d| **d != 1)) && stored.iter().product::<usize>() == shape.iter().product::<usize>();
         if !same && !squeezable {
             self.problems.push(format!("tensor '{file_name}' has shape {stored:?} but the model config needs {shape:?}"));
             self.used.insert(file_name);

@@ -109,9 +109,7 @@ impl LoraTargets {
     /// Every layer the UNet can adapt: attention, feed-forward and the
     /// transformers' linear projections.
     pub fn all_linear() -> Self {
-        Self {
-            suffixes: ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"].map(String::from).to_vec(),
-        }
+        Self { suffixes: ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"].map(String::from).to_vec() }
     }
 
     /// Parses SimpleTuner-style target names: a list of module names, or the

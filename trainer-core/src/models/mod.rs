@@ -229,8 +229,8 @@ fn pad_token(files: &dyn ModelFiles, folder: &str) -> Result<String> {
     for name in [format!("{folder}/tokenizer_config.json"), format!("{folder}/special_tokens_map.json")] {
         let name = name.as_str();
         if files.exists(name) {
-            let value: serde_json::Value = serde_json::from_str(&files.read_text(name)?)
-                .map_err(|e| Error::Config { source_name: name.into(), problems: vec![e.to_string()] })?;
+            let value: serde_json::Value =
+                serde_json::from_str(&files.read_text(name)?).map_err(|e| Error::Config { source_name: name.into(), problems: vec![e.to_string()] })?;
             match &value["pad_token"] {
                 serde_json::Value::String(s) => return Ok(s.clone()),
                 serde_json::Value::Object(o) => {
@@ -259,10 +259,7 @@ fn component_weights(files: &dyn ModelFiles, component: &str, names: &[&str]) ->
             safetensors_file::refuse_pickle(&format!("{}/{path}", files.describe()))?;
         }
     }
-    Err(Error::Io {
-        path: format!("{}/{component}", files.describe()),
-        message: format!("no weights found (looked for {})", names.join(", ")),
-    })
+    Err(Error::Io { path: format!("{}/{component}", files.describe()), message: format!("no weights found (looked for {})", names.join(", ")) })
 }
 
 fn tokenizer_from_folder(files: &dyn ModelFiles, folder: &str, pad: &str) -> Result<ClipTokenizer> {
@@ -335,7 +332,9 @@ impl StableDiffusion {
         let text_names = ["model.safetensors", "model.fp16.safetensors"];
 
         let unet_file = component_weights(files, "unet", &model_names)?;
-        let unet = load_component(component_loader(&unet_file, unchanged(), dtypes.unet, device), "UNet", &|_| false, |l| UNet2DConditionModel::load(&configs.unet, l))?;
+        let unet = load_component(component_loader(&unet_file, unchanged(), dtypes.unet, device), "UNet", &|_| false, |l| {
+            UNet2DConditionModel::load(&configs.unet, l)
+        })?;
         let vae_file = component_weights(files, "vae", &model_names)?;
         let vae = load_component(component_loader(&vae_file, unchanged(), dtypes.vae, device), "VAE", &|_| false, |l| AutoencoderKl::load(&configs.vae, l))?;
 
@@ -344,7 +343,9 @@ impl StableDiffusion {
         let text_encoder = |folder: &str, config: &ClipTextConfig, projection: bool, what: &str| -> Result<Loaded<ClipTextModel>> {
             let file = component_weights(files, folder, &text_names)?;
             let prefix = if has_text_model_prefix(&file, "") { "text_model." } else { "" };
-            let mut loaded = load_component(component_loader(&file, unchanged(), dtypes.text_encoder, device), what, &position_ids, |l| ClipTextModel::load(config, l, prefix, projection))?;
+            let mut loaded = load_component(component_loader(&file, unchanged(), dtypes.text_encoder, device), what, &position_ids, |l| {
+                ClipTextModel::load(config, l, prefix, projection)
+            })?;
             loaded.names = text_names_without(loaded.names, prefix);
             Ok(loaded)
         };
@@ -372,20 +373,31 @@ impl StableDiffusion {
         let outside = |prefix: &'static str| move |n: &str| !n.starts_with(prefix);
 
         let unet_config = configs.unet.clone();
-        let unet = load_component(component_loader(file, Box::new(move |n| single_file::unet_name(n, &unet_config)), dtypes.unet, device), "UNet", &outside(UNET_PREFIX), |l| {
-            UNet2DConditionModel::load(&configs.unet, l)
-        })?;
+        let unet = load_component(
+            component_loader(file, Box::new(move |n| single_file::unet_name(n, &unet_config)), dtypes.unet, device),
+            "UNet",
+            &outside(UNET_PREFIX),
+            |l| UNet2DConditionModel::load(&configs.unet, l),
+        )?;
         let vae_config = configs.vae.clone();
-        let vae = load_component(component_loader(file, Box::new(move |n| single_file::vae_name(n, &vae_config)), dtypes.vae, device), "VAE", &outside(VAE_PREFIX), |l| {
-            AutoencoderKl::load(&configs.vae, l)
-        })?;
+        let vae = load_component(
+            component_loader(file, Box::new(move |n| single_file::vae_name(n, &vae_config)), dtypes.vae, device),
+            "VAE",
+            &outside(VAE_PREFIX),
+            |l| AutoencoderKl::load(&configs.vae, l),
+        )?;
 
         let clip = |l: &mut Loader<'_>| ClipTextModel::load(&configs.text, l, "", false);
         let text = match family {
             Family::Sd1 => {
                 let with_prefix = has_text_model_prefix(file, SD1_TEXT_PREFIX);
                 let rename = Box::new(move |n: &str| single_file::sd1_text_name(n, with_prefix));
-                load_component(component_loader(file, rename, dtypes.text_encoder, device), "text encoder", &|n| outside(SD1_TEXT_PREFIX)(n) || position_ids(n), clip)?
+                load_component(
+                    component_loader(file, rename, dtypes.text_encoder, device),
+                    "text encoder",
+                    &|n| outside(SD1_TEXT_PREFIX)(n) || position_ids(n),
+                    clip,
+                )?
             }
             Family::Sd2 => {
                 let view = OpenClipView::new(file, OPENCLIP_PREFIX, configs.text.num_hidden_layers, false);
@@ -394,7 +406,12 @@ impl StableDiffusion {
             Family::Sdxl => {
                 let with_prefix = has_text_model_prefix(file, SDXL_TEXT_PREFIX);
                 let rename = Box::new(move |n: &str| single_file::clip_text_name(SDXL_TEXT_PREFIX, n, with_prefix));
-                load_component(component_loader(file, rename, dtypes.text_encoder, device), "text encoder", &|n| outside(SDXL_TEXT_PREFIX)(n) || position_ids(n), clip)?
+                load_component(
+                    component_loader(file, rename, dtypes.text_encoder, device),
+                    "text encoder",
+                    &|n| outside(SDXL_TEXT_PREFIX)(n) || position_ids(n),
+                    clip,
+                )?
             }
         };
         let mut second = None;

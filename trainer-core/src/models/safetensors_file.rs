@@ -78,10 +78,8 @@ impl SafetensorsFile {
                 message: "this is a PyTorch pickle/zip checkpoint, not safetensors; Burnbooth never unpickles. Convert it to .safetensors first.".into(),
             });
         }
-        let (header_length, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| Error::Io {
-            path: path.to_string(),
-            message: format!("not a valid .safetensors file (truncated or corrupt?): {e}"),
-        })?;
+        let (header_length, metadata) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| Error::Io { path: path.to_string(), message: format!("not a valid .safetensors file (truncated or corrupt?): {e}") })?;
         let data_start = 8 + header_length;
         let mut tensors = BTreeMap::new();
         for (name, info) in metadata.tensors() {
@@ -117,9 +115,7 @@ impl SafetensorsFile {
             Dtype::F16 => raw.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             Dtype::BF16 => raw.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             Dtype::F64 => raw.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
-            other => {
-                return Err(Error::Io { path: self.path.clone(), message: format!("tensor '{name}' has dtype {other:?}; expected a float type") })
-            }
+            other => return Err(Error::Io { path: self.path.clone(), message: format!("tensor '{name}' has dtype {other:?}; expected a float type") }),
         };
         Ok(values)
     }

@@ -33,7 +33,11 @@ fn resnet_part(name: &str) -> String {
         "conv_shortcut" => "skip_connection",
         other => other,
     };
-    if rest.is_empty() { mapped.to_string() } else { format!("{mapped}.{rest}") }
+    if rest.is_empty() {
+        mapped.to_string()
+    } else {
+        format!("{mapped}.{rest}")
+    }
 }
 
 /// The single-file name of a diffusers UNet tensor.
@@ -172,7 +176,9 @@ pub fn openclip_names(prefix: &str, layers: usize, with_projection: bool) -> Ope
     for i in 0..layers {
         let hf = format!("encoder.layers.{i}.");
         let oc = format!("{prefix}transformer.resblocks.{i}.");
-        for (a, b) in [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("self_attn.out_proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")] {
+        for (a, b) in
+            [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("self_attn.out_proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
+        {
             for kind in ["weight", "bias"] {
                 names.insert(format!("{hf}{a}.{kind}"), (format!("{oc}{b}.{kind}"), None, false));
             }

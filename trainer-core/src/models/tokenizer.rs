@@ -25,8 +25,7 @@ pub const END_OF_TEXT: &str = "<|endoftext|>";
 /// Sequence length of every Stable Diffusion text encoder.
 pub const MAX_LENGTH: usize = 77;
 
-const SPLIT_PATTERN: &str =
-    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const SPLIT_PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 pub struct ClipTokenizer {
     tokenizer: Tokenizer,
@@ -50,8 +49,7 @@ impl ClipTokenizer {
 
     /// From a model folder's `vocab.json` and `merges.txt`.
     pub fn from_vocab_and_merges(vocab_json: &str, merges_txt: &str, pad_token: &str, source: &str) -> Result<Self> {
-        let vocab: HashMap<String, u32> =
-            serde_json::from_str(vocab_json).map_err(|e| tokenizer_error(source, format!("vocab.json: {e}")))?;
+        let vocab: HashMap<String, u32> = serde_json::from_str(vocab_json).map_err(|e| tokenizer_error(source, format!("vocab.json: {e}")))?;
         let merges: Vec<(String, String)> = merges_txt
             .lines()
             .filter(|line| !line.starts_with("#version") && !line.trim().is_empty())
@@ -69,15 +67,13 @@ impl ClipTokenizer {
             .build()
             .map_err(|e| tokenizer_error(source, e))?;
         let mut tokenizer = Tokenizer::new(bpe);
-        let whitespace = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
-            .map_err(|e| tokenizer_error(source, e))?;
+        let whitespace = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ").map_err(|e| tokenizer_error(source, e))?;
         tokenizer.with_normalizer(Some(NormalizerSequence::new(vec![
             NormalizerWrapper::NFC(NFC),
             NormalizerWrapper::Replace(whitespace),
             NormalizerWrapper::Lowercase(Lowercase),
         ])));
-        let split = Split::new(SplitPattern::Regex(SPLIT_PATTERN.into()), SplitDelimiterBehavior::Removed, true)
-            .map_err(|e| tokenizer_error(source, e))?;
+        let split = Split::new(SplitPattern::Regex(SPLIT_PATTERN.into()), SplitDelimiterBehavior::Removed, true).map_err(|e| tokenizer_error(source, e))?;
         tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
             PreTokenizerWrapper::Split(split),
             PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
@@ -95,14 +91,9 @@ impl ClipTokenizer {
         // transformers registers these as special tokens: they are matched
         // whole, before normalisation (so with SD 2.x's "!" pad, "!!!" is three
         // pad-token ids, not one merged token).
-        let specials: Vec<AddedToken> = [END_OF_TEXT, START_OF_TEXT, pad_token]
-            .iter()
-            .map(|t| AddedToken::from(t.to_string(), true))
-            .collect();
+        let specials: Vec<AddedToken> = [END_OF_TEXT, START_OF_TEXT, pad_token].iter().map(|t| AddedToken::from(t.to_string(), true)).collect();
         tokenizer.add_special_tokens(&specials);
-        let id = |token: &str| {
-            tokenizer.token_to_id(token).ok_or_else(|| tokenizer_error(source, format!("the vocabulary has no {token:?}")))
-        };
+        let id = |token: &str| tokenizer.token_to_id(token).ok_or_else(|| tokenizer_error(source, format!("the vocabulary has no {token:?}")));
         Ok(Self { bos_id: id(START_OF_TEXT)?, eos_id: id(END_OF_TEXT)?, pad_id: id(pad_token)?, tokenizer, max_length: MAX_LENGTH })
     }
 

@@ -298,9 +298,7 @@ impl UNet2DConditionModel {
         let half = dim / 2;
         let mut out = Vec::with_capacity(values.len() * dim);
         for &t in values {
-            let angles: Vec<f64> = (0..half)
-                .map(|k| t as f64 * (-(10000f64.ln()) * k as f64 / (half as f64 - self.freq_shift)).exp())
-                .collect();
+            let angles: Vec<f64> = (0..half).map(|k| t as f64 * (-(10000f64.ln()) * k as f64 / (half as f64 - self.freq_shift)).exp()).collect();
             let (sin, cos): (Vec<f32>, Vec<f32>) = angles.iter().map(|a| (a.sin() as f32, a.cos() as f32)).unzip();
             if self.flip_sin_to_cos {
                 out.extend(cos);
@@ -377,7 +375,11 @@ impl UNet2DConditionModel {
                 steps.push(step(Stage::Downsample { block }, false, true));
             }
         }
-        steps.extend([step(Stage::MidResnet { layer: 0 }, false, false), step(Stage::MidAttention, false, false), step(Stage::MidResnet { layer: 1 }, false, false)]);
+        steps.extend([
+            step(Stage::MidResnet { layer: 0 }, false, false),
+            step(Stage::MidAttention, false, false),
+            step(Stage::MidResnet { layer: 1 }, false, false),
+        ]);
         for (block, up) in self.up_blocks.iter().enumerate() {
             for layer in 0..up.resnets.len() {
                 steps.push(step(Stage::UpResnet { block, layer }, true, false));
@@ -453,7 +455,18 @@ impl Transformer2D {
             })
             .collect();
         for b in &self.transformer_blocks {
-            layers.extend([&b.attn1.to_q, &b.attn1.to_k, &b.attn1.to_v, &b.attn1.to_out, &b.attn2.to_q, &b.attn2.to_k, &b.attn2.to_v, &b.attn2.to_out, &b.ff.proj, &b.ff.out]);
+            layers.extend([
+                &b.attn1.to_q,
+                &b.attn1.to_k,
+                &b.attn1.to_v,
+                &b.attn1.to_out,
+                &b.attn2.to_q,
+                &b.attn2.to_k,
+                &b.attn2.to_v,
+                &b.attn2.to_out,
+                &b.ff.proj,
+                &b.ff.out,
+            ]);
         }
         layers
     }
@@ -468,7 +481,18 @@ impl Transformer2D {
             .collect();
         for b in &mut self.transformer_blocks {
             let (a1, a2, ff) = (&mut b.attn1, &mut b.attn2, &mut b.ff);
-            layers.extend([&mut a1.to_q, &mut a1.to_k, &mut a1.to_v, &mut a1.to_out, &mut a2.to_q, &mut a2.to_k, &mut a2.to_v, &mut a2.to_out, &mut ff.proj, &mut ff.out]);
+            layers.extend([
+                &mut a1.to_q,
+                &mut a1.to_k,
+                &mut a1.to_v,
+                &mut a1.to_out,
+                &mut a2.to_q,
+                &mut a2.to_k,
+                &mut a2.to_v,
+                &mut a2.to_out,
+                &mut ff.proj,
+                &mut ff.out,
+            ]);
         }
         layers
     }

@@ -246,9 +246,7 @@ impl VaeTiling {
     /// channels of the block above, upsampled into it.
     fn decoder_bytes_per_pixel(config: &VaeConfig) -> f64 {
         let channels = &config.block_out_channels;
-        (0..channels.len())
-            .map(|level| 4.0 * channels[level].max(*channels.get(level + 1).unwrap_or(&0)) as f64 / 4f64.powi(level as i32))
-            .fold(0.0, f64::max)
+        (0..channels.len()).map(|level| 4.0 * channels[level].max(*channels.get(level + 1).unwrap_or(&0)) as f64 / 4f64.powi(level as i32)).fold(0.0, f64::max)
     }
 
     /// The largest encoder activation, in f32 bytes per input pixel.
@@ -390,7 +388,7 @@ mod tests {
         assert_eq!(VaeTiling::decoder_bytes_per_pixel(&config), 1024.0);
         let tiling = VaeTiling::for_decoding(&config, 1, 512, 512, WEBGPU_BINDING_BYTES).expect("512 px needs tiles");
         assert_eq!(tiling.tile_sample_size, 352, "the largest multiple of 32 px whose activations fit 128 MiB");
-        assert!(1024 * 352 * 352 <= WEBGPU_BINDING_BYTES);
+        const { assert!(1024 * 352 * 352 <= WEBGPU_BINDING_BYTES) };
         assert_eq!(VaeTiling::for_decoding(&config, 1, 256, 256, WEBGPU_BINDING_BYTES), None);
         // Encoding holds at most 128 channels at full size: 512 px fits, 1024 px does not.
         assert_eq!(VaeTiling::for_encoding(&config, 1, 512, 512, WEBGPU_BINDING_BYTES), None);

@@ -29,13 +29,7 @@ pub fn latent_key(image_bytes: &[u8], geometry: &ImageGeometry, vae_fingerprint:
     hash.update(LATENT_VERSION);
     hash.update(Sha256::digest(image_bytes));
     let g = geometry;
-    hash.update(format!(
-        "target {:?} intermediary {:?} resize {:?} crop {:?}",
-        g.target_size,
-        g.intermediary_size,
-        g.resize_size,
-        g.crop_offset
-    ));
+    hash.update(format!("target {:?} intermediary {:?} resize {:?} crop {:?}", g.target_size, g.intermediary_size, g.resize_size, g.crop_offset));
     hash.update(vae_fingerprint);
     hex(&hash.finalize())
 }

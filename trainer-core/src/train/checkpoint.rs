@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::optimizer::trainable_on;
 use super::storage::{join, Storage};
 use super::tensor_file::{self, HostTensor};
-use crate::data::sampler::SamplerState;
+use crate::data::batch_sampler::BatchSamplerState;
 use crate::error::{Error, Result};
 
 const PREFIX: &str = "checkpoint-";
@@ -27,9 +27,9 @@ pub struct RunState {
     /// Optimizer steps completed.
     pub step: u64,
     pub epoch: u64,
-    pub sampler: SamplerState,
+    pub sampler: BatchSamplerState,
     /// The class-image sampler under prior preservation.
-    pub prior_sampler: Option<SamplerState>,
+    pub prior_sampler: Option<BatchSamplerState>,
     pub model_type: String,
     pub lora_rank: Option<u32>,
 }
@@ -52,11 +52,7 @@ fn step_of(name: &str) -> Option<u64> {
 /// Complete checkpoints, oldest first: (step, path).
 pub fn list(storage: &dyn Storage, output_dir: &str) -> Result<Vec<(u64, String)>> {
     let dir = checkpoints_dir(output_dir);
-    let found: Vec<(u64, String)> = storage
-        .list(&dir)?
-        .into_iter()
-        .filter_map(|name| step_of(&name).map(|step| (step, join(&dir, &name))))
-        .collect();
+    let found: Vec<(u64, String)> = storage.list(&dir)?.into_iter().filter_map(|name| step_of(&name).map(|step| (step, join(&dir, &name)))).collect();
     // A folder copied file by file (the browser's OPFS has no folder rename)
     // counts once all of its files are there.
     let mut complete = Vec::new();
@@ -76,13 +72,7 @@ pub fn list(storage: &dyn Storage, output_dir: &str) -> Result<Vec<(u64, String)
 
 /// Writes a checkpoint, then keeps at most `keep` (0 = all). `between_files`
 /// runs after each file (tests use it to kill the process mid-write).
-pub fn save(
-    storage: &dyn Storage,
-    output_dir: &str,
-    checkpoint: &Checkpoint,
-    keep: u32,
-    between_files: &dyn Fn(),
-) -> Result<String> {
+pub fn save(storage: &dyn Storage, output_dir: &str, checkpoint: &Checkpoint, keep: u32, between_files: &dyn Fn()) -> Result<String> {
     // A checkpoint with NaN or infinite weights would be resumed from, and
     // pruning would delete good ones in its favour: never write one.
     for (kind, tensors) in [("weight", &checkpoint.trainable), ("optimizer state", &checkpoint.optimizer)] {
@@ -126,10 +116,10 @@ pub fn save(
 /// `latest` (the newest complete checkpoint of `output_dir`) or a path.
 pub fn resolve(storage: &dyn Storage, output_dir: &str, which: &str) -> Result<String> {
     if which == "latest" {
-        return list(storage, output_dir)?.pop().map(|(_, path)| path).ok_or_else(|| Error::Io {
-            path: checkpoints_dir(output_dir),
-            message: "--resume latest: no complete checkpoint here".into(),
-        });
+        return list(storage, output_dir)?
+            .pop()
+            .map(|(_, path)| path)
+            .ok_or_else(|| Error::Io { path: checkpoints_dir(output_dir), message: "--resume latest: no complete checkpoint here".into() });
     }
     Ok(which.to_string())
 }
@@ -140,8 +130,8 @@ pub fn load(storage: &dyn Storage, path: &str) -> Result<Checkpoint> {
         storage.read(&file)?.ok_or_else(|| Error::Io { path: file.clone(), message: "missing: not a complete Burnbooth checkpoint".into() })
     };
     let state_path = join(path, "state.json");
-    let state: RunState = serde_json::from_slice(&read("state.json")?)
-        .map_err(|e| Error::Io { path: state_path, message: format!("unreadable checkpoint state: {e}") })?;
+    let state: RunState =
+        serde_json::from_slice(&read("state.json")?).map_err(|e| Error::Io { path: state_path, message: format!("unreadable checkpoint state: {e}") })?;
     let trainable = tensor_file::read(&join(path, "trainable.safetensors"), read("trainable.safetensors")?)?;
     let optimizer = tensor_file::read(&join(path, "optimizer.safetensors"), read("optimizer.safetensors")?)?;
     Ok(Checkpoint { path: path.to_string(), state, trainable, optimizer })

@@ -53,10 +53,8 @@ pub fn unet_lora_name(model: &StableDiffusion, path: &str) -> String {
 pub async fn kohya_file(model: &StableDiffusion, extra: &BTreeMap<String, String>) -> Result<Vec<u8>> {
     let tensors = kohya_tensors(model).await?;
     let layers = model.unet.adapted_layers();
-    let first = layers.first().and_then(|l| l.lora.as_ref()).ok_or_else(|| Error::Training {
-        step: 0,
-        message: "the model has no LoRA adapters to export".into(),
-    })?;
+    let first =
+        layers.first().and_then(|l| l.lora.as_ref()).ok_or_else(|| Error::Training { step: 0, message: "the model has no LoRA adapters to export".into() })?;
     let (version, architecture, v2) = match (model.family, model.configs.scheduler.prediction_type) {
         (crate::models::Family::Sd1, _) => ("sd_v1", "stable-diffusion-v1/lora", "False"),
         (crate::models::Family::Sd2, crate::models::config::PredictionType::VPrediction) => ("sd_2.0", "stable-diffusion-v2-768-v/lora", "True"),
@@ -117,11 +115,8 @@ pub fn merge_kohya(model: &mut StableDiffusion, path: &str, bytes: Vec<u8>, mult
     // Every Linear a kohya file can name: the UNet's adaptable layers and the text encoder's.
     // SDXL files name UNet layers by SGM path; diffusers paths are accepted too.
     let paths: Vec<String> = model.unet.lora_layers_mut().iter().map(|l| l.path.clone()).collect();
-    let sdxl_names: BTreeMap<String, String> = if model.family == Family::Sdxl {
-        paths.iter().map(|path| (unet_lora_name(model, path), kohya_unet_name(path))).collect()
-    } else {
-        BTreeMap::new()
-    };
+    let sdxl_names: BTreeMap<String, String> =
+        if model.family == Family::Sdxl { paths.iter().map(|path| (unet_lora_name(model, path), kohya_unet_name(path))).collect() } else { BTreeMap::new() };
     let unet = model.unet.lora_layers_mut().into_iter().map(|l| (kohya_unet_name(&l.path), &mut l.base));
     let text = model.text_encoder.lora_layers_mut().into_iter().map(|l| (kohya_text_name("lora_te_", &l.path), &mut l.base));
     // SDXL's second encoder: `lora_te2_text_model_encoder_layers_N_…`.

@@ -117,7 +117,8 @@ fn standard_files(family: Family) -> BTreeMap<String, String> {
         Family::Sdxl => (standard::SDXL_UNET, standard::SDXL_VAE, standard::CLIP_L, standard::SDXL_SCHEDULER, tokenizer::END_OF_TEXT),
     };
     let index = match family {
-        Family::Sdxl => r#"{
+        Family::Sdxl => {
+            r#"{
   "_class_name": "StableDiffusionXLPipeline",
   "force_zeros_for_empty_prompt": true,
   "scheduler": ["diffusers", "EulerDiscreteScheduler"],
@@ -128,8 +129,10 @@ fn standard_files(family: Family) -> BTreeMap<String, String> {
   "unet": ["diffusers", "UNet2DConditionModel"],
   "vae": ["diffusers", "AutoencoderKL"]
 }
-"#,
-        _ => r#"{
+"#
+        }
+        _ => {
+            r#"{
   "_class_name": "StableDiffusionPipeline",
   "feature_extractor": [null, null],
   "requires_safety_checker": false,
@@ -140,7 +143,8 @@ fn standard_files(family: Family) -> BTreeMap<String, String> {
   "unet": ["diffusers", "UNet2DConditionModel"],
   "vae": ["diffusers", "AutoencoderKL"]
 }
-"#,
+"#
+        }
     };
     let tokenizer_config = |pad: &str| {
         format!(
@@ -212,7 +216,8 @@ pub async fn single_file_checkpoint(model: &StableDiffusion) -> Result<Vec<u8>> 
             "stable-diffusion-xl-v1-base"
         }
     };
-    let metadata = BTreeMap::from([("modelspec.architecture".to_string(), architecture.to_string()), ("burnbooth.export".to_string(), "full fine-tune".to_string())]);
+    let metadata =
+        BTreeMap::from([("modelspec.architecture".to_string(), architecture.to_string()), ("burnbooth.export".to_string(), "full fine-tune".to_string())]);
     tensor_file::write(&all, &metadata)
 }
 

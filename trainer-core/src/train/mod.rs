@@ -4,12 +4,12 @@
 
 pub mod cache;
 pub mod checkpoint;
-pub mod checkpointing;
 pub mod export;
 pub mod full_export;
 pub mod metrics;
 pub mod noise;
 pub mod optimizer;
+pub mod recompute;
 pub mod run;
 pub mod run_record;
 pub mod session;

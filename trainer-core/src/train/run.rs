@@ -11,8 +11,8 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use super::run_record::OutputUse;
 use super::metrics::StepMetrics;
+use super::run_record::OutputUse;
 use super::session::{Progress, Session, StepReport};
 use crate::config::training::ModelType;
 use crate::error::{is_out_of_memory, Error, Result, MEMORY_ADVICE};

@@ -193,7 +193,9 @@ pub fn clean_interrupted_writes(storage: &dyn Storage, output_dir: &str) -> Resu
 pub fn read(storage: &dyn Storage, output_dir: &str) -> Result<Option<RunRecord>> {
     let path = join(output_dir, RUN_RECORD);
     let Some(bytes) = storage.read(&path)? else { return Ok(None) };
-    serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::Config { source_name: path, problems: vec![format!("not a run record Burnbooth can read: {e}")] })
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| Error::Config { source_name: path, problems: vec![format!("not a run record Burnbooth can read: {e}")] })
 }
 
 pub fn write(storage: &dyn Storage, output_dir: &str, record: &RunRecord) -> Result<()> {

@@ -47,27 +47,25 @@ impl HostTensor {
     }
 
     pub fn to_tensor<const D: usize>(&self, device: &burn::tensor::Device) -> Result<Tensor<D>> {
-        let shape: [usize; D] = self.shape.clone().try_into().map_err(|_| Error::Io {
-            path: "tensor".into(),
-            message: format!("expected a {D}-dimensional tensor, found shape {:?}", self.shape),
-        })?;
+        let shape: [usize; D] = self
+            .shape
+            .clone()
+            .try_into()
+            .map_err(|_| Error::Io { path: "tensor".into(), message: format!("expected a {D}-dimensional tensor, found shape {:?}", self.shape) })?;
         Ok(Tensor::from_data(TensorData::new(self.values.clone(), shape), device))
     }
 }
 
 /// Serialises tensors (f32) with string metadata.
 pub fn write(tensors: &BTreeMap<String, HostTensor>, metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
-        .iter()
-        .map(|(name, t)| (name.clone(), t.values.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape.clone()))
-        .collect();
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> =
+        tensors.iter().map(|(name, t)| (name.clone(), t.values.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape.clone())).collect();
     let views = bytes
         .iter()
         .map(|(name, data, shape)| {
-            TensorView::new(Dtype::F32, shape.clone(), data).map(|view| (name.clone(), view)).map_err(|e| Error::Io {
-                path: name.clone(),
-                message: e.to_string(),
-            })
+            TensorView::new(Dtype::F32, shape.clone(), data)
+                .map(|view| (name.clone(), view))
+                .map_err(|e| Error::Io { path: name.clone(), message: e.to_string() })
         })
         .collect::<Result<Vec<_>>>()?;
     let info: HashMap<String, String> = metadata.clone().into_iter().collect();

@@ -37,7 +37,9 @@ impl Session<'_> {
                     let distribution = self.model.vae.encode_tiled(image_tensor(&pixels, &self.device), &self.model.configs.vae, tiling);
                     // A device failure names the image being encoded.
                     let at_image = |error: Error| match error {
-                        Error::Io { message, .. } => Error::Io { path: format!("{}/{}", dataset.folder, image.path), message: format!("encoding its latents: {message}") },
+                        Error::Io { message, .. } => {
+                            Error::Io { path: format!("{}/{}", dataset.folder, image.path), message: format!("encoding its latents: {message}") }
+                        }
                         other => other,
                     };
                     let entry = CachedLatents {
@@ -75,7 +77,6 @@ impl Session<'_> {
         result
     }
 
-
     async fn cache_text_embeddings(&mut self, captions: &[(String, String)], progress: &mut dyn FnMut(Progress<'_>)) -> Result<()> {
         let (mut done, mut computed) = (0, 0);
         for (dir, caption) in captions {
@@ -97,7 +98,6 @@ impl Session<'_> {
         }
         Ok(())
     }
-
 }
 
 /// RGB pixels to a `[1, 3, H, W]` tensor in [-1, 1].

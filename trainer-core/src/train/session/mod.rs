@@ -23,12 +23,12 @@ use super::storage::{join, Storage};
 use crate::config::training::{ModelFamily, ModelType, Optimizer, RegularisationMode, TrainingConfig};
 use crate::data::source::ImageSource;
 use crate::error::{Error, Result};
+use crate::lr_schedule::LearningRateSchedule;
 use crate::models::clip::ClipTextModel;
 use crate::models::lora::{DropoutSource, LoraTargets};
 use crate::models::{Family, StableDiffusion};
-use crate::plan::{build_samplers, Plan, PlannedSampler};
+use crate::plan::{build_samplers, Plan, PlannedBatchSampler};
 use crate::rng::SeededRng;
-use crate::schedule::LearningRateSchedule;
 use crate::schedulers::SamplerKind;
 use crate::train::metrics::StepMetrics;
 
@@ -77,8 +77,8 @@ pub struct Session<'a> {
     noise: NoiseSchedule,
     optimizer: AdamW,
     lr_schedule: LearningRateSchedule,
-    main: PlannedSampler,
-    prior: Option<PlannedSampler>,
+    main: PlannedBatchSampler,
+    prior: Option<PlannedBatchSampler>,
     dropout: Option<DropoutSource>,
     /// Optimizer steps done.
     pub step: u64,
@@ -124,7 +124,6 @@ fn update_text_encoders(train: bool, model: &mut StableDiffusion, mut update: im
     Ok(())
 }
 
-
 impl<'a> Session<'a> {
     /// Sets a run up: the UNet goes to the training device (autodiff), LoRA adapters are attached
     /// or the whole UNet is made trainable. `sources[i]` gives the files of
@@ -156,7 +155,8 @@ impl<'a> Session<'a> {
                 )],
             });
         }
-        if config.regularisation_mode == RegularisationMode::ParentPrediction && config.model_type == ModelType::Full
+        if config.regularisation_mode == RegularisationMode::ParentPrediction
+            && config.model_type == ModelType::Full
             && plan.datasets.iter().any(|d| d.is_regularisation_data)
         {
             return Err(Error::Config {
@@ -164,7 +164,7 @@ impl<'a> Session<'a> {
                 problems: vec!["regularisation_mode parent_prediction needs LoRA training (the base model's prediction is the adapter switched off); use prior_preservation or mixed for full fine-tuning".into()],
             });
         }
-        // Gradient checkpointing works by stage (train::checkpointing), not per operation.
+        // Gradient checkpointing works by stage (train::recompute), not per operation.
         let train_device = device.clone().autodiff();
         let noise = NoiseSchedule::new(&model.configs.scheduler, config.prediction_type);
         let full = config.model_type == ModelType::Full;
@@ -202,7 +202,10 @@ impl<'a> Session<'a> {
                     }
                 }
                 if attached == 0 {
-                    return Err(Error::Config { source_name: config.source_name.clone(), problems: vec!["train_text_encoder: no text-encoder layer to adapt".into()] });
+                    return Err(Error::Config {
+                        source_name: config.source_name.clone(),
+                        problems: vec!["train_text_encoder: no text-encoder layer to adapt".into()],
+                    });
                 }
                 Ok(encoder)
             };
@@ -227,7 +230,7 @@ impl<'a> Session<'a> {
         });
         let (main, prior) = build_samplers(&plan.datasets, &config);
         Ok(Self {
-            lr_schedule: plan.lr_schedule.clone(),
+            lr_schedule: plan.lr_schedule,
             config,
             plan,
             model,
@@ -281,7 +284,6 @@ impl<'a> Session<'a> {
         (prepare(&self.model.text_encoder), self.model.text_encoder_2.as_ref().map(prepare))
     }
 }
-
 
 /// Casts trainable parameters (adamw_bf16 keeps them in bf16).
 struct CastTrainable<'a> {

@@ -16,8 +16,9 @@ use crate::train::{export, full_export};
 impl Session<'_> {
     pub fn checkpoint_due(&self) -> bool {
         let every = self.config.checkpoint_step_interval;
-        every > 0 && self.step % every == 0
+        every > 0 && self.step.is_multiple_of(every)
     }
+
     /// Records a step in `metrics.jsonl` and redraws `loss.png`.
     pub fn record(&mut self, report: &StepReport, seconds: f64) -> Result<()> {
         let entry = StepMetrics { step: report.step, epoch: report.epoch, loss: report.loss, lr: report.lr, grad_norm: report.grad_norm, time: seconds };

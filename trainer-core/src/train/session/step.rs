@@ -8,15 +8,15 @@ use burn::tensor::{Tensor, TensorData};
 
 use super::{trained_text_encoders, update_text_encoders, Session, StepReport};
 use crate::config::training::{ModelType, RegularisationMode};
-use crate::data::sampler::Batch;
+use crate::data::batch_sampler::Batch;
 use crate::error::{Error, Result};
 use crate::models::unet::AddedConditions;
 use crate::pipeline::gaussian_noise;
-use crate::plan::PlannedSampler;
+use crate::plan::PlannedBatchSampler;
 use crate::rng::SeededRng;
 use crate::train::cache::{self, CachedLatents};
-use crate::train::checkpointing::backward_in_stages;
 use crate::train::optimizer::frozen_on;
+use crate::train::recompute::backward_in_stages;
 use crate::train::tensor_file::HostTensor;
 
 /// What one batch feeds the UNet.
@@ -78,7 +78,7 @@ impl Session<'_> {
     /// context is the cached base encoder's, or, when the text encoder
     /// trains, its output now (with gradients); `BatchInputs::base_context`
     /// is always the base encoder's (parent predictions).
-    fn batch_inputs(&self, batch: &Batch, sampler: &PlannedSampler, rng: &mut SeededRng) -> Result<BatchInputs> {
+    fn batch_inputs(&self, batch: &Batch, sampler: &PlannedBatchSampler, rng: &mut SeededRng) -> Result<BatchInputs> {
         let d = sampler.datasets[batch.dataset];
         let dataset = &self.plan.datasets[d];
         let mut latents = Vec::new();
@@ -94,21 +94,19 @@ impl Session<'_> {
             let eps = gaussian_noise(mean.dims(), rng, &self.device);
             latents.push(mean + (logvar * 0.5).exp() * eps);
             let image = &dataset.images[sample.image];
-            let caption = if sample.drop_caption {
-                String::new()
-            } else {
-                image.captions().into_iter().nth(sample.caption_variant as usize).unwrap_or_default()
-            };
-            let text_path = self.text_paths.get(&(dataset.text_cache_dir.clone(), caption.clone())).ok_or_else(|| Error::Training {
-                step: self.step,
-                message: format!("caption '{caption}' has no text-embedding cache entry"),
-            })?;
+            let caption =
+                if sample.drop_caption { String::new() } else { image.captions().into_iter().nth(sample.caption_variant as usize).unwrap_or_default() };
+            let text_path = self
+                .text_paths
+                .get(&(dataset.text_cache_dir.clone(), caption.clone()))
+                .ok_or_else(|| Error::Training { step: self.step, message: format!("caption '{caption}' has no text-embedding cache entry") })?;
             let text = cache::read_text(self.storage, text_path)?
                 .ok_or_else(|| Error::Io { path: text_path.clone(), message: "text cache entry vanished during training".into() })?;
             let batched = |t: HostTensor| HostTensor { shape: [vec![1], t.shape].concat(), values: t.values };
             contexts.push(batched(text.hidden).to_tensor::<3>(&self.device)?);
             if self.model.unet.needs_added_conditions() {
-                let entry = text.pooled.ok_or_else(|| Error::Io { path: text_path.clone(), message: "an SDXL text cache entry needs 'pooled'; delete it".into() })?;
+                let entry =
+                    text.pooled.ok_or_else(|| Error::Io { path: text_path.clone(), message: "an SDXL text cache entry needs 'pooled'; delete it".into() })?;
                 pooled.push(batched(entry).to_tensor::<2>(&self.device)?);
                 // SDXL's size conditioning: original size, crop top-left, target size, (h, w) order.
                 let g = image.geometry();
@@ -192,10 +190,10 @@ impl Session<'_> {
             let inputs = self.batch_inputs(&batch, &self.main, &mut rng)?;
             let parent = is_class_batch && self.config.regularisation_mode == RegularisationMode::ParentPrediction && self.config.model_type == ModelType::Lora;
             let mut terms = vec![self.regression(inputs, &mut rng, parent, !parent)];
-            if self.prior.is_some() {
-                let prior = self.prior.as_mut().expect("checked");
-                let class_batch = prior.sampler.next_batch().ok_or_else(|| Error::Training { step: self.step, message: "the class datasets ran out of batches".into() })?;
-                let prior = self.prior.as_ref().expect("checked");
+            if let Some(prior) = self.prior.as_mut() {
+                let class_batch =
+                    prior.sampler.next_batch().ok_or_else(|| Error::Training { step: self.step, message: "the class datasets ran out of batches".into() })?;
+                let prior = self.prior.as_ref().expect("matched above");
                 let inputs = self.batch_inputs(&class_batch, prior, &mut rng)?;
                 // The prior term is never SNR-weighted (train_dreambooth.py).
                 let mut term = self.regression(inputs, &mut rng, false, false);
@@ -269,7 +267,16 @@ impl Session<'_> {
                 dropout.begin_forward();
             }
             losses.push(if checkpointing {
-                backward_in_stages(&model.unet, term.noisy.clone(), &term.t_values, term.context.clone(), term.added.as_ref(), &self.train_device, &|prediction| term.loss(prediction), &mut collect)
+                backward_in_stages(
+                    &model.unet,
+                    term.noisy.clone(),
+                    &term.t_values,
+                    term.context.clone(),
+                    term.added.as_ref(),
+                    &self.train_device,
+                    &|prediction| term.loss(prediction),
+                    &mut collect,
+                )
             } else {
                 term.loss(model.unet.forward_with(term.noisy.clone(), &term.t_values, term.context.clone(), term.added.as_ref()))
             });

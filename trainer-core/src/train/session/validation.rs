@@ -11,12 +11,10 @@ use crate::pipeline::{a1111_parameters, png_with_parameters, to_rgb8, GenerateRe
 use crate::schedulers::SamplerKind;
 
 impl Session<'_> {
-
     pub fn validation_due(&self) -> bool {
         let every = self.config.validation_step_interval;
-        self.config.validation_prompt.is_some() && every > 0 && self.step % every == 0
+        self.config.validation_prompt.is_some() && every > 0 && self.step.is_multiple_of(every)
     }
-
 
     /// The validation image size: `validation_resolution` or the first bucket's size.
     fn validation_size(&self) -> (usize, usize) {
@@ -86,5 +84,4 @@ impl Session<'_> {
     pub async fn sample(&mut self, request: &GenerateRequest, progress: &mut dyn FnMut(Progress<'_>)) -> Result<RgbImage> {
         to_rgb8(self.generate(request, progress)?.image).await
     }
-
 }

@@ -43,9 +43,7 @@ impl LearningRateSchedule {
             // diffusers' linear schedule decays to zero.
             LrSchedule::Linear => lr * (1.0 - progress),
             LrSchedule::Polynomial => self.lr_end + (lr - self.lr_end) * (1.0 - progress).powf(self.power),
-            LrSchedule::Cosine => {
-                self.lr_end + (lr - self.lr_end) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
-            }
+            LrSchedule::Cosine => self.lr_end + (lr - self.lr_end) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
             LrSchedule::CosineWithRestarts => {
                 if progress >= 1.0 {
                     return self.lr_end;

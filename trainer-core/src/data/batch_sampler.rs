@@ -11,7 +11,7 @@
 //!
 //! Every random choice comes from a generator derived from the seed and a
 //! label (dataset, bucket, pass or step), so the sequence is the same on
-//! every platform and resumes exactly from a saved [`SamplerState`].
+//! every platform and resumes exactly from a saved [`BatchSamplerState`].
 
 use serde::{Deserialize, Serialize};
 
@@ -20,10 +20,10 @@ use crate::rng::SeededRng;
 
 /// One dataset as the sampler sees it: buckets of image indices.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SamplerDataset {
+pub struct BatchSamplerDataset {
     pub id: String,
     /// Buckets in visiting order, each with indices into the dataset's images.
-    pub buckets: Vec<SamplerBucket>,
+    pub buckets: Vec<BatchSamplerBucket>,
     pub repeats: u32,
     pub probability: f64,
     pub ignore_epochs: bool,
@@ -33,12 +33,12 @@ pub struct SamplerDataset {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SamplerBucket {
+pub struct BatchSamplerBucket {
     pub key: String,
     pub images: Vec<usize>,
 }
 
-impl SamplerDataset {
+impl BatchSamplerDataset {
     /// Batches in one pass over the dataset.
     pub fn batches_per_pass(&self) -> u64 {
         let bs = self.batch_size.max(1) as u64;
@@ -56,7 +56,7 @@ impl SamplerDataset {
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-pub struct SamplerSettings {
+pub struct BatchSamplerSettings {
     pub seed: u64,
     pub sampling: DatasetSampling,
     pub caption_dropout_probability: f64,
@@ -103,25 +103,21 @@ struct DatasetState {
 
 /// Where the sampler is: save it in checkpoints to resume exactly.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SamplerState {
+pub struct BatchSamplerState {
     batches_drawn: u64,
     epoch: u64,
     datasets: Vec<DatasetState>,
 }
 
-pub struct Sampler {
-    datasets: Vec<SamplerDataset>,
-    settings: SamplerSettings,
-    state: SamplerState,
+pub struct BatchSampler {
+    datasets: Vec<BatchSamplerDataset>,
+    settings: BatchSamplerSettings,
+    state: BatchSamplerState,
 }
 
-impl Sampler {
-    pub fn new(datasets: Vec<SamplerDataset>, settings: SamplerSettings) -> Self {
-        let mut sampler = Self {
-            state: SamplerState { batches_drawn: 0, epoch: 1, datasets: Vec::new() },
-            datasets,
-            settings,
-        };
+impl BatchSampler {
+    pub fn new(datasets: Vec<BatchSamplerDataset>, settings: BatchSamplerSettings) -> Self {
+        let mut sampler = Self { state: BatchSamplerState { batches_drawn: 0, epoch: 1, datasets: Vec::new() }, datasets, settings };
         sampler.state.datasets = (0..sampler.datasets.len())
             .map(|_| DatasetState { passes_started: 0, passes_this_epoch: 0, exhausted: false, next_bucket: 0, buckets: Vec::new() })
             .collect();
@@ -132,7 +128,7 @@ impl Sampler {
     }
 
     /// Resumes from a saved position.
-    pub fn with_state(datasets: Vec<SamplerDataset>, settings: SamplerSettings, state: SamplerState) -> Self {
+    pub fn with_state(datasets: Vec<BatchSamplerDataset>, settings: BatchSamplerSettings, state: BatchSamplerState) -> Self {
         Self { datasets, settings, state }
     }
 
@@ -140,7 +136,7 @@ impl Sampler {
     /// saved over other datasets (images added or removed, buckets changed)
     /// cannot be taken exactly: the sampler then keeps its fresh passes,
     /// continues the saved step and epoch count, and says why.
-    pub fn restore(&mut self, state: SamplerState) -> Result<(), String> {
+    pub fn restore(&mut self, state: BatchSamplerState) -> Result<(), String> {
         match self.misfit(&state) {
             None => {
                 self.state = state;
@@ -156,7 +152,7 @@ impl Sampler {
 
     /// Why `state` does not fit these datasets: its bucket orders must be
     /// shuffles of the buckets' images (or a dataset not started yet).
-    fn misfit(&self, state: &SamplerState) -> Option<String> {
+    fn misfit(&self, state: &BatchSamplerState) -> Option<String> {
         if state.datasets.len() != self.datasets.len() {
             return Some(format!("the checkpoint had {} datasets, the plan has {}", state.datasets.len(), self.datasets.len()));
         }
@@ -178,11 +174,11 @@ impl Sampler {
         None
     }
 
-    pub fn state(&self) -> &SamplerState {
+    pub fn state(&self) -> &BatchSamplerState {
         &self.state
     }
 
-    pub fn datasets(&self) -> &[SamplerDataset] {
+    pub fn datasets(&self) -> &[BatchSamplerDataset] {
         &self.datasets
     }
 
@@ -193,7 +189,7 @@ impl Sampler {
 
     /// Whether epochs can end at all (some dataset counts toward them).
     pub fn epochs_can_end(&self) -> bool {
-        self.datasets.iter().any(SamplerDataset::counts_toward_epochs)
+        self.datasets.iter().any(BatchSamplerDataset::counts_toward_epochs)
     }
 
     fn start_pass(&mut self, index: usize) {
@@ -225,9 +221,7 @@ impl Sampler {
                 } else {
                     match self.settings.sampling {
                         DatasetSampling::Uniform => dataset.probability,
-                        DatasetSampling::AutoWeighting => {
-                            dataset.probability * dataset.batches_per_epoch() as f64 / total_batches
-                        }
+                        DatasetSampling::AutoWeighting => dataset.probability * dataset.batches_per_epoch() as f64 / total_batches,
                     }
                 }
             })
@@ -251,8 +245,7 @@ impl Sampler {
             .map(|image| {
                 let variants = dataset.caption_variants.get(image).copied().unwrap_or(1).max(1);
                 let caption_variant = if variants > 1 { rng.below(variants as u64) as u32 } else { 0 };
-                let drop_caption = self.settings.caption_dropout_probability > 0.0
-                    && rng.next_f64() < self.settings.caption_dropout_probability;
+                let drop_caption = self.settings.caption_dropout_probability > 0.0 && rng.next_f64() < self.settings.caption_dropout_probability;
                 Sample { image, caption_variant, drop_caption }
             })
             .collect();
@@ -312,11 +305,7 @@ impl Sampler {
             return false;
         }
         state.exhausted = true;
-        let epoch_over = self
-            .datasets
-            .iter()
-            .zip(&self.state.datasets)
-            .all(|(d, s)| !d.counts_toward_epochs() || s.exhausted);
+        let epoch_over = self.datasets.iter().zip(&self.state.datasets).all(|(d, s)| !d.counts_toward_epochs() || s.exhausted);
         if epoch_over {
             self.state.epoch += 1;
             for i in 0..self.datasets.len() {
@@ -336,10 +325,10 @@ impl Sampler {
 mod tests {
     use super::*;
 
-    fn dataset(id: &str, images: usize, repeats: u32, batch_size: u32) -> SamplerDataset {
-        SamplerDataset {
+    fn dataset(id: &str, images: usize, repeats: u32, batch_size: u32) -> BatchSamplerDataset {
+        BatchSamplerDataset {
             id: id.into(),
-            buckets: vec![SamplerBucket { key: "1.0".into(), images: (0..images).collect() }],
+            buckets: vec![BatchSamplerBucket { key: "1.0".into(), images: (0..images).collect() }],
             repeats,
             probability: 1.0,
             ignore_epochs: false,
@@ -348,13 +337,13 @@ mod tests {
         }
     }
 
-    fn settings(seed: u64) -> SamplerSettings {
-        SamplerSettings { seed, sampling: DatasetSampling::AutoWeighting, caption_dropout_probability: 0.0 }
+    fn settings(seed: u64) -> BatchSamplerSettings {
+        BatchSamplerSettings { seed, sampling: DatasetSampling::AutoWeighting, caption_dropout_probability: 0.0 }
     }
 
     #[test]
     fn each_image_once_per_pass_and_repeats_add_passes() {
-        let mut sampler = Sampler::new(vec![dataset("a", 5, 2, 1)], settings(1));
+        let mut sampler = BatchSampler::new(vec![dataset("a", 5, 2, 1)], settings(1));
         let mut seen = vec![0; 5];
         let mut batches = 0;
         loop {
@@ -371,7 +360,7 @@ mod tests {
 
     #[test]
     fn short_last_batch_is_topped_up_from_its_bucket() {
-        let mut sampler = Sampler::new(vec![dataset("a", 5, 0, 2)], settings(3));
+        let mut sampler = BatchSampler::new(vec![dataset("a", 5, 0, 2)], settings(3));
         let batches: Vec<Batch> = (0..3).map(|_| sampler.next_batch().unwrap()).collect();
         assert!(batches[2].ends_epoch);
         for batch in &batches {

@@ -15,8 +15,8 @@ use trainer_core::models::unet::AddedConditions;
 use trainer_core::models::{DiskFolder, StableDiffusion, WeightDtypes};
 use trainer_core::pipeline::gaussian_noise;
 use trainer_core::rng::SeededRng;
-use trainer_core::train::checkpointing::backward_in_stages;
 use trainer_core::train::optimizer::{frozen_on, trainable_on, AdamW, AdamWSettings, ToTrainDevice};
+use trainer_core::train::recompute::backward_in_stages;
 
 fn fixture(family: &str, device: &Device) -> StableDiffusion {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(family).join("diffusers");

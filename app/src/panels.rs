@@ -5,7 +5,7 @@ use std::rc::Rc;
 use burnbooth_app::browser::{download, opfs, picked_files, PickedFile};
 use burnbooth_app::model::needed_files;
 use burnbooth_app::protocol::ToWorker;
-use burnbooth_app::run::{RunState, EXPORT_NAME};
+use burnbooth_app::run::{RunState, LORA_NAME};
 use burnbooth_app::workspace::{self, env_get, env_set};
 use leptos::prelude::*;
 use leptos::task::spawn_local;
@@ -315,7 +315,7 @@ pub fn TrainPanel(ui: Ui) -> impl IntoView {
                 })>"Save all to a folder…"</button>
                 {move || run.outputs.get().into_iter().map(|path| {
                     let label = path.clone();
-                    let is_lora = path.ends_with(&format!("{EXPORT_NAME}.safetensors"));
+                    let is_lora = path.ends_with(&format!("{LORA_NAME}.safetensors"));
                     view! { <button class="link" class:primary=is_lora data-path=path.clone() on:click=move |_| fetch(path.clone())>{label}</button> }
                 }).collect_view()}
             </div>

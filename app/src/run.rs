@@ -5,6 +5,7 @@
 
 use std::cell::Cell;
 
+use trainer_core::config::training::ModelType;
 use trainer_core::pipeline::{png_with_parameters, to_rgb8, GenerateRequest};
 use trainer_core::schedulers::SamplerKind;
 use trainer_core::train::metrics::StepMetrics;
@@ -18,8 +19,8 @@ use crate::protocol::FromWorker;
 use crate::worker::post;
 use crate::workspace::{self, storage};
 
-/// The name of the exported LoRA or full model (as the native runner's default).
-pub const EXPORT_NAME: &str = "burnbooth-lora";
+/// The exported LoRA's name (the native runner's default).
+pub const LORA_NAME: &str = run::default_export_name(ModelType::Lora);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunState {
@@ -60,7 +61,7 @@ impl RunView {
         let prefix = format!("{}/", output_dir.trim_end_matches('/'));
         let mut files: Vec<String> = storage().paths().into_iter().filter(|p| p.starts_with(&prefix) && !p.contains("/cache/")).collect();
         // The LoRA first, then the rest by name.
-        files.sort_by_key(|p| (!p.ends_with(&format!("{EXPORT_NAME}.safetensors")), p.clone()));
+        files.sort_by_key(|p| (!p.ends_with(&format!("{LORA_NAME}.safetensors")), p.clone()));
         post(&FromWorker::Outputs(files), Vec::new());
     }
 
@@ -118,7 +119,7 @@ pub async fn train(view: RunView) -> Result<String, String> {
     let options = RunOptions {
         output_use,
         resume: has_checkpoints.then(|| "latest".to_string()),
-        export_name: EXPORT_NAME.to_string(),
+        export_name: None,
         source_configs: workspace::with(|w| w.model.as_ref().and_then(|m| m.source_configs())),
     };
     let mut host = BrowserHost { view, output_dir, total: session.total_steps(), first_step: None };

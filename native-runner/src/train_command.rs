@@ -60,9 +60,10 @@ pub struct TrainArgs {
     /// comma-separated list of to_q, to_k, to_v, to_out.0, ff.net.0.proj, ff.net.2, proj_in, proj_out.
     #[arg(long, default_value = "attention")]
     lora_targets: String,
-    /// Name of the exported LoRA file (without .safetensors).
-    #[arg(long, default_value = "burnbooth-lora")]
-    output_name: String,
+    /// Name of the exports (without .safetensors): burnbooth-lora for a
+    /// LoRA, burnbooth-model for a full fine-tune unless given.
+    #[arg(long)]
+    output_name: Option<String>,
 }
 
 fn bar(template: &str) -> ProgressBar {

@@ -92,7 +92,19 @@ fn work_folder(dir: &Path, model: &Path) {
         })
         .map(|l| l + "\n")
         .collect();
-    std::fs::write(dir.join("browser.env"), config).unwrap();
+    std::fs::write(dir.join("browser.env"), &config).unwrap();
+    // A one-step full fine-tune into another folder, reusing the caches.
+    let full: String = config
+        .lines()
+        .map(|line| match line.split_once('=').map(|(k, _)| k) {
+            Some("MODEL_TYPE") => "MODEL_TYPE=full".to_string(),
+            Some("MAX_NUM_STEPS") => "MAX_NUM_STEPS=1".to_string(),
+            Some("OUTPUT_DIR") => "OUTPUT_DIR=output/browser-full".to_string(),
+            _ => line.to_string(),
+        })
+        .map(|l| l + "\n")
+        .collect();
+    std::fs::write(dir.join("browser-full.env"), full).unwrap();
 }
 
 fn runner(args: &[&str], dir: &Path) -> String {
@@ -145,6 +157,7 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
         .env("WORK_DIR", &work)
         .env("OUT_DIR", &out)
         .env("CONFIGS", "browser.env,multidatabackend-tiny.json")
+        .env("FULL_CONFIG", "browser-full.env")
         .env("TRAIN_TIMEOUT_S", "2400")
         .output()
         .unwrap();
@@ -178,6 +191,15 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
     assert!(resume_log.contains(&format!("resumed from output/browser/checkpoints/checkpoint-{paused_at:08} at step {paused_at}")), "{resume_log}");
     let resumed: Vec<u64> = result["resumedLosses"].as_array().unwrap().iter().map(|p| p[0].as_u64().unwrap()).collect();
     assert_eq!(resumed, [1, 2, 3, 4, 5, 6]);
+    // A full fine-tune started in the tab ends with both exports.
+    let full: Vec<&str> = result["fullOutputs"].as_array().unwrap().iter().filter_map(|p| p.as_str()).collect();
+    for export in [
+        "output/browser-full/burnbooth-model.safetensors",
+        "output/browser-full/burnbooth-model/unet/diffusion_pytorch_model.safetensors",
+        "output/browser-full/burnbooth-model/model_index.json",
+    ] {
+        assert!(full.contains(&export), "{export} missing from the full fine-tune's outputs: {full:?}");
+    }
     let tokens = result["tokens"].as_str().unwrap();
     assert!(tokens.contains("sks") && tokens.contains("rifle"), "the rare-token finder in the page: {tokens}");
     let reg_plan = result["regPlan"].as_str().unwrap();

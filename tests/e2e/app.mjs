@@ -216,6 +216,27 @@ try {
   say(`resumed: ${resumeLog.split('\n').filter((l) => l.startsWith('resumed') || l.startsWith('caches')).join(' / ')}`);
   await screenshot('resumed');
 
+  // A full fine-tune in the tab ends with its exports, as the native runner's does.
+  const fullStarted = Date.now();
+  await page.setInputFiles('#config-files', [path.join(workDir, env('FULL_CONFIG')), configs.find((c) => c.endsWith('.json'))]);
+  await page.waitForSelector('.dataset', { timeout: 30_000 });
+  for (const id of datasets) {
+    const entry = dataloader.find((d) => d.id === id);
+    await page.setInputFiles(`.dataset[data-dataset="${id}"] input[type=file]`, path.join(workDir, entry.instance_data_dir));
+    await page.waitForFunction((id) => document.querySelector(`.dataset[data-dataset="${id}"] .count`)?.textContent.includes('picked'), id, { timeout: 30_000 });
+  }
+  await page.click('#train');
+  await page.waitForFunction(
+    () => [...document.querySelectorAll('#outputs button.link')].some((b) => (b.dataset.path || '').endsWith('/burnbooth-model.safetensors')) || document.querySelector('#error')?.textContent,
+    null,
+    { timeout: trainTimeout },
+  );
+  if (await errorText()) await fail(`full fine-tune: ${await errorText()}`);
+  await page.waitForFunction(() => document.querySelector('#phase')?.textContent === 'finished', null, { timeout: 120_000 });
+  const fullOutputs = await page.locator('#outputs button.link').evaluateAll((buttons) => buttons.map((b) => b.dataset.path));
+  say(`full fine-tune in ${((Date.now() - fullStarted) / 1000).toFixed(1)} s: ${fullOutputs.join(', ')}`);
+  await screenshot('full-fine-tune');
+
   // The GPU self-test, with the subgroups workaround and without it.
   const selfTest = async (p) => {
     await p.waitForSelector('#gpu-status.ok, #gpu-status.bad', { timeout: 120_000 });
@@ -233,7 +254,7 @@ try {
   say(`self-test without it: ${JSON.stringify(withoutShim)}`);
   await bare.close();
 
-  fs.writeFileSync(path.join(outDir, 'result.json'), JSON.stringify({ sdxlModel, pausedAt, pausedStill, stopped, resumeLog, resumedLosses, tokens, regPlan, trainSeconds, chartPoints, losses, galleryImages, longestFrameGapMs: longestGap, saved, stats, gpu, selfTestWithShim: withShim, selfTestWithoutShim: withoutShim }, null, 2));
+  fs.writeFileSync(path.join(outDir, 'result.json'), JSON.stringify({ sdxlModel, fullOutputs, pausedAt, pausedStill, stopped, resumeLog, resumedLosses, tokens, regPlan, trainSeconds, chartPoints, losses, galleryImages, longestFrameGapMs: longestGap, saved, stats, gpu, selfTestWithShim: withShim, selfTestWithoutShim: withoutShim }, null, 2));
   fs.writeFileSync(path.join(outDir, 'console.txt'), consoleLines.join('\n'));
   await browser.close();
   say('done');

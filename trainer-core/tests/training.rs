@@ -561,7 +561,7 @@ fn the_run_loop_stops_with_a_checkpoint_resumes_and_ends_a_full_fine_tune_with_i
     let storage = MemoryStorage::default();
     let device = Device::flex();
     let options =
-        |output_use, resume: Option<&str>| RunOptions { output_use, resume: resume.map(String::from), export_name: "tuned".into(), source_configs: None };
+        |output_use, resume: Option<&str>| RunOptions { output_use, resume: resume.map(String::from), export_name: Some("tuned".into()), source_configs: None };
 
     let mut first = session(&setup, &storage, &device, F32_TARGET);
     let mut host = RecordingHost { stop_at: Some(2), ..Default::default() };

@@ -66,12 +66,23 @@ pub struct RunOptions {
     pub output_use: OutputUse,
     /// `latest` or a checkpoint folder, with [`OutputUse::Resume`].
     pub resume: Option<String>,
-    /// The exported LoRA's or full model's name (no extension).
-    pub export_name: String,
+    /// The exported LoRA's or full model's name (no extension); `None`:
+    /// [`default_export_name`].
+    pub export_name: Option<String>,
     /// For a full fine-tune's diffusers folder: the base model's config,
     /// tokenizer and scheduler files by path in its folder; `None` uses the
     /// family's published configs.
     pub source_configs: Option<BTreeMap<String, String>>,
+}
+
+/// The name exports get unless the user names them: `burnbooth-lora`
+/// (`.safetensors`) for a LoRA, `burnbooth-model` (a diffusers folder and a
+/// single file) for a full fine-tune.
+pub const fn default_export_name(model_type: ModelType) -> &'static str {
+    match model_type {
+        ModelType::Lora => "burnbooth-lora",
+        ModelType::Full => "burnbooth-model",
+    }
 }
 
 /// How a run ended.
@@ -133,14 +144,15 @@ pub async fn run(session: &mut Session<'_>, host: &mut impl RunHost, options: &R
     host.note(&format!("checkpoint {checkpoint}"));
     let plot = session.write_loss_plot()?;
     host.note(&format!("loss plot {plot}, metrics {}", session.output_path("metrics.jsonl")));
+    let name = options.export_name.as_deref().unwrap_or(default_export_name(session.config.model_type));
     let exports = match session.config.model_type {
         ModelType::Lora => {
-            let path = session.export_lora(&options.export_name).await?;
+            let path = session.export_lora(name).await?;
             host.note(&format!("LoRA (kohya format) {path}"));
             vec![path]
         }
         ModelType::Full => {
-            let (folder, single) = session.export_full(&options.export_name, options.source_configs.as_ref()).await?;
+            let (folder, single) = session.export_full(name, options.source_configs.as_ref()).await?;
             host.note(&format!("full fine-tune: diffusers folder {folder}"));
             host.note(&format!("full fine-tune: single-file checkpoint {single}"));
             vec![folder, single]

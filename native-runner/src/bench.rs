@@ -9,12 +9,6 @@ use crate::device::pick;
 /// layers per block, 8 heads, context 256 (35.1 M parameters).
 pub const MID_SIZE_UNET: &str = r#"{"block_out_channels":[64,128,256,256],"down_block_types":["CrossAttnDownBlock2D","CrossAttnDownBlock2D","CrossAttnDownBlock2D","DownBlock2D"],"up_block_types":["UpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D"],"layers_per_block":2,"attention_head_dim":8,"cross_attention_dim":256,"norm_num_groups":32}"#;
 
-/// The value after `--name` on the command line.
-pub fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
-}
-
 pub fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);

@@ -19,7 +19,8 @@
 use std::time::Instant;
 
 use burn::tensor::{Device, Tensor};
-use native_runner::bench::{arg, devices, median, pool_memory, MID_SIZE_UNET};
+use clap::{Parser, ValueEnum};
+use native_runner::bench::{devices, median, pool_memory, MID_SIZE_UNET};
 use trainer_core::models::config::UNetConfig;
 use trainer_core::models::loader::Loader;
 use trainer_core::models::lora::LoraTargets;
@@ -99,26 +100,50 @@ fn bench(name: &str, device: Device, settings: &Settings) {
     );
 }
 
+/// One LoRA training step, timed on each device (see the module docs).
+#[derive(Parser)]
+#[command(name = "bench-train")]
+struct Args {
+    /// Steps to time (the median is reported; the first step is shown apart).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Comma-separated devices: cpu, cpu-gpu, gpu.
+    #[arg(long, default_value = "cpu,cpu-gpu")]
+    device: String,
+    /// The UNet: the mid-size reference UNet or SD 1.5's.
+    #[arg(long, value_enum, default_value_t = UnetChoice::Mid)]
+    unet: UnetChoice,
+    /// Image side in pixels (latents are 1/8 of it).
+    #[arg(long, default_value_t = 256)]
+    resolution: usize,
+    /// Gradient checkpointing by stage, as `train` does it.
+    #[arg(long)]
+    checkpointing: bool,
+    /// Frozen base weights in f16, as `train` stores them on GPUs.
+    #[arg(long)]
+    f16_base: bool,
+    /// Also run scripts/bench_train_torch.py on the same settings.
+    #[arg(long)]
+    with_torch: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum UnetChoice {
+    Mid,
+    Sd15,
+}
+
 fn main() {
     native_runner::keep_freed_memory();
     native_runner::quiet_headless_vulkan();
     if cfg!(debug_assertions) {
         println!("warning: debug build; use --release for meaningful timings");
     }
-    let steps: usize = arg("--steps").and_then(|r| r.parse().ok()).unwrap_or(5);
-    let devices_arg = arg("--device").unwrap_or_else(|| "cpu,cpu-gpu".into());
-    let unet_name = arg("--unet").unwrap_or_else(|| "mid".into());
-    let unet = match unet_name.as_str() {
-        "mid" => MID_SIZE_UNET,
-        "sd15" => trainer_core::models::standard::SD15_UNET,
-        other => {
-            eprintln!("--unet {other}: expected mid or sd15");
-            std::process::exit(2);
-        }
+    let Args { steps, device: devices_arg, unet: unet_choice, resolution, checkpointing, f16_base, with_torch } = Args::parse();
+    let (unet, unet_name) = match unet_choice {
+        UnetChoice::Mid => (MID_SIZE_UNET, "mid"),
+        UnetChoice::Sd15 => (trainer_core::models::standard::SD15_UNET, "sd15"),
     };
-    let resolution: usize = arg("--resolution").and_then(|r| r.parse().ok()).unwrap_or(256);
-    let checkpointing = std::env::args().any(|a| a == "--checkpointing");
-    let f16_base = std::env::args().any(|a| a == "--f16-base");
     let settings = Settings { unet, latent_side: resolution / 8, checkpointing, f16_base, steps };
     println!(
         "UNet {unet_name}, {resolution} px (latents {0}x{0}), gradient checkpointing {checkpointing}, base weights {1}",
@@ -128,13 +153,13 @@ fn main() {
     for (label, device) in devices(&devices_arg) {
         bench(label, device, &settings);
     }
-    if std::env::args().any(|a| a == "--with-torch") {
+    if with_torch {
         let mut torch_args = vec![
             "scripts/bench_train_torch.py".to_string(),
             "--steps".into(),
             steps.to_string(),
             "--unet".into(),
-            unet_name,
+            unet_name.into(),
             "--resolution".into(),
             resolution.to_string(),
         ];

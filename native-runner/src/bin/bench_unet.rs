@@ -17,7 +17,8 @@
 use std::time::Instant;
 
 use burn::tensor::{Device, Tensor};
-use native_runner::bench::{arg, devices, median, pool_memory, MID_SIZE_UNET};
+use clap::Parser;
+use native_runner::bench::{devices, median, pool_memory, MID_SIZE_UNET};
 use trainer_core::models::config::{UNetConfig, VaeConfig};
 use trainer_core::models::loader::Loader;
 use trainer_core::models::unet::UNet2DConditionModel;
@@ -49,13 +50,14 @@ fn bench(name: &str, device: Device, runs: usize) -> Option<f64> {
     Some(m)
 }
 
-fn bench_vae_decode(name: &str, device: Device, runs: usize, resolution: usize) {
+fn bench_vae_decode(name: &str, device: Device, args: &Args) {
+    let (runs, resolution) = (args.runs, args.resolution);
     let config: VaeConfig = serde_json::from_str(trainer_core::models::standard::SD_VAE).expect("valid config");
     let mut loader = Loader::random(1, device.clone());
     let vae = AutoencoderKl::load(&config, &mut loader);
     let side = resolution / 8;
     let latents = gaussian_noise([1, 4, side, side], &mut SeededRng::new(2), &device);
-    let tiling = match arg("--tile").and_then(|t| t.parse().ok()) {
+    let tiling = match args.tile {
         Some(tile_sample_size) => Some(VaeTiling { tile_sample_size, overlap: 0.25 }),
         None => vae_budget(&device).and_then(|budget| VaeTiling::for_decoding(&config, 1, resolution, resolution, budget)),
     };
@@ -73,7 +75,7 @@ fn bench_vae_decode(name: &str, device: Device, runs: usize, resolution: usize) 
         "{name:>10}: VAE decode to {resolution} px{tiles} {:.3} s (median of {runs}; first call {first:.2} s){memory}",
         if times.is_empty() { first } else { median(&times) }
     );
-    if std::env::args().any(|a| a == "--against-untiled") {
+    if args.against_untiled {
         let tiled: Vec<f32> = decoded.expect("decoded at least once").try_to_vec::<f32>().expect("f32 output");
         let whole: Vec<f32> = vae.decode(latents).into_data().try_to_vec::<f32>().expect("f32 output");
         let largest = whole.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -86,26 +88,51 @@ fn bench_vae_decode(name: &str, device: Device, runs: usize, resolution: usize) 
     }
 }
 
+/// UNet forward or VAE decode, timed on each device (see the module docs).
+#[derive(Parser)]
+#[command(name = "bench-unet")]
+struct Args {
+    /// Timed runs after the first (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Comma-separated devices: cpu, cpu-gpu, gpu.
+    #[arg(long, default_value = "cpu,cpu-gpu")]
+    device: String,
+    /// Also run scripts/bench_unet_torch.py on the same config.
+    #[arg(long)]
+    with_torch: bool,
+    /// Time SD's VAE decoder instead of the UNet.
+    #[arg(long)]
+    vae_decode: bool,
+    /// With --vae-decode: the image side in pixels.
+    #[arg(long, default_value_t = 512)]
+    resolution: usize,
+    /// With --vae-decode: force tiles of this many pixels.
+    #[arg(long)]
+    tile: Option<usize>,
+    /// With --vae-decode: also decode whole and report how far apart the two are.
+    #[arg(long)]
+    against_untiled: bool,
+}
+
 fn main() {
     native_runner::keep_freed_memory();
     native_runner::quiet_headless_vulkan();
     if cfg!(debug_assertions) {
         println!("warning: debug build; use --release for meaningful timings");
     }
-    let runs: usize = arg("--runs").and_then(|r| r.parse().ok()).unwrap_or(5);
-    let devices_arg = arg("--device").unwrap_or_else(|| "cpu,cpu-gpu".into());
-    if std::env::args().any(|a| a == "--vae-decode") {
-        let resolution = arg("--resolution").and_then(|r| r.parse().ok()).unwrap_or(512);
-        for (label, device) in devices(&devices_arg) {
-            bench_vae_decode(label, device, runs, resolution);
+    let args = Args::parse();
+    if args.vae_decode {
+        for (label, device) in devices(&args.device) {
+            bench_vae_decode(label, device, &args);
         }
         return;
     }
-    for (label, device) in devices(&devices_arg) {
-        bench(label, device, runs);
+    for (label, device) in devices(&args.device) {
+        bench(label, device, args.runs);
     }
-    if std::env::args().any(|a| a == "--with-torch") {
-        let status = std::process::Command::new("python3").args(["scripts/bench_unet_torch.py", "--runs", &runs.to_string()]).status();
+    if args.with_torch {
+        let status = std::process::Command::new("python3").args(["scripts/bench_unet_torch.py", "--runs", &args.runs.to_string()]).status();
         if !matches!(status, Ok(s) if s.success()) {
             eprintln!("the PyTorch side failed (pip install torch diffusers)");
         }

@@ -3,6 +3,7 @@
 
 pub mod dataset;
 pub mod placeholders;
+mod raw;
 pub mod training;
 pub mod values;
 

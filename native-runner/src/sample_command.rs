@@ -22,24 +22,8 @@ pub struct SampleArgs {
     /// diffusers folder instead of the published SD 1.5 / 2.1 configs.
     #[arg(long)]
     config_from: Option<String>,
-    #[arg(long)]
-    prompt: String,
-    #[arg(long, default_value = "")]
-    negative_prompt: String,
-    #[arg(long, default_value_t = 30)]
-    steps: usize,
-    #[arg(long, default_value_t = 7.5)]
-    guidance: f64,
-    /// ddim, euler, euler_a, dpmpp_2m or dpmpp_2m_karras.
-    #[arg(long, default_value = "dpmpp_2m_karras")]
-    sampler: String,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Image width (default: the model's native size).
-    #[arg(long)]
-    width: Option<usize>,
-    #[arg(long)]
-    height: Option<usize>,
+    #[command(flatten)]
+    generate: GenerateArgs,
     /// A .safetensors file with one tensor `latents` [1, 4, H/8, W/8] to start from.
     #[arg(long)]
     init_latents: Option<String>,
@@ -54,6 +38,52 @@ pub struct SampleArgs {
     /// strength: `file.safetensors` or `file.safetensors:0.8`. Repeatable.
     #[arg(long)]
     lora: Vec<String>,
+}
+
+/// What to generate: shared by `sample` and `make-reg`.
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// The prompt (for make-reg the class prompt, e.g. "a picture of a man").
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    /// ddim, euler, euler_a, dpmpp_2m or dpmpp_2m_karras.
+    #[arg(long, default_value = "dpmpp_2m_karras")]
+    sampler: String,
+    /// The seed (make-reg: image i uses seed + i).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Image width (default: the model's native size).
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+}
+
+impl GenerateArgs {
+    /// The sampler, checked before any model is loaded.
+    pub fn sampler(&self) -> Result<SamplerKind> {
+        SamplerKind::parse(&self.sampler)
+    }
+
+    /// The request, `width`/`height` where not given on the command line.
+    pub fn request(&self, width: usize, height: usize) -> Result<GenerateRequest> {
+        Ok(GenerateRequest {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            steps: self.steps,
+            guidance: self.guidance,
+            sampler: self.sampler()?,
+            seed: self.seed,
+            width: self.width.unwrap_or(width),
+            height: self.height.unwrap_or(height),
+        })
+    }
 }
 
 /// `path` or `path:multiplier`.
@@ -93,7 +123,7 @@ fn read_latents(path: &str, device: &Device) -> Result<Tensor<4>> {
 
 pub fn run(args: SampleArgs) -> Result<()> {
     // Cheap argument checks first, before a model is loaded.
-    let sampler = SamplerKind::parse(&args.sampler)?;
+    args.generate.sampler()?;
     let picked = crate::device::pick(&args.device)?;
     eprintln!("{}", picked.reason);
     let device = picked.device.clone();
@@ -101,24 +131,16 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let loras = apply_loras(&mut model, &args.lora, &device)?;
     let native = model.native_size();
     let init = args.init_latents.as_deref().map(|p| read_latents(p, &device)).transpose()?;
-    let (mut width, mut height) = (args.width.unwrap_or(native), args.height.unwrap_or(native));
-    if let Some(latents) = &init {
-        let [_, _, h, w] = latents.dims();
-        let factor = model.configs.vae.downscale();
-        if args.width.is_none() && args.height.is_none() {
-            (width, height) = (w * factor, h * factor);
+    // Without a size, an init latent's size decides.
+    let (width, height) = match &init {
+        Some(latents) => {
+            let [_, _, h, w] = latents.dims();
+            let factor = model.configs.vae.downscale();
+            (w * factor, h * factor)
         }
-    }
-    let request = GenerateRequest {
-        prompt: args.prompt.clone(),
-        negative_prompt: args.negative_prompt.clone(),
-        steps: args.steps,
-        guidance: args.guidance,
-        sampler,
-        seed: args.seed,
-        width,
-        height,
+        None => (native, native),
     };
+    let request = args.generate.request(width, height)?;
     if model.tokenizer.length(&request.prompt)? > model.tokenizer.max_length {
         eprintln!("warning: the prompt is longer than {} tokens; the rest is cut off", model.tokenizer.max_length);
     }

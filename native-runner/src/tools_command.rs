@@ -5,13 +5,12 @@ use std::time::Duration;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use trainer_core::pipeline::GenerateRequest;
-use trainer_core::schedulers::SamplerKind;
 use trainer_core::tools::{self, RegularisationSet, TokenReport};
 use trainer_core::train::storage::DiskStorage;
 use trainer_core::{block_on, Error, Result};
 
 use crate::device::{load_model, pick};
+use crate::sample_command::GenerateArgs;
 
 #[derive(Args)]
 pub struct FindTokenArgs {
@@ -96,41 +95,24 @@ pub struct MakeRegArgs {
     /// A diffusers model folder, or a single-file .safetensors checkpoint (the model you will train).
     #[arg(long)]
     model: String,
-    /// The class prompt, e.g. "a picture of a man".
-    #[arg(long)]
-    prompt: String,
-    #[arg(long, default_value = "")]
-    negative_prompt: String,
     /// How many images the folder should hold.
     #[arg(long)]
     count: usize,
     /// The folder; images already there are kept (the run resumes).
     #[arg(long)]
     out: String,
-    /// euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras, …
-    #[arg(long, default_value = "dpmpp_2m_karras")]
-    sampler: String,
-    #[arg(long, default_value_t = 30)]
-    steps: usize,
-    #[arg(long, default_value_t = 7.5)]
-    guidance: f64,
-    /// Image i uses seed + i.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     /// Square size in pixels (default: the model's native size).
     #[arg(long)]
     resolution: Option<usize>,
-    #[arg(long)]
-    width: Option<usize>,
-    #[arg(long)]
-    height: Option<usize>,
+    #[command(flatten)]
+    generate: GenerateArgs,
     /// auto (a GPU when there is one, else the CPU backend), gpu, cpu-gpu or cpu.
     #[arg(long, default_value = "auto")]
     device: String,
 }
 
 pub fn run_make_reg(args: MakeRegArgs) -> Result<()> {
-    let sampler = SamplerKind::parse(&args.sampler)?;
+    args.generate.sampler()?;
     if args.count == 0 {
         return Err(Error::Config { source_name: "--count".into(), problems: vec!["--count must be at least 1".into()] });
     }
@@ -144,16 +126,7 @@ pub fn run_make_reg(args: MakeRegArgs) -> Result<()> {
     loading.finish_and_clear();
     let model = model?;
     let side = args.resolution.unwrap_or(model.native_size());
-    let request = GenerateRequest {
-        prompt: args.prompt.clone(),
-        negative_prompt: args.negative_prompt.clone(),
-        steps: args.steps,
-        guidance: args.guidance,
-        sampler,
-        seed: args.seed,
-        width: args.width.unwrap_or(side),
-        height: args.height.unwrap_or(side),
-    };
+    let request = args.generate.request(side, side)?;
     model.latent_shape(request.width, request.height)?;
     let set = RegularisationSet { request, count: args.count, folder: args.out.trim_end_matches('/').to_string() };
     let progress = bar("class images [{bar:30}] {pos}/{len} ({per_sec}, {eta}) {msg}");

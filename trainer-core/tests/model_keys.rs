@@ -1,8 +1,17 @@
 //! The expected-keys function against the real models' key lists
 //! (fixtures/keys/, dumped by diffusers itself): SD 1.5 and SD 2.1, in
-//! diffusers names and in single-file names. Nothing is allocated.
+//! diffusers names and in single-file names. Nothing is allocated. And one
+//! name for each weight: on the fixture models, a parameter's module path
+//! gives the key it was loaded from, and LoRA layers are named alike.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::tensor::{Device, Tensor};
+use trainer_core::models::clip::transformers_key;
+use trainer_core::models::loader::ParamNames;
+use trainer_core::models::naming::ModulePath;
+use trainer_core::models::{DiskFolder, StableDiffusion};
 
 use trainer_core::models::safetensors_file::SafetensorsFile;
 use trainer_core::models::single_file::{
@@ -128,4 +137,71 @@ fn sdxl_keys_match_diffusers_lists() {
     let read: std::collections::BTreeSet<String> = view.source_names().into_iter().collect();
     let want: std::collections::BTreeSet<String> = key_file("ldm_sdxl_te2_bigg.txt").into_keys().collect();
     assert_eq!(read, want, "SDXL single-file text encoder 2: the OpenCLIP tensors read");
+}
+
+/// Each parameter's key as its module path names it ([`naming::key_of`]).
+struct PathKeys {
+    path: ModulePath,
+    keys: HashMap<ParamId, String>,
+}
+
+impl ModuleVisitor for PathKeys {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.enter(name);
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.keys.insert(param.id, self.path.key());
+    }
+}
+
+fn path_keys<M: Module>(module: &M) -> HashMap<ParamId, String> {
+    let mut visitor = PathKeys { path: ModulePath::default(), keys: HashMap::new() };
+    module.visit(&mut visitor);
+    visitor.keys
+}
+
+/// Every parameter's module path gives the key the loader read it under.
+fn assert_one_name_per_weight(what: &str, model: &StableDiffusion) {
+    let mut components: Vec<(&str, HashMap<ParamId, String>, &ParamNames)> = vec![
+        ("unet", path_keys(&model.unet), &model.names.unet),
+        ("vae", path_keys(&model.vae), &model.names.vae),
+        ("text_encoder", path_keys(&model.text_encoder), &model.names.text_encoder),
+    ];
+    if let Some(encoder) = &model.text_encoder_2 {
+        components.push(("text_encoder_2", path_keys(encoder), &model.names.text_encoder_2));
+    }
+    for (component, by_path, loaded) in components {
+        assert_eq!(by_path.len(), loaded.len(), "{what} {component}: every parameter was loaded by name");
+        for (id, key) in &by_path {
+            let (loaded_as, _) = &loaded[id];
+            assert_eq!(key, loaded_as, "{what} {component}: the module path and the loader disagree");
+        }
+    }
+    // LoRA layers are named by the same keys (the text encoders' under transformers' `text_model.`).
+    let mut unet = model.unet.clone();
+    for layer in unet.lora_layers_mut() {
+        let weight_key = &model.names.unet[&layer.base.weight.id].0;
+        assert_eq!(format!("{}.weight", layer.path), *weight_key, "{what}: LoRA layer name");
+    }
+    let mut text = model.text_encoder.clone();
+    for layer in text.lora_layers_mut() {
+        let weight_key = &model.names.text_encoder[&layer.base.weight.id].0;
+        assert_eq!(format!("{}.weight", layer.path), transformers_key(weight_key), "{what}: text LoRA layer name");
+    }
+}
+
+#[test]
+fn module_paths_checkpoint_keys_and_lora_names_are_one_naming() {
+    let device = Device::flex();
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+    for family in ["sd1", "sd2", "sdxl"] {
+        let folder = StableDiffusion::from_folder(&DiskFolder { root: root.join(family).join("diffusers") }, &device).unwrap();
+        assert_one_name_per_weight(&format!("{family} folder"), &folder);
+        let file = SafetensorsFile::open(root.join(family).join("single_file.safetensors").to_str().unwrap()).unwrap();
+        let single = StableDiffusion::from_single_file(&file, Some(folder.configs.clone()), &device).unwrap();
+        assert_one_name_per_weight(&format!("{family} single file"), &single);
+    }
 }

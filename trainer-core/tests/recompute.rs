@@ -147,7 +147,8 @@ fn staged_backward_matches_one_backward_sdxl_lora_with_dropout_and_both_text_enc
     assert!(plain.keys().any(|p| p.starts_with("text_encoder_2.")), "the pooled embedding's encoder trains");
     // SDXL's context is the encoders' penultimate layer: the first
     // encoder's last layer (4 adapters) feeds nothing.
-    let unused = plain.keys().filter(|p| p.starts_with(&format!("text_encoder.text_model.encoder.layers.{}.", model.text_encoder.layers.len() - 1))).count();
+    let unused =
+        plain.keys().filter(|p| p.starts_with(&format!("text_encoder.text_model.encoder.layers.{}.", model.text_encoder.encoder.layers.len() - 1))).count();
     assert_eq!(unused, 0, "the first encoder's last layer must get no gradient");
     assert_same_gradients(&plain, &staged, 2 * (adapters + text_adapters - 4), 1e-4);
 }

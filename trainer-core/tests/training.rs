@@ -433,7 +433,7 @@ fn text_encoder_lora_trains_resumes_and_exports_kohya_te_keys() {
     );
     assert!(setup.training.train_text_encoder);
     let mut run = session(&setup, &storage, &device, F32_TARGET);
-    let text_layers = run.model.text_encoder.layers.len();
+    let text_layers = run.model.text_encoder.encoder.layers.len();
     assert_eq!(run.model.text_encoder.adapted_layers().len(), 4 * text_layers, "q, k, v and out_proj of every layer");
     let prompt = "a photo of zwx toy";
     let base_context = fixture_model(&device, WeightDtypes::default()).encode_prompts(&[prompt], &device).unwrap();
@@ -484,8 +484,8 @@ fn sdxl_lora_with_both_text_encoders_trains_resumes_and_exports() {
     let mut setup = setup(env, false);
     setup.training = training(&format!("{}{env}", BASE_ENV.replace("MODEL_FAMILY=sd1x", "MODEL_FAMILY=sdxl")));
     let mut run = session_on(&setup, &storage, &device, F32_TARGET, "sdxl");
-    let layers_1 = run.model.text_encoder.layers.len();
-    let layers_2 = run.model.text_encoder_2.as_ref().unwrap().layers.len();
+    let layers_1 = run.model.text_encoder.encoder.layers.len();
+    let layers_2 = run.model.text_encoder_2.as_ref().unwrap().encoder.layers.len();
     assert_eq!(run.model.text_encoder_2.as_ref().unwrap().adapted_layers().len(), 4 * layers_2);
 
     train(&mut run, 2);

@@ -3,6 +3,7 @@
 
 use super::*;
 
+/// [`run_folder`] for a full fine-tune.
 fn full_run_folder(name: &str, extra_env: &str) -> PathBuf {
     let dir = run_folder(name, extra_env);
     let config = std::fs::read_to_string(dir.join("config.env")).unwrap().replace("MODEL_TYPE=lora", "MODEL_TYPE=full");
@@ -75,27 +76,9 @@ fn a_killed_full_export_leaves_the_previous_export_whole() {
 /// their two naming schemes: both sample the same image, unlike the base model.
 fn assert_exports_sample_alike(dir: &Path, folder: &Path, single: &Path, base_model: &Path) {
     let sample = |model_arg: &str, extra: &[&str], out: &str| {
-        let mut args = vec![
-            "sample",
-            "--model",
-            model_arg,
-            "--prompt",
-            "a photograph of zwxrobot",
-            "--steps",
-            "3",
-            "--width",
-            "32",
-            "--height",
-            "32",
-            "--device",
-            "cpu",
-            "--seed",
-            "7",
-            "--out",
-            out,
-        ];
+        let mut args = vec!["--steps", "3", "--seed", "7"];
         args.extend_from_slice(extra);
-        let output = runner(&args, dir);
+        let output = sample_32px(dir, model_arg, out, &args);
         assert!(output.status.success(), "sample {model_arg}: {}", stderr(&output));
         image::open(dir.join(out)).unwrap().to_rgb8().into_raw()
     };

@@ -42,6 +42,24 @@ fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// `native-runner sample` of the example prompt at 32 px on the CPU, into
+/// `out`, with `extra` arguments (steps, seed, LoRA).
+fn sample_32px(dir: &Path, model: &str, out: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["sample", "--model", model, "--prompt", "a photograph of zwxrobot", "--width", "32", "--height", "32", "--device", "cpu", "--out", out];
+    args.extend_from_slice(extra);
+    runner(&args, dir)
+}
+
+/// `native-runner train` of one of the guide's configs in examples/dreambooth
+/// on a fixture model (`sd1`, `sdxl`), writing to `out`.
+fn train_guide(config: &str, fixture: &str, steps: &str, out: &Path) -> Output {
+    let config = format!("examples/dreambooth/{config}");
+    let model = repo().join("trainer-core/tests/fixtures/models").join(fixture).join("diffusers");
+    let args =
+        ["train", "--config", &config, "--model", model.to_str().unwrap(), "--max-steps", steps, "--device", "cpu", "--output-dir", out.to_str().unwrap()];
+    runner(&args, &repo())
+}
+
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("burnbooth-train-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -168,27 +186,9 @@ fn train_writes_every_output_and_resume_reproduces_the_losses() {
     let lora = out.join("burnbooth-lora.safetensors");
     let sample = |extra: &[&str], name: &str| -> Vec<u8> {
         let path = dir.join(name);
-        let mut args = vec![
-            "sample",
-            "--model",
-            model.to_str().unwrap(),
-            "--prompt",
-            "a photograph of zwxrobot",
-            "--steps",
-            "4",
-            "--seed",
-            "5",
-            "--device",
-            "cpu",
-            "--width",
-            "32",
-            "--height",
-            "32",
-            "--out",
-            path.to_str().unwrap(),
-        ];
+        let mut args = vec!["--steps", "4", "--seed", "5"];
         args.extend_from_slice(extra);
-        let output = runner(&args, &dir);
+        let output = sample_32px(&dir, model.to_str().unwrap(), path.to_str().unwrap(), &args);
         assert!(output.status.success(), "{}", stderr(&output));
         image::open(path).unwrap().to_rgb8().into_raw()
     };
@@ -328,6 +328,23 @@ fn a_used_output_folder_is_refused_resumed_with_changes_named_or_started_over() 
 }
 
 #[test]
+fn a_checkpoint_in_the_layout_before_diffusers_keys_is_refused_with_a_message() {
+    let dir = run_folder("old-format", "MAX_NUM_STEPS=2\nCHECKPOINTING_STEPS=2\nVALIDATION_STEPS=0\n");
+    let output = runner(&["train", "--config", "config.env", "--device", "cpu"], &dir);
+    assert!(output.status.success(), "{}", stderr(&output));
+    // What Burnbooth wrote before checkpoints named tensors by diffusers' keys: no format in state.json.
+    let state_path = dir.join("output/checkpoints/checkpoint-00000002/state.json");
+    let mut state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    assert_eq!(state["format"], 2, "checkpoints record their layout");
+    state.as_object_mut().unwrap().remove("format");
+    std::fs::write(&state_path, state.to_string()).unwrap();
+    let output = runner(&["train", "--config", "config.env", "--device", "cpu", "--resume", "latest", "--max-steps", "3"], &dir);
+    let text = stderr(&output);
+    assert!(!output.status.success(), "{text}");
+    assert!(text.contains("state.json") && text.contains("format 1") && text.contains("--start-over"), "{text}");
+}
+
+#[test]
 fn a_second_run_cannot_use_a_folder_while_the_first_trains() {
     let dir = run_folder("locked", "MAX_NUM_STEPS=40\nCHECKPOINTING_STEPS=100\nVALIDATION_STEPS=0\n");
     let mut first = spawn_train(&dir, &[], "", Stdio::null());
@@ -351,23 +368,7 @@ fn the_guide_configuration_trains_unchanged_apart_from_paths() {
     // decay to LEARNING_RATE_END, both step and epoch limits); only the model
     // and the step count come from the command line.
     let out = scratch("guide");
-    let model = repo().join("trainer-core/tests/fixtures/models/sd1/diffusers");
-    let output = runner(
-        &[
-            "train",
-            "--config",
-            "examples/dreambooth/config.env",
-            "--model",
-            model.to_str().unwrap(),
-            "--max-steps",
-            "2",
-            "--device",
-            "cpu",
-            "--output-dir",
-            out.to_str().unwrap(),
-        ],
-        &repo(),
-    );
+    let output = train_guide("config.env", "sd1", "2", &out);
     assert!(output.status.success(), "{}", stderr(&output));
     let text = stderr(&output);
     assert!(text.contains("bf16 weights and state"), "adamw-bf16 runs with bf16 state on the CPU backend: {text}");
@@ -375,7 +376,6 @@ fn the_guide_configuration_trains_unchanged_apart_from_paths() {
     assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2);
 }
 
-/// [`run_folder`] for a full fine-tune.
 #[test]
 fn running_out_of_device_memory_stops_with_advice() {
     let dir = run_folder("oom", "MAX_NUM_STEPS=1\n");
@@ -395,22 +395,7 @@ fn the_guide_sdxl_configuration_trains_the_tiny_sdxl_model() {
     // carry the pooled embedding, and each image its size and crop ids.
     let out = scratch("guide-sdxl");
     let model = repo().join("trainer-core/tests/fixtures/models/sdxl/diffusers");
-    let output = runner(
-        &[
-            "train",
-            "--config",
-            "examples/dreambooth/sdxl.env",
-            "--model",
-            model.to_str().unwrap(),
-            "--max-steps",
-            "2",
-            "--device",
-            "cpu",
-            "--output-dir",
-            out.to_str().unwrap(),
-        ],
-        &repo(),
-    );
+    let output = train_guide("sdxl.env", "sdxl", "2", &out);
     let text = stderr(&output);
     assert!(output.status.success(), "{text}");
     assert!(text.contains("(Sdxl)"), "{text}");
@@ -426,48 +411,13 @@ fn the_guide_sdxl_configuration_trains_the_tiny_sdxl_model() {
     );
 
     // The LoRA loads back onto the model it was trained on (every module matches a layer).
-    let applied = runner(
-        &[
-            "sample",
-            "--model",
-            model.to_str().unwrap(),
-            "--prompt",
-            "a photograph of zwxrobot",
-            "--steps",
-            "3",
-            "--width",
-            "32",
-            "--height",
-            "32",
-            "--device",
-            "cpu",
-            "--lora",
-            lora.to_str().unwrap(),
-            "--out",
-            out.join("lora.png").to_str().unwrap(),
-        ],
-        &repo(),
-    );
+    let (lora_arg, image) = (lora.to_str().unwrap(), out.join("lora.png"));
+    let applied = sample_32px(&repo(), model.to_str().unwrap(), image.to_str().unwrap(), &["--steps", "3", "--lora", lora_arg]);
     assert!(applied.status.success(), "{}", stderr(&applied));
     assert!(stderr(&applied).contains("applied LoRA"), "{}", stderr(&applied));
 
     // Pointing the SD 1.x guide config at an SDXL model is refused, by name.
-    let wrong = runner(
-        &[
-            "train",
-            "--config",
-            "examples/dreambooth/config.env",
-            "--model",
-            model.to_str().unwrap(),
-            "--max-steps",
-            "1",
-            "--device",
-            "cpu",
-            "--output-dir",
-            out.join("wrong").to_str().unwrap(),
-        ],
-        &repo(),
-    );
+    let wrong = train_guide("config.env", "sdxl", "1", &out.join("wrong"));
     assert!(!wrong.status.success());
     assert!(stderr(&wrong).contains("model_family is sd1x but the model is Sdxl"), "{}", stderr(&wrong));
 }

@@ -23,15 +23,27 @@ pub struct ResnetBlock2D {
     pub conv_shortcut: Option<Conv2d>,
 }
 
+/// The shape of a [`ResnetBlock2D`].
+#[derive(Debug, Clone, Copy)]
+pub struct ResnetConfig {
+    pub c_in: usize,
+    pub c_out: usize,
+    /// The time embedding's width (the UNet's blocks; none in the VAE).
+    pub temb: Option<usize>,
+    pub groups: usize,
+    pub eps: f64,
+}
+
 impl ResnetBlock2D {
-    pub fn load(loader: &mut Loader<'_>, prefix: &str, c_in: usize, c_out: usize, temb: Option<usize>, groups: usize, eps: f64) -> Self {
+    pub fn load(loader: &mut Loader<'_>, config: ResnetConfig) -> Self {
+        let ResnetConfig { c_in, c_out, temb, groups, eps } = config;
         Self {
-            norm1: loader.group_norm(&format!("{prefix}.norm1"), groups, c_in, eps),
-            conv1: loader.conv2d(&format!("{prefix}.conv1"), c_in, c_out, 3, 1, 1),
-            time_emb_proj: temb.map(|t| loader.linear(&format!("{prefix}.time_emb_proj"), t, c_out, true)),
-            norm2: loader.group_norm(&format!("{prefix}.norm2"), groups, c_out, eps),
-            conv2: loader.conv2d(&format!("{prefix}.conv2"), c_out, c_out, 3, 1, 1),
-            conv_shortcut: (c_in != c_out).then(|| loader.conv2d(&format!("{prefix}.conv_shortcut"), c_in, c_out, 1, 1, 0)),
+            norm1: loader.group_norm("norm1", groups, c_in, eps),
+            conv1: loader.conv2d("conv1", c_in, c_out, 3, 1, 1),
+            time_emb_proj: temb.map(|t| loader.linear("time_emb_proj", t, c_out, true)),
+            norm2: loader.group_norm("norm2", groups, c_out, eps),
+            conv2: loader.conv2d("conv2", c_out, c_out, 3, 1, 1),
+            conv_shortcut: (c_in != c_out).then(|| loader.conv2d("conv_shortcut", c_in, c_out, 1, 1, 0)),
         }
     }
 
@@ -50,27 +62,54 @@ impl ResnetBlock2D {
     }
 }
 
-/// diffusers' Attention processor: `to_q`, `to_k`, `to_v`, `to_out.0`.
+/// diffusers' Attention: `to_q`, `to_k`, `to_v`, `to_out.0`, and in the
+/// VAE a `group_norm` over the image it attends across.
 #[derive(Module, Debug)]
 pub struct Attention {
+    pub group_norm: Option<GroupNorm>,
     pub to_q: LoraLinear,
     pub to_k: LoraLinear,
     pub to_v: LoraLinear,
-    pub to_out: LoraLinear,
+    pub to_out_0: LoraLinear,
     #[module(skip)]
     pub heads: usize,
 }
 
 impl Attention {
-    /// `qkv_bias`: the VAE's attention has biases on q, k, v; the UNet's not.
-    pub fn load(loader: &mut Loader<'_>, prefix: &str, dim: usize, context_dim: usize, heads: usize, qkv_bias: bool) -> Self {
+    /// The UNet's attention (no biases on q, k, v).
+    pub fn load(loader: &mut Loader<'_>, dim: usize, context_dim: usize, heads: usize) -> Self {
+        Self::load_with(loader, None, dim, context_dim, heads, false)
+    }
+
+    /// The VAE's single-head attention over an image's positions: its
+    /// input is group-normalised and its output added back (see
+    /// [`forward_image`](Self::forward_image)); q, k, v have biases.
+    pub fn load_spatial(loader: &mut Loader<'_>, channels: usize, groups: usize, eps: f64) -> Self {
+        let group_norm = loader.group_norm("group_norm", groups, channels, eps);
+        Self::load_with(loader, Some(group_norm), channels, channels, 1, true)
+    }
+
+    fn load_with(loader: &mut Loader<'_>, group_norm: Option<GroupNorm>, dim: usize, context_dim: usize, heads: usize, qkv_bias: bool) -> Self {
         Self {
-            to_q: loader.lora_linear(&format!("{prefix}.to_q"), dim, dim, qkv_bias),
-            to_k: loader.lora_linear(&format!("{prefix}.to_k"), context_dim, dim, qkv_bias),
-            to_v: loader.lora_linear(&format!("{prefix}.to_v"), context_dim, dim, qkv_bias),
-            to_out: loader.lora_linear(&format!("{prefix}.to_out.0"), dim, dim, true),
+            group_norm,
+            to_q: loader.lora_linear("to_q", dim, dim, qkv_bias),
+            to_k: loader.lora_linear("to_k", context_dim, dim, qkv_bias),
+            to_v: loader.lora_linear("to_v", context_dim, dim, qkv_bias),
+            to_out_0: loader.lora_linear("to_out.0", dim, dim, true),
             heads,
         }
+    }
+
+    /// Self-attention across the positions of `x` `[batch, channels, h, w]`,
+    /// after the group norm, with the residual (the VAE's mid block).
+    pub fn forward_image(&self, x: Tensor<4>) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let normed = match &self.group_norm {
+            Some(norm) => norm.forward(x.clone()),
+            None => x.clone(),
+        };
+        let tokens = normed.reshape([b, c, h * w]).swap_dims(1, 2);
+        self.forward(tokens, None).swap_dims(1, 2).reshape([b, c, h, w]) + x
     }
 
     /// `x`: [batch, tokens, dim]; `context`: [batch, context tokens, context dim]
@@ -84,7 +123,7 @@ impl Attention {
         let k = self.to_k.forward(context.clone()).reshape([batch, context_length, self.heads, head_dim]).swap_dims(1, 2);
         let v = self.to_v.forward(context).reshape([batch, context_length, self.heads, head_dim]).swap_dims(1, 2);
         let out = sliced_attention(q, k, v).swap_dims(1, 2).reshape([batch, length, dim]);
-        self.to_out.forward(out)
+        self.to_out_0.forward(out)
     }
 }
 
@@ -143,9 +182,9 @@ pub struct Downsample2D {
 }
 
 impl Downsample2D {
-    pub fn load(loader: &mut Loader<'_>, prefix: &str, channels: usize, asymmetric: bool) -> Self {
+    pub fn load(loader: &mut Loader<'_>, channels: usize, asymmetric: bool) -> Self {
         let padding = if asymmetric { 0 } else { 1 };
-        Self { conv: loader.conv2d(&format!("{prefix}.conv"), channels, channels, 3, 2, padding), asymmetric }
+        Self { conv: loader.conv2d("conv", channels, channels, 3, 2, padding), asymmetric }
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
@@ -161,8 +200,8 @@ pub struct Upsample2D {
 }
 
 impl Upsample2D {
-    pub fn load(loader: &mut Loader<'_>, prefix: &str, channels: usize) -> Self {
-        Self { conv: loader.conv2d(&format!("{prefix}.conv"), channels, channels, 3, 1, 1) }
+    pub fn load(loader: &mut Loader<'_>, channels: usize) -> Self {
+        Self { conv: loader.conv2d("conv", channels, channels, 3, 1, 1) }
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {

@@ -1,6 +1,7 @@
 //! The CLIP text encoder (transformers' CLIPTextModel, optionally with the
 //! projection of CLIPTextModelWithProjection). Field names follow the
-//! checkpoint keys: `embeddings.token_embedding`, `encoder.layers.N.self_attn.q_proj`, ...
+//! checkpoint keys under `text_model.` (see [`transformers_key`]):
+//! `embeddings.token_embedding`, `encoder.layers.N.self_attn.q_proj`, ...
 
 use burn::module::Module;
 use burn::nn::LayerNorm;
@@ -39,10 +40,22 @@ pub struct ClipEncoderLayer {
 }
 
 #[derive(Module, Debug)]
-pub struct ClipTextModel {
+pub struct ClipTextEmbeddings {
     pub token_embedding: Embedding,
     pub position_embedding: Embedding,
+}
+
+#[derive(Module, Debug)]
+pub struct ClipEncoder {
     pub layers: Vec<ClipEncoderLayer>,
+}
+
+/// transformers' `text_model` (CLIPTextTransformer) and, for SDXL's second
+/// encoder, the `text_projection` beside it.
+#[derive(Module, Debug)]
+pub struct ClipTextModel {
+    pub embeddings: ClipTextEmbeddings,
+    pub encoder: ClipEncoder,
     pub final_layer_norm: LayerNorm,
     /// Present for CLIPTextModelWithProjection (SDXL's second encoder).
     pub text_projection: Option<Linear>,
@@ -83,44 +96,66 @@ impl ClipMlp {
     }
 }
 
+/// The key transformers gives the tensor this module names `name`:
+/// everything but SDXL's `text_projection` sits under `text_model.`.
+pub fn transformers_key(name: &str) -> String {
+    if name.starts_with("text_projection") {
+        name.to_string()
+    } else {
+        format!("text_model.{name}")
+    }
+}
+
 impl ClipTextModel {
-    /// Loads from tensors under `prefix` (e.g. `text_model.`), diffusers/HF names.
-    pub fn load(config: &ClipTextConfig, loader: &mut Loader<'_>, prefix: &str, with_projection: bool) -> Self {
+    /// Loads from tensors named as in [`transformers_key`] without the
+    /// `text_model.` (a rename adds it for files that have it).
+    pub fn load(config: &ClipTextConfig, loader: &mut Loader<'_>, with_projection: bool) -> Self {
         let d = config.hidden_size;
         let eps = config.layer_norm_eps;
         let quick_gelu = config.hidden_act == super::config::ClipActivation::QuickGelu;
-        // Adapters are named by transformers' module path whatever prefix
-        // the file uses (kohya: `lora_te_text_model_encoder_layers_0_self_attn_q_proj`).
-        let linear = |loader: &mut Loader<'_>, i: usize, name: &str, d_in: usize, d_out: usize| {
-            let path = format!("encoder.layers.{i}.{name}");
-            LoraLinear::new(loader.linear(&format!("{prefix}{path}"), d_in, d_out, true), format!("text_model.{path}"))
+        // Adapters are named by transformers' module path whatever the file
+        // calls it (kohya: `lora_te_text_model_encoder_layers_0_self_attn_q_proj`).
+        let adaptable = |loader: &mut Loader<'_>, name: &str, d_in: usize, d_out: usize| {
+            let path = transformers_key(&loader.key(name));
+            LoraLinear::new(loader.linear(name, d_in, d_out, true), path)
         };
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| {
-                let p = format!("{prefix}encoder.layers.{i}");
-                ClipEncoderLayer {
-                    self_attn: ClipAttention {
-                        q_proj: linear(loader, i, "self_attn.q_proj", d, d),
-                        k_proj: linear(loader, i, "self_attn.k_proj", d, d),
-                        v_proj: linear(loader, i, "self_attn.v_proj", d, d),
-                        out_proj: linear(loader, i, "self_attn.out_proj", d, d),
-                        heads: config.num_attention_heads,
-                    },
-                    layer_norm1: loader.layer_norm(&format!("{p}.layer_norm1"), d, eps),
-                    mlp: ClipMlp {
-                        fc1: linear(loader, i, "mlp.fc1", d, config.intermediate_size),
-                        fc2: linear(loader, i, "mlp.fc2", config.intermediate_size, d),
-                        quick_gelu,
-                    },
-                    layer_norm2: loader.layer_norm(&format!("{p}.layer_norm2"), d, eps),
+        let embeddings = {
+            let mut loader = loader.pp("embeddings");
+            ClipTextEmbeddings {
+                token_embedding: loader.embedding("token_embedding", config.vocab_size, d),
+                position_embedding: loader.embedding("position_embedding", config.max_position_embeddings, d),
+            }
+        };
+        let mut layers = Vec::new();
+        for i in 0..config.num_hidden_layers {
+            let mut all = loader.pp("encoder.layers");
+            let mut layer = all.pp(i);
+            let self_attn = {
+                let mut attn = layer.pp("self_attn");
+                ClipAttention {
+                    q_proj: adaptable(&mut attn, "q_proj", d, d),
+                    k_proj: adaptable(&mut attn, "k_proj", d, d),
+                    v_proj: adaptable(&mut attn, "v_proj", d, d),
+                    out_proj: adaptable(&mut attn, "out_proj", d, d),
+                    heads: config.num_attention_heads,
                 }
-            })
-            .collect();
+            };
+            let layer_norm1 = layer.layer_norm("layer_norm1", d, eps);
+            let mlp = {
+                let mut mlp = layer.pp("mlp");
+                ClipMlp {
+                    fc1: adaptable(&mut mlp, "fc1", d, config.intermediate_size),
+                    fc2: adaptable(&mut mlp, "fc2", config.intermediate_size, d),
+                    quick_gelu,
+                }
+            };
+            let layer_norm2 = layer.layer_norm("layer_norm2", d, eps);
+            layers.push(ClipEncoderLayer { self_attn, layer_norm1, mlp, layer_norm2 });
+        }
         Self {
-            token_embedding: loader.embedding(&format!("{prefix}embeddings.token_embedding.weight"), config.vocab_size, d),
-            position_embedding: loader.embedding(&format!("{prefix}embeddings.position_embedding.weight"), config.max_position_embeddings, d),
-            layers,
-            final_layer_norm: loader.layer_norm(&format!("{prefix}final_layer_norm"), d, eps),
+            embeddings,
+            encoder: ClipEncoder { layers },
+            final_layer_norm: loader.layer_norm("final_layer_norm", d, eps),
             text_projection: with_projection.then(|| loader.linear("text_projection", d, config.projection_dim.unwrap_or(d), false)),
             eos_token_id: config.eos_token_id.unwrap_or(49407),
         }
@@ -131,11 +166,11 @@ impl ClipTextModel {
         let [batch, length] = ids.dims();
         let device = ids.device();
         let positions = Tensor::<1, Int>::arange(0..length as i64, &device).reshape([1, length]).repeat_dim(0, batch);
-        let mut x = self.token_embedding.forward(ids.clone()) + self.position_embedding.forward(positions);
+        let mut x = self.embeddings.token_embedding.forward(ids.clone()) + self.embeddings.position_embedding.forward(positions);
         // Causal: each token sees itself and the tokens before it.
         let mask = Tensor::<2, Bool>::tril_mask([length, length], 0, &device).reshape([1, 1, length, length]).repeat_dim(0, batch);
         let mut hidden_states = vec![x.clone()];
-        for layer in &self.layers {
+        for layer in &self.encoder.layers {
             let h = layer.self_attn.forward(layer.layer_norm1.forward(x.clone()), mask.clone().repeat_dim(1, layer.self_attn.heads));
             x = x + h;
             let h = layer.mlp.forward(layer.layer_norm2.forward(x.clone()));
@@ -158,7 +193,7 @@ impl ClipTextModel {
     /// Every layer that can take a LoRA adapter (attention and MLP), in module order.
     pub fn lora_layers_mut(&mut self) -> Vec<&mut LoraLinear> {
         let mut all = Vec::new();
-        for layer in &mut self.layers {
+        for layer in &mut self.encoder.layers {
             let (attention, mlp) = (&mut layer.self_attn, &mut layer.mlp);
             all.extend([&mut attention.q_proj, &mut attention.k_proj, &mut attention.v_proj, &mut attention.out_proj, &mut mlp.fc1, &mut mlp.fc2]);
         }
@@ -168,7 +203,7 @@ impl ClipTextModel {
     /// The layers that carry an adapter now, in module order.
     pub fn adapted_layers(&self) -> Vec<&LoraLinear> {
         let mut all = Vec::new();
-        for layer in &self.layers {
+        for layer in &self.encoder.layers {
             let (attention, mlp) = (&layer.self_attn, &layer.mlp);
             all.extend([&attention.q_proj, &attention.k_proj, &attention.v_proj, &attention.out_proj, &mlp.fc1, &mlp.fc2]);
         }

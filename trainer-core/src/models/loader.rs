@@ -78,6 +78,35 @@ pub struct Loader<'a> {
     /// Storage dtype of weight matrices and kernels (rank 2 and up); norms
     /// and biases stay f32. See [`super::layers`].
     weight_dtype: DType,
+    /// The key segments of the current [`Scope`].
+    scope: Vec<String>,
+}
+
+/// The loader under one more key segment, as candle's `vb.pp(name)`:
+/// names asked of it are relative to the scope, which ends when this is
+/// dropped. Derefs to the [`Loader`], so scopes nest:
+/// `ResnetBlock2D::load(&mut loader.pp("resnets").pp(j), ..)`.
+pub struct Scope<'l, 'a> {
+    loader: &'l mut Loader<'a>,
+}
+
+impl<'a> std::ops::Deref for Scope<'_, 'a> {
+    type Target = Loader<'a>;
+    fn deref(&self) -> &Loader<'a> {
+        self.loader
+    }
+}
+
+impl<'a> std::ops::DerefMut for Scope<'_, 'a> {
+    fn deref_mut(&mut self) -> &mut Loader<'a> {
+        self.loader
+    }
+}
+
+impl Drop for Scope<'_, '_> {
+    fn drop(&mut self) {
+        self.loader.scope.pop();
+    }
 }
 
 impl<'a> Loader<'a> {
@@ -101,6 +130,22 @@ impl<'a> Loader<'a> {
             fingerprint: Sha256::new(),
             names: ParamNames::new(),
             weight_dtype: DType::F32,
+            scope: Vec::new(),
+        }
+    }
+
+    /// Names under `segment` (a field or a list index) until the returned
+    /// scope is dropped.
+    pub fn pp(&mut self, segment: impl std::fmt::Display) -> Scope<'_, 'a> {
+        self.scope.push(segment.to_string());
+        Scope { loader: self }
+    }
+
+    /// The full key of `name` in the current scope.
+    pub fn key(&self, name: &str) -> String {
+        match self.scope.is_empty() {
+            true => name.to_string(),
+            false => format!("{}.{name}", self.scope.join(".")),
         }
     }
 
@@ -199,9 +244,14 @@ impl<'a> Loader<'a> {
         hex(&self.fingerprint.clone().finalize())
     }
 
-    /// A tensor of the given shape.
+    /// A tensor of the given shape, named `name` in the current scope.
     pub fn tensor<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Tensor<D> {
-        match self.values(name, &shape) {
+        let key = self.key(name);
+        self.tensor_at(&key, shape)
+    }
+
+    fn tensor_at<const D: usize>(&mut self, key: &str, shape: [usize; D]) -> Tensor<D> {
+        match self.values(key, &shape) {
             Some(values) => {
                 let dtype = if D >= 2 { self.weight_dtype } else { DType::F32 };
                 Tensor::from_data(TensorData::new(values, shape), (&self.device, dtype))
@@ -211,50 +261,54 @@ impl<'a> Loader<'a> {
         }
     }
 
+    /// A parameter named `name` in the current scope.
     pub fn param<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Param<Tensor<D>> {
-        let param = Param::from_tensor(self.tensor(name, shape));
-        self.names.insert(param.id, (name.to_string(), false));
+        let key = self.key(name);
+        let param = Param::from_tensor(self.tensor_at(&key, shape));
+        self.names.insert(param.id, (key, false));
         param
     }
 
-    /// `nn.Linear` (PyTorch stores the weight as [out, in]; burn as [in, out]).
-    pub fn linear(&mut self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Linear {
-        let name = format!("{prefix}.weight");
-        let weight = Param::from_tensor(self.tensor(&name, [d_out, d_in]).transpose());
-        self.names.insert(weight.id, (name, true));
-        Linear { weight, bias: bias.then(|| self.param(&format!("{prefix}.bias"), [d_out])) }
+    /// `nn.Linear` `name` (PyTorch stores the weight as [out, in]; burn as [in, out]).
+    pub fn linear(&mut self, name: &str, d_in: usize, d_out: usize, bias: bool) -> Linear {
+        let mut layer = self.pp(name);
+        let key = layer.key("weight");
+        let weight = Param::from_tensor(layer.tensor_at(&key, [d_out, d_in]).transpose());
+        layer.names.insert(weight.id, (key, true));
+        Linear { weight, bias: bias.then(|| layer.param("bias", [d_out])) }
     }
 
-    /// A Linear layer that can take a LoRA adapter, named by its module path.
-    pub fn lora_linear(&mut self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> LoraLinear {
-        LoraLinear::new(self.linear(prefix, d_in, d_out, bias), prefix.to_string())
+    /// A Linear layer that can take a LoRA adapter, which is named by the
+    /// layer's key.
+    pub fn lora_linear(&mut self, name: &str, d_in: usize, d_out: usize, bias: bool) -> LoraLinear {
+        let key = self.key(name);
+        LoraLinear::new(self.linear(name, d_in, d_out, bias), key)
     }
 
-    pub fn conv2d(&mut self, prefix: &str, c_in: usize, c_out: usize, kernel: usize, stride: usize, padding: usize) -> Conv2d {
-        Conv2d {
-            weight: self.param(&format!("{prefix}.weight"), [c_out, c_in, kernel, kernel]),
-            bias: Some(self.param(&format!("{prefix}.bias"), [c_out])),
-            stride,
-            padding,
-        }
+    pub fn conv2d(&mut self, name: &str, c_in: usize, c_out: usize, kernel: usize, stride: usize, padding: usize) -> Conv2d {
+        let mut layer = self.pp(name);
+        Conv2d { weight: layer.param("weight", [c_out, c_in, kernel, kernel]), bias: Some(layer.param("bias", [c_out])), stride, padding }
     }
 
-    pub fn group_norm(&mut self, prefix: &str, groups: usize, channels: usize, epsilon: f64) -> GroupNorm {
+    pub fn group_norm(&mut self, name: &str, groups: usize, channels: usize, epsilon: f64) -> GroupNorm {
         let mut norm = GroupNormConfig::new(groups, channels).with_epsilon(epsilon).init(&self.device);
-        norm.gamma = Some(self.param(&format!("{prefix}.weight"), [channels]));
-        norm.beta = Some(self.param(&format!("{prefix}.bias"), [channels]));
+        let mut layer = self.pp(name);
+        norm.gamma = Some(layer.param("weight", [channels]));
+        norm.beta = Some(layer.param("bias", [channels]));
         norm
     }
 
-    pub fn layer_norm(&mut self, prefix: &str, dim: usize, epsilon: f64) -> LayerNorm {
+    pub fn layer_norm(&mut self, name: &str, dim: usize, epsilon: f64) -> LayerNorm {
         let mut norm = LayerNormConfig::new(dim).with_epsilon(epsilon).init(&self.device);
-        norm.gamma = self.param(&format!("{prefix}.weight"), [dim]);
-        norm.beta = Some(self.param(&format!("{prefix}.bias"), [dim]));
+        let mut layer = self.pp(name);
+        norm.gamma = layer.param("weight", [dim]);
+        norm.beta = Some(layer.param("bias", [dim]));
         norm
     }
 
+    /// `nn.Embedding` `name` (its table is `name.weight`).
     pub fn embedding(&mut self, name: &str, count: usize, dim: usize) -> Embedding {
-        Embedding { weight: self.param(name, [count, dim]) }
+        Embedding { weight: self.pp(name).param("weight", [count, dim]) }
     }
 
     /// Tensors in the files that nothing used, except those `ignore` accepts.

@@ -7,6 +7,7 @@ pub mod config;
 pub mod layers;
 pub mod loader;
 pub mod lora;
+pub mod naming;
 pub mod safetensors_file;
 pub mod single_file;
 pub mod standard;
@@ -277,10 +278,6 @@ fn tokenizer_from_folder(files: &dyn ModelFiles, folder: &str, pad: &str) -> Res
 /// Whether names in a file carry transformers' `text_model.` prefix.
 /// Text-encoder names without a folder's `text_model.` prefix (the form
 /// the single-file renames start from).
-fn text_names_without(names: loader::ParamNames, prefix: &str) -> loader::ParamNames {
-    names.into_iter().map(|(id, (name, transposed))| (id, (name.strip_prefix(prefix).unwrap_or(&name).to_string(), transposed))).collect()
-}
-
 fn has_text_model_prefix(file: &dyn TensorSource, prefix: &str) -> bool {
     file.tensor_names().iter().any(|n| n.starts_with(&format!("{prefix}text_model.")))
 }
@@ -342,12 +339,8 @@ impl StableDiffusion {
         // it keeps SDXL's text_projection outside text_model.
         let text_encoder = |folder: &str, config: &ClipTextConfig, projection: bool, what: &str| -> Result<Loaded<ClipTextModel>> {
             let file = component_weights(files, folder, &text_names)?;
-            let prefix = if has_text_model_prefix(&file, "") { "text_model." } else { "" };
-            let mut loaded = load_component(component_loader(&file, unchanged(), dtypes.text_encoder, device), what, &position_ids, |l| {
-                ClipTextModel::load(config, l, prefix, projection)
-            })?;
-            loaded.names = text_names_without(loaded.names, prefix);
-            Ok(loaded)
+            let rename: loader::Rename<'_> = if has_text_model_prefix(&file, "") { Box::new(clip::transformers_key) } else { unchanged() };
+            load_component(component_loader(&file, rename, dtypes.text_encoder, device), what, &position_ids, |l| ClipTextModel::load(config, l, projection))
         };
         let text = text_encoder("text_encoder", &configs.text, false, "text encoder")?;
         let (mut tokenizer_2, mut text_2) = (None, None);
@@ -387,7 +380,7 @@ impl StableDiffusion {
             |l| AutoencoderKl::load(&configs.vae, l),
         )?;
 
-        let clip = |l: &mut Loader<'_>| ClipTextModel::load(&configs.text, l, "", false);
+        let clip = |l: &mut Loader<'_>| ClipTextModel::load(&configs.text, l, false);
         let text = match family {
             Family::Sd1 => {
                 let with_prefix = has_text_model_prefix(file, SD1_TEXT_PREFIX);
@@ -418,7 +411,7 @@ impl StableDiffusion {
         if let (Family::Sdxl, Some(config)) = (family, &configs.text_2) {
             let view = OpenClipView::new(file, SDXL_OPENCLIP_PREFIX, config.num_hidden_layers, true);
             let text_2 = load_component(component_loader(&view, unchanged(), dtypes.text_encoder, device), "text encoder 2", &|_| false, |l| {
-                ClipTextModel::load(config, l, "", true)
+                ClipTextModel::load(config, l, true)
             })?;
             second = Some((ClipTokenizer::standard(&configs.pad_token_2)?, text_2));
         }
@@ -492,12 +485,12 @@ pub fn expected_keys(configs: &ModelConfigs) -> Vec<(String, Vec<usize>)> {
     let _ = AutoencoderKl::load(&configs.vae, &mut loader);
     all.extend(loader.requested.into_iter().map(|(n, s)| (format!("vae.{n}"), s)));
     let mut loader = Loader::dry_run(device.clone());
-    let _ = ClipTextModel::load(&configs.text, &mut loader, "text_model.", false);
-    all.extend(loader.requested.into_iter().map(|(n, s)| (format!("text_encoder.{n}"), s)));
+    let _ = ClipTextModel::load(&configs.text, &mut loader, false);
+    all.extend(loader.requested.into_iter().map(|(n, s)| (format!("text_encoder.{}", clip::transformers_key(&n)), s)));
     if let Some(text_2) = &configs.text_2 {
         let mut loader = Loader::dry_run(device);
-        let _ = ClipTextModel::load(text_2, &mut loader, "text_model.", true);
-        all.extend(loader.requested.into_iter().map(|(n, s)| (format!("text_encoder_2.{n}"), s)));
+        let _ = ClipTextModel::load(text_2, &mut loader, true);
+        all.extend(loader.requested.into_iter().map(|(n, s)| (format!("text_encoder_2.{}", clip::transformers_key(&n)), s)));
     }
     all
 }

@@ -7,7 +7,7 @@ use burn::nn::{GroupNorm, LayerNorm};
 use burn::tensor::activation::{gelu, silu};
 use burn::tensor::{Tensor, TensorData};
 
-use super::blocks::{Attention, Downsample2D, ResnetBlock2D, Upsample2D};
+use super::blocks::{Attention, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::config::UNetConfig;
 use super::layers::{Conv2d, Linear};
 use super::loader::Loader;
@@ -16,19 +16,31 @@ use super::lora::LoraLinear;
 /// The UNet's transformer blocks normalise with GroupNorm eps 1e-6.
 const TRANSFORMER_NORM_EPS: f64 = 1e-6;
 
-/// GEGLU feed-forward: `net.0.proj` (to twice the inner width), gate, `net.2`.
+/// GEGLU feed-forward: `net.0` projects to twice the inner width and gates
+/// one half with the other, `net.2` projects back (`net.1` is dropout).
 #[derive(Module, Debug)]
 pub struct FeedForward {
+    pub net_0: Geglu,
+    pub net_2: LoraLinear,
+}
+
+/// diffusers' GEGLU: `proj`, then the first half times GELU of the second.
+#[derive(Module, Debug)]
+pub struct Geglu {
     pub proj: LoraLinear,
-    pub out: LoraLinear,
 }
 
 impl FeedForward {
+    fn load(loader: &mut Loader<'_>, dim: usize, inner: usize) -> Self {
+        let proj = loader.pp("net.0").lora_linear("proj", dim, inner * 2, true);
+        Self { net_0: Geglu { proj }, net_2: loader.lora_linear("net.2", inner, dim, true) }
+    }
+
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let mut halves = self.proj.forward(x).chunk(2, 2);
+        let mut halves = self.net_0.proj.forward(x).chunk(2, 2);
         let gate = halves.pop().expect("two halves");
         let hidden = halves.pop().expect("two halves");
-        self.out.forward(hidden * gelu(gate))
+        self.net_2.forward(hidden * gelu(gate))
     }
 }
 
@@ -43,19 +55,16 @@ pub struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    fn load(loader: &mut Loader<'_>, prefix: &str, dim: usize, context_dim: usize, heads: usize) -> Self {
-        let inner = dim * 4;
-        Self {
-            norm1: loader.layer_norm(&format!("{prefix}.norm1"), dim, 1e-5),
-            attn1: Attention::load(loader, &format!("{prefix}.attn1"), dim, dim, heads, false),
-            norm2: loader.layer_norm(&format!("{prefix}.norm2"), dim, 1e-5),
-            attn2: Attention::load(loader, &format!("{prefix}.attn2"), dim, context_dim, heads, false),
-            norm3: loader.layer_norm(&format!("{prefix}.norm3"), dim, 1e-5),
-            ff: FeedForward {
-                proj: loader.lora_linear(&format!("{prefix}.ff.net.0.proj"), dim, inner * 2, true),
-                out: loader.lora_linear(&format!("{prefix}.ff.net.2"), inner, dim, true),
-            },
-        }
+    fn load(loader: &mut Loader<'_>, config: &TransformerConfig) -> Self {
+        let TransformerConfig { dim, context_dim, heads, .. } = *config;
+        // One statement each: a scope borrows the loader until its statement ends.
+        let norm1 = loader.layer_norm("norm1", dim, 1e-5);
+        let attn1 = Attention::load(&mut loader.pp("attn1"), dim, dim, heads);
+        let norm2 = loader.layer_norm("norm2", dim, 1e-5);
+        let attn2 = Attention::load(&mut loader.pp("attn2"), dim, context_dim, heads);
+        let norm3 = loader.layer_norm("norm3", dim, 1e-5);
+        let ff = FeedForward::load(&mut loader.pp("ff"), dim, dim * 4);
+        Self { norm1, attn1, norm2, attn2, norm3, ff }
     }
 
     fn forward(&self, x: Tensor<3>, context: Tensor<3>) -> Tensor<3> {
@@ -81,23 +90,33 @@ pub struct Transformer2D {
     pub proj_out: Projection,
 }
 
+/// The shape of a [`Transformer2D`].
+#[derive(Debug, Clone, Copy)]
+struct TransformerConfig {
+    dim: usize,
+    context_dim: usize,
+    heads: usize,
+    /// Transformer blocks in it.
+    depth: usize,
+    groups: usize,
+    /// Linear projections in and out (SD 2.x, SDXL) rather than 1x1 convolutions.
+    linear: bool,
+}
+
 impl Transformer2D {
-    #[allow(clippy::too_many_arguments)]
-    fn load(loader: &mut Loader<'_>, prefix: &str, dim: usize, context_dim: usize, heads: usize, depth: usize, groups: usize, linear: bool) -> Self {
+    fn load(loader: &mut Loader<'_>, config: &TransformerConfig) -> Self {
+        let TransformerConfig { dim, depth, groups, linear, .. } = *config;
         let projection = |loader: &mut Loader<'_>, name: &str| {
-            let name = format!("{prefix}.{name}");
             if linear {
-                Projection::Linear(loader.lora_linear(&name, dim, dim, true))
+                Projection::Linear(loader.lora_linear(name, dim, dim, true))
             } else {
-                Projection::Conv(loader.conv2d(&name, dim, dim, 1, 1, 0))
+                Projection::Conv(loader.conv2d(name, dim, dim, 1, 1, 0))
             }
         };
         Self {
-            norm: loader.group_norm(&format!("{prefix}.norm"), groups, dim, TRANSFORMER_NORM_EPS),
+            norm: loader.group_norm("norm", groups, dim, TRANSFORMER_NORM_EPS),
             proj_in: projection(loader, "proj_in"),
-            transformer_blocks: (0..depth)
-                .map(|k| BasicTransformerBlock::load(loader, &format!("{prefix}.transformer_blocks.{k}"), dim, context_dim, heads))
-                .collect(),
+            transformer_blocks: (0..depth).map(|k| BasicTransformerBlock::load(&mut loader.pp("transformer_blocks").pp(k), config)).collect(),
             proj_out: projection(loader, "proj_out"),
         }
     }
@@ -127,26 +146,35 @@ impl Transformer2D {
 pub struct DownBlock {
     pub resnets: Vec<ResnetBlock2D>,
     pub attentions: Vec<Transformer2D>,
-    pub downsampler: Option<Downsample2D>,
+    /// One, except in the last block.
+    pub downsamplers: Vec<Downsample2D>,
 }
 
 #[derive(Module, Debug)]
 pub struct UpBlock {
     pub resnets: Vec<ResnetBlock2D>,
     pub attentions: Vec<Transformer2D>,
-    pub upsampler: Option<Upsample2D>,
+    /// One, except in the last block.
+    pub upsamplers: Vec<Upsample2D>,
 }
 
 #[derive(Module, Debug)]
 pub struct MidBlock {
     pub resnets: Vec<ResnetBlock2D>,
-    pub attention: Transformer2D,
+    /// One, between the two resnets.
+    pub attentions: Vec<Transformer2D>,
 }
 
 #[derive(Module, Debug)]
 pub struct TimestepEmbedding {
     pub linear_1: Linear,
     pub linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    fn load(loader: &mut Loader<'_>, input: usize, width: usize) -> Self {
+        Self { linear_1: loader.linear("linear_1", input, width, true), linear_2: loader.linear("linear_2", width, width, true) }
+    }
 }
 
 /// SDXL's added conditioning (`addition_embed_type: text_time`): the second
@@ -191,30 +219,24 @@ impl UNet2DConditionModel {
         let lpb = config.layers_per_block;
 
         // A Transformer2D with the settings of down level `level`.
-        let transformer = |loader: &mut Loader<'_>, prefix: &str, dim: usize, level: usize| {
-            Transformer2D::load(
-                loader,
-                prefix,
+        let transformer = |loader: &mut Loader<'_>, dim: usize, level: usize| {
+            let settings = TransformerConfig {
                 dim,
-                config.cross_attention_dim.get(level),
-                config.heads(level),
-                config.transformer_layers_per_block.get(level),
+                context_dim: config.cross_attention_dim.get(level),
+                heads: config.heads(level),
+                depth: config.transformer_layers_per_block.get(level),
                 groups,
                 linear,
-            )
+            };
+            Transformer2D::load(loader, &settings)
         };
-        let time_embedding = TimestepEmbedding {
-            linear_1: loader.linear("time_embedding.linear_1", channels[0], temb, true),
-            linear_2: loader.linear("time_embedding.linear_2", temb, temb, true),
-        };
+        let resnet = |c_in, c_out| ResnetConfig { c_in, c_out, temb: Some(temb), groups, eps };
+        let time_embedding = TimestepEmbedding::load(&mut loader.pp("time_embedding"), channels[0], temb);
         let conv_in = loader.conv2d("conv_in", config.in_channels, channels[0], 3, 1, 1);
         let add_embedding = match config.addition_embed_type.as_deref() {
             Some("text_time") => {
                 let input = config.projection_class_embeddings_input_dim.unwrap_or(2816);
-                Some(TimestepEmbedding {
-                    linear_1: loader.linear("add_embedding.linear_1", input, temb, true),
-                    linear_2: loader.linear("add_embedding.linear_2", temb, temb, true),
-                })
+                Some(TimestepEmbedding::load(&mut loader.pp("add_embedding"), input, temb))
             }
             _ => None,
         };
@@ -224,28 +246,29 @@ impl UNet2DConditionModel {
         for (i, kind) in config.down_block_types.iter().enumerate() {
             let c_in = c_out;
             c_out = channels[i];
-            let p = format!("down_blocks.{i}");
+            let mut blocks = loader.pp("down_blocks");
+            let mut block = blocks.pp(i);
             let cross = kind.starts_with("CrossAttn");
             let mut resnets = Vec::new();
             let mut attentions = Vec::new();
             for j in 0..lpb {
                 let input = if j == 0 { c_in } else { c_out };
-                resnets.push(ResnetBlock2D::load(loader, &format!("{p}.resnets.{j}"), input, c_out, Some(temb), groups, eps));
+                resnets.push(ResnetBlock2D::load(&mut block.pp("resnets").pp(j), resnet(input, c_out)));
                 if cross {
-                    attentions.push(transformer(loader, &format!("{p}.attentions.{j}"), c_out, i));
+                    attentions.push(transformer(&mut block.pp("attentions").pp(j), c_out, i));
                 }
             }
-            let downsampler = (i + 1 < levels).then(|| Downsample2D::load(loader, &format!("{p}.downsamplers.0"), c_out, false));
-            down_blocks.push(DownBlock { resnets, attentions, downsampler });
+            let downsamplers = if i + 1 < levels { vec![Downsample2D::load(&mut block.pp("downsamplers").pp(0), c_out, false)] } else { Vec::new() };
+            down_blocks.push(DownBlock { resnets, attentions, downsamplers });
         }
 
         let top = channels[levels - 1];
-        let mid_block = MidBlock {
-            resnets: vec![
-                ResnetBlock2D::load(loader, "mid_block.resnets.0", top, top, Some(temb), groups, eps),
-                ResnetBlock2D::load(loader, "mid_block.resnets.1", top, top, Some(temb), groups, eps),
-            ],
-            attention: transformer(loader, "mid_block.attentions.0", top, levels - 1),
+        let mid_block = {
+            let mut mid = loader.pp("mid_block");
+            let first = ResnetBlock2D::load(&mut mid.pp("resnets").pp(0), resnet(top, top));
+            let second = ResnetBlock2D::load(&mut mid.pp("resnets").pp(1), resnet(top, top));
+            let attention = transformer(&mut mid.pp("attentions").pp(0), top, levels - 1);
+            MidBlock { resnets: vec![first, second], attentions: vec![attention] }
         };
 
         let mut up_blocks = Vec::new();
@@ -255,20 +278,21 @@ impl UNet2DConditionModel {
             let c_out = reversed[i];
             let skip_in = reversed[(i + 1).min(levels - 1)];
             let level = levels - 1 - i; // the matching down level, for per-block settings
-            let p = format!("up_blocks.{i}");
+            let mut blocks = loader.pp("up_blocks");
+            let mut block = blocks.pp(i);
             let cross = kind.starts_with("CrossAttn");
             let mut resnets = Vec::new();
             let mut attentions = Vec::new();
             for j in 0..=lpb {
                 let skip = if j == lpb { skip_in } else { c_out };
                 let input = if j == 0 { previous } else { c_out };
-                resnets.push(ResnetBlock2D::load(loader, &format!("{p}.resnets.{j}"), input + skip, c_out, Some(temb), groups, eps));
+                resnets.push(ResnetBlock2D::load(&mut block.pp("resnets").pp(j), resnet(input + skip, c_out)));
                 if cross {
-                    attentions.push(transformer(loader, &format!("{p}.attentions.{j}"), c_out, level));
+                    attentions.push(transformer(&mut block.pp("attentions").pp(j), c_out, level));
                 }
             }
-            let upsampler = (i + 1 < levels).then(|| Upsample2D::load(loader, &format!("{p}.upsamplers.0"), c_out));
-            up_blocks.push(UpBlock { resnets, attentions, upsampler });
+            let upsamplers = if i + 1 < levels { vec![Upsample2D::load(&mut block.pp("upsamplers").pp(0), c_out)] } else { Vec::new() };
+            up_blocks.push(UpBlock { resnets, attentions, upsamplers });
             previous = c_out;
         }
 
@@ -371,7 +395,7 @@ impl UNet2DConditionModel {
                     steps.push(step(Stage::DownAttention { block, layer }, false, true));
                 }
             }
-            if down.downsampler.is_some() {
+            if !down.downsamplers.is_empty() {
                 steps.push(step(Stage::Downsample { block }, false, true));
             }
         }
@@ -387,7 +411,7 @@ impl UNet2DConditionModel {
                     steps.push(step(Stage::UpAttention { block, layer }, false, false));
                 }
             }
-            if up.upsampler.is_some() {
+            if !up.upsamplers.is_empty() {
                 steps.push(step(Stage::Upsample { block }, false, false));
             }
         }
@@ -403,15 +427,15 @@ impl UNet2DConditionModel {
             Stage::ConvIn => self.conv_in.forward(x),
             Stage::DownResnet { block, layer } => self.down_blocks[block].resnets[layer].forward(x, temb()),
             Stage::DownAttention { block, layer } => self.down_blocks[block].attentions[layer].forward(x, context.clone()),
-            Stage::Downsample { block } => self.down_blocks[block].downsampler.as_ref().expect("listed by stages()").forward(x),
+            Stage::Downsample { block } => self.down_blocks[block].downsamplers[0].forward(x),
             Stage::MidResnet { layer } => self.mid_block.resnets[layer].forward(x, temb()),
-            Stage::MidAttention => self.mid_block.attention.forward(x, context.clone()),
+            Stage::MidAttention => self.mid_block.attentions[0].forward(x, context.clone()),
             Stage::UpResnet { block, layer } => {
                 let skip = skip.expect("an up-block resnet takes a skip connection");
                 self.up_blocks[block].resnets[layer].forward(Tensor::cat(vec![x, skip], 1), temb())
             }
             Stage::UpAttention { block, layer } => self.up_blocks[block].attentions[layer].forward(x, context.clone()),
-            Stage::Upsample { block } => self.up_blocks[block].upsampler.as_ref().expect("listed by stages()").forward(x),
+            Stage::Upsample { block } => self.up_blocks[block].upsamplers[0].forward(x),
             Stage::Out => self.conv_out.forward(silu(self.conv_norm_out.forward(x))),
         }
     }
@@ -459,13 +483,13 @@ impl Transformer2D {
                 &b.attn1.to_q,
                 &b.attn1.to_k,
                 &b.attn1.to_v,
-                &b.attn1.to_out,
+                &b.attn1.to_out_0,
                 &b.attn2.to_q,
                 &b.attn2.to_k,
                 &b.attn2.to_v,
-                &b.attn2.to_out,
-                &b.ff.proj,
-                &b.ff.out,
+                &b.attn2.to_out_0,
+                &b.ff.net_0.proj,
+                &b.ff.net_2,
             ]);
         }
         layers
@@ -485,13 +509,13 @@ impl Transformer2D {
                 &mut a1.to_q,
                 &mut a1.to_k,
                 &mut a1.to_v,
-                &mut a1.to_out,
+                &mut a1.to_out_0,
                 &mut a2.to_q,
                 &mut a2.to_k,
                 &mut a2.to_v,
-                &mut a2.to_out,
-                &mut ff.proj,
-                &mut ff.out,
+                &mut a2.to_out_0,
+                &mut ff.net_0.proj,
+                &mut ff.net_2,
             ]);
         }
         layers
@@ -501,7 +525,7 @@ impl Transformer2D {
 impl UNet2DConditionModel {
     fn transformers(&self) -> Vec<&Transformer2D> {
         let mut all: Vec<&Transformer2D> = self.down_blocks.iter().flat_map(|b| &b.attentions).collect();
-        all.push(&self.mid_block.attention);
+        all.extend(&self.mid_block.attentions);
         all.extend(self.up_blocks.iter().flat_map(|b| &b.attentions));
         all
     }
@@ -509,7 +533,7 @@ impl UNet2DConditionModel {
     /// Every layer that can carry a LoRA adapter, in module order.
     pub fn lora_layers_mut(&mut self) -> Vec<&mut LoraLinear> {
         let mut all: Vec<&mut Transformer2D> = self.down_blocks.iter_mut().flat_map(|b| &mut b.attentions).collect();
-        all.push(&mut self.mid_block.attention);
+        all.extend(&mut self.mid_block.attentions);
         all.extend(self.up_blocks.iter_mut().flat_map(|b| &mut b.attentions));
         all.into_iter().flat_map(|t| t.lora_layers_mut()).collect()
     }

@@ -6,7 +6,7 @@ use burn::nn::GroupNorm;
 use burn::tensor::activation::silu;
 use burn::tensor::Tensor;
 
-use super::blocks::{Attention, Downsample2D, ResnetBlock2D, Upsample2D};
+use super::blocks::{Attention, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::config::VaeConfig;
 use super::layers::Conv2d;
 use super::loader::Loader;
@@ -14,47 +14,26 @@ use super::loader::Loader;
 /// The VAE's blocks use GroupNorm eps 1e-6 (the UNet's 1e-5).
 const EPS: f64 = 1e-6;
 
-/// Attention over all positions, with a group norm and a residual.
-#[derive(Module, Debug)]
-pub struct SpatialAttention {
-    pub group_norm: GroupNorm,
-    pub attention: Attention,
-}
-
-impl SpatialAttention {
-    fn load(loader: &mut Loader<'_>, prefix: &str, channels: usize, groups: usize) -> Self {
-        Self {
-            group_norm: loader.group_norm(&format!("{prefix}.group_norm"), groups, channels, EPS),
-            attention: Attention::load(loader, prefix, channels, channels, 1, true),
-        }
-    }
-
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let [b, c, h, w] = x.dims();
-        let tokens = self.group_norm.forward(x.clone()).reshape([b, c, h * w]).swap_dims(1, 2);
-        let out = self.attention.forward(tokens, None).swap_dims(1, 2).reshape([b, c, h, w]);
-        out + x
-    }
-}
-
 #[derive(Module, Debug)]
 pub struct MidBlock {
     pub resnets: Vec<ResnetBlock2D>,
-    pub attention: Option<SpatialAttention>,
+    /// One attention over all positions, or none (`mid_block_add_attention` off).
+    pub attentions: Vec<Attention>,
 }
 
 impl MidBlock {
-    fn load(loader: &mut Loader<'_>, prefix: &str, channels: usize, groups: usize, attention: bool) -> Self {
-        let first = ResnetBlock2D::load(loader, &format!("{prefix}.resnets.0"), channels, channels, None, groups, EPS);
-        let attention = attention.then(|| SpatialAttention::load(loader, &format!("{prefix}.attentions.0"), channels, groups));
-        let second = ResnetBlock2D::load(loader, &format!("{prefix}.resnets.1"), channels, channels, None, groups, EPS);
-        Self { resnets: vec![first, second], attention }
+    fn load(loader: &mut Loader<'_>, channels: usize, groups: usize, attention: bool) -> Self {
+        let resnet = ResnetConfig { c_in: channels, c_out: channels, temb: None, groups, eps: EPS };
+        let first = ResnetBlock2D::load(&mut loader.pp("resnets").pp(0), resnet);
+        let attentions = if attention { vec![Attention::load_spatial(&mut loader.pp("attentions").pp(0), channels, groups, EPS)] } else { Vec::new() };
+        let second = ResnetBlock2D::load(&mut loader.pp("resnets").pp(1), resnet);
+        Self { resnets: vec![first, second], attentions }
     }
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let mut x = self.resnets[0].forward(x, None);
-        if let Some(attention) = &self.attention {
-            x = attention.forward(x);
+        for attention in &self.attentions {
+            x = attention.forward_image(x);
         }
         self.resnets[1].forward(x, None)
     }
@@ -63,13 +42,15 @@ impl MidBlock {
 #[derive(Module, Debug)]
 pub struct EncoderBlock {
     pub resnets: Vec<ResnetBlock2D>,
-    pub downsampler: Option<Downsample2D>,
+    /// One, except in the last block.
+    pub downsamplers: Vec<Downsample2D>,
 }
 
 #[derive(Module, Debug)]
 pub struct DecoderBlock {
     pub resnets: Vec<ResnetBlock2D>,
-    pub upsampler: Option<Upsample2D>,
+    /// One, except in the last block.
+    pub upsamplers: Vec<Upsample2D>,
 }
 
 #[derive(Module, Debug)]
@@ -120,46 +101,52 @@ impl AutoencoderKl {
         let latent = config.latent_channels;
         let top = channels[levels - 1];
 
-        let mut down_blocks = Vec::new();
-        let mut c_in = channels[0];
-        for (i, &c_out) in channels.iter().enumerate() {
-            let p = format!("encoder.down_blocks.{i}");
-            let resnets = (0..config.layers_per_block)
-                .map(|j| ResnetBlock2D::load(loader, &format!("{p}.resnets.{j}"), if j == 0 { c_in } else { c_out }, c_out, None, groups, EPS))
-                .collect();
-            let downsampler = (i + 1 < levels).then(|| Downsample2D::load(loader, &format!("{p}.downsamplers.0"), c_out, true));
-            down_blocks.push(EncoderBlock { resnets, downsampler });
-            c_in = c_out;
-        }
-        let encoder = Encoder {
-            conv_in: loader.conv2d("encoder.conv_in", config.in_channels, channels[0], 3, 1, 1),
-            down_blocks,
-            mid_block: MidBlock::load(loader, "encoder.mid_block", top, groups, config.mid_block_add_attention),
-            conv_norm_out: loader.group_norm("encoder.conv_norm_out", groups, top, EPS),
-            conv_out: loader.conv2d("encoder.conv_out", top, 2 * latent, 3, 1, 1),
+        let resnet = |c_in, c_out| ResnetConfig { c_in, c_out, temb: None, groups, eps: EPS };
+        let encoder = {
+            let mut loader = loader.pp("encoder");
+            let mut down_blocks = Vec::new();
+            let mut c_in = channels[0];
+            for (i, &c_out) in channels.iter().enumerate() {
+                let mut blocks = loader.pp("down_blocks");
+                let mut block = blocks.pp(i);
+                let resnets = (0..config.layers_per_block)
+                    .map(|j| ResnetBlock2D::load(&mut block.pp("resnets").pp(j), resnet(if j == 0 { c_in } else { c_out }, c_out)))
+                    .collect();
+                let downsamplers = if i + 1 < levels { vec![Downsample2D::load(&mut block.pp("downsamplers").pp(0), c_out, true)] } else { Vec::new() };
+                down_blocks.push(EncoderBlock { resnets, downsamplers });
+                c_in = c_out;
+            }
+            let conv_in = loader.conv2d("conv_in", config.in_channels, channels[0], 3, 1, 1);
+            let mid_block = MidBlock::load(&mut loader.pp("mid_block"), top, groups, config.mid_block_add_attention);
+            let conv_norm_out = loader.group_norm("conv_norm_out", groups, top, EPS);
+            Encoder { conv_in, down_blocks, mid_block, conv_norm_out, conv_out: loader.conv2d("conv_out", top, 2 * latent, 3, 1, 1) }
         };
         let quant_conv = config.use_quant_conv.then(|| loader.conv2d("quant_conv", 2 * latent, 2 * latent, 1, 1, 0));
         let post_quant_conv = config.use_post_quant_conv.then(|| loader.conv2d("post_quant_conv", latent, latent, 1, 1, 0));
 
-        let decoder_conv_in = loader.conv2d("decoder.conv_in", latent, top, 3, 1, 1);
-        let decoder_mid = MidBlock::load(loader, "decoder.mid_block", top, groups, config.mid_block_add_attention);
-        let mut up_blocks = Vec::new();
-        let mut c_in = top;
-        for (i, &c_out) in channels.iter().rev().enumerate() {
-            let p = format!("decoder.up_blocks.{i}");
-            let resnets = (0..config.layers_per_block + 1)
-                .map(|j| ResnetBlock2D::load(loader, &format!("{p}.resnets.{j}"), if j == 0 { c_in } else { c_out }, c_out, None, groups, EPS))
-                .collect();
-            let upsampler = (i + 1 < levels).then(|| Upsample2D::load(loader, &format!("{p}.upsamplers.0"), c_out));
-            up_blocks.push(DecoderBlock { resnets, upsampler });
-            c_in = c_out;
-        }
-        let decoder = Decoder {
-            conv_in: decoder_conv_in,
-            mid_block: decoder_mid,
-            up_blocks,
-            conv_norm_out: loader.group_norm("decoder.conv_norm_out", groups, channels[0], EPS),
-            conv_out: loader.conv2d("decoder.conv_out", channels[0], config.out_channels, 3, 1, 1),
+        let decoder = {
+            let mut loader = loader.pp("decoder");
+            let conv_in = loader.conv2d("conv_in", latent, top, 3, 1, 1);
+            let mid_block = MidBlock::load(&mut loader.pp("mid_block"), top, groups, config.mid_block_add_attention);
+            let mut up_blocks = Vec::new();
+            let mut c_in = top;
+            for (i, &c_out) in channels.iter().rev().enumerate() {
+                let mut blocks = loader.pp("up_blocks");
+                let mut block = blocks.pp(i);
+                let resnets = (0..config.layers_per_block + 1)
+                    .map(|j| ResnetBlock2D::load(&mut block.pp("resnets").pp(j), resnet(if j == 0 { c_in } else { c_out }, c_out)))
+                    .collect();
+                let upsamplers = if i + 1 < levels { vec![Upsample2D::load(&mut block.pp("upsamplers").pp(0), c_out)] } else { Vec::new() };
+                up_blocks.push(DecoderBlock { resnets, upsamplers });
+                c_in = c_out;
+            }
+            Decoder {
+                conv_in,
+                mid_block,
+                up_blocks,
+                conv_norm_out: loader.group_norm("conv_norm_out", groups, channels[0], EPS),
+                conv_out: loader.conv2d("conv_out", channels[0], config.out_channels, 3, 1, 1),
+            }
         };
         Self { encoder, quant_conv, post_quant_conv, decoder }
     }
@@ -178,7 +165,7 @@ impl AutoencoderKl {
             for resnet in &block.resnets {
                 x = resnet.forward(x, None);
             }
-            if let Some(down) = &block.downsampler {
+            for down in &block.downsamplers {
                 x = down.forward(x);
             }
         }
@@ -210,7 +197,7 @@ impl AutoencoderKl {
             for resnet in &block.resnets {
                 x = resnet.forward(x, None);
             }
-            if let Some(up) = &block.upsampler {
+            for up in &block.upsamplers {
                 x = up.forward(x);
             }
         }

@@ -15,15 +15,28 @@ use super::storage::{join, Storage};
 use super::tensor_file::{self, HostTensor};
 use crate::data::batch_sampler::BatchSamplerState;
 use crate::error::{Error, Result};
+use crate::models::naming::ModulePath;
 
 const PREFIX: &str = "checkpoint-";
 const PARTIAL: &str = ".partial";
 /// What a complete checkpoint folder holds.
 const FILES: [&str; 3] = ["trainable.safetensors", "optimizer.safetensors", "state.json"];
 
+/// The checkpoint layout this version writes and reads. 2: tensors named
+/// by their diffusers keys ([`crate::models::naming`]); 1 (Burnbooth before
+/// 2026-11-30, no `format` in `state.json`): by burn's field paths.
+pub const CHECKPOINT_FORMAT: u32 = 2;
+
+fn first_format() -> u32 {
+    1
+}
+
 /// Where the run is, saved as `state.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RunState {
+    /// The layout ([`CHECKPOINT_FORMAT`]).
+    #[serde(default = "first_format")]
+    pub format: u32,
     /// Optimizer steps completed.
     pub step: u64,
     pub epoch: u64,
@@ -130,38 +143,48 @@ pub fn load(storage: &dyn Storage, path: &str) -> Result<Checkpoint> {
         storage.read(&file)?.ok_or_else(|| Error::Io { path: file.clone(), message: "missing: not a complete Burnbooth checkpoint".into() })
     };
     let state_path = join(path, "state.json");
-    let state: RunState =
-        serde_json::from_slice(&read("state.json")?).map_err(|e| Error::Io { path: state_path, message: format!("unreadable checkpoint state: {e}") })?;
+    let state: RunState = serde_json::from_slice(&read("state.json")?)
+        .map_err(|e| Error::Io { path: state_path.clone(), message: format!("unreadable checkpoint state: {e}") })?;
+    if state.format != CHECKPOINT_FORMAT {
+        return Err(Error::Config {
+            source_name: state_path,
+            problems: vec![format!(
+                "this checkpoint has format {} and this Burnbooth reads format {CHECKPOINT_FORMAT} (tensors named by their diffusers keys): \
+                 finish the run with the Burnbooth that started it, or start over (--start-over keeps the old outputs in previous-N)",
+                state.format
+            )],
+        });
+    }
     let trainable = tensor_file::read(&join(path, "trainable.safetensors"), read("trainable.safetensors")?)?;
     let optimizer = tensor_file::read(&join(path, "optimizer.safetensors"), read("optimizer.safetensors")?)?;
     Ok(Checkpoint { path: path.to_string(), state, trainable, optimizer })
 }
 
 struct ReadTrainable {
-    path: Vec<String>,
+    path: ModulePath,
     out: Vec<(String, Tensor<1>, Vec<usize>)>,
 }
 
 impl ModuleVisitor for ReadTrainable {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
+        self.path.enter(name);
     }
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
+        self.path.exit();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let value = param.val();
         if value.is_require_grad() {
             let dims = value.dims().to_vec();
             let count: usize = dims.iter().product();
-            self.out.push((self.path.join("."), value.without_autodiff().cast(DType::F32).reshape([count]), dims));
+            self.out.push((self.path.key(), value.without_autodiff().cast(DType::F32).reshape([count]), dims));
         }
     }
 }
 
 /// The trainable parameters by module path, on the host.
 pub async fn trainable_tensors<M: Module>(module: &M) -> Result<BTreeMap<String, HostTensor>> {
-    let mut reader = ReadTrainable { path: Vec::new(), out: Vec::new() };
+    let mut reader = ReadTrainable { path: ModulePath::default(), out: Vec::new() };
     module.visit(&mut reader);
     let mut out = BTreeMap::new();
     for (path, flat, shape) in reader.out {
@@ -171,7 +194,7 @@ pub async fn trainable_tensors<M: Module>(module: &M) -> Result<BTreeMap<String,
 }
 
 struct WriteTrainable<'a> {
-    path: Vec<String>,
+    path: ModulePath,
     values: &'a BTreeMap<String, HostTensor>,
     train_device: Device,
     problems: Vec<String>,
@@ -180,17 +203,17 @@ struct WriteTrainable<'a> {
 
 impl ModuleMapper for WriteTrainable<'_> {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
+        self.path.enter(name);
     }
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
+        self.path.exit();
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let current = param.val();
         if !current.is_require_grad() {
             return param;
         }
-        let path = self.path.join(".");
+        let path = self.path.key();
         let Some(saved) = self.values.get(&path) else {
             self.problems.push(format!("no saved value for trainable tensor '{path}'"));
             return param;
@@ -216,7 +239,7 @@ impl ModuleMapper for WriteTrainable<'_> {
 /// Puts saved values into the module's trainable parameters; every
 /// missing or mis-shaped tensor is reported.
 pub fn restore_trainable<M: Module>(module: M, values: &BTreeMap<String, HostTensor>, train_device: &Device, source: &str) -> Result<M> {
-    let mut writer = WriteTrainable { path: Vec::new(), values, train_device: train_device.clone(), problems: Vec::new(), restored: 0 };
+    let mut writer = WriteTrainable { path: ModulePath::default(), values, train_device: train_device.clone(), problems: Vec::new(), restored: 0 };
     let module = module.map(&mut writer);
     if writer.restored != values.len() {
         writer.problems.push(format!("the checkpoint has {} trainable tensors, this run {}", values.len(), writer.restored));

@@ -91,12 +91,8 @@ pub async fn write_diffusers_folder(
         encoders.push(("text_encoder_2", encoder, &model.names.text_encoder_2, "text encoder 2"));
     }
     for (folder, encoder, names, what) in encoders {
-        // transformers names everything under `text_model.` but SDXL's projection.
-        let text: BTreeMap<String, HostTensor> = named_tensors(encoder, names, what)
-            .await?
-            .into_iter()
-            .map(|(n, t)| (if n.starts_with("text_projection") { n } else { format!("text_model.{n}") }, t))
-            .collect();
+        let text: BTreeMap<String, HostTensor> =
+            named_tensors(encoder, names, what).await?.into_iter().map(|(n, t)| (crate::models::clip::transformers_key(&n), t)).collect();
         storage.write(&join(dir, &format!("{folder}/model.safetensors")), &tensor_file::write(&text, &pt_metadata())?)?;
     }
     let texts: BTreeMap<String, String> = match configs {

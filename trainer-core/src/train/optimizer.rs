@@ -14,6 +14,7 @@ use burn::tensor::{DType, Device, Gradients, Tensor, TensorData};
 
 use super::tensor_file::HostTensor;
 use crate::error::Result;
+use crate::models::naming::ModulePath;
 use crate::rng::SeededRng;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -49,7 +50,7 @@ pub struct AdamW {
 /// Paths start with the module's prefix (`text_encoder.` for the text
 /// encoder), so several modules share one optimizer.
 struct GradientReader<'a> {
-    path: Vec<String>,
+    path: ModulePath,
     grads: &'a mut Gradients,
     scale: f64,
     out: Vec<(String, Tensor<1>)>,
@@ -57,24 +58,24 @@ struct GradientReader<'a> {
 
 impl ModuleVisitor for GradientReader<'_> {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
+        self.path.enter(name);
     }
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
+        self.path.exit();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let value = param.val();
         if let Some(grad) = value.grad_remove(self.grads) {
             let count = grad.shape().num_elements();
             let grad = grad.cast(DType::F32).reshape([count]) * self.scale;
-            self.out.push((self.path.join("."), grad));
+            self.out.push((self.path.key(), grad));
         }
     }
 }
 
 /// Writes updated parameters back into the module.
 struct Updater<'a> {
-    path: Vec<String>,
+    path: ModulePath,
     optimizer: &'a mut AdamW,
     grads: BTreeMap<String, Tensor<1>>,
     lr: f64,
@@ -84,13 +85,13 @@ struct Updater<'a> {
 
 impl ModuleMapper for Updater<'_> {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
+        self.path.enter(name);
     }
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
+        self.path.exit();
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let path = self.path.join(".");
+        let path = self.path.key();
         let Some(grad) = self.grads.remove(&path) else { return param };
         let value = param.val().without_autodiff();
         let dims = value.dims();
@@ -103,15 +104,6 @@ impl ModuleMapper for Updater<'_> {
     }
 }
 
-/// The visitors' starting path for a module whose tensors are named `prefix` + path.
-fn module_path(prefix: &str) -> Vec<String> {
-    if prefix.is_empty() {
-        Vec::new()
-    } else {
-        vec![prefix.trim_end_matches('.').to_string()]
-    }
-}
-
 impl AdamW {
     pub fn new(settings: AdamWSettings) -> Self {
         Self { settings, moments: BTreeMap::new(), steps: 0, accumulated: BTreeMap::new(), pending: BTreeMap::new() }
@@ -120,7 +112,7 @@ impl AdamW {
     /// Adds one micro-batch's gradients (scaled by `scale`, 1/accumulation)
     /// of `module`'s trainable parameters, named `prefix` + module path.
     pub fn accumulate<M: Module>(&mut self, module: &M, prefix: &str, grads: &mut Gradients, scale: f64) {
-        let mut reader = GradientReader { path: module_path(prefix), grads, scale, out: Vec::new() };
+        let mut reader = GradientReader { path: ModulePath::under(prefix), grads, scale, out: Vec::new() };
         module.visit(&mut reader);
         for (path, grad) in reader.out {
             let sum = match self.accumulated.remove(&path) {
@@ -181,7 +173,7 @@ impl AdamW {
     pub fn apply<M: Module>(&mut self, module: M, prefix: &str, lr: f64, train_device: &Device) -> M {
         let grads = std::mem::take(&mut self.pending);
         let rounding_seed = self.steps;
-        let mut updater = Updater { path: module_path(prefix), optimizer: self, grads, lr, rounding_seed, train_device };
+        let mut updater = Updater { path: ModulePath::under(prefix), optimizer: self, grads, lr, rounding_seed, train_device };
         let module = module.map(&mut updater);
         // What this module did not take belongs to the next module applied.
         self.pending = updater.grads;

@@ -69,7 +69,25 @@ pub fn write(tensors: &BTreeMap<String, HostTensor>, metadata: &BTreeMap<String,
         })
         .collect::<Result<Vec<_>>>()?;
     let info: HashMap<String, String> = metadata.clone().into_iter().collect();
-    safetensors::serialize(views, Some(info)).map_err(|e| Error::Io { path: "safetensors".into(), message: e.to_string() })
+    let bytes = safetensors::serialize(views, Some(info)).map_err(|e| Error::Io { path: "safetensors".into(), message: e.to_string() })?;
+    Ok(with_sorted_header(bytes))
+}
+
+/// The safetensors crate writes its header from a `HashMap`, so the order
+/// of the metadata (and so the file's bytes) changed from run to run. This
+/// writes the same header with its keys sorted, in the same length (the
+/// content is unchanged; the writer pads with spaces): one training gives
+/// one file, byte for byte.
+fn with_sorted_header(mut bytes: Vec<u8>) -> Vec<u8> {
+    let length = u64::from_le_bytes(bytes[..8].try_into().expect("an 8-byte length")) as usize;
+    let Ok(header) = serde_json::from_slice::<serde_json::Value>(&bytes[8..8 + length]) else { return bytes };
+    let mut sorted = serde_json::to_vec(&header).expect("JSON serialises");
+    if sorted.len() > length {
+        return bytes;
+    }
+    sorted.resize(length, b' ');
+    bytes[8..8 + length].copy_from_slice(&sorted);
+    bytes
 }
 
 /// Reads every tensor of a safetensors file as f32.
@@ -89,4 +107,26 @@ pub fn read(path: &str, bytes: Vec<u8>) -> Result<BTreeMap<String, HostTensor>> 
 pub fn read_metadata(path: &str, bytes: &[u8]) -> Result<BTreeMap<String, String>> {
     let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Io { path: path.into(), message: e.to_string() })?;
     Ok(metadata.metadata().clone().map(|m| m.into_iter().collect()).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_tensors_and_metadata_give_the_same_bytes() {
+        let tensors = BTreeMap::from([
+            ("b.weight".to_string(), HostTensor { shape: vec![2], values: vec![1.0, 2.0] }),
+            ("a.weight".to_string(), HostTensor { shape: vec![1, 3], values: vec![3.0, 4.0, 5.0] }),
+        ]);
+        // Many keys: a HashMap's order would differ between two writes.
+        let metadata: BTreeMap<String, String> = (0..24).map(|i| (format!("key_{i:02}"), format!("value {i}"))).collect();
+        let first = write(&tensors, &metadata).unwrap();
+        assert_eq!(first, write(&tensors, &metadata).unwrap());
+        let header = String::from_utf8_lossy(&first[8..]);
+        assert!(header.find("key_00").unwrap() < header.find("key_23").unwrap(), "metadata keys in order");
+        let back = read("t.safetensors", first.clone()).unwrap();
+        assert_eq!(back["a.weight"].values, [3.0, 4.0, 5.0]);
+        assert_eq!(read_metadata("t.safetensors", &first).unwrap(), metadata);
+    }
 }

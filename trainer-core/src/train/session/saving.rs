@@ -38,6 +38,7 @@ impl Session<'_> {
         let checkpoint = Checkpoint {
             path: String::new(),
             state: RunState {
+                format: checkpoint::CHECKPOINT_FORMAT,
                 step: self.step,
                 epoch: self.epoch,
                 sampler: self.main.sampler.state().clone(),

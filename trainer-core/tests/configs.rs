@@ -33,7 +33,7 @@ fn shared_config(name: &str) -> String {
 fn guide_env_config_resolves_as_decisions_say() {
     let config = TrainingConfig::parse(GUIDE_ENV, ConfigFormat::Env, "/home/me/training/sdxl-env.sh", &no_env).unwrap();
     assert_eq!(config.model_family, ModelFamily::Sdxl);
-    assert_eq!(config.train_batch_size, 1);
+    assert_eq!(config.dataset_options.train_batch_size, 1);
     assert_eq!(config.learning_rate, 4e-6);
     assert_eq!(config.lr_end, 4e-7);
     assert_eq!(config.lr_scheduler, LrSchedule::Polynomial, "LEARNING_RATE_END implies a decaying schedule");

@@ -6,11 +6,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, Param, ParamId};
 use burn::tensor::{Device, Tensor};
 use trainer_core::models::clip::transformers_key;
 use trainer_core::models::loader::ParamNames;
-use trainer_core::models::naming::ModulePath;
+use trainer_core::models::naming::{visit_keyed, KeyedVisitor};
 use trainer_core::models::{DiskFolder, StableDiffusion};
 
 use trainer_core::models::safetensors_file::SafetensorsFile;
@@ -139,28 +139,20 @@ fn sdxl_keys_match_diffusers_lists() {
     assert_eq!(read, want, "SDXL single-file text encoder 2: the OpenCLIP tensors read");
 }
 
-/// Each parameter's key as its module path names it ([`naming::key_of`]).
-struct PathKeys {
-    path: ModulePath,
-    keys: HashMap<ParamId, String>,
-}
+/// Each parameter's key as its module path names it.
+#[derive(Default)]
+struct PathKeys(HashMap<ParamId, String>);
 
-impl ModuleVisitor for PathKeys {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.enter(name);
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.exit();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.keys.insert(param.id, self.path.key());
+impl KeyedVisitor for PathKeys {
+    fn visit<const D: usize>(&mut self, key: &str, param: &Param<Tensor<D>>) {
+        self.0.insert(param.id, key.to_string());
     }
 }
 
 fn path_keys<M: Module>(module: &M) -> HashMap<ParamId, String> {
-    let mut visitor = PathKeys { path: ModulePath::default(), keys: HashMap::new() };
-    module.visit(&mut visitor);
-    visitor.keys
+    let mut keys = PathKeys::default();
+    visit_keyed(module, "", &mut keys);
+    keys.0
 }
 
 /// Every parameter's module path gives the key the loader read it under.

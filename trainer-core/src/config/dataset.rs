@@ -76,12 +76,10 @@ impl DataloaderConfig {
     }
 }
 
-/// Values a dataset entry falls back to: SimpleTuner's global options, taken
-/// from the training config.
-#[derive(Debug, Clone)]
-pub struct DatasetDefaults {
-    pub model_family: String,
-    pub output_dir: String,
+/// SimpleTuner's global dataset options: set in the training config, used
+/// by every dataset entry that does not set its own.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DatasetOptions {
     pub resolution: f64,
     pub resolution_type: String,
     pub minimum_image_size: Option<f64>,
@@ -90,17 +88,12 @@ pub struct DatasetDefaults {
     pub prepend_instance_prompt: bool,
     pub only_instance_prompt: bool,
     pub train_batch_size: u32,
-    pub alignment: u32,
-    pub rounding: u32,
-    /// Unknown keys are errors instead of warnings.
-    pub strict: bool,
 }
 
-impl Default for DatasetDefaults {
+impl Default for DatasetOptions {
+    /// SimpleTuner's defaults.
     fn default() -> Self {
         Self {
-            model_family: "sd1x".into(),
-            output_dir: "output".into(),
             resolution: 1024.0,
             resolution_type: "pixel_area".into(),
             minimum_image_size: None,
@@ -109,10 +102,25 @@ impl Default for DatasetDefaults {
             prepend_instance_prompt: false,
             only_instance_prompt: false,
             train_batch_size: 4,
-            alignment: 64,
-            rounding: 2,
-            strict: false,
         }
+    }
+}
+
+/// Values a dataset entry falls back to, from the training config.
+#[derive(Debug, Clone)]
+pub struct DatasetDefaults {
+    pub model_family: String,
+    pub output_dir: String,
+    pub options: DatasetOptions,
+    pub alignment: u32,
+    pub rounding: u32,
+    /// Unknown keys are errors instead of warnings.
+    pub strict: bool,
+}
+
+impl Default for DatasetDefaults {
+    fn default() -> Self {
+        Self { model_family: "sd1x".into(), output_dir: "output".into(), options: DatasetOptions::default(), alignment: 64, rounding: 2, strict: false }
     }
 }
 
@@ -338,9 +346,9 @@ fn read_image_dataset(reader: &mut Reader<'_>, id: &str, base_dir: Option<&str>,
         .unwrap_or_else(|| format!("{}/cache/vae/{}/{id}", defaults.output_dir, defaults.model_family));
 
     // Captions.
-    let instance_prompts = reader.strings(&["instance_prompt"]).or_else(|| defaults.instance_prompt.clone().map(|p| vec![p]));
+    let instance_prompts = reader.strings(&["instance_prompt"]).or_else(|| defaults.options.instance_prompt.clone().map(|p| vec![p]));
     let instance_prompts: Vec<String> = instance_prompts.unwrap_or_default().iter().map(|p| p.trim().to_string()).collect();
-    let strategy_text = reader.string(&["caption_strategy"]).unwrap_or_else(|| defaults.caption_strategy.clone());
+    let strategy_text = reader.string(&["caption_strategy"]).unwrap_or_else(|| defaults.options.caption_strategy.clone());
     let caption_strategy = match strategy_text.trim().to_ascii_lowercase().as_str() {
         "filename" => Some(CaptionStrategy::Filename),
         "textfile" => Some(CaptionStrategy::Textfile),
@@ -358,8 +366,8 @@ fn read_image_dataset(reader: &mut Reader<'_>, id: &str, base_dir: Option<&str>,
             None
         }
     };
-    let prepend_instance_prompt = reader.bool(&["prepend_instance_prompt"]).unwrap_or(defaults.prepend_instance_prompt);
-    let only_instance_prompt = reader.bool(&["only_instance_prompt"]).unwrap_or(defaults.only_instance_prompt);
+    let prepend_instance_prompt = reader.bool(&["prepend_instance_prompt"]).unwrap_or(defaults.options.prepend_instance_prompt);
+    let only_instance_prompt = reader.bool(&["only_instance_prompt"]).unwrap_or(defaults.options.only_instance_prompt);
     let disable_multiline_split = reader.bool(&["disable_multiline_split"]).unwrap_or(false);
     let needs_prompt = caption_strategy == Some(CaptionStrategy::InstancePrompt) || prepend_instance_prompt || only_instance_prompt;
     if needs_prompt && instance_prompts.iter().all(|p| p.is_empty()) {
@@ -382,7 +390,7 @@ fn read_image_dataset(reader: &mut Reader<'_>, id: &str, base_dir: Option<&str>,
     let ignore_epochs = reader.bool(&["ignore_epochs"]).unwrap_or(false);
     let is_regularisation_data = reader.bool(&["is_regularisation_data", "is_regularization_data"]).unwrap_or(false);
     let max_num_samples = reader.int(&["max_num_samples"], 1).map(|n| n as usize);
-    let train_batch_size = reader.int(&["train_batch_size"], 1).map(|n| n as u32).unwrap_or(defaults.train_batch_size);
+    let train_batch_size = reader.int(&["train_batch_size"], 1).map(|n| n as u32).unwrap_or(defaults.options.train_batch_size);
     let text_embeds = reader.string(&["text_embeds", "text_embed_cache"]).unwrap_or_default();
 
     let geometry = read_geometry(reader, defaults);
@@ -415,16 +423,17 @@ fn read_image_dataset(reader: &mut Reader<'_>, id: &str, base_dir: Option<&str>,
 fn read_geometry(reader: &mut Reader<'_>, defaults: &DatasetDefaults) -> Option<GeometrySettings> {
     let mut ok = true;
     let mut settings = GeometrySettings { alignment: defaults.alignment, rounding: defaults.rounding, ..Default::default() };
-    let resolution_type = reader.choice(&["resolution_type"], &["pixel", "area", "pixel_area"]).unwrap_or_else(|| defaults.resolution_type.clone());
+    let resolution_type = reader.choice(&["resolution_type"], &["pixel", "area", "pixel_area"]).unwrap_or_else(|| defaults.options.resolution_type.clone());
     let had_resolution = reader.has("resolution");
-    let resolution = reader.f64(&["resolution"]).unwrap_or(defaults.resolution);
+    let resolution = reader.f64(&["resolution"]).unwrap_or(defaults.options.resolution);
     if resolution <= 0.0 {
         reader.error(format!("'resolution' must be positive, not {resolution}"));
         ok = false;
     }
     let mut maximum = reader.f64(&["maximum_image_size"]).filter(|v| *v > 0.0);
     let mut downsample = reader.f64(&["target_downsample_size"]).filter(|v| *v > 0.0);
-    let mut minimum = if reader.has("minimum_image_size") { reader.f64(&["minimum_image_size"]).filter(|v| *v > 0.0) } else { defaults.minimum_image_size };
+    let mut minimum =
+        if reader.has("minimum_image_size") { reader.f64(&["minimum_image_size"]).filter(|v| *v > 0.0) } else { defaults.options.minimum_image_size };
     match resolution_type.as_str() {
         "pixel_area" => {
             if resolution.fract() != 0.0 {

@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::dataset::{resolve_path, DatasetDefaults};
+use super::dataset::{resolve_path, DatasetDefaults, DatasetOptions};
 use super::raw::{canonical_keys, env_to_map, expand_env_placeholders, object_to_map, option_aliases};
 use super::values::Reader;
 use crate::error::{nearest, Diagnostics, Error, Result};
@@ -103,16 +103,11 @@ pub struct TrainingConfig {
     pub output_dir: String,
     /// The dataloader config path, resolved against the config file's folder.
     pub data_backend_config: String,
-    pub resolution: f64,
-    pub resolution_type: String,
-    pub minimum_image_size: Option<f64>,
-    pub caption_strategy: String,
-    pub instance_prompt: Option<String>,
-    pub prepend_instance_prompt: bool,
-    pub only_instance_prompt: bool,
+    /// Resolution, captions, batch size: what datasets use unless they say otherwise.
+    #[serde(flatten)]
+    pub dataset_options: DatasetOptions,
     /// Seeds sampling and training. Unset means 0 (SimpleTuner picks a time-based seed).
     pub seed: u64,
-    pub train_batch_size: u32,
     pub gradient_accumulation_steps: u32,
     pub learning_rate: f64,
     pub lr_scheduler: LrSchedule,
@@ -201,14 +196,7 @@ impl TrainingConfig {
         DatasetDefaults {
             model_family: self.model_family_name().to_string(),
             output_dir: self.output_dir.clone(),
-            resolution: self.resolution,
-            resolution_type: self.resolution_type.clone(),
-            minimum_image_size: self.minimum_image_size,
-            caption_strategy: self.caption_strategy.clone(),
-            instance_prompt: self.instance_prompt.clone(),
-            prepend_instance_prompt: self.prepend_instance_prompt,
-            only_instance_prompt: self.only_instance_prompt,
-            train_batch_size: self.train_batch_size,
+            options: self.dataset_options.clone(),
             alignment: self.aspect_bucket_alignment,
             rounding: self.aspect_bucket_rounding,
             strict: self.strict_config,
@@ -404,15 +392,17 @@ fn read_config(raw: &Map<String, Value>, from_env: bool, source_name: &str, base
         pretrained_model_name_or_path: pretrained,
         output_dir,
         data_backend_config,
-        resolution,
-        resolution_type,
-        minimum_image_size,
-        caption_strategy,
-        instance_prompt,
-        prepend_instance_prompt,
-        only_instance_prompt,
+        dataset_options: DatasetOptions {
+            resolution,
+            resolution_type,
+            minimum_image_size,
+            caption_strategy,
+            instance_prompt,
+            prepend_instance_prompt,
+            only_instance_prompt,
+            train_batch_size,
+        },
         seed,
-        train_batch_size,
         gradient_accumulation_steps,
         learning_rate,
         lr_scheduler,

@@ -15,6 +15,9 @@
 //! take names from here; `tests/model_keys.rs` checks that for every
 //! fixture model each parameter's derived name is the key it was loaded from.
 
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::Tensor;
+
 /// burn field names that stand for another key segment.
 pub const FIELD_NAMES: [(&str, &str); 5] = [("gamma", "weight"), ("beta", "bias"), ("to_out_0", "to_out.0"), ("net_0", "net.0"), ("net_2", "net.2")];
 
@@ -23,7 +26,7 @@ const BASE_LAYER: &str = "base";
 
 /// A module path being walked by a burn visitor or mapper: push a field at
 /// `enter_module`, pop it at `exit_module`, read the key of a parameter
-/// inside it.
+/// inside it ([`visit_keyed`] and [`map_keyed`] do this for you).
 #[derive(Debug, Clone, Default)]
 pub struct ModulePath {
     /// Put before every key (`text_encoder.` for a text encoder's tensors in
@@ -49,6 +52,56 @@ impl ModulePath {
     /// The checkpoint key of where the walk is now.
     pub fn key(&self) -> String {
         format!("{}{}", self.prefix, key_of(self.fields.iter().map(String::as_str)))
+    }
+}
+
+/// A walk over a module's float parameters that is told each one's key.
+pub trait KeyedVisitor {
+    fn visit<const D: usize>(&mut self, key: &str, param: &Param<Tensor<D>>);
+}
+
+/// A map over a module's float parameters that is told each one's key.
+pub trait KeyedMapper {
+    fn map<const D: usize>(&mut self, key: &str, param: Param<Tensor<D>>) -> Param<Tensor<D>>;
+}
+
+/// Visits `module`'s float parameters with their keys, each after `prefix`.
+pub fn visit_keyed<M: Module>(module: &M, prefix: &str, visitor: &mut impl KeyedVisitor) {
+    module.visit(&mut Walk { path: ModulePath::under(prefix), inner: visitor });
+}
+
+/// Maps `module`'s float parameters with their keys, each after `prefix`.
+pub fn map_keyed<M: Module>(module: M, prefix: &str, mapper: &mut impl KeyedMapper) -> M {
+    module.map(&mut Walk { path: ModulePath::under(prefix), inner: mapper })
+}
+
+/// Tracks the module path for a [`KeyedVisitor`] or [`KeyedMapper`].
+struct Walk<'a, T> {
+    path: ModulePath,
+    inner: &'a mut T,
+}
+
+impl<T: KeyedVisitor> ModuleVisitor for Walk<'_, T> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.enter(name);
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.inner.visit(&self.path.key(), param);
+    }
+}
+
+impl<T: KeyedMapper> ModuleMapper for Walk<'_, T> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.enter(name);
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        self.inner.map(&self.path.key(), param)
     }
 }
 

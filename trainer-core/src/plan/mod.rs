@@ -249,7 +249,7 @@ pub fn plan(
         output_dir: training.output_dir.clone(),
         seed: training.seed,
         datasets,
-        train_batch_size: training.train_batch_size,
+        train_batch_size: training.dataset_options.train_batch_size,
         gradient_accumulation_steps: training.gradient_accumulation_steps,
         steps_per_epoch: schedule.steps_per_epoch,
         max_steps: schedule.total_steps,

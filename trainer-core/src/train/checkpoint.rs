@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, Param};
 use burn::tensor::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -15,7 +15,7 @@ use super::storage::{join, Storage};
 use super::tensor_file::{self, HostTensor};
 use crate::data::batch_sampler::BatchSamplerState;
 use crate::error::{Error, Result};
-use crate::models::naming::ModulePath;
+use crate::models::naming::{map_keyed, visit_keyed, KeyedMapper, KeyedVisitor};
 
 const PREFIX: &str = "checkpoint-";
 const PARTIAL: &str = ".partial";
@@ -161,65 +161,50 @@ pub fn load(storage: &dyn Storage, path: &str) -> Result<Checkpoint> {
 }
 
 struct ReadTrainable {
-    path: ModulePath,
     out: Vec<(String, Tensor<1>, Vec<usize>)>,
 }
 
-impl ModuleVisitor for ReadTrainable {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.enter(name);
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.exit();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+impl KeyedVisitor for ReadTrainable {
+    fn visit<const D: usize>(&mut self, key: &str, param: &Param<Tensor<D>>) {
         let value = param.val();
         if value.is_require_grad() {
             let dims = value.dims().to_vec();
             let count: usize = dims.iter().product();
-            self.out.push((self.path.key(), value.without_autodiff().cast(DType::F32).reshape([count]), dims));
+            self.out.push((key.to_string(), value.without_autodiff().cast(DType::F32).reshape([count]), dims));
         }
     }
 }
 
-/// The trainable parameters by module path, on the host.
+/// The trainable parameters by key, on the host.
 pub async fn trainable_tensors<M: Module>(module: &M) -> Result<BTreeMap<String, HostTensor>> {
-    let mut reader = ReadTrainable { path: ModulePath::default(), out: Vec::new() };
-    module.visit(&mut reader);
+    let mut reader = ReadTrainable { out: Vec::new() };
+    visit_keyed(module, "", &mut reader);
     let mut out = BTreeMap::new();
-    for (path, flat, shape) in reader.out {
-        out.insert(path, HostTensor::from_flat(flat, shape).await?);
+    for (key, flat, shape) in reader.out {
+        out.insert(key, HostTensor::from_flat(flat, shape).await?);
     }
     Ok(out)
 }
 
 struct WriteTrainable<'a> {
-    path: ModulePath,
     values: &'a BTreeMap<String, HostTensor>,
     train_device: Device,
     problems: Vec<String>,
     restored: usize,
 }
 
-impl ModuleMapper for WriteTrainable<'_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.enter(name);
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.exit();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+impl KeyedMapper for WriteTrainable<'_> {
+    fn map<const D: usize>(&mut self, key: &str, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let current = param.val();
         if !current.is_require_grad() {
             return param;
         }
-        let path = self.path.key();
-        let Some(saved) = self.values.get(&path) else {
-            self.problems.push(format!("no saved value for trainable tensor '{path}'"));
+        let Some(saved) = self.values.get(key) else {
+            self.problems.push(format!("no saved value for trainable tensor '{key}'"));
             return param;
         };
         if saved.shape != current.dims().to_vec() {
-            self.problems.push(format!("tensor '{path}' was saved with shape {:?}, this run has {:?}", saved.shape, current.dims()));
+            self.problems.push(format!("tensor '{key}' was saved with shape {:?}, this run has {:?}", saved.shape, current.dims()));
             return param;
         }
         let dtype = current.dtype();
@@ -239,8 +224,8 @@ impl ModuleMapper for WriteTrainable<'_> {
 /// Puts saved values into the module's trainable parameters; every
 /// missing or mis-shaped tensor is reported.
 pub fn restore_trainable<M: Module>(module: M, values: &BTreeMap<String, HostTensor>, train_device: &Device, source: &str) -> Result<M> {
-    let mut writer = WriteTrainable { path: ModulePath::default(), values, train_device: train_device.clone(), problems: Vec::new(), restored: 0 };
-    let module = module.map(&mut writer);
+    let mut writer = WriteTrainable { values, train_device: train_device.clone(), problems: Vec::new(), restored: 0 };
+    let module = map_keyed(module, "", &mut writer);
     if writer.restored != values.len() {
         writer.problems.push(format!("the checkpoint has {} trainable tensors, this run {}", values.len(), writer.restored));
     }

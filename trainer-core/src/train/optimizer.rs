@@ -9,12 +9,12 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{DType, Device, Gradients, Tensor, TensorData};
 
 use super::tensor_file::HostTensor;
 use crate::error::Result;
-use crate::models::naming::ModulePath;
+use crate::models::naming::{map_keyed, visit_keyed, KeyedMapper, KeyedVisitor};
 use crate::rng::SeededRng;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -47,35 +47,27 @@ pub struct AdamW {
 }
 
 /// Pulls each trainable parameter's gradient out of the backward result.
-/// Paths start with the module's prefix (`text_encoder.` for the text
+/// Keys start with the module's prefix (`text_encoder.` for the text
 /// encoder), so several modules share one optimizer.
 struct GradientReader<'a> {
-    path: ModulePath,
     grads: &'a mut Gradients,
     scale: f64,
     out: Vec<(String, Tensor<1>)>,
 }
 
-impl ModuleVisitor for GradientReader<'_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.enter(name);
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.exit();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+impl KeyedVisitor for GradientReader<'_> {
+    fn visit<const D: usize>(&mut self, key: &str, param: &Param<Tensor<D>>) {
         let value = param.val();
         if let Some(grad) = value.grad_remove(self.grads) {
             let count = grad.shape().num_elements();
             let grad = grad.cast(DType::F32).reshape([count]) * self.scale;
-            self.out.push((self.path.key(), grad));
+            self.out.push((key.to_string(), grad));
         }
     }
 }
 
 /// Writes updated parameters back into the module.
 struct Updater<'a> {
-    path: ModulePath,
     optimizer: &'a mut AdamW,
     grads: BTreeMap<String, Tensor<1>>,
     lr: f64,
@@ -83,21 +75,14 @@ struct Updater<'a> {
     train_device: &'a Device,
 }
 
-impl ModuleMapper for Updater<'_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.enter(name);
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.exit();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let path = self.path.key();
-        let Some(grad) = self.grads.remove(&path) else { return param };
+impl KeyedMapper for Updater<'_> {
+    fn map<const D: usize>(&mut self, key: &str, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let Some(grad) = self.grads.remove(key) else { return param };
         let value = param.val().without_autodiff();
         let dims = value.dims();
         let dtype = value.dtype();
         let flat = value.cast(DType::F32).reshape([grad.dims()[0]]);
-        let updated = self.optimizer.update(&path, flat, grad, self.lr, self.rounding_seed);
+        let updated = self.optimizer.update(key, flat, grad, self.lr, self.rounding_seed);
         let updated = updated.reshape(dims);
         let updated = if dtype == DType::F32 { updated } else { updated.cast(dtype) };
         param.map(|_| trainable_on(updated, self.train_device))
@@ -112,8 +97,8 @@ impl AdamW {
     /// Adds one micro-batch's gradients (scaled by `scale`, 1/accumulation)
     /// of `module`'s trainable parameters, named `prefix` + module path.
     pub fn accumulate<M: Module>(&mut self, module: &M, prefix: &str, grads: &mut Gradients, scale: f64) {
-        let mut reader = GradientReader { path: ModulePath::under(prefix), grads, scale, out: Vec::new() };
-        module.visit(&mut reader);
+        let mut reader = GradientReader { grads, scale, out: Vec::new() };
+        visit_keyed(module, prefix, &mut reader);
         for (path, grad) in reader.out {
             let sum = match self.accumulated.remove(&path) {
                 Some(previous) => previous + grad,
@@ -173,8 +158,8 @@ impl AdamW {
     pub fn apply<M: Module>(&mut self, module: M, prefix: &str, lr: f64, train_device: &Device) -> M {
         let grads = std::mem::take(&mut self.pending);
         let rounding_seed = self.steps;
-        let mut updater = Updater { path: ModulePath::under(prefix), optimizer: self, grads, lr, rounding_seed, train_device };
-        let module = module.map(&mut updater);
+        let mut updater = Updater { optimizer: self, grads, lr, rounding_seed, train_device };
+        let module = map_keyed(module, prefix, &mut updater);
         // What this module did not take belongs to the next module applied.
         self.pending = updater.grads;
         module

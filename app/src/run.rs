@@ -177,9 +177,9 @@ impl RunHost for BrowserHost {
         self.view.progress("training", report.step, self.total);
     }
 
-    fn validation_image(&mut self, path: &str, step: u64) {
+    fn image_written(&mut self, path: &str, caption: &str) {
         match storage().read(path) {
-            Ok(Some(bytes)) => post(&FromWorker::Validation { caption: format!("step {step}") }, vec![bytes]),
+            Ok(Some(bytes)) => post(&FromWorker::Validation { caption: caption.to_string() }, vec![bytes]),
             _ => self.view.note(format!("validation image {path} could not be read back")),
         }
     }

@@ -244,10 +244,34 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut host = CliHost::default();
     let end = block_on(run::run(&mut session, &mut host, &options));
     host.clear();
-    if let RunEnd::Stopped { checkpoint, .. } = end? {
-        eprintln!("interrupted: saved {checkpoint}; continue with --resume latest");
+    match end? {
+        RunEnd::Stopped { checkpoint, .. } => eprintln!("interrupted: saved {checkpoint}; continue with --resume latest"),
+        RunEnd::Finished { exports, comparison } => where_to_look(&session, &exports, comparison.as_deref()),
     }
     Ok(())
+}
+
+/// The run's last lines: what to look at and how to use what it made.
+fn where_to_look(session: &Session<'_>, exports: &[String], comparison: Option<&str>) {
+    let config = &session.config;
+    eprintln!("\nLook at:");
+    if let Some(grid) = comparison {
+        eprintln!("  {grid}: the base model (left) and the trained weights (right) from the same seed");
+    }
+    eprintln!("  {}: the loss by step; {}/: the validation images", session.output_path("loss.png"), session.output_path("validation"));
+    let prompt = config.validation_prompt.as_deref().unwrap_or("a photo of sks dog");
+    match (config.model_type, exports.first()) {
+        (ModelType::Lora, Some(lora)) => {
+            let model = config.pretrained_model_name_or_path.as_deref().unwrap_or("<the base model>");
+            eprintln!("Use the LoRA: native-runner sample --model {model} --lora {lora} --prompt \"{prompt}\" --out sample.png");
+            eprintln!("  ComfyUI, A1111 and Forge load it as it is: put it in their models/Lora folder.");
+        }
+        (ModelType::Full, Some(folder)) => {
+            eprintln!("Use the model: native-runner sample --model {folder} --prompt \"{prompt}\" --out sample.png");
+            eprintln!("  The single file {folder}.safetensors loads in ComfyUI, A1111 and Forge as a checkpoint.");
+        }
+        (_, None) => {}
+    }
 }
 
 /// The terminal's view of a run: one progress bar for the phase under way
@@ -309,7 +333,7 @@ impl RunHost for CliHost {
         bar.set_message(format!("loss {:.4} lr {:.2e} ({:.2} s/step, ETA {:.0} s)", report.loss, report.lr, timing.per_step, timing.eta_seconds));
     }
 
-    fn validation_image(&mut self, _path: &str, _step: u64) {}
+    fn image_written(&mut self, _path: &str, _caption: &str) {}
 
     async fn saved(&mut self) -> Result<()> {
         Ok(())

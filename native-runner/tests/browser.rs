@@ -175,6 +175,8 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
     assert!(sdxl.contains("Stable Diffusion XL") && sdxl.contains("fits: largest tensor"), "the page accepts an SDXL folder and sizes it: {sdxl}");
     assert_eq!(result["chartPoints"], 3, "the loss chart shows every step");
     assert!(result["galleryImages"].as_u64().unwrap() >= 1, "a validation image appears");
+    let captions: Vec<&str> = result["galleryCaptions"].as_array().unwrap().iter().filter_map(|c| c.as_str()).collect();
+    assert!(captions.contains(&"base model | trained"), "the before/after grid is in the gallery: {captions:?}");
     let gap = result["longestFrameGapMs"].as_f64().unwrap();
     assert!(gap < 1000.0, "the page must repaint at least once a second while training; the longest gap was {gap} ms");
     assert!(result["saved"].as_str().unwrap().contains("(1 checkpoint(s)"), "a reload finds the run in OPFS: {}", result["saved"]);

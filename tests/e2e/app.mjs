@@ -129,6 +129,7 @@ try {
   const chartPoints = Number(await page.locator('#loss-chart').getAttribute('data-points'));
   const losses = JSON.parse(await page.locator('#loss-chart').getAttribute('data-losses'));
   const galleryImages = await page.locator('#gallery img').count();
+  const galleryCaptions = await page.locator('#gallery figcaption').allTextContents();
   const stats = await page.locator('#stats').textContent();
   say(`trained in ${trainSeconds.toFixed(1)} s; ${stats}; longest frame gap ${longestGap.toFixed(0)} ms`);
   await screenshot('trained');
@@ -254,7 +255,7 @@ try {
   say(`self-test without it: ${JSON.stringify(withoutShim)}`);
   await bare.close();
 
-  fs.writeFileSync(path.join(outDir, 'result.json'), JSON.stringify({ sdxlModel, fullOutputs, pausedAt, pausedStill, stopped, resumeLog, resumedLosses, tokens, regPlan, trainSeconds, chartPoints, losses, galleryImages, longestFrameGapMs: longestGap, saved, stats, gpu, selfTestWithShim: withShim, selfTestWithoutShim: withoutShim }, null, 2));
+  fs.writeFileSync(path.join(outDir, 'result.json'), JSON.stringify({ sdxlModel, fullOutputs, galleryCaptions, pausedAt, pausedStill, stopped, resumeLog, resumedLosses, tokens, regPlan, trainSeconds, chartPoints, losses, galleryImages, longestFrameGapMs: longestGap, saved, stats, gpu, selfTestWithShim: withShim, selfTestWithoutShim: withoutShim }, null, 2));
   fs.writeFileSync(path.join(outDir, 'console.txt'), consoleLines.join('\n'));
   await browser.close();
   say('done');

@@ -135,6 +135,8 @@ pub struct TrainingConfig {
     pub validation_num_inference_steps: u32,
     pub validation_resolution: String,
     pub validation_seed: Option<u64>,
+    /// A validation image before the first step (the base model's).
+    pub validation_on_startup: bool,
     pub lora_rank: u32,
     pub lora_alpha: f64,
     pub lora_dropout: f64,
@@ -344,6 +346,7 @@ fn read_config(raw: &Map<String, Value>, from_env: bool, source_name: &str, base
         None => "256".into(),
     };
     let validation_seed = r.int(&["validation_seed"], 0).map(|s| s as u64);
+    let validation_on_startup = r.bool(&["validation_on_startup"]).unwrap_or(false);
 
     let lora_rank = r.int(&["lora_rank"], 1).unwrap_or(16) as u32;
     let lora_alpha = r.f64_where(&["lora_alpha"], |v| v > 0.0, "positive").unwrap_or(lora_rank as f64);
@@ -428,6 +431,7 @@ fn read_config(raw: &Map<String, Value>, from_env: bool, source_name: &str, base
         validation_num_inference_steps,
         validation_resolution,
         validation_seed,
+        validation_on_startup,
         lora_rank,
         lora_alpha,
         lora_dropout,

@@ -50,8 +50,9 @@ pub trait RunHost {
     fn history(&mut self, _earlier: &[StepMetrics]) {}
     /// A step finished and was recorded in the metrics.
     fn stepped(&mut self, report: &StepReport, timing: &StepTiming);
-    /// A validation image was written to `path`.
-    fn validation_image(&mut self, path: &str, step: u64);
+    /// An image for the user was written to `path`: a validation image or
+    /// the before/after comparison; `caption` says which.
+    fn image_written(&mut self, path: &str, caption: &str);
     /// Files in the output folder changed (after caching, at checkpoints, at
     /// the end): the browser mirrors them to its persistent storage.
     fn saved(&mut self) -> impl Future<Output = Result<()>>;
@@ -88,8 +89,9 @@ pub const fn default_export_name(model_type: ModelType) -> &'static str {
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RunEnd {
-    /// Every step ran; the exports' paths.
-    Finished { exports: Vec<String> },
+    /// Every step ran: the exports' paths, and the before/after grid's
+    /// (a LoRA run that wrote a validation image).
+    Finished { exports: Vec<String>, comparison: Option<String> },
     /// Stopped by the host at `step`, with a checkpoint to resume from.
     Stopped { step: u64, checkpoint: String },
 }
@@ -103,6 +105,12 @@ pub async fn run(session: &mut Session<'_>, host: &mut impl RunHost, options: &R
     host.history(&session.metrics);
     fill_caches(session, host).await?;
     host.saved().await?;
+    // The before/after grid comes with validation: only a run that validated samples it.
+    let mut validated = false;
+    if session.config.validation_on_startup && session.step == 0 {
+        // The base model's image at step 0 (SimpleTuner's validation_on_startup).
+        validated = validate(session, host).await?;
+    }
 
     let total = session.total_steps();
     let first_step = session.step;
@@ -126,7 +134,7 @@ pub async fn run(session: &mut Session<'_>, host: &mut impl RunHost, options: &R
         let timing = StepTiming { seconds: now - step_started, per_step, eta_seconds: per_step * (total - report.step) as f64 };
         host.stepped(&report, &timing);
         if session.validation_due() {
-            validate(session, host).await?;
+            validated |= validate(session, host).await?;
         }
         if session.checkpoint_due() && !session.is_done() {
             let path = session.save_checkpoint().await?;
@@ -158,8 +166,16 @@ pub async fn run(session: &mut Session<'_>, host: &mut impl RunHost, options: &R
             vec![folder, single]
         }
     };
+    let comparison = match validated {
+        true => session.comparison(&mut |p| host.progress("comparison sampling", p.done as u64, p.total as u64)).await?,
+        false => None,
+    };
+    if let Some((path, _)) = &comparison {
+        host.note(&format!("comparison grid {path}: base model left, trained right, same seed; rows: validation prompt, class prompt"));
+        host.image_written(path, "base model | trained");
+    }
     host.saved().await?;
-    Ok(RunEnd::Finished { exports })
+    Ok(RunEnd::Finished { exports, comparison: comparison.map(|(path, _)| path) })
 }
 
 pub async fn fill_caches(session: &mut Session<'_>, host: &mut impl RunHost) -> Result<()> {
@@ -184,13 +200,14 @@ pub async fn fill_caches(session: &mut Session<'_>, host: &mut impl RunHost) -> 
     Ok(())
 }
 
-async fn validate(session: &mut Session<'_>, host: &mut impl RunHost) -> Result<()> {
+/// Writes a validation image (when there is a validation prompt); returns whether it did.
+async fn validate(session: &mut Session<'_>, host: &mut impl RunHost) -> Result<bool> {
     let written = session.validate(&mut |p| host.progress("validation sampling", p.done as u64, p.total as u64)).await?;
-    if let Some((path, _)) = written {
+    if let Some((path, _)) = &written {
         host.note(&format!("validation image {path}"));
-        host.validation_image(&path, session.step);
+        host.image_written(path, &format!("step {}", session.step));
     }
-    Ok(())
+    Ok(written.is_some())
 }
 
 /// One step, with a panic inside burn or the device (natively: an

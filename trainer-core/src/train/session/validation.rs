@@ -5,6 +5,7 @@ use burn::module::Module;
 use image::RgbImage;
 
 use super::{Progress, Session};
+use crate::config::training::ModelType;
 use crate::error::Result;
 use crate::models::clip::ClipTextModel;
 use crate::pipeline::{a1111_parameters, png_with_parameters, to_rgb8, GenerateRequest, Generated};
@@ -29,12 +30,10 @@ impl Session<'_> {
         })
     }
 
-    /// Samples the validation prompt with the current weights and writes
-    /// `validation/step-<N>.png` (with its parameters). Returns the path and image.
-    pub async fn validate(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Result<Option<(String, RgbImage)>> {
-        let Some(prompt) = self.config.validation_prompt.clone() else { return Ok(None) };
+    /// A validation request for `prompt`: the validation settings and seed.
+    fn validation_request(&self, prompt: String) -> GenerateRequest {
         let (width, height) = self.validation_size();
-        let request = GenerateRequest {
+        GenerateRequest {
             prompt,
             negative_prompt: self.config.validation_negative_prompt.clone(),
             steps: self.config.validation_num_inference_steps.max(1) as usize,
@@ -43,12 +42,57 @@ impl Session<'_> {
             seed: self.config.validation_seed.unwrap_or(self.config.seed),
             width,
             height,
-        };
+        }
+    }
+
+    /// The class prompt: the first caption of the first regularisation dataset.
+    fn class_prompt(&self) -> Option<String> {
+        let class = self.plan.datasets.iter().find(|d| d.is_regularisation_data)?;
+        class.images.first()?.captions().into_iter().next()
+    }
+
+    /// Samples the validation prompt with the current weights and writes
+    /// `validation/step-<N>.png` (with its parameters). Returns the path and image.
+    pub async fn validate(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Result<Option<(String, RgbImage)>> {
+        let Some(prompt) = self.config.validation_prompt.clone() else { return Ok(None) };
+        let request = self.validation_request(prompt);
         let image = self.sample(&request, progress).await?;
         let parameters = a1111_parameters(&request, self.plan.model.as_deref().unwrap_or("model"), &[("Burnbooth step", self.step.to_string())]);
         let path = self.output_path(&format!("validation/step-{:06}.png", self.step));
         self.storage.write(&path, &png_with_parameters(&image, &parameters)?)?;
         Ok(Some((path, image)))
+    }
+
+    /// The before/after grid of a LoRA run, `comparison.png`: a row for the
+    /// validation prompt and one for the class prompt (of the first
+    /// regularisation dataset, when there is one); in each, the base model's
+    /// sample on the left and the trained weights' on the right, from the
+    /// same seed. Its parameters name the rows and columns. `None` without
+    /// a validation prompt or for a full fine-tune (whose base weights are
+    /// no longer in memory).
+    pub async fn comparison(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Result<Option<(String, RgbImage)>> {
+        let Some(instance) = self.config.validation_prompt.clone() else { return Ok(None) };
+        if self.config.model_type == ModelType::Full {
+            return Ok(None);
+        }
+        let prompts: Vec<String> = std::iter::once(instance).chain(self.class_prompt()).collect();
+        let mut tiles = Vec::new();
+        for prompt in &prompts {
+            for with_lora in [false, true] {
+                tiles.push(self.sample_with(&self.validation_request(prompt.clone()), with_lora, progress).await?);
+            }
+        }
+        let request = self.validation_request(prompts[0].clone());
+        let (width, height) = (request.width as u32, request.height as u32);
+        let mut grid = RgbImage::new(2 * width, prompts.len() as u32 * height);
+        for (i, tile) in tiles.iter().enumerate() {
+            image::imageops::replace(&mut grid, tile, (i as i64 % 2) * width as i64, (i as i64 / 2) * height as i64);
+        }
+        let layout = format!("rows: {}; columns: base model, trained (step {}), same seed", prompts.join(" | "), self.step);
+        let parameters = a1111_parameters(&request, self.plan.model.as_deref().unwrap_or("model"), &[("Burnbooth comparison", layout)]);
+        let path = self.output_path("comparison.png");
+        self.storage.write(&path, &png_with_parameters(&grid, &parameters)?)?;
+        Ok(Some((path, grid)))
     }
 
     /// Generates with the current weights (adapters on, dropout off).

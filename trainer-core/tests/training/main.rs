@@ -3,7 +3,9 @@
 //! LoRAs merge back to the same model, bad losses stop training, and the
 //! run loop both hosts drive stops, resumes and exports.
 
+#[path = "../common.rs"]
 mod common;
+mod run_loop;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -19,10 +21,7 @@ use trainer_core::models::{DiskFolder, StableDiffusion, WeightDtypes};
 use trainer_core::pipeline::GenerateRequest;
 use trainer_core::plan::{plan, PlanTarget};
 use trainer_core::schedulers::SamplerKind;
-use trainer_core::train::metrics::StepMetrics;
-use trainer_core::train::run::{self, Control, RunEnd, RunHost, RunOptions, StepTiming};
-use trainer_core::train::run_record::OutputUse;
-use trainer_core::train::session::{image_tensor, Session, SessionOptions, StepReport};
+use trainer_core::train::session::{image_tensor, Session, SessionOptions};
 use trainer_core::train::storage::{MemoryStorage, Storage};
 
 fn fixture_model(device: &Device, dtypes: WeightDtypes) -> StableDiffusion {
@@ -515,76 +514,4 @@ fn sdxl_lora_with_both_text_encoders_trains_resumes_and_exports() {
     let relative = (mean_squared(&from_file, &trained) / mean_squared(&trained, &vec![0.0; trained.len()])).sqrt();
     eprintln!("SDXL: merged vs adapter samples differ by {relative:.2e}");
     assert!(relative < 1e-4, "merged samples differ from the adapters' by {relative:.2e} (relative L2)");
-}
-
-/// A host for [`run::run`] that stops at a given step and keeps what it is told.
-#[derive(Default)]
-struct RecordingHost {
-    stop_at: Option<u64>,
-    notes: Vec<String>,
-    earlier_steps: Vec<u64>,
-    steps: Vec<u64>,
-    syncs: usize,
-}
-
-impl RunHost for RecordingHost {
-    fn now(&self) -> f64 {
-        0.0
-    }
-    fn note(&mut self, line: &str) {
-        self.notes.push(line.to_string());
-    }
-    fn progress(&mut self, _phase: &str, _done: u64, _total: u64) {}
-    fn history(&mut self, earlier: &[StepMetrics]) {
-        self.earlier_steps = earlier.iter().map(|m| m.step).collect();
-    }
-    fn stepped(&mut self, report: &StepReport, _timing: &StepTiming) {
-        self.steps.push(report.step);
-    }
-    fn validation_image(&mut self, _path: &str, _step: u64) {}
-    async fn saved(&mut self) -> trainer_core::Result<()> {
-        self.syncs += 1;
-        Ok(())
-    }
-    async fn between_steps(&mut self, step: u64, _total: u64) -> Control {
-        if self.stop_at == Some(step) {
-            Control::Stop
-        } else {
-            Control::Continue
-        }
-    }
-}
-
-#[test]
-fn the_run_loop_stops_with_a_checkpoint_resumes_and_ends_a_full_fine_tune_with_its_exports() {
-    let setup = setup("MODEL_TYPE=full\nLEARNING_RATE=2e-4\nMAX_NUM_STEPS=4\n", false);
-    let storage = MemoryStorage::default();
-    let device = Device::flex();
-    let options =
-        |output_use, resume: Option<&str>| RunOptions { output_use, resume: resume.map(String::from), export_name: Some("tuned".into()), source_configs: None };
-
-    let mut first = session(&setup, &storage, &device, F32_TARGET);
-    let mut host = RecordingHost { stop_at: Some(2), ..Default::default() };
-    let end = block_on(run::run(&mut first, &mut host, &options(OutputUse::New, None))).unwrap();
-    assert_eq!(end, RunEnd::Stopped { step: 2, checkpoint: "/out/checkpoints/checkpoint-00000002".into() });
-    assert_eq!(host.steps, [1, 2]);
-    assert!(host.notes.iter().any(|n| n.starts_with("caches ready")), "{:?}", host.notes);
-    assert!(host.syncs >= 2, "the host hears of the caches and of the checkpoint");
-    assert!(storage.exists("/out/checkpoints/checkpoint-00000002/state.json").unwrap());
-    assert!(!storage.exists("/out/tuned.safetensors").unwrap(), "a stopped run exports nothing");
-
-    // A new run into the folder is refused; resuming continues at step 3.
-    let mut again = session(&setup, &storage, &device, F32_TARGET);
-    let refused = block_on(run::run(&mut again, &mut RecordingHost::default(), &options(OutputUse::New, None))).unwrap_err();
-    assert!(refused.to_string().contains("holds an earlier run"), "{refused}");
-    let mut host = RecordingHost::default();
-    let end = block_on(run::run(&mut again, &mut host, &options(OutputUse::Resume, Some("latest")))).unwrap();
-    assert_eq!(host.earlier_steps, [1, 2], "the resumed run hands the earlier losses to the host");
-    assert_eq!(host.steps, [3, 4]);
-    assert_eq!(end, RunEnd::Finished { exports: vec!["/out/tuned".into(), "/out/tuned.safetensors".into()] });
-    for file in ["/out/tuned/unet/diffusion_pytorch_model.safetensors", "/out/tuned/model_index.json", "/out/tuned.safetensors", "/out/loss.png"] {
-        assert!(storage.exists(file).unwrap(), "{file} was not written");
-    }
-    let metrics = String::from_utf8(storage.read("/out/metrics.jsonl").unwrap().unwrap()).unwrap();
-    assert_eq!(metrics.lines().count(), 4, "one metrics line per step: {metrics}");
 }

@@ -1,0 +1,115 @@
+//! The run loop both hosts drive: stopping, resuming and exporting, and the
+//! before/after grid that ends a LoRA run.
+
+use trainer_core::train::metrics::StepMetrics;
+use trainer_core::train::run::{self, Control, RunEnd, RunHost, RunOptions, StepTiming};
+use trainer_core::train::run_record::OutputUse;
+use trainer_core::train::session::StepReport;
+
+use super::*;
+
+/// A host for [`run::run`] that stops at a given step and keeps what it is told.
+#[derive(Default)]
+struct RecordingHost {
+    stop_at: Option<u64>,
+    notes: Vec<String>,
+    earlier_steps: Vec<u64>,
+    steps: Vec<u64>,
+    syncs: usize,
+    /// Captions of the images the loop showed.
+    images: Vec<String>,
+}
+
+impl RunHost for RecordingHost {
+    fn now(&self) -> f64 {
+        0.0
+    }
+    fn note(&mut self, line: &str) {
+        self.notes.push(line.to_string());
+    }
+    fn progress(&mut self, _phase: &str, _done: u64, _total: u64) {}
+    fn history(&mut self, earlier: &[StepMetrics]) {
+        self.earlier_steps = earlier.iter().map(|m| m.step).collect();
+    }
+    fn stepped(&mut self, report: &StepReport, _timing: &StepTiming) {
+        self.steps.push(report.step);
+    }
+    fn image_written(&mut self, _path: &str, caption: &str) {
+        self.images.push(caption.to_string());
+    }
+    async fn saved(&mut self) -> trainer_core::Result<()> {
+        self.syncs += 1;
+        Ok(())
+    }
+    async fn between_steps(&mut self, step: u64, _total: u64) -> Control {
+        if self.stop_at == Some(step) {
+            Control::Stop
+        } else {
+            Control::Continue
+        }
+    }
+}
+
+#[test]
+fn the_run_loop_stops_with_a_checkpoint_resumes_and_ends_a_full_fine_tune_with_its_exports() {
+    let setup = setup("MODEL_TYPE=full\nLEARNING_RATE=2e-4\nMAX_NUM_STEPS=4\n", false);
+    let storage = MemoryStorage::default();
+    let device = Device::flex();
+    let options =
+        |output_use, resume: Option<&str>| RunOptions { output_use, resume: resume.map(String::from), export_name: Some("tuned".into()), source_configs: None };
+
+    let mut first = session(&setup, &storage, &device, F32_TARGET);
+    let mut host = RecordingHost { stop_at: Some(2), ..Default::default() };
+    let end = block_on(run::run(&mut first, &mut host, &options(OutputUse::New, None))).unwrap();
+    assert_eq!(end, RunEnd::Stopped { step: 2, checkpoint: "/out/checkpoints/checkpoint-00000002".into() });
+    assert_eq!(host.steps, [1, 2]);
+    assert!(host.notes.iter().any(|n| n.starts_with("caches ready")), "{:?}", host.notes);
+    assert!(host.syncs >= 2, "the host hears of the caches and of the checkpoint");
+    assert!(storage.exists("/out/checkpoints/checkpoint-00000002/state.json").unwrap());
+    assert!(!storage.exists("/out/tuned.safetensors").unwrap(), "a stopped run exports nothing");
+
+    // A new run into the folder is refused; resuming continues at step 3.
+    let mut again = session(&setup, &storage, &device, F32_TARGET);
+    let refused = block_on(run::run(&mut again, &mut RecordingHost::default(), &options(OutputUse::New, None))).unwrap_err();
+    assert!(refused.to_string().contains("holds an earlier run"), "{refused}");
+    let mut host = RecordingHost::default();
+    let end = block_on(run::run(&mut again, &mut host, &options(OutputUse::Resume, Some("latest")))).unwrap();
+    assert_eq!(host.earlier_steps, [1, 2], "the resumed run hands the earlier losses to the host");
+    assert_eq!(host.steps, [3, 4]);
+    let exports = vec!["/out/tuned".to_string(), "/out/tuned.safetensors".to_string()];
+    assert_eq!(end, RunEnd::Finished { exports, comparison: None }, "no comparison without a validation prompt");
+    for file in ["/out/tuned/unet/diffusion_pytorch_model.safetensors", "/out/tuned/model_index.json", "/out/tuned.safetensors", "/out/loss.png"] {
+        assert!(storage.exists(file).unwrap(), "{file} was not written");
+    }
+    let metrics = String::from_utf8(storage.read("/out/metrics.jsonl").unwrap().unwrap()).unwrap();
+    assert_eq!(metrics.lines().count(), 4, "one metrics line per step: {metrics}");
+}
+
+#[test]
+fn a_lora_run_validates_the_base_model_at_step_0_and_ends_with_a_before_after_grid() {
+    let extra = "MAX_NUM_STEPS=3\nLEARNING_RATE=1e-2\nVALIDATION_PROMPT=\"a photo of zwx toy\"\nVALIDATION_RESOLUTION=32\n\
+                 VALIDATION_NUM_INFERENCE_STEPS=4\nTRAINER_EXTRA_ARGS=\"--validation_on_startup\"\n";
+    let setup = setup(extra, true);
+    assert!(setup.training.validation_on_startup);
+    let storage = MemoryStorage::default();
+    let device = Device::flex();
+    let mut session = session(&setup, &storage, &device, F32_TARGET);
+    let mut host = RecordingHost::default();
+    let options = RunOptions { output_use: OutputUse::New, resume: None, export_name: None, source_configs: None };
+    let end = block_on(run::run(&mut session, &mut host, &options)).unwrap();
+    let RunEnd::Finished { comparison: Some(grid_path), .. } = end else { panic!("a LoRA run with a validation prompt ends with a grid: {end:?}") };
+    assert_eq!(grid_path, "/out/comparison.png");
+    assert_eq!(host.images, ["step 0", "base model | trained"]);
+
+    let bytes = storage.read(&grid_path).unwrap().unwrap();
+    let grid = image::load_from_memory(&bytes).unwrap().to_rgb8();
+    assert_eq!(grid.dimensions(), (64, 64), "two columns (base, trained) and two rows (instance, class prompt) of 32 px");
+    let parameters = String::from_utf8_lossy(&bytes);
+    assert!(parameters.contains("rows: a photo of zwx toy | a photo of a toy"), "the grid says what its rows are");
+    // The base column is the base model: the step-0 validation image, which
+    // the base model drew from the same prompt and seed.
+    let startup = image::load_from_memory(&storage.read("/out/validation/step-000000.png").unwrap().unwrap()).unwrap().to_rgb8();
+    let tile = |column: u32, row: u32| image::imageops::crop_imm(&grid, column * 32, row * 32, 32, 32).to_image();
+    assert_eq!(tile(0, 0), startup, "the base model's tile is the base model's image");
+    assert_ne!(tile(1, 0), tile(0, 0), "three steps of training change the instance prompt's image");
+}

@@ -148,7 +148,7 @@ fn open_session<'a>(args: &TrainArgs, storage: &'a DiskStorage) -> Result<Sessio
     loading.finish_and_clear();
     let model = model?;
     eprintln!("model: {model_path} ({:?})", model.family);
-    Session::new(training, plan, model, sources, storage, device, SessionOptions { lora_targets, ..Default::default() })
+    Session::new(training, plan, model, sources, storage, device, SessionOptions { lora_targets })
 }
 
 pub fn run_cache(args: TrainArgs) -> Result<()> {
@@ -259,15 +259,30 @@ fn where_to_look(session: &Session<'_>, exports: &[String], comparison: Option<&
         eprintln!("  {grid}: the base model (left) and the trained weights (right) from the same seed");
     }
     eprintln!("  {}: the loss by step; {}/: the validation images", session.output_path("loss.png"), session.output_path("validation"));
-    let prompt = config.validation_prompt.as_deref().unwrap_or("a photo of sks dog");
+    // The validation settings, so that the command draws the grid's trained picture.
+    let request = session.validation_request(config.validation_prompt.clone().unwrap_or_else(|| "a photo of sks dog".into()));
+    let negative = match request.negative_prompt.as_str() {
+        "" => String::new(),
+        text => format!(" --negative-prompt \"{text}\""),
+    };
+    let settings = format!(
+        "--prompt \"{}\"{negative} --width {} --height {} --steps {} --guidance {} --sampler {} --seed {} --out sample.png",
+        request.prompt,
+        request.width,
+        request.height,
+        request.steps,
+        request.guidance,
+        request.sampler.name(),
+        request.seed
+    );
     match (config.model_type, exports.first()) {
         (ModelType::Lora, Some(lora)) => {
             let model = config.pretrained_model_name_or_path.as_deref().unwrap_or("<the base model>");
-            eprintln!("Use the LoRA: native-runner sample --model {model} --lora {lora} --prompt \"{prompt}\" --out sample.png");
+            eprintln!("Use the LoRA: native-runner sample --model {model} --lora {lora} {settings}");
             eprintln!("  ComfyUI, A1111 and Forge load it as it is: put it in their models/Lora folder.");
         }
         (ModelType::Full, Some(folder)) => {
-            eprintln!("Use the model: native-runner sample --model {folder} --prompt \"{prompt}\" --out sample.png");
+            eprintln!("Use the model: native-runner sample --model {folder} {settings}");
             eprintln!("  The single file {folder}.safetensors loads in ComfyUI, A1111 and Forge as a checkpoint.");
         }
         (_, None) => {}

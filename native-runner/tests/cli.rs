@@ -325,22 +325,52 @@ fn readme_quick_start() -> String {
     command.split("&&").next().unwrap().trim().to_string()
 }
 
+/// Mean squared difference of two equally sized RGB images, in [0, 1] units.
+fn pixel_distance(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    let sum: f64 = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| ((*x as f64 - *y as f64) / 255.0).powi(2)).sum();
+    sum / a.as_raw().len() as f64
+}
+
+/// README's quick start, run as written (into a scratch folder): it trains
+/// its 60 steps, ends with the LoRA and `comparison.png`, and the command
+/// its last lines suggest draws the grid's trained picture from the
+/// exported LoRA.
 #[test]
 fn readme_quick_start_runs_as_written() {
     let command = readme_quick_start();
     let out = scratch("readme");
-    // The command verbatim, with a step limit and a scratch output folder
-    // added. It runs through cargo as a user's would (so a missing
-    // `default-run` fails here); the build is the one this test came from.
+    // The command verbatim, with a scratch output folder added. It runs
+    // through cargo as a user's would (so a missing `default-run` fails
+    // here); the build is the one this test came from.
     let binary = Path::new(env!("CARGO_BIN_EXE_native-runner"));
     let target_dir = binary.parent().unwrap().parent().unwrap();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let script = format!("{} --max-steps 2 --output-dir {}", command.replacen("cargo", &cargo, 1), out.display());
+    let script = format!("{} --output-dir {}", command.replacen("cargo", &cargo, 1), out.display());
     let output = Command::new("sh").args(["-c", &script]).current_dir(repo()).env("CARGO_TARGET_DIR", target_dir).output().unwrap();
-    assert!(output.status.success(), "`{script}` failed:\n{}", stderr(&output));
-    assert!(out.join("burnbooth-lora.safetensors").is_file(), "no LoRA in {}: {}", out.display(), stderr(&output));
+    let log = stderr(&output);
+    assert!(output.status.success(), "`{script}` failed:\n{log}");
+    assert!(out.join("burnbooth-lora.safetensors").is_file(), "no LoRA in {}: {log}", out.display());
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    assert_eq!(metrics.lines().filter(|l| l.contains("\"loss\"")).count(), 2, "{metrics}");
+    assert_eq!(metrics.lines().filter(|l| l.contains("\"loss\"")).count(), 60, "{metrics}");
+
+    // The grid: rows instance prompt, class prompt; columns base, trained.
+    let grid = image::open(out.join("comparison.png")).unwrap().to_rgb8();
+    assert_eq!(grid.dimensions(), (128, 128), "two 64 px rows of base | trained");
+    let trained = image::imageops::crop_imm(&grid, 64, 0, 64, 64).to_image();
+    let base = image::imageops::crop_imm(&grid, 0, 0, 64, 64).to_image();
+
+    // The suggested command (validation size, steps, guidance, sampler and
+    // seed), from the LoRA file, draws the trained tile.
+    let line = log.lines().find(|l| l.starts_with("Use the LoRA: native-runner sample ")).unwrap_or_else(|| panic!("no sample hint in:\n{log}"));
+    let sample = out.join("sample.png");
+    let hint = line["Use the LoRA: native-runner".len()..].replace("--out sample.png", &format!("--out {} --device cpu", sample.display()));
+    let output = Command::new("sh").args(["-c", &format!("{} {hint}", binary.display())]).current_dir(repo()).output().unwrap();
+    assert!(output.status.success(), "{hint}: {}", stderr(&output));
+    let sampled = image::open(&sample).unwrap().to_rgb8();
+    let (to_trained, to_base) = (pixel_distance(&sampled, &trained), pixel_distance(&sampled, &base));
+    assert!(to_trained < 1e-4, "the hint's sample should be the grid's trained picture (merged LoRA vs adapters): {to_trained:.2e}");
+    assert!(to_trained < to_base / 10.0, "and not the base model's: {to_trained:.2e} vs {to_base:.2e}");
     let _ = std::fs::remove_dir_all(&out);
 }
 

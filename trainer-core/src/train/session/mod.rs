@@ -29,7 +29,6 @@ use crate::models::lora::{DropoutSource, LoraTargets};
 use crate::models::{Family, StableDiffusion};
 use crate::plan::{build_samplers, Plan, PlannedBatchSampler};
 use crate::rng::SeededRng;
-use crate::schedulers::SamplerKind;
 use crate::train::metrics::StepMetrics;
 
 /// Progress of a long phase (caching, validation sampling).
@@ -56,13 +55,11 @@ pub struct StepReport {
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
     pub lora_targets: LoraTargets,
-    /// The validation sampler (diffusers' scripts use DPM-Solver++).
-    pub validation_sampler: SamplerKind,
 }
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        Self { lora_targets: LoraTargets::attention(), validation_sampler: SamplerKind::DpmPp2m }
+        Self { lora_targets: LoraTargets::attention() }
     }
 }
 

@@ -30,8 +30,9 @@ impl Session<'_> {
         })
     }
 
-    /// A validation request for `prompt`: the validation settings and seed.
-    fn validation_request(&self, prompt: String) -> GenerateRequest {
+    /// A validation request for `prompt`: the validation settings and seed
+    /// (DPM-Solver++ 2M, as diffusers' training scripts validate).
+    pub fn validation_request(&self, prompt: String) -> GenerateRequest {
         let (width, height) = self.validation_size();
         GenerateRequest {
             prompt,

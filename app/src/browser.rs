@@ -45,6 +45,51 @@ pub async fn sleep(ms: i32) {
     let _ = JsFuture::from(promise).await;
 }
 
+/// A Web Lock (`navigator.locks`, shared by every tab and worker of this
+/// origin), held until dropped.
+pub struct WebLock {
+    /// Resolves the promise the lock's callback returned, which releases it.
+    release: Option<js_sys::Function>,
+}
+
+impl Drop for WebLock {
+    fn drop(&mut self) {
+        if let Some(release) = self.release.take() {
+            let _ = release.call0(&JsValue::NULL);
+        }
+    }
+}
+
+/// Takes the Web Lock `name` unless another tab or worker holds it
+/// (`None` then). A browser without Web Locks gets a lock that guards nothing.
+pub async fn try_lock(name: &str) -> Result<Option<WebLock>, String> {
+    let locks = Reflect::get(&navigator(), &"locks".into()).unwrap_or(JsValue::UNDEFINED);
+    if locks.is_undefined() {
+        return Ok(Some(WebLock { release: None }));
+    }
+    // The lock stays held while the promise its callback returns is pending.
+    let mut release = None;
+    let held = js_sys::Promise::new(&mut |resolve, _| release = Some(resolve));
+    let mut decide = None;
+    let decided = js_sys::Promise::new(&mut |resolve, _| decide = Some(resolve));
+    let decide: js_sys::Function = decide.expect("Promise::new calls its executor at once");
+    let callback = wasm_bindgen::closure::Closure::once_into_js(move |lock: JsValue| -> JsValue {
+        let granted = !lock.is_null();
+        let _ = decide.call1(&JsValue::NULL, &granted.into());
+        if granted {
+            held.into()
+        } else {
+            JsValue::UNDEFINED
+        }
+    });
+    let options = js_sys::Object::new();
+    Reflect::set(&options, &"ifAvailable".into(), &true.into()).map_err(js_error)?;
+    let request: js_sys::Function = Reflect::get(&locks, &"request".into()).map_err(js_error)?.unchecked_into();
+    request.call3(&locks, &name.into(), &options, &callback).map_err(js_error)?;
+    let granted = JsFuture::from(decided).await.map_err(js_error)?.is_truthy();
+    Ok(granted.then(|| WebLock { release }))
+}
+
 /// A picked file: its path inside the picked folder (without the folder's
 /// own name) and the `File` handle, read later.
 #[derive(Clone)]

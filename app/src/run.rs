@@ -14,7 +14,7 @@ use trainer_core::train::run_record::{self, OutputUse};
 use trainer_core::train::session::{Session, SessionOptions, StepReport};
 use trainer_core::train::{checkpoint, storage::Storage};
 
-use crate::browser::{now_ms, opfs, sleep};
+use crate::browser::{now_ms, opfs, sleep, try_lock};
 use crate::protocol::FromWorker;
 use crate::worker::post;
 use crate::workspace::{self, storage};
@@ -94,6 +94,11 @@ async fn sync(view: &RunView) -> Result<(), String> {
     Ok(())
 }
 
+/// The Web Lock a run holds on its output folder (tests/e2e/app.mjs takes it too).
+pub fn output_lock_name(output_dir: &str) -> String {
+    format!("burnbooth-output:{}", output_dir.trim_end_matches('/'))
+}
+
 /// Runs (or resumes) training until done or stopped; returns how it ended.
 /// A folder with checkpoints resumes from the latest; one that holds an
 /// earlier run without any moves it aside (previous-N, nothing is lost).
@@ -101,6 +106,10 @@ pub async fn train(view: RunView) -> Result<String, String> {
     let started = now_ms();
     view.restore().await?;
     let (training, dataloader) = workspace::load_configs().map_err(|e| e.to_string())?;
+    // One run per output folder across this browser's tabs (they share its storage).
+    let Some(_lock) = try_lock(&output_lock_name(&training.output_dir)).await? else {
+        return Err(format!("another tab of this browser is training into the output folder {}: stop it there or wait until it ends", training.output_dir));
+    };
     let (plan, sources) = workspace::plan_run(&training, &dataloader).map_err(|e| e.to_string())?;
     view.progress("loading the model", 0, 1);
     sleep(0).await;

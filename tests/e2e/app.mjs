@@ -197,6 +197,17 @@ try {
       if (Date.now() - resumeStarted > trainTimeout) await fail(`${what}: timed out (phase: ${phase})`);
     }
   };
+  // One run per output folder across tabs: while another tab holds the
+  // folder's Web Lock (app/src/run.rs, output_lock_name), Train is refused.
+  const outputDir = fs.readFileSync(configs.find((c) => c.endsWith('.env')), 'utf8').match(/^OUTPUT_DIR=(.*)$/m)[1];
+  await page.evaluate((name) => new Promise((held) => {
+    navigator.locks.request(name, () => { held(); return new Promise((release) => { window.burnboothRelease = release; }); });
+  }), `burnbooth-output:${outputDir}`);
+  await page.click('#train');
+  await page.waitForFunction(() => (document.querySelector('#error')?.textContent || '').includes('another tab'), null, { timeout: 120_000 });
+  const lockRefusal = await errorText();
+  say(`while another tab holds ${outputDir}: ${lockRefusal}`);
+  await page.evaluate(() => window.burnboothRelease());
   await page.click('#train');
   // Pause once step 4 is on the chart: the step under way finishes, then nothing moves.
   await waitPhase('resumed training', async () => (await points()) >= 4);
@@ -255,7 +266,7 @@ try {
   say(`self-test without it: ${JSON.stringify(withoutShim)}`);
   await bare.close();
 
-  fs.writeFileSync(path.join(outDir, 'result.json'), JSON.stringify({ sdxlModel, fullOutputs, galleryCaptions, pausedAt, pausedStill, stopped, resumeLog, resumedLosses, tokens, regPlan, trainSeconds, chartPoints, losses, galleryImages, longestFrameGapMs: longestGap, saved, stats, gpu, selfTestWithShim: withShim, selfTestWithoutShim: withoutShim }, null, 2));
+  fs.writeFileSync(path.join(outDir, 'result.json'), JSON.stringify({ sdxlModel, fullOutputs, galleryCaptions, lockRefusal, pausedAt, pausedStill, stopped, resumeLog, resumedLosses, tokens, regPlan, trainSeconds, chartPoints, losses, galleryImages, longestFrameGapMs: longestGap, saved, stats, gpu, selfTestWithShim: withShim, selfTestWithoutShim: withoutShim }, null, 2));
   fs.writeFileSync(path.join(outDir, 'console.txt'), consoleLines.join('\n'));
   await browser.close();
   say('done');

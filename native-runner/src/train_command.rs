@@ -207,13 +207,26 @@ fn process_exists(pid: i32) -> bool {
 }
 
 /// Ctrl-C (SIGINT) and SIGTERM (what `kill`, systemd and job schedulers
-/// send) ask the loop to stop after the current step, saving a checkpoint.
+/// send) ask the loop to stop after the current step, saving a checkpoint;
+/// the handler says so at once, since the step may be followed by minutes
+/// of validation sampling. A second signal ends the process there:
+/// checkpoints and exports are written to temporary names and renamed, so
+/// only the steps since the last checkpoint are lost.
 fn interrupt_flag() -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     for (signal, name) in [(libc::SIGINT, "Ctrl-C"), (libc::SIGTERM, "SIGTERM")] {
         let handler_flag = flag.clone();
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        let registered = unsafe { signal_hook_registry::register(signal, move || handler_flag.store(true, Ordering::SeqCst)) };
+        let handler = move || {
+            if handler_flag.swap(true, Ordering::SeqCst) {
+                // SAFETY: _exit is async-signal-safe.
+                unsafe { libc::_exit(128 + signal) };
+            }
+            let message = b"\nstopping: a checkpoint is saved once the step or image under way is done; Ctrl-C again quits at once\n";
+            // SAFETY: write(2) to stderr is async-signal-safe; the buffer is static.
+            let _ = unsafe { libc::write(2, message.as_ptr().cast(), message.len()) };
+        };
+        // SAFETY: the handler only touches an atomic and calls async-signal-safe functions.
+        let registered = unsafe { signal_hook_registry::register(signal, handler) };
         if registered.is_err() {
             eprintln!("warning: could not install the {name} handler; {name} will stop without a checkpoint");
         }

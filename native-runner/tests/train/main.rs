@@ -266,6 +266,34 @@ fn sigterm_saves_a_checkpoint_that_resumes() {
     assert_eq!(losses(&dir).iter().map(|(s, _)| *s).collect::<Vec<_>>(), (1..=stopped_at + 2).collect::<Vec<_>>());
 }
 
+/// The first signal during minutes of validation sampling says what will
+/// happen; a second one ends the process at once.
+#[test]
+fn a_second_sigterm_during_validation_quits_at_once() {
+    // 256 px on the fixture is 128x128 latents: minutes per validation image.
+    let dir = run_folder(
+        "sigterm-twice",
+        "MAX_NUM_STEPS=40\nCHECKPOINTING_STEPS=100\nVALIDATION_STEPS=1\nVALIDATION_RESOLUTION=256\nVALIDATION_NUM_INFERENCE_STEPS=30\n",
+    );
+    let mut child = spawn_train(&dir, &[], "", Stdio::piped());
+    let metrics = dir.join("output/metrics.jsonl");
+    wait_until(&mut child, "the first step", || std::fs::read_to_string(&metrics).map(|m| m.lines().count()).unwrap_or(0) >= 1);
+    // SAFETY: signalling a child process this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(child.try_wait().unwrap().is_none(), "the first signal waits for the image under way");
+    let second = Instant::now();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let output = child.wait_with_output().unwrap();
+    let waited = second.elapsed();
+    let text = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(waited < Duration::from_secs(10), "the second signal should end the run at once, not after {waited:?}: {text}");
+    assert_eq!(output.status.code(), Some(128 + libc::SIGTERM), "{text}");
+    assert!(text.contains("stopping: a checkpoint is saved once the step or image under way is done; Ctrl-C again quits at once"), "{text}");
+    assert_eq!(losses(&dir).len(), 1, "only the first step ran");
+}
+
 #[test]
 fn a_non_finite_gradient_stops_the_run_before_the_update_and_keeps_the_checkpoint() {
     let dir = run_folder("nan", "MAX_NUM_STEPS=2\nCHECKPOINTING_STEPS=2\nVALIDATION_STEPS=0\n");

@@ -28,10 +28,15 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// Copies a folder, leaving out `output/` folders (a local run's caches and
+/// results, not part of the repository).
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
+        if entry.file_name() == "output" {
+            continue;
+        }
         let target = to.join(entry.file_name());
         if entry.file_type().unwrap().is_dir() {
             copy_dir(&entry.path(), &target);

@@ -36,6 +36,9 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
+# The training loop and loss the trained test fixture was made with.
+from make_trained_fixture import epsilon_loss, fit
+
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "trainer-core" / "tests" / "fixtures" / "models" / "sd1" / "diffusers"
 EXAMPLE = ROOT / "examples" / "dreambooth"
@@ -69,10 +72,7 @@ def centre_square(image, side=64):
 
 def train_vae(vae, photos, generator):
     """Autoencoder training on random 64x64 crops (short side resized to 64-96), mirrored at random."""
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, VAE_STEPS)
-    vae.train()
-    for step in range(VAE_STEPS):
+    def loss_at(step):
         batch = []
         for _ in range(BATCH):
             photo = photos[torch.randint(0, len(photos), (), generator=generator).item()]
@@ -85,14 +85,9 @@ def train_vae(vae, photos, generator):
             crop = pixels(resized.crop((x, y, x + 64, y + 64)))[:, torch.randperm(3, generator=generator)]
             batch.append(crop.flip(3) if torch.rand((), generator=generator) < 0.5 else crop)
         batch = torch.cat(batch)
-        mean = vae.encode(batch).latent_dist.mean
-        loss = torch.nn.functional.mse_loss(vae.decode(mean).sample, batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 250 == 0 or step == VAE_STEPS - 1:
-            print(f"vae step {step}: reconstruction loss {loss.item():.5f}", flush=True)
+        return torch.nn.functional.mse_loss(vae.decode(vae.encode(batch).latent_dist.mean).sample, batch)
+
+    fit(vae, 1e-3, VAE_STEPS, loss_at, "vae")
     vae.eval()
 
 
@@ -139,24 +134,16 @@ def main():
         alphas = DDPMScheduler.from_pretrained(BASE / "scheduler").alphas_cumprod
 
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(BASE / "unet"))
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-3, weight_decay=0)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, UNET_STEPS)
     sizes = list(groups)
-    unet.train()
-    for step in range(UNET_STEPS):
+
+    def loss_at(step):
         latents = groups[sizes[step % len(sizes)]]
         x0 = latents[torch.randint(0, latents.shape[0], (BATCH,), generator=generator)]
         ctx = torch.cat([empty if torch.rand((), generator=generator) < 0.1 else context for _ in range(BATCH)])
         t = torch.randint(0, len(alphas), (BATCH,), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        a = alphas[t].view(-1, 1, 1, 1)
-        loss = torch.nn.functional.mse_loss(unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=ctx).sample, noise)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 250 == 0 or step == UNET_STEPS - 1:
-            print(f"unet step {step}: loss {loss.item():.4f}", flush=True)
+        return epsilon_loss(unet, alphas, x0, t, ctx, torch.randn(x0.shape, generator=generator))
+
+    fit(unet, 2e-3, UNET_STEPS, loss_at, "unet")
 
     if OUT.exists():
         shutil.rmtree(OUT)

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "trainer-core" / "tests" / "fixtures" / "models"
 BASE = MODELS / "sd1" / "diffusers"
 OUT = MODELS / "sd1-trained"
+UNET_STEPS = 3000
 
 
 def image(colour):
@@ -49,6 +50,28 @@ def toy(i): return image(lambda x, y: (x * 8, 40 + i * 30, y * 8))
 def ball(i): return image(lambda x, y: (20, 40, 200) if (x - 16) ** 2 + (y - 16) ** 2 < 100 + i * 20 else (10, 10, 10))
 def tree(i): return image(lambda x, y: (200, 180, 20) if (x // (3 + i)) % 2 == 0 else (60, 20, 90))
 def boat(i): return image(lambda x, y: (250, 120, 0) if y > 12 + i * 2 else (30, 160, 220))
+
+
+def fit(module, lr, steps, loss_at, label):
+    """Trains `module` for `steps` AdamW steps (no weight decay, `lr` decaying
+    to 0 on a cosine); `loss_at(step)` draws that step's batch and returns its loss."""
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    module.train()
+    for step in range(steps):
+        loss = loss_at(step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 250 == 0 or step == steps - 1:
+            print(f"{label} step {step}: loss {loss.item():.5f}", flush=True)
+
+
+def epsilon_loss(unet, alphas, x0, t, context, noise):
+    """SD's training loss: the UNet predicts the noise added to `x0` at timesteps `t`."""
+    a = alphas[t].view(-1, 1, 1, 1)
+    return torch.nn.functional.mse_loss(unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=context).sample, noise)
 
 
 CONCEPTS = {"a photo of a toy": toy, "a photo of a ball": ball, "a photo of a tree": tree, "a photo of a boat": boat}
@@ -76,25 +99,16 @@ def main():
         context = {p: text_encoder(i).last_hidden_state for p, i in ids.items()}
         empty = text_encoder(tokenizer("", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids).last_hidden_state
 
-    steps = 3000
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-3, weight_decay=0)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     prompts = list(CONCEPTS)
-    unet.train()
-    for step in range(steps):
+
+    def loss_at(step):
         picks = [(prompts[torch.randint(0, 4, ()).item()], torch.randint(0, 4, ()).item()) for _ in range(16)]
         x0 = torch.cat([latents[p][i:i + 1] for p, i in picks])
         ctx = torch.cat([empty if torch.rand(()) < 0.1 else context[p] for p, _ in picks])
         t = torch.randint(0, len(alphas), (len(picks),))
-        noise = torch.randn_like(x0)
-        a = alphas[t].view(-1, 1, 1, 1)
-        loss = torch.nn.functional.mse_loss(unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=ctx).sample, noise)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 250 == 0 or step == steps - 1:
-            print(f"step {step}: loss {loss.item():.4f}", flush=True)
+        return epsilon_loss(unet, alphas, x0, t, ctx, torch.randn_like(x0))
+
+    fit(unet, 2e-3, UNET_STEPS, loss_at, "unet")
 
     if OUT.exists():
         shutil.rmtree(OUT)

@@ -180,11 +180,11 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
     let gap = result["longestFrameGapMs"].as_f64().unwrap();
     assert!(gap < 1000.0, "the page must repaint at least once a second while training; the longest gap was {gap} ms");
     assert!(result["saved"].as_str().unwrap().contains("(1 checkpoint(s)"), "a reload finds the run in OPFS: {}", result["saved"]);
-    // Coming back after the reload: the run resumed from the OPFS checkpoint,
-    // reused every cache entry, and step 4 joined the first three.
     // While another tab held the folder's Web Lock, Train was refused.
     let refusal = result["lockRefusal"].as_str().unwrap_or_default();
     assert!(refusal.contains("another tab of this browser is training into the output folder output/browser"), "{refusal}");
+    // Coming back after the reload: the run resumed from the OPFS checkpoint,
+    // reused every cache entry, and step 4 joined the first three.
     let resume_log = result["resumeLog"].as_str().unwrap();
     assert!(resume_log.contains("resumed from output/browser/checkpoints/checkpoint-00000003 at step 3"), "{resume_log}");
     assert!(resume_log.contains("0 latent(s) and 0 text embedding(s) computed"), "caches must come from OPFS: {resume_log}");

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use common::*;
 use trainer_core::config::dataset::CaptionStrategy;
-use trainer_core::config::training::{ConfigFormat, LrSchedule, ModelFamily, Optimizer, TrainingConfig};
+use trainer_core::config::training::{ConfigFormat, LrSchedule, ModelFamily, OptimizerKind, TrainingConfig};
 use trainer_core::data::geometry::ResolutionType;
 use trainer_core::plan::StopsOn;
 
@@ -37,7 +37,7 @@ fn guide_env_config_resolves_as_decisions_say() {
     assert_eq!(config.learning_rate, 4e-6);
     assert_eq!(config.lr_end, 4e-7);
     assert_eq!(config.lr_scheduler, LrSchedule::Polynomial, "LEARNING_RATE_END implies a decaying schedule");
-    assert_eq!(config.optimizer, Optimizer::AdamwBf16);
+    assert_eq!(config.optimizer, OptimizerKind::AdamwBf16);
     assert_eq!(config.max_train_steps, Some(1000));
     assert_eq!(config.num_train_epochs, Some(25));
     assert_eq!(config.validation_step_interval, 100);
@@ -240,6 +240,44 @@ fn unknown_keys_warn_with_a_suggestion_or_fail_when_strict() {
     assert!(error_text(strict).contains("instance_promt"));
 }
 
+/// Prodigy and Adafactor read SimpleTuner's `optimizer_config` over its
+/// defaults; Prodigy's learning rate is 1 unless optimizer_config says
+/// otherwise (learning_rate is not used, with a warning, as SimpleTuner
+/// overrides it).
+#[test]
+fn prodigy_and_adafactor_read_optimizer_config_over_simpletuners_defaults() {
+    let base = "MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\n";
+    let plain = training(&format!("{base}OPTIMIZER=prodigy\n"));
+    assert_eq!(plain.optimizer, OptimizerKind::Prodigy);
+    let defaults = plain.prodigy.unwrap();
+    assert_eq!((defaults.beta1, defaults.beta2, defaults.d0, defaults.d_coef, defaults.weight_decay), (0.9, 0.99, 1e-6, 1.0, 0.0));
+    assert!(!defaults.use_bias_correction && !defaults.safeguard_warmup && defaults.decouple);
+    assert_eq!(plain.learning_rate, 1.0);
+    assert!(plain.warnings.is_empty(), "{:?}", plain.warnings);
+
+    let tuned = training(&format!(
+        "{base}OPTIMIZER=prodigy\nLEARNING_RATE=1e-4\nTRAINER_EXTRA_ARGS=\"--optimizer_config=d_coef=0.5,use_bias_correction=true,safeguard_warmup=true,lr=0.8,beta3=none,growth_rate=1.02 --prodigy_steps=200 --optimizer_beta1=0.8 --optimizer_beta2=0.95\"\n"
+    ));
+    let p = tuned.prodigy.unwrap();
+    assert_eq!((p.d_coef, p.growth_rate, p.prodigy_steps, p.beta1, p.beta2, p.beta3), (0.5, 1.02, 200, 0.8, 0.95, None));
+    assert!(p.use_bias_correction && p.safeguard_warmup);
+    assert_eq!(tuned.learning_rate, 0.8);
+    assert!(tuned.warnings.iter().any(|w| w.contains("learning_rate 0.0001 is not used by prodigy")), "{:?}", tuned.warnings);
+
+    let adafactor = training(&format!("{base}OPTIMIZER=torch-adafactor\nTRAINER_EXTRA_ARGS=\"--optimizer_config=d=2,weight_decay=0.01,eps2=1e-2\"\n"));
+    assert_eq!(adafactor.optimizer, OptimizerKind::Adafactor);
+    let a = adafactor.adafactor.unwrap();
+    assert_eq!((a.clip_threshold, a.weight_decay, a.epsilon2, a.beta2_decay), (2.0, 0.01, 1e-2, -0.8));
+    let renamed = training(&format!("{base}OPTIMIZER=adafactor\n"));
+    assert_eq!(renamed.optimizer, OptimizerKind::Adafactor);
+    assert!(renamed.warnings.iter().any(|w| w.contains("SimpleTuner has removed it")), "{:?}", renamed.warnings);
+
+    let adamw = training(&format!("{base}OPTIMIZER=adamw\nTRAINER_EXTRA_ARGS=\"--optimizer_config=d_coef=2 --prodigy_steps=5\"\n"));
+    assert!(adamw.prodigy.is_none() && adamw.adafactor.is_none());
+    assert!(adamw.warnings.iter().any(|w| w.contains("optimizer_config is ignored by AdamW")), "{:?}", adamw.warnings);
+    assert!(adamw.warnings.iter().any(|w| w.contains("prodigy_steps is ignored")), "{:?}", adamw.warnings);
+}
+
 #[test]
 fn training_config_errors_are_named() {
     let cases: &[(&str, &str)] = &[
@@ -247,7 +285,21 @@ fn training_config_errors_are_named() {
         ("DATALOADER_CONFIG=d.json", "model_family"),
         ("MODEL_FAMILY=sd1x", "data_backend_config"),
         ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nMAX_NUM_STEPS=0\nNUM_EPOCHS=0", "num_train_epochs"),
-        ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nOPTIMIZER=prodigy", "optimizer 'prodigy'"),
+        ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nOPTIMIZER=lion", "optimizer 'lion' is not supported; use adamw, adamw_bf16, prodigy or torch-adafactor"),
+        (
+            "MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nOPTIMIZER=prodigy\nTRAINER_EXTRA_ARGS=\"--optimizer_config=d_coeff=2\"",
+            "optimizer_config key 'd_coeff' is not one this optimizer takes",
+        ),
+        ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nOPTIMIZER=prodigy\nTRAINER_EXTRA_ARGS=\"--optimizer_config=d_coef=big\"", "'d_coef=big'"),
+        (
+            "MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nOPTIMIZER=prodigy\nTRAINER_EXTRA_ARGS=\"--optimizer_config=safeguard_warmup=1\"",
+            "'safeguard_warmup' must be true or false",
+        ),
+        ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nOPTIMIZER=prodigy\nTRAINER_EXTRA_ARGS=\"--text_encoder_lr=1e-4\"", "prodigy estimates one step size"),
+        (
+            "MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nOPTIMIZER=torch-adafactor\nTRAINER_EXTRA_ARGS=\"--optimizer_config=d=0.5\"",
+            "'d' (the clipping threshold) must be at least 1",
+        ),
         ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nTRAIN_BATCH_SIZE=two", "train_batch_size"),
         ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nLEARNING_RATE=1e-7\nLR_END=1e-6", "lr_end"),
         ("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nVALIDATION_PROMPT=\"unterminated", "quote"),

@@ -15,7 +15,7 @@ use trainer_core::models::unet::AddedConditions;
 use trainer_core::models::{DiskFolder, StableDiffusion, WeightDtypes};
 use trainer_core::pipeline::gaussian_noise;
 use trainer_core::rng::SeededRng;
-use trainer_core::train::optimizer::{frozen_on, trainable_on, AdamW, AdamWSettings, ToTrainDevice};
+use trainer_core::train::optimizer::{frozen_on, trainable_on, AdamWSettings, Optimizer, Rule, ToTrainDevice};
 use trainer_core::train::recompute::backward_in_stages;
 
 fn fixture(family: &str, device: &Device) -> StableDiffusion {
@@ -65,7 +65,7 @@ fn gradients(model: &StableDiffusion, dropout: &DropoutSource, train_device: &De
     let added = conditioning.pooled.map(|pooled| AddedConditions { pooled, time_ids: vec![[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]; 2] });
     let timesteps = [100.0, 700.0];
     let loss_of = |prediction: Tensor<4>| (prediction - target.clone()).square().mean() * 3.0;
-    let mut optimizer = AdamW::new(AdamWSettings { beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weight_decay: 0.0, max_grad_norm: 0.0, bf16: false });
+    let mut optimizer = Optimizer::new(Rule::AdamW(AdamWSettings { beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weight_decay: 0.0, bf16: false }), 0.0);
     let mut collect = |grads: &mut burn::tensor::Gradients| {
         optimizer.accumulate(&model.unet, "", grads, 1.0);
         for (prefix, encoder) in encoders(model) {

@@ -27,7 +27,7 @@ use trainer_core::models::lora::LoraTargets;
 use trainer_core::models::unet::UNet2DConditionModel;
 use trainer_core::pipeline::gaussian_noise;
 use trainer_core::rng::SeededRng;
-use trainer_core::train::optimizer::{frozen_on, AdamW, AdamWSettings};
+use trainer_core::train::optimizer::{frozen_on, AdamWSettings, Optimizer, Rule};
 use trainer_core::train::recompute::backward_in_stages;
 
 /// Peak resident set size of this process (Linux), in MiB.
@@ -64,7 +64,7 @@ fn bench(name: &str, device: Device, settings: &Settings) {
             lora_parameters += 4 * (d_in + d_out);
         }
     }
-    let mut optimizer = AdamW::new(AdamWSettings { beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weight_decay: 1e-2, max_grad_norm: 1.0, bf16: false });
+    let mut optimizer = Optimizer::new(Rule::AdamW(AdamWSettings { beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weight_decay: 1e-2, bf16: false }), 1.0);
     let mut rng = SeededRng::new(2);
     let (side, width) = (settings.latent_side, config.cross_attention_dim.get(0));
     let latents = frozen_on(gaussian_noise([1, 4, side, side], &mut rng, &device), &train_device);
@@ -83,7 +83,7 @@ fn bench(name: &str, device: Device, settings: &Settings) {
             optimizer.accumulate(&unet, "", &mut loss.backward(), 1.0);
             loss
         };
-        let (next, _norm) = optimizer.step(unet, 1e-4, &train_device).expect("step");
+        let (next, _norm) = trainer_core::block_on(optimizer.step(unet, 1e-4, &train_device)).expect("step");
         unet = next;
         let _ = loss.into_scalar::<f32>(); // waits for the device
         let elapsed = start.elapsed().as_secs_f64();

@@ -2,6 +2,7 @@
 //! config.json, config.toml) and the dataloader config (JSON array).
 
 pub mod dataset;
+pub mod optimizer;
 pub mod placeholders;
 mod raw;
 pub mod training;

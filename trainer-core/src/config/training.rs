@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::dataset::{resolve_path, DatasetDefaults, DatasetOptions};
+use super::optimizer::{apply_to_adafactor, apply_to_prodigy, parse_optimizer_config, AdafactorSettings, ProdigySettings};
 use super::raw::{canonical_keys, env_to_map, expand_env_placeholders, object_to_map, option_aliases};
 use super::values::Reader;
 use crate::error::{nearest, Diagnostics, Error, Result};
@@ -64,12 +65,16 @@ pub enum LrSchedule {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Optimizer {
+pub enum OptimizerKind {
     /// AdamW with f32 weights and state.
     Adamw,
     /// AdamW with bf16 weights and state and stochastic rounding (SimpleTuner's
     /// `adamw_bf16`); f32 state on backends without bf16.
     AdamwBf16,
+    /// Prodigy: Adam with an estimated step size ([`ProdigySettings`]).
+    Prodigy,
+    /// Adafactor as torch has it ([`AdafactorSettings`]).
+    Adafactor,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +82,32 @@ pub enum Optimizer {
 pub enum DatasetSampling {
     Uniform,
     AutoWeighting,
+}
+
+/// Which weights validation samples when EMA is kept (`ema_validation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EmaValidation {
+    /// The trained weights only.
+    None,
+    /// The EMA weights only.
+    EmaOnly,
+    /// Both, as two images (SimpleTuner's default).
+    Comparison,
+}
+
+/// An exponential moving average of the trained weights (`use_ema`;
+/// [`crate::train::ema`] has the formula). SimpleTuner's defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct EmaSettings {
+    /// `ema_decay`, 0.995.
+    pub decay: f64,
+    /// `ema_update_interval`: update after every N-th optimizer step (1).
+    pub update_interval: u64,
+    /// `ema_warmup_steps`: copy the weights until this step, then decay at `decay` (0: the default ramp).
+    pub warmup_steps: u64,
+    /// `ema_validation`.
+    pub validation: EmaValidation,
 }
 
 /// How datasets marked `is_regularisation_data` are trained (docs/reference.md §1.3).
@@ -115,12 +146,18 @@ pub struct TrainingConfig {
     pub lr_end: f64,
     pub lr_power: f64,
     pub lr_num_cycles: f64,
-    pub optimizer: Optimizer,
+    pub optimizer: OptimizerKind,
     pub adam_beta1: f64,
     pub adam_beta2: f64,
     pub adam_weight_decay: f64,
     pub adam_epsilon: f64,
     pub max_grad_norm: f64,
+    /// The EMA kept of the trained weights (`use_ema`).
+    pub ema: Option<EmaSettings>,
+    /// Prodigy's settings when `optimizer` is prodigy.
+    pub prodigy: Option<ProdigySettings>,
+    /// Adafactor's settings when `optimizer` is adafactor.
+    pub adafactor: Option<AdafactorSettings>,
     /// Stop after this many optimizer steps (MAX_NUM_STEPS).
     pub max_train_steps: Option<u64>,
     /// Stop after this many epochs (NUM_EPOCHS). With both set, whichever comes first.
@@ -295,27 +332,105 @@ fn read_config(raw: &Map<String, Value>, from_env: bool, source_name: &str, base
             }
         },
     };
-    if lr_scheduler == LrSchedule::Polynomial && lr_end >= learning_rate {
-        r.error(format!("the polynomial schedule decays from learning_rate {learning_rate} to lr_end {lr_end}, so lr_end must be smaller"));
-    }
 
     let optimizer = match r.string(&["optimizer"]).map(|s| s.trim().to_ascii_lowercase().replace('-', "_")).as_deref() {
-        None | Some("adamw_bf16") | Some("adam_bfloat16") => Optimizer::AdamwBf16,
-        Some("adamw") | Some("adamw_torch") | Some("optimi_adamw") => Optimizer::Adamw,
+        None | Some("adamw_bf16") | Some("adam_bfloat16") => OptimizerKind::AdamwBf16,
+        Some("adamw") | Some("adamw_torch") | Some("optimi_adamw") => OptimizerKind::Adamw,
+        Some("prodigy") => OptimizerKind::Prodigy,
+        Some("torch_adafactor") => OptimizerKind::Adafactor,
+        Some("adafactor") => {
+            r.warn("optimizer 'adafactor': SimpleTuner has removed it; Burnbooth reads it as torch-adafactor (torch.optim.Adafactor)");
+            OptimizerKind::Adafactor
+        }
         Some(other) => {
-            r.error(format!("optimizer '{other}' is not supported yet; use adamw or adamw_bf16"));
-            Optimizer::Adamw
+            r.error(format!("optimizer '{other}' is not supported; use adamw, adamw_bf16, prodigy or torch-adafactor"));
+            OptimizerKind::Adamw
         }
     };
     // SimpleTuner's adamw_bf16 defaults (optimizer_param.py): wd 1e-2, eps 1e-6.
     // Ranges as torch.optim.AdamW checks them.
     let beta = |v: f64| (0.0..1.0).contains(&v);
+    let betas_given = r.has("adam_beta1") || r.has("optimizer_beta1") || r.has("adam_beta2") || r.has("optimizer_beta2");
     let adam_beta1 = r.f64_where(&["adam_beta1", "optimizer_beta1"], beta, "at least 0 and below 1").unwrap_or(0.9);
     let adam_beta2 = r.f64_where(&["adam_beta2", "optimizer_beta2"], beta, "at least 0 and below 1").unwrap_or(0.999);
     let adam_weight_decay = r.f64_where(&["adam_weight_decay"], |v| v >= 0.0, "at least 0").unwrap_or(1e-2);
     let adam_epsilon = r.f64_where(&["adam_epsilon"], |v| v > 0.0, "positive").unwrap_or(1e-6);
     let max_grad_norm = r.f64_where(&["max_grad_norm"], |v| v >= 0.0, "at least 0 (0 turns clipping off)").unwrap_or(2.0);
+    let entries = match r.string(&["optimizer_config"]).map(|text| parse_optimizer_config(&text)) {
+        None => Vec::new(),
+        Some(Ok(entries)) => entries,
+        Some(Err(problem)) => {
+            r.error(problem);
+            Vec::new()
+        }
+    };
+    let prodigy_steps = r.int(&["prodigy_steps"], 0).map(|s| s as u64);
+    let (mut prodigy, mut adafactor) = (None, None);
+    let mut learning_rate = learning_rate;
+    match optimizer {
+        OptimizerKind::Prodigy => {
+            let mut settings = ProdigySettings::default();
+            if betas_given {
+                (settings.beta1, settings.beta2) = (adam_beta1, adam_beta2);
+            }
+            settings.prodigy_steps = prodigy_steps.unwrap_or(0);
+            match apply_to_prodigy(&mut settings, &entries) {
+                // SimpleTuner gives Prodigy lr 1.0 whatever learning_rate says; optimizer_config's lr overrides it.
+                Ok(lr) => {
+                    let lr = lr.unwrap_or(1.0);
+                    if r.has("learning_rate") && learning_rate != lr {
+                        r.warn(format!(
+                            "learning_rate {learning_rate} is not used by prodigy, which sets its own step size (d, starting at d0 {}) and multiplies it by {lr}; set optimizer_config lr=... to change that (as in SimpleTuner)",
+                            settings.d0
+                        ));
+                    }
+                    learning_rate = lr;
+                }
+                Err(problem) => r.error(problem),
+            }
+            prodigy = Some(settings);
+        }
+        OptimizerKind::Adafactor => {
+            let mut settings = AdafactorSettings::default();
+            if let Err(problem) = apply_to_adafactor(&mut settings, &entries) {
+                r.error(problem);
+            }
+            adafactor = Some(settings);
+        }
+        OptimizerKind::Adamw | OptimizerKind::AdamwBf16 if !entries.is_empty() => {
+            r.warn("optimizer_config is ignored by AdamW: set adam_beta1, adam_beta2, adam_weight_decay and adam_epsilon instead");
+        }
+        _ => {}
+    }
+    if prodigy_steps.is_some() && optimizer != OptimizerKind::Prodigy {
+        r.warn("prodigy_steps is ignored: the optimizer is not prodigy");
+    }
+    if lr_scheduler == LrSchedule::Polynomial && lr_end >= learning_rate {
+        r.error(format!("the polynomial schedule decays from learning_rate {learning_rate} to lr_end {lr_end}, so lr_end must be smaller"));
+    }
 
+    let ema = match r.bool(&["use_ema"]).unwrap_or(false) {
+        true => {
+            let decay = r.f64_where(&["ema_decay"], |v| (0.0..1.0).contains(&v), "at least 0 and below 1").unwrap_or(0.995);
+            let update_interval = r.int(&["ema_update_interval"], 1).unwrap_or(1) as u64;
+            let warmup_steps = r.int(&["ema_warmup_steps"], 0).unwrap_or(0) as u64;
+            let validation = match r.choice(&["ema_validation"], &["none", "ema_only", "comparison"]).as_deref() {
+                Some("none") => EmaValidation::None,
+                Some("ema_only") => EmaValidation::EmaOnly,
+                _ => EmaValidation::Comparison,
+            };
+            Some(EmaSettings { decay, update_interval, warmup_steps, validation })
+        }
+        false => {
+            for key in ["ema_decay", "ema_update_interval", "ema_warmup_steps", "ema_validation"] {
+                if r.has(key) {
+                    r.accept(&[key]);
+                    r.warn(format!("'{key}' is ignored: use_ema (USE_EMA) is not set"));
+                }
+            }
+            None
+        }
+    };
     let max_train_steps = r.int(&["max_train_steps"], 0).filter(|s| *s > 0).map(|s| s as u64);
     let epochs_given = r.has("num_train_epochs");
     let mut num_train_epochs = r.int(&["num_train_epochs"], 0).map(|s| s as u64);
@@ -353,6 +468,9 @@ fn read_config(raw: &Map<String, Value>, from_env: bool, source_name: &str, base
     let lora_dropout = r.f64_where(&["lora_dropout"], |v| (0.0..1.0).contains(&v), "at least 0 and below 1").unwrap_or(0.1);
     let train_text_encoder = r.bool(&["train_text_encoder"]).unwrap_or(false);
     let text_encoder_lr = r.f64_where(&["text_encoder_lr"], |v| v > 0.0, "positive");
+    if optimizer == OptimizerKind::Prodigy && text_encoder_lr.is_some_and(|rate| rate != learning_rate) {
+        r.error("text_encoder_lr: prodigy estimates one step size for every parameter and cannot give the text encoder another learning rate (prodigyopt refuses it too); leave text_encoder_lr unset");
+    }
     if train_text_encoder && model_type == ModelType::Full {
         r.error("train_text_encoder: only LoRA training (model_type lora) trains the text encoder so far");
     }
@@ -419,6 +537,9 @@ fn read_config(raw: &Map<String, Value>, from_env: bool, source_name: &str, base
         adam_weight_decay,
         adam_epsilon,
         max_grad_norm,
+        ema,
+        prodigy,
+        adafactor,
         max_train_steps,
         num_train_epochs,
         checkpoint_step_interval,

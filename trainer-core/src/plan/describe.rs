@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use super::{Plan, StopsOn};
+use crate::config::training::ModelType;
 
 /// A config value as it is spelled in config files (`sd1x`, `adamw_bf16`).
 fn config_name<T: serde::Serialize>(value: &T) -> String {
@@ -71,6 +72,23 @@ pub fn describe(plan: &Plan) -> String {
     let _ = writeln!(out, "Total steps: {}  ({stop})", plan.max_steps);
     let _ = writeln!(out, "Batch: {} x {} accumulation step(s)", plan.train_batch_size, plan.gradient_accumulation_steps);
     let _ = writeln!(out, "Optimizer: {} ({})", config_name(&plan.optimizer.name), plan.optimizer.note);
+    if let Some(ema) = &plan.ema {
+        let ramp = match ema.warmup_steps {
+            0 => "rising as t/(t+9) to it".to_string(),
+            n => format!("a copy until step {n}, then"),
+        };
+        let exported = match plan.model_type {
+            ModelType::Lora => "exported as a second LoRA, <name>-ema.safetensors",
+            ModelType::Full => "exported as the model's weights",
+        };
+        let _ = writeln!(
+            out,
+            "EMA: decay {} ({ramp}), updated every {} step(s); validation: {}; {exported}",
+            ema.decay,
+            ema.update_interval,
+            config_name(&ema.validation)
+        );
+    }
     let _ = writeln!(out, "Weights: {}", plan.precision.note);
     if let Some(lr) = plan.text_encoder_lr {
         let _ = writeln!(out, "Text encoder: LoRA adapters train too (peak learning rate {lr:e}, same schedule); captions are encoded every step");

@@ -9,7 +9,7 @@ use burn::tensor::DType;
 use serde::Serialize;
 
 use crate::config::dataset::{CaptionStrategy, DataloaderConfig, ImageDatasetConfig};
-use crate::config::training::{ModelFamily, ModelType, Optimizer, RegularisationMode, TrainingConfig};
+use crate::config::training::{EmaSettings, ModelFamily, ModelType, OptimizerKind, RegularisationMode, TrainingConfig};
 use crate::data::geometry::{ImageGeometry, Size};
 use crate::data::source::ImageSource;
 use crate::error::{Error, Result};
@@ -116,9 +116,10 @@ pub enum StopsOn {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct OptimizerPlan {
-    pub name: Optimizer,
+    pub name: OptimizerKind,
     pub state_dtype: &'static str,
-    pub betas: [f64; 2],
+    /// Adam's betas (none for Adafactor, whose decay follows the step count).
+    pub betas: Option<[f64; 2]>,
     pub weight_decay: f64,
     pub epsilon: f64,
     pub max_grad_norm: f64,
@@ -162,6 +163,8 @@ pub struct Plan {
     pub max_train_steps: Option<u64>,
     pub num_train_epochs: Option<u64>,
     pub optimizer: OptimizerPlan,
+    /// The moving average of the trained weights (`use_ema`).
+    pub ema: Option<EmaSettings>,
     pub precision: PrecisionPlan,
     /// The text encoder's peak learning rate when its LoRA adapters train.
     pub text_encoder_lr: Option<f64>,
@@ -258,6 +261,7 @@ pub fn plan(
         max_train_steps: training.max_train_steps,
         num_train_epochs: training.num_train_epochs,
         optimizer,
+        ema: training.ema,
         precision: precision_plan(training, target),
         text_encoder_lr: training.train_text_encoder.then(|| training.text_encoder_lr.unwrap_or(training.learning_rate)),
         lr_schedule: LearningRateSchedule::from_config(training, schedule.total_steps),
@@ -282,18 +286,28 @@ fn precision_plan(training: &TrainingConfig, target: PlanTarget) -> PrecisionPla
 }
 
 fn optimizer_plan(training: &TrainingConfig, target: PlanTarget) -> OptimizerPlan {
-    let (state_dtype, note) = match (training.optimizer, target.has_bf16) {
-        (Optimizer::AdamwBf16, true) => ("bf16", "AdamW with bf16 weights and state, stochastic rounding".to_string()),
-        (Optimizer::AdamwBf16, false) => ("f32", "adamw_bf16 requested, but this backend has no bf16: AdamW with f32 weights and state".to_string()),
-        (Optimizer::Adamw, _) => ("f32", "AdamW with f32 state".to_string()),
+    let adam = (Some([training.adam_beta1, training.adam_beta2]), training.adam_weight_decay, training.adam_epsilon);
+    let ((betas, weight_decay, epsilon), state_dtype, note) = match (training.optimizer, target.has_bf16) {
+        (OptimizerKind::AdamwBf16, true) => (adam, "bf16", "AdamW with bf16 weights and state, stochastic rounding".to_string()),
+        (OptimizerKind::AdamwBf16, false) => (adam, "f32", "adamw_bf16 requested, but this backend has no bf16: AdamW with f32 weights and state".to_string()),
+        (OptimizerKind::Adamw, _) => (adam, "f32", "AdamW with f32 state".to_string()),
+        (OptimizerKind::Prodigy, _) => {
+            let p = training.prodigy.unwrap_or_default();
+            let adapting = if p.prodigy_steps > 0 { format!(", d adapts for {} steps", p.prodigy_steps) } else { String::new() };
+            let note = format!(
+                "Prodigy with f32 state: step size d from d0 {} (d_coef {}, bias correction {}, safeguard warmup {}{adapting}) times the learning rate {}",
+                p.d0, p.d_coef, p.use_bias_correction, p.safeguard_warmup, training.learning_rate
+            );
+            ((Some([p.beta1, p.beta2]), p.weight_decay, p.epsilon), "f32", note)
+        }
+        (OptimizerKind::Adafactor, _) => {
+            let a = training.adafactor.unwrap_or_default();
+            let note = format!(
+                "Adafactor (torch) with factored f32 state: steps of min(lr, 1/sqrt(t)) times the weights' RMS, update RMS clipped at {}",
+                a.clip_threshold
+            );
+            ((None, a.weight_decay, a.epsilon1), "f32", note)
+        }
     };
-    OptimizerPlan {
-        name: training.optimizer,
-        state_dtype,
-        betas: [training.adam_beta1, training.adam_beta2],
-        weight_decay: training.adam_weight_decay,
-        epsilon: training.adam_epsilon,
-        max_grad_norm: training.max_grad_norm,
-        note,
-    }
+    OptimizerPlan { name: training.optimizer, state_dtype, betas, weight_decay, epsilon, max_grad_norm: training.max_grad_norm, note }
 }

@@ -45,6 +45,17 @@ pub struct RunState {
     pub prior_sampler: Option<BatchSamplerState>,
     pub model_type: String,
     pub lora_rank: Option<u32>,
+    /// The optimizer whose state `optimizer.safetensors` holds (absent
+    /// before Prodigy and Adafactor: AdamW).
+    #[serde(default = "adamw")]
+    pub optimizer: String,
+    /// The optimizer's state that is not per parameter (Prodigy's step size), as exact text.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub optimizer_scalars: BTreeMap<String, String>,
+}
+
+fn adamw() -> String {
+    "adamw".into()
 }
 
 pub struct Checkpoint {

@@ -1,9 +1,10 @@
-//! Training: caches, noise and loss, LoRA, the optimizer, checkpoints,
+//! Training: caches, noise and loss, LoRA, the optimizer, the EMA, checkpoints,
 //! validation, metrics and exports. [`session::Session`] holds a run's state;
 //! [`run::run`] is the loop both hosts drive.
 
 pub mod cache;
 pub mod checkpoint;
+pub mod ema;
 pub mod export;
 pub mod full_export;
 pub mod metrics;

@@ -1,11 +1,19 @@
-//! AdamW as PyTorch computes it (decoupled weight decay, bias correction,
-//! one global gradient-norm clip like `clip_grad_norm_`), over the module's
-//! trainable parameters.
+//! The optimizers, over the module's trainable parameters: AdamW as
+//! PyTorch computes it (decoupled weight decay, bias correction), Prodigy
+//! as prodigyopt 1.1 does and Adafactor as `torch.optim.Adafactor` does
+//! (trainer-core/tests/optimizers.rs compares their first steps with
+//! vectors from those libraries), after one global gradient-norm clip like
+//! `clip_grad_norm_`.
 //!
 //! Written here rather than taken from burn-optim because a run must be
 //! able to save and restore every moment exactly (checkpoints and resume),
 //! clip by the global norm (burn clips each tensor by its own norm), and
 //! keep bf16 weights and state with stochastic rounding (`adamw_bf16`).
+//!
+//! A step goes: [`Optimizer::accumulate`] per micro-batch,
+//! [`Optimizer::begin_step`] (clip), [`Optimizer::prepare`] (Prodigy's
+//! step size needs every parameter before any is updated), then
+//! [`Optimizer::apply`] per module.
 
 use std::collections::BTreeMap;
 
@@ -13,7 +21,8 @@ use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{DType, Device, Gradients, Tensor, TensorData};
 
 use super::tensor_file::HostTensor;
-use crate::error::Result;
+pub use crate::config::optimizer::{AdafactorSettings, ProdigySettings};
+use crate::error::{Error, Result};
 use crate::models::naming::{map_keyed, visit_keyed, KeyedMapper, KeyedVisitor};
 use crate::rng::SeededRng;
 
@@ -23,27 +32,71 @@ pub struct AdamWSettings {
     pub beta2: f64,
     pub epsilon: f64,
     pub weight_decay: f64,
-    /// Clip the global gradient norm to this (0 = no clipping).
-    pub max_grad_norm: f64,
     /// Keep weights and moments in bf16, rounding stochastically.
     pub bf16: bool,
 }
 
-struct Moments {
-    m: Tensor<1>,
-    v: Tensor<1>,
+/// How parameters are updated from their gradients.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Rule {
+    AdamW(AdamWSettings),
+    Prodigy(ProdigySettings),
+    Adafactor(AdafactorSettings),
 }
 
-pub struct AdamW {
-    pub settings: AdamWSettings,
-    moments: BTreeMap<String, Moments>,
-    /// Optimizer steps taken (bias correction uses it).
+impl Rule {
+    /// The per-parameter state tensors this rule keeps, by name (as in
+    /// checkpoints: `<parameter key>.<name>`, and as the Python libraries name them).
+    fn state_names(&self) -> &'static [&'static str] {
+        match self {
+            Rule::AdamW(_) => &["exp_avg", "exp_avg_sq"],
+            Rule::Prodigy(_) => &["exp_avg", "exp_avg_sq", "s", "p0"],
+            Rule::Adafactor(_) => &["row_var", "col_var", "variance"],
+        }
+    }
+
+    /// The name checkpoints record (AdamW's two forms share their state).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Rule::AdamW(_) => "adamw",
+            Rule::Prodigy(_) => "prodigy",
+            Rule::Adafactor(_) => "adafactor",
+        }
+    }
+}
+
+/// Prodigy's step-size estimate, shared by all parameters (prodigyopt's
+/// group values). Host-side f64, as prodigyopt keeps them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ProdigyEstimate {
+    d: f64,
+    d_max: f64,
+    d_numerator: f64,
+    /// Steps that updated the weights (bias correction counts these).
+    k: u64,
+    /// `d * lr * bias correction` of the step under way, from `d` before its update.
+    dlr: f64,
+    /// The step under way changes nothing (no gradient signal or a zero learning rate, as prodigyopt skips).
+    skip: bool,
+}
+
+type ParamState = BTreeMap<&'static str, Tensor<1>>;
+
+pub struct Optimizer {
+    pub rule: Rule,
+    /// Clip the global gradient norm to this (0 = no clipping).
+    pub max_grad_norm: f64,
+    state: BTreeMap<String, ParamState>,
+    prodigy: Option<ProdigyEstimate>,
+    /// Optimizer steps taken (bias correction and Adafactor's decay use it).
     pub steps: u64,
     /// Gradients summed over the micro-batches of the current step.
     accumulated: BTreeMap<String, Tensor<1>>,
-    /// Clipped gradients of a step begun by [`AdamW::begin_step`], taken
-    /// by [`AdamW::apply`] module by module.
+    /// Clipped gradients of a step begun by [`Optimizer::begin_step`], taken
+    /// by [`Optimizer::apply`] module by module.
     pending: BTreeMap<String, Tensor<1>>,
+    /// [`Optimizer::prepare`] ran for the step under way.
+    prepared: bool,
 }
 
 /// Pulls each trainable parameter's gradient out of the backward result.
@@ -66,9 +119,26 @@ impl KeyedVisitor for GradientReader<'_> {
     }
 }
 
+/// The current values of the parameters that have a pending gradient
+/// (flattened, f32, off the autodiff graph).
+struct ValueReader<'a> {
+    wanted: &'a BTreeMap<String, Tensor<1>>,
+    out: Vec<(String, Tensor<1>)>,
+}
+
+impl KeyedVisitor for ValueReader<'_> {
+    fn visit<const D: usize>(&mut self, key: &str, param: &Param<Tensor<D>>) {
+        if self.wanted.contains_key(key) {
+            let value = param.val().without_autodiff();
+            let count = value.shape().num_elements();
+            self.out.push((key.to_string(), value.cast(DType::F32).reshape([count])));
+        }
+    }
+}
+
 /// Writes updated parameters back into the module.
 struct Updater<'a> {
-    optimizer: &'a mut AdamW,
+    optimizer: &'a mut Optimizer,
     grads: BTreeMap<String, Tensor<1>>,
     lr: f64,
     rounding_seed: u64,
@@ -82,16 +152,20 @@ impl KeyedMapper for Updater<'_> {
         let dims = value.dims();
         let dtype = value.dtype();
         let flat = value.cast(DType::F32).reshape([grad.dims()[0]]);
-        let updated = self.optimizer.update(key, flat, grad, self.lr, self.rounding_seed);
+        let updated = self.optimizer.update(key, flat, grad, &dims, self.lr, self.rounding_seed);
         let updated = updated.reshape(dims);
         let updated = if dtype == DType::F32 { updated } else { updated.cast(dtype) };
         param.map(|_| trainable_on(updated, self.train_device))
     }
 }
 
-impl AdamW {
-    pub fn new(settings: AdamWSettings) -> Self {
-        Self { settings, moments: BTreeMap::new(), steps: 0, accumulated: BTreeMap::new(), pending: BTreeMap::new() }
+impl Optimizer {
+    pub fn new(rule: Rule, max_grad_norm: f64) -> Self {
+        let prodigy = match rule {
+            Rule::Prodigy(p) => Some(ProdigyEstimate { d: p.d0, d_max: p.d0, d_numerator: 0.0, k: 0, dlr: 0.0, skip: false }),
+            _ => None,
+        };
+        Self { rule, max_grad_norm, state: BTreeMap::new(), prodigy, steps: 0, accumulated: BTreeMap::new(), pending: BTreeMap::new(), prepared: false }
     }
 
     /// Adds one micro-batch's gradients (scaled by `scale`, 1/accumulation)
@@ -119,20 +193,25 @@ impl AdamW {
         self.accumulated.clear();
     }
 
-    /// Abandons a step begun by [`begin_step`](Self::begin_step) before any
-    /// parameter was updated: its gradients are dropped and the step count
-    /// (AdamW's bias correction) is as before.
+    /// Abandons a step begun by [`begin_step`](Self::begin_step) before
+    /// [`prepare`](Self::prepare): its gradients are dropped and the step
+    /// count is as before.
     pub fn discard_step(&mut self) {
         self.pending.clear();
         self.accumulated.clear();
         self.steps -= 1;
     }
 
-    /// Applies the accumulated gradients to one module. Returns the global
-    /// gradient norm before clipping, still on the device.
-    pub fn step<M: Module>(&mut self, module: M, lr: f64, train_device: &Device) -> Result<(M, Option<Tensor<1>>)> {
+    /// One whole step for a single module: [`begin_step`](Self::begin_step),
+    /// [`prepare`](Self::prepare), [`apply`](Self::apply). Returns the
+    /// global gradient norm before clipping, still on the device.
+    pub async fn step<M: Module>(&mut self, module: M, lr: f64, train_device: &Device) -> Result<(M, Option<Tensor<1>>)> {
         let norm = self.begin_step();
+        let mut values = BTreeMap::new();
+        self.values_of(&module, "", &mut values);
+        self.prepare(values, lr).await?;
         let module = self.apply(module, "", lr, train_device);
+        self.finish_step();
         Ok((module, norm))
     }
 
@@ -143,19 +222,117 @@ impl AdamW {
     pub fn begin_step(&mut self) -> Option<Tensor<1>> {
         let mut grads = std::mem::take(&mut self.accumulated);
         let norm = grads.values().map(|g| g.clone().square().sum()).reduce(|a, b| a + b)?.sqrt();
-        if self.settings.max_grad_norm > 0.0 {
+        if self.max_grad_norm > 0.0 {
             // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when above 1.
-            let factor = (norm.clone().add_scalar(1e-6).recip() * self.settings.max_grad_norm).clamp_max(1.0);
+            let factor = (norm.clone().add_scalar(1e-6).recip() * self.max_grad_norm).clamp_max(1.0);
             grads = grads.into_iter().map(|(path, g)| (path, g * factor.clone())).collect();
         }
         self.steps += 1;
         self.pending = grads;
+        self.prepared = false;
         Some(norm)
     }
 
+    /// Reads what a rule needs from all parameters before any is updated:
+    /// Prodigy's statistics over the parameters' current `values` (from
+    /// [`values_of`](Self::values_of)) and its new step size, at learning
+    /// rate `lr` (one for all: Prodigy has a single step size). Other
+    /// rules need nothing.
+    pub async fn prepare(&mut self, values: BTreeMap<String, Tensor<1>>, lr: f64) -> Result<()> {
+        self.prepared = true;
+        let (Rule::Prodigy(p), Some(mut estimate)) = (self.rule, self.prodigy) else { return Ok(()) };
+        let step = self.steps;
+        let beta3 = p.beta3.unwrap_or(p.beta2.sqrt());
+        let k = estimate.k as i32;
+        let bias_correction = if p.use_bias_correction { (1.0 - p.beta2.powi(k + 1)).sqrt() / (1.0 - p.beta1.powi(k + 1)) } else { 1.0 };
+        let d = estimate.d;
+        estimate.dlr = d * lr * bias_correction;
+        estimate.skip = lr <= 0.0;
+        if estimate.skip {
+            self.prodigy = Some(estimate);
+            return Ok(());
+        }
+        let mut numerator_terms = Vec::new();
+        let mut denominator_terms = Vec::new();
+        let grads = std::mem::take(&mut self.pending);
+        let mut coupled = BTreeMap::new();
+        for (path, grad) in grads {
+            let Some(value) = values.get(&path) else {
+                coupled.insert(path, grad);
+                continue;
+            };
+            let grad = if p.weight_decay != 0.0 && !p.decouple { grad + value.clone() * p.weight_decay } else { grad };
+            let mut state = self.state.remove(&path).unwrap_or_else(|| {
+                let zeros = grad.zeros_like();
+                BTreeMap::from([("exp_avg", zeros.clone()), ("exp_avg_sq", zeros.clone()), ("s", zeros), ("p0", value.clone())])
+            });
+            let take = |state: &mut ParamState, name: &str| state.remove(name).expect("Prodigy state is complete");
+            let p0 = take(&mut state, "p0");
+            numerator_terms.push((grad.clone() * (p0.clone() - value.clone())).sum());
+            state.insert("p0", p0);
+            let exp_avg = take(&mut state, "exp_avg") * p.beta1 + grad.clone() * (d * (1.0 - p.beta1));
+            let exp_avg_sq = take(&mut state, "exp_avg_sq") * p.beta2 + grad.clone().square() * (d * d * (1.0 - p.beta2));
+            let s_rate = if p.safeguard_warmup { d / p.d0 * d } else { d / p.d0 * estimate.dlr };
+            let s = take(&mut state, "s") * beta3 + grad.clone() * s_rate;
+            denominator_terms.push(s.clone().abs().sum());
+            state.insert("exp_avg", exp_avg);
+            state.insert("exp_avg_sq", exp_avg_sq);
+            state.insert("s", s);
+            self.state.insert(path.clone(), state);
+            coupled.insert(path, grad);
+        }
+        self.pending = coupled;
+        let sums = match (numerator_terms.into_iter().reduce(|a, b| a + b), denominator_terms.into_iter().reduce(|a, b| a + b)) {
+            (Some(numerator), Some(denominator)) => Tensor::cat(vec![numerator, denominator], 0),
+            _ => {
+                estimate.skip = true;
+                self.prodigy = Some(estimate);
+                return Ok(());
+            }
+        };
+        let sums = sums
+            .into_data_async()
+            .await
+            .map_err(|e| Error::Training { step, message: crate::error::device_failure("Prodigy's step-size statistics", e) })?
+            .convert::<f64>()
+            .try_into_vec::<f64>()
+            .map_err(|e| Error::Training { step, message: format!("Prodigy's step-size statistics: {e:?}") })?;
+        let (delta_numerator, denominator) = ((d / p.d0) * estimate.dlr * sums[0], sums[1]);
+        if denominator == 0.0 {
+            estimate.skip = true;
+            self.prodigy = Some(estimate);
+            return Ok(());
+        }
+        let numerator = estimate.d_numerator * beta3 + delta_numerator;
+        // prodigy_steps (SimpleTuner): d keeps its value once that many steps are done.
+        let adapting = p.prodigy_steps == 0 || estimate.k < p.prodigy_steps;
+        if adapting {
+            let d_hat = p.d_coef * numerator / denominator;
+            let mut d = estimate.d;
+            if d == p.d0 {
+                d = d.max(d_hat);
+            }
+            estimate.d_max = estimate.d_max.max(d_hat);
+            estimate.d = estimate.d_max.min(d * p.growth_rate);
+        }
+        estimate.d_numerator = numerator;
+        self.prodigy = Some(estimate);
+        Ok(())
+    }
+
+    /// The values of `module`'s parameters that the step under way will
+    /// update, keyed like their gradients (for [`prepare`](Self::prepare)).
+    pub fn values_of<M: Module>(&self, module: &M, prefix: &str, into: &mut BTreeMap<String, Tensor<1>>) {
+        let mut reader = ValueReader { wanted: &self.pending, out: Vec::new() };
+        visit_keyed(module, prefix, &mut reader);
+        into.extend(reader.out);
+    }
+
     /// Updates `module`'s parameters (named `prefix` + path) with the step
-    /// begun by [`begin_step`](Self::begin_step), at learning rate `lr`.
+    /// begun by [`begin_step`](Self::begin_step), at learning rate `lr`
+    /// (Prodigy's comes from [`prepare`](Self::prepare)).
     pub fn apply<M: Module>(&mut self, module: M, prefix: &str, lr: f64, train_device: &Device) -> M {
+        assert!(self.prepared, "Optimizer::prepare must run between begin_step and apply");
         let grads = std::mem::take(&mut self.pending);
         let rounding_seed = self.steps;
         let mut updater = Updater { optimizer: self, grads, lr, rounding_seed, train_device };
@@ -165,12 +342,30 @@ impl AdamW {
         module
     }
 
-    fn update(&mut self, path: &str, param: Tensor<1>, grad: Tensor<1>, lr: f64, rounding_seed: u64) -> Tensor<1> {
-        let s = self.settings;
-        let bf16 = s.bf16;
-        let (m, v) = match self.moments.remove(path) {
-            Some(Moments { m, v }) => (m.cast(DType::F32), v.cast(DType::F32)),
-            None => (grad.zeros_like(), grad.zeros_like()),
+    /// Ends a step whose modules were all applied (Prodigy counts it).
+    pub fn finish_step(&mut self) {
+        if let Some(estimate) = self.prodigy.as_mut() {
+            if !estimate.skip {
+                estimate.k += 1;
+            }
+        }
+        self.pending.clear();
+        self.prepared = false;
+    }
+
+    fn update(&mut self, path: &str, param: Tensor<1>, grad: Tensor<1>, dims: &[usize], lr: f64, rounding_seed: u64) -> Tensor<1> {
+        match self.rule {
+            Rule::AdamW(s) => self.adamw(s, path, param, grad, lr, rounding_seed),
+            Rule::Prodigy(p) => self.prodigy(p, path, param),
+            Rule::Adafactor(a) => self.adafactor(a, path, param, grad, dims, lr),
+        }
+    }
+
+    fn adamw(&mut self, s: AdamWSettings, path: &str, param: Tensor<1>, grad: Tensor<1>, lr: f64, rounding_seed: u64) -> Tensor<1> {
+        let mut state = self.state.remove(path).unwrap_or_default();
+        let (m, v) = match (state.remove("exp_avg"), state.remove("exp_avg_sq")) {
+            (Some(m), Some(v)) => (m.cast(DType::F32), v.cast(DType::F32)),
+            _ => (grad.zeros_like(), grad.zeros_like()),
         };
         let m = m * s.beta1 + grad.clone() * (1.0 - s.beta1);
         let v = v * s.beta2 + grad.square() * (1.0 - s.beta2);
@@ -178,40 +373,133 @@ impl AdamW {
         let m_hat = m.clone() / (1.0 - s.beta1.powi(t));
         let v_hat = v.clone() / (1.0 - s.beta2.powi(t));
         let updated = param * (1.0 - lr * s.weight_decay) - m_hat / (v_hat.sqrt() + s.epsilon) * lr;
-        if bf16 {
+        let (m, v, updated) = if s.bf16 {
             let mut rng = SeededRng::derived(rounding_seed, &format!("adamw-bf16/{path}"));
-            let moments = Moments { m: stochastic_bf16(m, &mut rng), v: stochastic_bf16(v, &mut rng) };
-            self.moments.insert(path.to_string(), moments);
-            stochastic_bf16(updated, &mut rng)
+            (stochastic_bf16(m, &mut rng), stochastic_bf16(v, &mut rng), stochastic_bf16(updated, &mut rng))
         } else {
-            self.moments.insert(path.to_string(), Moments { m, v });
-            updated
-        }
+            (m, v, updated)
+        };
+        self.state.insert(path.to_string(), BTreeMap::from([("exp_avg", m), ("exp_avg_sq", v)]));
+        updated
     }
 
-    /// The moments, for checkpoints (`<path>.exp_avg` / `.exp_avg_sq`, as f32).
+    /// prodigyopt's second loop: the moments were updated in
+    /// [`prepare`](Self::prepare). (With beta1 = 0 the first moment is the
+    /// gradient times d, which is what prodigyopt then steps by.)
+    fn prodigy(&mut self, p: ProdigySettings, path: &str, param: Tensor<1>) -> Tensor<1> {
+        let estimate = self.prodigy.expect("a Prodigy optimizer has its estimate");
+        let state = self.state.get(path).expect("prepare made every updated parameter's state");
+        if estimate.skip {
+            return param;
+        }
+        let denominator = state["exp_avg_sq"].clone().sqrt().add_scalar(estimate.d * p.epsilon);
+        let param = if p.weight_decay != 0.0 && p.decouple { param.clone() - param * (p.weight_decay * estimate.dlr) } else { param };
+        param - state["exp_avg"].clone() / denominator * estimate.dlr
+    }
+
+    /// torch.optim.Adafactor's single-tensor step.
+    fn adafactor(&mut self, a: AdafactorSettings, path: &str, param: Tensor<1>, grad: Tensor<1>, dims: &[usize], lr: f64) -> Tensor<1> {
+        let t = self.steps as f64;
+        let mut state = self.state.remove(path).unwrap_or_default();
+        let new_weight = t.powf(a.beta2_decay); // 1 - beta2_t
+        let rho = lr.min(1.0 / t.sqrt());
+        let count = grad.dims()[0];
+        // max(eps2, RMS(param)) * rho, on the device.
+        let alpha = param.clone().square().mean().sqrt().clamp_min(a.epsilon2) * rho;
+        let param = if a.weight_decay != 0.0 { param * (1.0 - lr * a.weight_decay) } else { param };
+        let variance = if dims.len() > 1 {
+            // Factored over the last two dimensions: rows [L, m, 1], columns [L, 1, n].
+            let (m, n) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+            let leading = count / (m * n);
+            let squared = grad.clone().square().reshape([leading, m, n]);
+            let lerp = |old: Option<Tensor<1>>, new: Tensor<3>| -> Tensor<3> {
+                match old {
+                    Some(old) => {
+                        let old = old.reshape(new.dims());
+                        old.clone() + (new - old) * new_weight
+                    }
+                    None => new * new_weight,
+                }
+            };
+            let row = lerp(state.remove("row_var"), squared.clone().mean_dim(2));
+            let col = lerp(state.remove("col_var"), squared.mean_dim(1));
+            let estimate = row.clone().matmul(col.clone()) / row.clone().mean_dim(1).clamp_min(a.epsilon1);
+            state.insert("row_var", row.reshape([leading * m]));
+            state.insert("col_var", col.reshape([leading * n]));
+            estimate.reshape([count])
+        } else {
+            let squared = grad.clone().square();
+            let variance = match state.remove("variance") {
+                Some(old) => old.clone() + (squared - old) * new_weight,
+                None => squared * new_weight,
+            };
+            state.insert("variance", variance.clone());
+            variance
+        };
+        self.state.insert(path.to_string(), state);
+        let update = variance.clamp_min(a.epsilon1 * a.epsilon1).sqrt().recip() * grad;
+        let denominator = (update.clone().square().mean().sqrt() / a.clip_threshold).clamp_min(1.0);
+        param - update * (alpha / denominator)
+    }
+
+    /// The per-parameter state for checkpoints (`<path>.<name>`, as f32).
     pub async fn state(&self) -> Result<BTreeMap<String, HostTensor>> {
         let mut out = BTreeMap::new();
-        for (path, moments) in &self.moments {
-            out.insert(format!("{path}.exp_avg"), HostTensor::from_tensor(moments.m.clone()).await?);
-            out.insert(format!("{path}.exp_avg_sq"), HostTensor::from_tensor(moments.v.clone()).await?);
+        for (path, state) in &self.state {
+            for (name, tensor) in state {
+                out.insert(format!("{path}.{name}"), HostTensor::from_tensor(tensor.clone().cast(DType::F32)).await?);
+            }
         }
         Ok(out)
     }
 
-    pub fn load_state(&mut self, state: &BTreeMap<String, HostTensor>, steps: u64, device: &Device) -> Result<()> {
-        self.moments.clear();
+    /// The state that is not per parameter (Prodigy's step size), for
+    /// checkpoints: written as text, so that it resumes exactly.
+    pub fn scalars(&self) -> BTreeMap<String, String> {
+        let Some(e) = self.prodigy else { return BTreeMap::new() };
+        BTreeMap::from([
+            ("prodigy.d".to_string(), e.d.to_string()),
+            ("prodigy.d_max".to_string(), e.d_max.to_string()),
+            ("prodigy.d_numerator".to_string(), e.d_numerator.to_string()),
+            ("prodigy.k".to_string(), e.k.to_string()),
+        ])
+    }
+
+    /// Prodigy's current step size `d` (for the metrics).
+    pub fn prodigy_d(&self) -> Option<f64> {
+        self.prodigy.map(|e| e.d)
+    }
+
+    /// Restores [`state`](Self::state) and [`scalars`](Self::scalars) saved after `steps` steps.
+    pub fn load_state(&mut self, state: &BTreeMap<String, HostTensor>, scalars: &BTreeMap<String, String>, steps: u64, device: &Device) -> Result<()> {
+        self.state.clear();
         self.steps = steps;
-        for (name, m) in state {
-            let Some(path) = name.strip_suffix(".exp_avg") else { continue };
-            let Some(v) = state.get(&format!("{path}.exp_avg_sq")) else { continue };
-            let mut m = m.to_tensor::<1>(device)?;
-            let mut v = v.to_tensor::<1>(device)?;
-            if self.settings.bf16 {
-                m = m.cast(DType::BF16);
-                v = v.cast(DType::BF16);
+        let bf16 = matches!(self.rule, Rule::AdamW(AdamWSettings { bf16: true, .. }));
+        for (key, tensor) in state {
+            let Some((path, name)) = self.rule.state_names().iter().find_map(|name| key.strip_suffix(&format!(".{name}")).map(|path| (path, *name))) else {
+                return Err(Error::Io {
+                    path: key.clone(),
+                    message: format!("optimizer state tensor is not one {} keeps ({})", self.rule.name(), self.rule.state_names().join(", ")),
+                });
+            };
+            let mut tensor = tensor.to_tensor::<1>(device)?;
+            if bf16 {
+                tensor = tensor.cast(DType::BF16);
             }
-            self.moments.insert(path.to_string(), Moments { m, v });
+            self.state.entry(path.to_string()).or_default().insert(name, tensor);
+        }
+        if let Some(estimate) = self.prodigy.as_mut() {
+            let read = |name: &str| -> Result<&String> {
+                scalars.get(name).ok_or_else(|| Error::Io { path: "state.json".into(), message: format!("the checkpoint lacks Prodigy's '{name}'") })
+            };
+            let number = |name: &str| -> Result<f64> {
+                read(name)?.parse::<f64>().map_err(|e| Error::Io { path: "state.json".into(), message: format!("Prodigy's '{name}': {e}") })
+            };
+            estimate.d = number("prodigy.d")?;
+            estimate.d_max = number("prodigy.d_max")?;
+            estimate.d_numerator = number("prodigy.d_numerator")?;
+            estimate.k =
+                read("prodigy.k")?.parse::<u64>().map_err(|e| Error::Io { path: "state.json".into(), message: format!("Prodigy's 'prodigy.k': {e}") })?;
         }
         Ok(())
     }

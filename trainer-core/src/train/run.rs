@@ -157,9 +157,17 @@ pub async fn run(session: &mut Session<'_>, host: &mut impl RunHost, options: &R
         ModelType::Lora => {
             let path = session.export_lora(name).await?;
             host.note(&format!("LoRA (kohya format) {path}"));
-            vec![path]
+            let mut paths = vec![path];
+            if let Some(ema) = session.export_lora_ema(name).await? {
+                host.note(&format!("LoRA of the EMA weights (use_ema) {ema}"));
+                paths.push(ema);
+            }
+            paths
         }
         ModelType::Full => {
+            if session.config.ema.is_some() {
+                host.note("the full fine-tune is exported with its EMA weights (use_ema), as SimpleTuner does");
+            }
             let (folder, single) = session.export_full(name, options.source_configs.as_ref()).await?;
             host.note(&format!("full fine-tune: diffusers folder {folder}"));
             host.note(&format!("full fine-tune: single-file checkpoint {single}"));
@@ -200,14 +208,14 @@ pub async fn fill_caches(session: &mut Session<'_>, host: &mut impl RunHost) -> 
     Ok(())
 }
 
-/// Writes a validation image (when there is a validation prompt); returns whether it did.
+/// Writes the validation images (when there is a validation prompt); returns whether it did.
 async fn validate(session: &mut Session<'_>, host: &mut impl RunHost) -> Result<bool> {
     let written = session.validate(&mut |p| host.progress("validation sampling", p.done as u64, p.total as u64)).await?;
-    if let Some((path, _)) = &written {
-        host.note(&format!("validation image {path}"));
-        host.image_written(path, &format!("step {}", session.step));
+    for image in &written {
+        host.note(&format!("validation image {}", image.path));
+        host.image_written(&image.path, &image.caption);
     }
-    Ok(written.is_some())
+    Ok(!written.is_empty())
 }
 
 /// One step, with a panic inside burn or the device (natively: an

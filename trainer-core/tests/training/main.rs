@@ -368,6 +368,130 @@ fn adamw_bf16_keeps_weights_in_bf16_and_resumes_exactly() {
     assert_eq!(first.len(), 3);
 }
 
+/// Prodigy and Adafactor train the adapters through the session (UNet and
+/// text encoder, one step size for both under Prodigy), keep their state
+/// in checkpoints and resume exactly; a checkpoint is not resumed by
+/// another optimizer.
+#[test]
+fn prodigy_and_adafactor_train_resume_exactly_and_refuse_another_optimizers_checkpoint() {
+    use trainer_core::train::checkpoint::trainable_tensors;
+    let device = Device::flex();
+    for optimizer in ["prodigy", "torch-adafactor"] {
+        let storage = MemoryStorage::default();
+        let setup = setup(&format!("MAX_NUM_STEPS=6\nOPTIMIZER={optimizer}\nLORA_DROPOUT=0.1\nTRAINER_EXTRA_ARGS=\"--train_text_encoder\"\n"), true);
+        let mut run = session(&setup, &storage, &device, F32_TARGET);
+        let described = trainer_core::plan::describe(&run.plan);
+        let named = if optimizer == "prodigy" {
+            "Optimizer: prodigy (Prodigy with f32 state: step size d from d0 0.000001"
+        } else {
+            "Optimizer: adafactor (Adafactor (torch)"
+        };
+        assert!(described.contains(named), "{described}");
+        let start = block_on(trainable_tensors(&run.model.unet)).unwrap();
+        train(&mut run, 3);
+        let moved = block_on(trainable_tensors(&run.model.unet)).unwrap();
+        // Every `up` (zero at first) moves; a `down` gets its gradient
+        // through `up`, which Prodigy's first step sizes (d from 1e-6) keep
+        // too small to move it within 3 steps.
+        let ups: Vec<&String> = start.keys().filter(|k| k.ends_with(".up") || k.contains("lora_B") || k.contains("lora_up")).collect();
+        assert_eq!(ups.len() * 2, start.len(), "{:?}", start.keys().take(4).collect::<Vec<_>>());
+        for key in ups {
+            assert_ne!(moved[key], start[key], "{optimizer}: {key} moves in 3 steps");
+        }
+        let path = block_on(run.save_checkpoint()).unwrap();
+        let state = String::from_utf8(storage.read(&format!("{path}/state.json")).unwrap().unwrap()).unwrap();
+        assert_eq!(state.contains("prodigy.d"), optimizer == "prodigy", "{state}");
+        let rest = train(&mut run, 3);
+
+        let mut resumed = session(&setup, &storage, &device, F32_TARGET);
+        resumed.resume("latest").unwrap();
+        assert_eq!(train(&mut resumed, 3), rest, "{optimizer}: steps 4-6 after resuming equal the uninterrupted run");
+        assert_eq!(block_on(trainable_tensors(&resumed.model.text_encoder)).unwrap(), block_on(trainable_tensors(&run.model.text_encoder)).unwrap());
+
+        let other = setup_with_optimizer_of(&setup, if optimizer == "prodigy" { "adamw" } else { "prodigy" });
+        let mut refused = session(&other, &storage, &device, F32_TARGET);
+        let error = refused.resume("latest").unwrap_err().to_string();
+        assert!(error.contains("this checkpoint was trained with") && error.contains("resume with the same optimizer"), "{error}");
+    }
+}
+
+/// `use_ema` keeps SimpleTuner's average of the adapters (decay
+/// min(t/(t+9), ema_decay) after step t, every ema_update_interval-th
+/// step, the first update a copy), resumes it exactly, validates with it
+/// beside the trained weights and exports it as a second LoRA.
+#[test]
+fn ema_follows_simpletuners_decay_resumes_exactly_validates_and_exports() {
+    use trainer_core::train::checkpoint::trainable_tensors;
+    let device = Device::flex();
+    let storage = MemoryStorage::default();
+    let setup = setup(
+        "MAX_NUM_STEPS=6\nLORA_DROPOUT=0\nUSE_EMA=true\nVALIDATION_PROMPT=a photo of zwx toy\nVALIDATION_RESOLUTION=32\nVALIDATION_NUM_INFERENCE_STEPS=2\nTRAINER_EXTRA_ARGS=\"--ema_decay=0.5 --ema_update_interval=2\"\n",
+        false,
+    );
+    let mut run = session(&setup, &storage, &device, F32_TARGET);
+    let described = trainer_core::plan::describe(&run.plan);
+    assert!(
+        described.contains("EMA: decay 0.5 (rising as t/(t+9) to it), updated every 2 step(s); validation: comparison; exported as a second LoRA"),
+        "{described}"
+    );
+    let mut expected: Option<BTreeMap<String, Vec<f32>>> = None;
+    let mut raw = BTreeMap::new();
+    for t in 1..=4u64 {
+        train(&mut run, 1);
+        raw = block_on(trainable_tensors(&run.model.unet)).unwrap().into_iter().map(|(k, v)| (k, v.values)).collect::<BTreeMap<_, _>>();
+        if t % 2 != 0 {
+            continue;
+        }
+        let decay = (t as f32 / (t as f32 + 9.0)).min(0.5);
+        expected = Some(match expected {
+            None => raw.clone(),
+            Some(average) => average.iter().map(|(k, a)| (k.clone(), a.iter().zip(&raw[k]).map(|(a, w)| a - (1.0 - decay) * (a - w)).collect())).collect(),
+        });
+    }
+    let expected = expected.unwrap();
+    let ema: BTreeMap<String, Vec<f32>> = block_on(run.ema_tensors()).unwrap().unwrap().into_iter().map(|(k, v)| (k, v.values)).collect();
+    assert_eq!(ema.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "the EMA averages exactly the adapters");
+    let mut apart = 0.0f64;
+    for (key, values) in &ema {
+        let scale = expected[key].iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+        let error = values.iter().zip(&expected[key]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(error <= 1e-5 * scale, "{key}: EMA differs from the formula by {error} (largest value {scale})");
+        apart += mean_squared(values, &raw[key]);
+    }
+    assert!(apart > 0.0, "after step 4 the EMA lags the trained weights");
+
+    // Validation writes the trained and the EMA sample (ema_validation's default, comparison).
+    let written = block_on(run.validate(&mut |_| {})).unwrap();
+    let paths: Vec<&str> = written.iter().map(|w| w.path.as_str()).collect();
+    assert_eq!(paths, ["/out/validation/step-000004.png", "/out/validation/step-000004-ema.png"]);
+    assert_ne!(written[0].image, written[1].image, "the EMA weights sample differently");
+
+    block_on(run.save_checkpoint()).unwrap();
+    train(&mut run, 2);
+    let mut resumed = session(&setup, &storage, &device, F32_TARGET);
+    resumed.resume("latest").unwrap();
+    train(&mut resumed, 2);
+    assert_eq!(block_on(resumed.ema_tensors()).unwrap(), block_on(run.ema_tensors()).unwrap(), "the EMA resumes exactly");
+
+    // The EMA LoRA is written beside the trained one and merges the same layers.
+    let trained = block_on(run.export_lora("lora")).unwrap();
+    let averaged = block_on(run.export_lora_ema("lora")).unwrap().expect("use_ema exports the EMA");
+    assert_eq!(averaged, "/out/lora-ema.safetensors");
+    let (trained_bytes, averaged_bytes) = (storage.read(&trained).unwrap().unwrap(), storage.read(&averaged).unwrap().unwrap());
+    assert_ne!(trained_bytes, averaged_bytes);
+    let mut merged = fixture_model(&device, WeightDtypes::default());
+    let layers = trainer_core::train::export::merge_kohya(&mut merged, &averaged, averaged_bytes, 1.0, &device).unwrap();
+    assert_eq!(layers, run.model.unet.adapted_layers().len());
+}
+
+/// `setup` with another optimizer.
+fn setup_with_optimizer_of(setup: &Setup, optimizer: &str) -> Setup {
+    let mut training = setup.training.clone();
+    let other = self::training(&format!("{BASE_ENV}OPTIMIZER={optimizer}\nTRAINER_EXTRA_ARGS=\"--train_text_encoder\"\n"));
+    (training.optimizer, training.prodigy, training.adafactor, training.learning_rate) = (other.optimizer, other.prodigy, other.adafactor, other.learning_rate);
+    Setup { training, sources: setup.sources.clone(), json: setup.json.clone() }
+}
+
 #[test]
 fn frozen_base_weights_in_f16_halve_the_memory_and_train_like_f32() {
     use trainer_core::models::layers::stored_bytes;

@@ -11,21 +11,24 @@ mod step;
 mod validation;
 
 pub use caching::image_tensor;
+pub use validation::ValidationImage;
 
 use std::collections::BTreeMap;
 
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{Device, Tensor};
 
+use super::ema::{self, Ema};
 use super::noise::NoiseSchedule;
-use super::optimizer::{AdamW, AdamWSettings, ToTrainDevice};
+use super::optimizer::{AdamWSettings, Optimizer, Rule, ToTrainDevice};
 use super::storage::{join, Storage};
-use crate::config::training::{ModelFamily, ModelType, Optimizer, RegularisationMode, TrainingConfig};
+use crate::config::training::{ModelFamily, ModelType, OptimizerKind, RegularisationMode, TrainingConfig};
 use crate::data::source::ImageSource;
 use crate::error::{Error, Result};
 use crate::lr_schedule::LearningRateSchedule;
 use crate::models::clip::ClipTextModel;
 use crate::models::lora::{DropoutSource, LoraTargets};
+use crate::models::unet::UNet2DConditionModel;
 use crate::models::{Family, StableDiffusion};
 use crate::plan::{build_samplers, Plan, PlannedBatchSampler};
 use crate::rng::SeededRng;
@@ -72,7 +75,9 @@ pub struct Session<'a> {
     device: Device,
     train_device: Device,
     noise: NoiseSchedule,
-    optimizer: AdamW,
+    optimizer: Optimizer,
+    /// The moving average of the trained weights (`use_ema`).
+    ema: Option<Ema>,
     lr_schedule: LearningRateSchedule,
     main: PlannedBatchSampler,
     prior: Option<PlannedBatchSampler>,
@@ -122,6 +127,45 @@ fn update_text_encoders(train: bool, model: &mut StableDiffusion, mut update: im
 }
 
 impl<'a> Session<'a> {
+    /// Every trainable tensor's current value (the UNet's, then the trained
+    /// text encoders' under their prefixes), flattened.
+    fn trainable_values(&self) -> BTreeMap<String, Tensor<1>> {
+        let mut values = BTreeMap::new();
+        ema::trainable_values(&self.model.unet, "", &mut values);
+        for (prefix, encoder) in trained_text_encoders(self.config.train_text_encoder, &self.model) {
+            ema::trainable_values(encoder, prefix, &mut values);
+        }
+        values
+    }
+
+    /// Puts the EMA weights in the model in place of the trained ones,
+    /// which it returns for [`put_back`](Self::put_back) (`None` without an EMA yet).
+    fn put_ema_weights(&mut self) -> Option<(UNet2DConditionModel, TextEncoders)> {
+        let ema = self.ema.as_ref().filter(|e| !e.is_empty())?;
+        let unet = ema.averaged(self.model.unet.clone(), "", &self.train_device);
+        let (mut text, mut text_2) = (self.model.text_encoder.clone(), self.model.text_encoder_2.clone());
+        if self.config.train_text_encoder {
+            text = ema.averaged(text, TEXT_ENCODER_PREFIX, &self.train_device);
+            text_2 = text_2.map(|e| ema.averaged(e, TEXT_ENCODER_2_PREFIX, &self.train_device));
+        }
+        let trained_unet = std::mem::replace(&mut self.model.unet, unet);
+        Some((trained_unet, self.replace_text_encoders((text, text_2))))
+    }
+
+    /// Puts back the weights [`put_ema_weights`](Self::put_ema_weights) took out.
+    fn put_back(&mut self, (unet, text): (UNet2DConditionModel, TextEncoders)) {
+        self.model.unet = unet;
+        self.replace_text_encoders(text);
+    }
+
+    /// The EMA weights by key, on the host (`None` without EMA).
+    pub async fn ema_tensors(&self) -> Result<Option<BTreeMap<String, super::tensor_file::HostTensor>>> {
+        match &self.ema {
+            Some(ema) => Ok(Some(ema.state().await?.into_iter().map(|(k, v)| (k[ema::CHECKPOINT_PREFIX.len()..].to_string(), v)).collect())),
+            None => Ok(None),
+        }
+    }
+
     /// Sets a run up: the UNet goes to the training device (autodiff), LoRA adapters are attached
     /// or the whole UNet is made trainable. `sources[i]` gives the files of
     /// `plan.datasets[i]`.
@@ -211,21 +255,26 @@ impl<'a> Session<'a> {
                 model.text_encoder_2 = Some(attach(encoder, SeededRng::derived(config.seed, "text-encoder-2").next_u64())?);
             }
         }
-        let bf16 = config.optimizer == Optimizer::AdamwBf16 && plan.optimizer.state_dtype == "bf16";
+        let bf16 = config.optimizer == OptimizerKind::AdamwBf16 && plan.optimizer.state_dtype == "bf16";
         if bf16 {
             model.unet = model.unet.map(&mut CastTrainable { dtype: burn::tensor::DType::BF16, device: &train_device });
             model.text_encoder = model.text_encoder.map(&mut CastTrainable { dtype: burn::tensor::DType::BF16, device: &train_device });
             model.text_encoder_2 = model.text_encoder_2.map(|e| e.map(&mut CastTrainable { dtype: burn::tensor::DType::BF16, device: &train_device }));
         }
-        let optimizer = AdamW::new(AdamWSettings {
-            beta1: config.adam_beta1,
-            beta2: config.adam_beta2,
-            epsilon: config.adam_epsilon,
-            weight_decay: config.adam_weight_decay,
-            max_grad_norm: config.max_grad_norm,
-            bf16,
-        });
+        let rule = match config.optimizer {
+            OptimizerKind::Adamw | OptimizerKind::AdamwBf16 => Rule::AdamW(AdamWSettings {
+                beta1: config.adam_beta1,
+                beta2: config.adam_beta2,
+                epsilon: config.adam_epsilon,
+                weight_decay: config.adam_weight_decay,
+                bf16,
+            }),
+            OptimizerKind::Prodigy => Rule::Prodigy(config.prodigy.unwrap_or_default()),
+            OptimizerKind::Adafactor => Rule::Adafactor(config.adafactor.unwrap_or_default()),
+        };
+        let optimizer = Optimizer::new(rule, config.max_grad_norm);
         let (main, prior) = build_samplers(&plan.datasets, &config);
+        let ema = config.ema.map(Ema::new);
         Ok(Self {
             lr_schedule: plan.lr_schedule,
             config,
@@ -237,6 +286,7 @@ impl<'a> Session<'a> {
             train_device,
             noise,
             optimizer,
+            ema,
             main,
             prior,
             dropout,

@@ -11,7 +11,7 @@ use crate::train::metrics::{self, StepMetrics};
 use crate::train::run_record::{self, OutputUse, RunRecord};
 use crate::train::storage::join;
 use crate::train::tensor_file::HostTensor;
-use crate::train::{export, full_export};
+use crate::train::{ema, export, full_export};
 
 impl Session<'_> {
     pub fn checkpoint_due(&self) -> bool {
@@ -45,8 +45,16 @@ impl Session<'_> {
                 prior_sampler: self.prior.as_ref().map(|p| p.sampler.state().clone()),
                 model_type: format!("{:?}", self.config.model_type),
                 lora_rank: (self.config.model_type == ModelType::Lora).then_some(self.config.lora_rank),
+                optimizer: self.optimizer.rule.name().to_string(),
+                optimizer_scalars: self.optimizer.scalars(),
             },
-            trainable: self.trainable_tensors().await?,
+            trainable: {
+                let mut tensors = self.trainable_tensors().await?;
+                if let Some(ema) = &self.ema {
+                    tensors.extend(ema.state().await?);
+                }
+                tensors
+            },
             optimizer: self.optimizer.state().await?,
         };
         checkpoint::save(self.storage, &self.config.output_dir, &checkpoint, self.config.checkpoints_total_limit, self.checkpoint_hook.as_ref())
@@ -121,7 +129,12 @@ impl Session<'_> {
         // The UNet's tensors, and the text encoders' by prefix.
         let mut unet = BTreeMap::new();
         let mut text: BTreeMap<&str, BTreeMap<String, HostTensor>> = BTreeMap::new();
+        let mut averages = BTreeMap::new();
         for (name, tensor) in saved.trainable.clone() {
+            if name.starts_with(ema::CHECKPOINT_PREFIX) {
+                averages.insert(name, tensor);
+                continue;
+            }
             match [TEXT_ENCODER_PREFIX, TEXT_ENCODER_2_PREFIX].into_iter().find(|p| name.starts_with(p)) {
                 Some(prefix) => text.entry(prefix).or_default().insert(name[prefix.len()..].to_string(), tensor),
                 None => unet.insert(name, tensor),
@@ -138,13 +151,36 @@ impl Session<'_> {
         update_text_encoders(self.config.train_text_encoder, &mut self.model, |prefix, encoder| {
             checkpoint::restore_trainable(encoder, &text.remove(prefix).unwrap_or_default(), train_device, &path)
         })?;
-        self.optimizer.load_state(&saved.optimizer, saved.state.step, &self.device)?;
+        if saved.state.optimizer != self.optimizer.rule.name() {
+            return Err(Error::Config {
+                source_name: path,
+                problems: vec![format!(
+                    "this checkpoint was trained with {} and the config says {}: resume with the same optimizer, or start over (--start-over keeps the old outputs)",
+                    saved.state.optimizer,
+                    self.optimizer.rule.name()
+                )],
+            });
+        }
+        self.optimizer.load_state(&saved.optimizer, &saved.state.optimizer_scalars, saved.state.step, &self.device).map_err(|e| match e {
+            Error::Io { path: tensor, message } => Error::Io { path: format!("{path}: {tensor}"), message },
+            other => other,
+        })?;
+        let mut notes = Vec::new();
+        match (self.ema.as_mut(), averages.is_empty()) {
+            (Some(ema), false) => ema.load_state(&averages, &self.device, &path)?,
+            (Some(_), true) if saved.state.step > 0 => {
+                notes.push("the checkpoint has no EMA weights (use_ema was off): the EMA starts from the resumed weights".to_string())
+            }
+            (None, false) => notes.push("the checkpoint's EMA weights are dropped: use_ema is off".to_string()),
+            _ => {}
+        }
         let mut misfits = Vec::new();
         misfits.extend(self.main.sampler.restore(saved.state.sampler.clone()).err());
         if let (Some(prior), Some(state)) = (self.prior.as_mut(), saved.state.prior_sampler.clone()) {
             misfits.extend(prior.sampler.restore(state).err());
         }
-        self.resume_notes = misfits.into_iter().map(|m| format!("{m}: the data order starts a new pass (the step count goes on)")).collect();
+        notes.extend(misfits.into_iter().map(|m| format!("{m}: the data order starts a new pass (the step count goes on)")));
+        self.resume_notes = notes;
         self.step = saved.state.step;
         self.epoch = saved.state.epoch;
         let metrics_path = self.output_path("metrics.jsonl");
@@ -159,6 +195,20 @@ impl Session<'_> {
 
     /// Writes the trained LoRA in kohya format; returns its path.
     pub async fn export_lora(&self, name: &str) -> Result<String> {
+        self.write_lora(name, "trained weights").await
+    }
+
+    /// With `use_ema`, writes the EMA weights as a second LoRA beside the
+    /// trained one, `<name>-ema.safetensors` (SimpleTuner keeps a LoRA's
+    /// EMA only in its checkpoints); returns its path.
+    pub async fn export_lora_ema(&mut self, name: &str) -> Result<Option<String>> {
+        let Some(trained) = self.put_ema_weights() else { return Ok(None) };
+        let written = self.write_lora(&format!("{name}-ema"), "EMA of the trained weights").await;
+        self.put_back(trained);
+        written.map(Some)
+    }
+
+    async fn write_lora(&self, name: &str, weights: &str) -> Result<String> {
         let c = &self.config;
         let extra = BTreeMap::from([
             ("ss_output_name".to_string(), name.to_string()),
@@ -173,6 +223,7 @@ impl Session<'_> {
             ("modelspec.title".to_string(), name.to_string()),
             ("burnbooth.regularisation_mode".to_string(), format!("{:?}", c.regularisation_mode)),
             ("burnbooth.lora_dropout".to_string(), c.lora_dropout.to_string()),
+            ("burnbooth.weights".to_string(), weights.to_string()),
         ]);
         let bytes = export::kohya_file(&self.model, &extra).await?;
         let path = self.output_path(&format!("{name}.safetensors"));
@@ -183,8 +234,18 @@ impl Session<'_> {
     /// Writes a full fine-tune as a diffusers folder `<output>/<name>/` (the
     /// configs come from `configs`, the source folder's files by name, or
     /// are the family's published ones) and the single-file checkpoint
-    /// `<output>/<name>.safetensors`. Returns both paths.
-    pub async fn export_full(&self, name: &str, configs: Option<&BTreeMap<String, String>>) -> Result<(String, String)> {
+    /// `<output>/<name>.safetensors`. Returns both paths. With `use_ema`
+    /// the EMA weights are exported, as SimpleTuner does.
+    pub async fn export_full(&mut self, name: &str, configs: Option<&BTreeMap<String, String>>) -> Result<(String, String)> {
+        let trained = self.put_ema_weights();
+        let written = self.write_full(name, configs).await;
+        if let Some(trained) = trained {
+            self.put_back(trained);
+        }
+        written
+    }
+
+    async fn write_full(&self, name: &str, configs: Option<&BTreeMap<String, String>>) -> Result<(String, String)> {
         let dir = self.output_path(name);
         // Written beside the old export and swapped in whole: a run killed
         // mid-export leaves the previous export as it was

@@ -231,12 +231,23 @@ impl Session<'_> {
                 ),
             });
         }
-        self.model.unet = self.optimizer.apply(self.model.unet.clone(), "", lr, &self.train_device);
-        // The schedule scales both rates alike (diffusers' parameter groups).
+        // The text encoders' rate follows the schedule too (diffusers' parameter groups).
         let text_lr = self.config.text_encoder_lr.map_or(lr, |rate| lr * rate / self.config.learning_rate);
+        let mut values = std::collections::BTreeMap::new();
+        self.optimizer.values_of(&self.model.unet, "", &mut values);
+        for (prefix, encoder) in trained_text_encoders(self.config.train_text_encoder, &self.model) {
+            self.optimizer.values_of(encoder, prefix, &mut values);
+        }
+        self.optimizer.prepare(values, lr).await?;
+        self.model.unet = self.optimizer.apply(self.model.unet.clone(), "", lr, &self.train_device);
         let (optimizer, train_device) = (&mut self.optimizer, &self.train_device);
         update_text_encoders(self.config.train_text_encoder, &mut self.model, |prefix, encoder| Ok(optimizer.apply(encoder, prefix, text_lr, train_device)))?;
+        self.optimizer.finish_step();
         self.step += 1;
+        let values = self.ema.is_some().then(|| self.trainable_values());
+        if let (Some(ema), Some(values)) = (self.ema.as_mut(), values) {
+            ema.update(values, self.step);
+        }
         if let Some(dropout) = &self.dropout {
             dropout.stop();
         }

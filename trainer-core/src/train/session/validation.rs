@@ -5,11 +5,19 @@ use burn::module::Module;
 use image::RgbImage;
 
 use super::{Progress, Session};
-use crate::config::training::ModelType;
+use crate::config::training::{EmaValidation, ModelType};
 use crate::error::Result;
 use crate::models::clip::ClipTextModel;
 use crate::pipeline::{a1111_parameters, png_with_parameters, to_rgb8, GenerateRequest, Generated};
 use crate::schedulers::SamplerKind;
+
+/// A validation image written to the output folder.
+pub struct ValidationImage {
+    pub path: String,
+    pub image: RgbImage,
+    /// What it shows: `step 40`, `step 40 (EMA)`.
+    pub caption: String,
+}
 
 impl Session<'_> {
     pub fn validation_due(&self) -> bool {
@@ -53,15 +61,36 @@ impl Session<'_> {
     }
 
     /// Samples the validation prompt with the current weights and writes
-    /// `validation/step-<N>.png` (with its parameters). Returns the path and image.
-    pub async fn validate(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Result<Option<(String, RgbImage)>> {
-        let Some(prompt) = self.config.validation_prompt.clone() else { return Ok(None) };
+    /// `validation/step-<N>.png` (with its parameters); with `use_ema`, the
+    /// EMA weights' sample too, `validation/step-<N>-ema.png`, or only that
+    /// (`ema_validation`). Returns what it wrote.
+    pub async fn validate(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Result<Vec<ValidationImage>> {
+        let Some(prompt) = self.config.validation_prompt.clone() else { return Ok(Vec::new()) };
         let request = self.validation_request(prompt);
-        let image = self.sample(&request, progress).await?;
-        let parameters = a1111_parameters(&request, self.plan.model.as_deref().unwrap_or("model"), &[("Burnbooth step", self.step.to_string())]);
-        let path = self.output_path(&format!("validation/step-{:06}.png", self.step));
+        let ema = self.config.ema.map(|e| e.validation).unwrap_or(EmaValidation::None);
+        let mut written = Vec::new();
+        if ema != EmaValidation::EmaOnly || self.ema.as_ref().is_none_or(|e| e.is_empty()) {
+            let image = self.sample(&request, progress).await?;
+            written.push(self.write_validation(&request, image, "")?);
+        }
+        if ema != EmaValidation::None {
+            if let Some(trained) = self.put_ema_weights() {
+                let image = self.sample(&request, progress).await;
+                self.put_back(trained);
+                written.push(self.write_validation(&request, image?, "-ema")?);
+            }
+        }
+        Ok(written)
+    }
+
+    fn write_validation(&self, request: &GenerateRequest, image: RgbImage, suffix: &str) -> Result<ValidationImage> {
+        let weights = if suffix.is_empty() { "trained" } else { "EMA" };
+        let extra = [("Burnbooth step", self.step.to_string()), ("Burnbooth weights", weights.to_string())];
+        let parameters = a1111_parameters(request, self.plan.model.as_deref().unwrap_or("model"), &extra);
+        let path = self.output_path(&format!("validation/step-{:06}{suffix}.png", self.step));
         self.storage.write(&path, &png_with_parameters(&image, &parameters)?)?;
-        Ok(Some((path, image)))
+        let caption = if suffix.is_empty() { format!("step {}", self.step) } else { format!("step {} (EMA)", self.step) };
+        Ok(ValidationImage { path, image, caption })
     }
 
     /// The before/after grid of a LoRA run, `comparison.png`: a row for the

@@ -131,6 +131,51 @@ fn captions_follow_each_strategy() {
     assert_eq!(only.images[0].caption_variants, ["zwx", "zwx toy"]);
 }
 
+/// caption_shuffle: every line of a caption file gets its shuffled-tag
+/// variants (the kept tags first), the instance prompt goes in front
+/// afterwards, the plan shows examples, and bad settings are named.
+#[test]
+fn caption_shuffle_adds_variants_that_keep_the_leading_tags_and_the_plan_shows_them() {
+    let training = training("MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nTRAIN_BATCH_SIZE=1\nMAX_NUM_STEPS=10\nTRAINING_SEED=3");
+    let files = [("dog.jpg", jpeg(64, 64)), ("dog.txt", b"sks dog, red collar, on grass, sunny\nsks dog, sitting\n".to_vec())];
+    let source = source_with(&files);
+    let entry = r#"[{"id": "d", "type": "local", "instance_data_dir": "x", "resolution": 64, "caption_strategy": "textfile",
+        "prepend_instance_prompt": true, "instance_prompt": "photo:",
+        "caption_shuffle": {"enable": true, "count": 3, "position_start": 1}}]"#;
+    let config = dataloader(entry, &training).unwrap();
+    let shuffle = config.datasets[0].caption_shuffle.unwrap();
+    assert_eq!((shuffle.seed, shuffle.count, shuffle.position_start, shuffle.include_original), (3, 3, 1, true), "the training seed by default");
+    let plan = plan_memory(&training, &config, BTreeMap::from([("d".to_string(), source)])).unwrap();
+    let variants = plan.datasets[0].images[0].captions();
+    assert_eq!(variants[0], "photo: sks dog, red collar, on grass, sunny");
+    let first_line: Vec<&String> = variants.iter().filter(|v| v.contains("collar")).collect();
+    assert!(first_line.len() >= 3, "the first line and its shuffles: {variants:?}");
+    for variant in &first_line {
+        assert!(variant.starts_with("photo: sks dog, "), "{variant}");
+    }
+    // "sks dog, sitting" keeps "sks dog" and has one tag left: nothing to shuffle.
+    assert_eq!(variants.iter().filter(|v| v.contains("sitting")).collect::<Vec<_>>(), ["photo: sks dog, sitting"]);
+    let described = trainer_core::plan::describe(&plan);
+    assert!(
+        described
+            .contains("caption_shuffle: 3 shuffled order(s) of each caption's tags (split on comma, the first 1 kept in place, the caption as written too)"),
+        "{described}"
+    );
+
+    for (setting, problem) in [
+        (r#"{"enable": true, "split_on": "semicolon"}"#, r#"'caption_shuffle.split_on' must be "comma", "space" or "period""#),
+        (r#"{"enable": true, "count": 0}"#, "'caption_shuffle.count' must be a whole number of at least 1"),
+        (r#"{"enable": "yes"}"#, "'caption_shuffle.enable' must be true or false"),
+        (r#"true"#, "'caption_shuffle' must be an object"),
+    ] {
+        let json = format!(r#"[{{"id": "d", "type": "local", "instance_data_dir": "x", "caption_shuffle": {setting}}}]"#);
+        let message = error_text(dataloader(&json, &training));
+        assert!(message.contains(problem), "{setting} -> {message}");
+    }
+    let off = dataloader(r#"[{"id": "d", "type": "local", "instance_data_dir": "x", "caption_shuffle": {"enable": false, "count": 5}}]"#, &training).unwrap();
+    assert!(off.datasets[0].caption_shuffle.is_none());
+}
+
 #[test]
 fn transparency_is_composited_on_white() {
     let image = decode_oriented(&transparent_png(8, 8), DEFAULT_MAX_IMAGE_PIXELS).unwrap();

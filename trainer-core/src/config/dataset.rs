@@ -29,6 +29,51 @@ pub enum CaptionStrategy {
     InstancePrompt,
 }
 
+/// Where a caption is split into tags for shuffling, and how they are joined again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TagSeparator {
+    /// `,`, joined with `", "`.
+    Comma,
+    /// ` `.
+    Space,
+    /// `.`, joined with `". "`.
+    Period,
+}
+
+impl TagSeparator {
+    pub fn split_on(self) -> char {
+        match self {
+            Self::Comma => ',',
+            Self::Space => ' ',
+            Self::Period => '.',
+        }
+    }
+
+    pub fn joiner(self) -> &'static str {
+        match self {
+            Self::Comma => ", ",
+            Self::Space => " ",
+            Self::Period => ". ",
+        }
+    }
+}
+
+/// SimpleTuner's `caption_shuffle`: each caption also appears with its tags
+/// in `count` shuffled orders (each order's text embedding cached once; a
+/// sample picks one of the variants).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CaptionShuffle {
+    pub count: u32,
+    /// The training seed unless the dataset gives one.
+    pub seed: u64,
+    pub split_on: TagSeparator,
+    /// Tags before this position keep their place (kohya's `keep_tokens`).
+    pub position_start: usize,
+    /// The caption as written is one of the variants.
+    pub include_original: bool,
+}
+
 /// One image dataset (`dataset_type: image`, `type: local`).
 #[derive(Debug, Clone, Serialize)]
 pub struct ImageDatasetConfig {
@@ -42,6 +87,8 @@ pub struct ImageDatasetConfig {
     pub prepend_instance_prompt: bool,
     pub only_instance_prompt: bool,
     pub disable_multiline_split: bool,
+    /// Shuffled-tag variants of each caption (`caption_shuffle`).
+    pub caption_shuffle: Option<CaptionShuffle>,
     pub repeats: u32,
     pub probability: f64,
     pub ignore_epochs: bool,
@@ -116,11 +163,21 @@ pub struct DatasetDefaults {
     pub rounding: u32,
     /// Unknown keys are errors instead of warnings.
     pub strict: bool,
+    /// The training seed (`caption_shuffle` draws from it unless given its own).
+    pub seed: u64,
 }
 
 impl Default for DatasetDefaults {
     fn default() -> Self {
-        Self { model_family: "sd1x".into(), output_dir: "output".into(), options: DatasetOptions::default(), alignment: 64, rounding: 2, strict: false }
+        Self {
+            model_family: "sd1x".into(),
+            output_dir: "output".into(),
+            options: DatasetOptions::default(),
+            alignment: 64,
+            rounding: 2,
+            strict: false,
+            seed: 0,
+        }
     }
 }
 
@@ -302,6 +359,57 @@ fn read_text_embeds(reader: &mut Reader<'_>, id: &str, base_dir: Option<&str>, d
     Some(TextEmbedsConfig { id: id.to_string(), cache_dir: resolve_path(&cache_dir, base_dir), default })
 }
 
+/// `caption_shuffle`: `{"enable": true, "count": 3, "seed": 42, "split_on":
+/// "comma", "position_start": 1, "include_original": true}`, checked as
+/// SimpleTuner checks it. `None` unless enabled.
+fn read_caption_shuffle(reader: &mut Reader<'_>, training_seed: u64) -> Option<CaptionShuffle> {
+    let (key, value) = reader.raw(&["caption_shuffle"])?;
+    let Value::Object(object) = value else {
+        reader.error(format!("'{key}' must be an object such as {{\"enable\": true, \"count\": 3, \"position_start\": 1}}, not {value}"));
+        return None;
+    };
+    let known = ["enable", "count", "seed", "split_on", "position_start", "include_original"];
+    for name in object.keys().filter(|k| !known.contains(&k.as_str())) {
+        let hint = crate::error::nearest(name, known.iter().copied()).map(|n| format!("; did you mean '{n}'?")).unwrap_or_default();
+        reader.warn(format!("'{key}.{name}' is not a caption_shuffle setting (ignored){hint}"));
+    }
+    let flag = |name: &str, default: bool| match object.get(name) {
+        None => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(format!("'{key}.{name}' must be true or false, not {other}")),
+    };
+    let whole = |name: &str, min: u64, default: u64| match object.get(name) {
+        None => Ok(default),
+        Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v >= min) => Ok(n.as_u64().expect("checked")),
+        Some(other) => Err(format!("'{key}.{name}' must be a whole number of at least {min}, not {other}")),
+    };
+    let split_on = match object.get("split_on") {
+        None => Ok(TagSeparator::Comma),
+        Some(Value::String(s)) if s == "comma" => Ok(TagSeparator::Comma),
+        Some(Value::String(s)) if s == "space" => Ok(TagSeparator::Space),
+        Some(Value::String(s)) if s == "period" => Ok(TagSeparator::Period),
+        Some(other) => Err(format!("'{key}.split_on' must be \"comma\", \"space\" or \"period\", not {other}")),
+    };
+    let settings = (|| {
+        let enable = flag("enable", false)?;
+        let shuffle = CaptionShuffle {
+            count: whole("count", 1, 1)? as u32,
+            seed: whole("seed", 0, training_seed)?,
+            split_on: split_on.clone()?,
+            position_start: whole("position_start", 0, 0)? as usize,
+            include_original: flag("include_original", true)?,
+        };
+        Ok::<_, String>(enable.then_some(shuffle))
+    })();
+    match settings {
+        Ok(shuffle) => shuffle,
+        Err(problem) => {
+            reader.error(problem);
+            None
+        }
+    }
+}
+
 fn read_image_dataset(reader: &mut Reader<'_>, id: &str, base_dir: Option<&str>, defaults: &DatasetDefaults) -> Option<ImageDatasetConfig> {
     reader.accept(&["id", "type", "dataset_type", "disabled", "disable"]);
     reader.accept(&ACCEPTED_NO_OP_KEYS);
@@ -322,10 +430,7 @@ fn read_image_dataset(reader: &mut Reader<'_>, id: &str, base_dir: Option<&str>,
         }
     }
     reader.accept(&["start_epoch", "start_step", "end_epoch", "end_step", "slider_strength", "disable_after_epoch_step"]);
-    if reader.has("caption_shuffle") {
-        reader.warn("'caption_shuffle' is not supported yet: captions are used as written");
-    }
-    reader.accept(&["caption_shuffle"]);
+    let caption_shuffle = read_caption_shuffle(reader, defaults.seed);
     if let Some(backend) = reader.string(&["metadata_backend"]) {
         match backend.to_ascii_lowercase().as_str() {
             "discovery" | "json" | "filesystem" => {}
@@ -407,6 +512,7 @@ fn read_image_dataset(reader: &mut Reader<'_>, id: &str, base_dir: Option<&str>,
         prepend_instance_prompt,
         only_instance_prompt,
         disable_multiline_split,
+        caption_shuffle,
         repeats,
         probability,
         ignore_epochs,

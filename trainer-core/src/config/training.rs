@@ -239,6 +239,7 @@ impl TrainingConfig {
             alignment: self.aspect_bucket_alignment,
             rounding: self.aspect_bucket_rounding,
             strict: self.strict_config,
+            seed: self.seed,
         }
     }
 

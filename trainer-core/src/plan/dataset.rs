@@ -153,6 +153,7 @@ pub fn plan_dataset(
         folder: dataset.instance_data_dir.clone(),
         is_regularisation_data: dataset.is_regularisation_data,
         caption_strategy: dataset.caption_strategy,
+        caption_shuffle: dataset.caption_shuffle,
         repeats: dataset.repeats,
         probability: dataset.probability,
         ignore_epochs: dataset.ignore_epochs,

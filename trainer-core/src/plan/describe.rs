@@ -54,6 +54,19 @@ pub fn describe(plan: &Plan) -> String {
             }
         }
         let _ = writeln!(out, "  example captions: {}", examples.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", "));
+        if let (Some(shuffle), Some(image)) = (&dataset.caption_shuffle, dataset.images.first()) {
+            let variants = image.captions();
+            let _ = writeln!(
+                out,
+                "  caption_shuffle: {} shuffled order(s) of each caption's tags (split on {}, the first {} kept in place{}); {} variant(s) of the first image's, e.g. {}",
+                shuffle.count,
+                config_name(&shuffle.split_on),
+                shuffle.position_start,
+                if shuffle.include_original { ", the caption as written too" } else { "" },
+                variants.len(),
+                variants.iter().take(3).map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ")
+            );
+        }
         for note in &dataset.notes {
             let _ = writeln!(out, "  note: {note}");
         }

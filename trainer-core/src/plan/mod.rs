@@ -8,7 +8,7 @@
 use burn::tensor::DType;
 use serde::Serialize;
 
-use crate::config::dataset::{CaptionStrategy, DataloaderConfig, ImageDatasetConfig};
+use crate::config::dataset::{CaptionShuffle, CaptionStrategy, DataloaderConfig, ImageDatasetConfig};
 use crate::config::training::{EmaSettings, ModelFamily, ModelType, OptimizerKind, RegularisationMode, TrainingConfig};
 use crate::data::geometry::{ImageGeometry, Size};
 use crate::data::source::ImageSource;
@@ -89,6 +89,8 @@ pub struct DatasetPlan {
     pub folder: String,
     pub is_regularisation_data: bool,
     pub caption_strategy: CaptionStrategy,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caption_shuffle: Option<CaptionShuffle>,
     pub repeats: u32,
     pub probability: f64,
     pub ignore_epochs: bool,

@@ -105,6 +105,20 @@ fn pickle_files_are_refused_with_advice() {
     std::fs::write(&disguised, b"PK\x03\x04zip").unwrap();
     let message = SafetensorsFile::open(disguised.to_str().unwrap()).err().unwrap().to_string();
     assert!(message.contains("pickle"), "{message}");
+
+    // A real safetensors file whose header length's first byte is 0x80
+    // (pickle's first byte) loads: one in 256 files has such a header.
+    let tensors =
+        std::collections::BTreeMap::from([("w".to_string(), trainer_core::train::tensor_file::HostTensor { shape: vec![2], values: vec![1.0, 2.0] })]);
+    let bytes = (0..64)
+        .map(|pad| {
+            let metadata = std::collections::BTreeMap::from([("note".to_string(), "x".repeat(pad * 8))]);
+            trainer_core::train::tensor_file::write(&tensors, &metadata).unwrap()
+        })
+        .find(|bytes| bytes[0] == 0x80)
+        .expect("some padding gives a header length whose low byte is 0x80");
+    let file = SafetensorsFile::from_bytes("odd.safetensors", bytes).unwrap();
+    assert_eq!(file.to_f32("w").unwrap(), [1.0, 2.0]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -72,7 +72,11 @@ impl SafetensorsFile {
 
     fn from_storage(path: &str, storage: Storage) -> Result<Self> {
         let bytes = storage.bytes();
-        if bytes.starts_with(b"PK\x03\x04") || bytes.first() == Some(&0x80) {
+        // A safetensors file is an 8-byte header length and then its JSON
+        // header, so byte 8 is `{`; only without that do the pickle and zip
+        // signatures count (a header length whose low byte is 0x80 is fine).
+        let safetensors_like = bytes.get(8) == Some(&b'{');
+        if !safetensors_like && (bytes.starts_with(b"PK\x03\x04") || bytes.first() == Some(&0x80)) {
             return Err(Error::Io {
                 path: path.to_string(),
                 message: "this is a PyTorch pickle/zip checkpoint, not safetensors; Burnbooth never unpickles. Convert it to .safetensors first.".into(),

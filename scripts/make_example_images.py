@@ -2,7 +2,9 @@
 
 The "subject" is a distinctive toy: an orange robot with a teal visor and a
 yellow antenna, photographed (drawn) in different poses, sizes and
-backgrounds. The regularisation set holds other toys of the same class.
+backgrounds, with a loss mask each (subject-masks/: the robot white, the
+background black, for masked loss) and a caption file each (tags for
+caption_shuffle). The regularisation set holds other toys of the same class.
 Run once by developers; the images are committed. Needs Pillow.
 """
 
@@ -10,6 +12,15 @@ import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
+
+CAPTIONS = [
+    "zwxrobot, orange toy robot, standing, blue sky, studio photo",
+    "zwxrobot, orange toy robot, teal visor, evening light",
+    "zwxrobot, orange toy robot, tall picture, yellow antenna",
+    "zwxrobot, orange toy robot, wide picture, soft shadow",
+    "zwxrobot, orange toy robot, close-up, grey floor",
+    "zwxrobot, orange toy robot, side light, plain background",
+]
 
 ROOT = Path(__file__).resolve().parent.parent / "examples" / "dreambooth"
 
@@ -73,10 +84,18 @@ def main():
         scale = min(size) / 300 * rng.uniform(0.8, 1.1)
         cx = size[0] / 2 + rng.uniform(-0.15, 0.15) * size[0]
         cy = size[1] * 0.55
-        robot(draw, cx, cy, scale, rng.uniform(-8, 8) * scale, (235, 120, 35), (40, 190, 180), (250, 215, 40))
+        tilt = rng.uniform(-8, 8) * scale
+        robot(draw, cx, cy, scale, tilt, (235, 120, 35), (40, 190, 180), (250, 215, 40))
         image = image.filter(ImageFilter.GaussianBlur(0.6))
         suffix = ".png" if i == 5 else ".jpg"
         save(image, ROOT / "subject" / f"robot_{i + 1:02d}{suffix}")
+        # The same robot in white on black, a little wider: the loss mask.
+        mask = Image.new("RGB", size)
+        white = (255, 255, 255)
+        robot(ImageDraw.Draw(mask), cx, cy, scale, tilt, white, white, white)
+        mask = mask.point(lambda v: 255 if v > 0 else 0).filter(ImageFilter.MaxFilter(9))
+        save(mask, ROOT / "subject-masks" / f"robot_{i + 1:02d}.png")
+        (ROOT / "subject" / f"robot_{i + 1:02d}.txt").write_text(CAPTIONS[i] + "\n")
     for i in range(10):
         size = rng.choice(sizes)
         image = Image.new("RGB", size)

@@ -206,7 +206,7 @@ pub fn DatasetsPanel(ui: Ui) -> impl IntoView {
     view! {
         <section class="card">
             <h2><span class="num">"3"</span>" Photos"</h2>
-            <p class="hint">"For each image dataset of the dataloader config, pick its folder or drop its images on it. Captions in .txt files next to the images are used as configured."</p>
+            <p class="hint">"For each image dataset of the dataloader config, pick its folder or drop its images on it. Captions in .txt files next to the images are used as configured; a mask folder holds one mask per image, with the image's name (dark = ignored by the loss)."</p>
             <div class="datasets">
                 {move || ui.datasets.get().into_iter().map(|row| {
                     let id = row.id.clone();
@@ -219,7 +219,7 @@ pub fn DatasetsPanel(ui: Ui) -> impl IntoView {
                                 let files = picked_files(ev.data_transfer().and_then(|d| d.files()));
                                 add_files(id_drop.clone(), files);
                             }>
-                            <div class="title">{row.id.clone()}{row.regularisation.then_some(" · class images")}</div>
+                            <div class="title">{row.id.clone()}{row.regularisation.then_some(" · class images")}{row.mask_of.clone().map(|of| format!(" · loss masks for '{of}'"))}</div>
                             <div class="hint">"folder: "{row.folder.clone()}</div>
                             <label class="button small">"Pick folder"<input type="file" prop:webkitdirectory=true multiple
                                 on:change=move |ev| add_files(id.clone(), input_files(&ev)) /></label>

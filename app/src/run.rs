@@ -110,12 +110,13 @@ pub async fn train(view: RunView) -> Result<String, String> {
     let Some(_lock) = try_lock(&output_lock_name(&training.output_dir)).await? else {
         return Err(format!("another tab of this browser is training into the output folder {}: stop it there or wait until it ends", training.output_dir));
     };
-    let (plan, sources) = workspace::plan_run(&training, &dataloader).map_err(|e| e.to_string())?;
+    let (plan, sources, masks) = workspace::plan_run(&training, &dataloader).map_err(|e| e.to_string())?;
     view.progress("loading the model", 0, 1);
     sleep(0).await;
     let (model, device) = workspace::load_model(Some(plan.precision.weight_dtypes(training.model_type)))?;
     let output_dir = training.output_dir.clone();
     let mut session = Session::new(training, plan, model, sources, storage(), device, SessionOptions::default()).map_err(|e| e.to_string())?;
+    session.set_mask_sources(masks).map_err(|e| e.to_string())?;
     view.note(format!("model loaded in {:.1} s", (now_ms() - started) / 1000.0));
     let has_checkpoints = !checkpoint::list(storage(), &output_dir).map_err(|e| e.to_string())?.is_empty();
     let output_use = if has_checkpoints {

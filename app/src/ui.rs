@@ -103,6 +103,8 @@ pub struct DatasetRow {
     pub id: String,
     pub folder: String,
     pub regularisation: bool,
+    /// The image dataset whose loss masks this folder holds.
+    pub mask_of: Option<String>,
     pub picked: usize,
 }
 
@@ -309,18 +311,28 @@ impl Ui {
             Ok((_, dataloader)) => {
                 self.config_error.set(None);
                 let picked = workspace::with(|w| w.sources.iter().map(|(id, s)| (id.clone(), s.files.len())).collect::<std::collections::BTreeMap<_, _>>());
-                self.datasets.set(
-                    dataloader
-                        .datasets
-                        .iter()
-                        .map(|d| DatasetRow {
-                            id: d.id.clone(),
-                            folder: d.instance_data_dir.clone(),
-                            regularisation: d.is_regularisation_data,
-                            picked: picked.get(&d.id).copied().unwrap_or(0),
-                        })
-                        .collect(),
-                );
+                let mut rows = Vec::new();
+                for d in &dataloader.datasets {
+                    let picked_of = |id: &str| picked.get(id).copied().unwrap_or(0);
+                    rows.push(DatasetRow {
+                        id: d.id.clone(),
+                        folder: d.instance_data_dir.clone(),
+                        regularisation: d.is_regularisation_data,
+                        mask_of: None,
+                        picked: picked_of(&d.id),
+                    });
+                    // A mask folder is picked like a dataset's, under the mask dataset's id.
+                    if let Some(mask) = &d.mask {
+                        rows.push(DatasetRow {
+                            id: mask.id.clone(),
+                            folder: mask.instance_data_dir.clone(),
+                            regularisation: false,
+                            mask_of: Some(d.id.clone()),
+                            picked: picked_of(&mask.id),
+                        });
+                    }
+                }
+                self.datasets.set(rows);
             }
             Err(e) => {
                 // Before both files are there, say what is missing without alarm.
@@ -334,7 +346,7 @@ impl Ui {
     pub fn make_plan(&self) {
         let result = workspace::load_configs().and_then(|(training, dataloader)| workspace::plan_run(&training, &dataloader));
         match result {
-            Ok((plan, _)) => {
+            Ok((plan, _, _)) => {
                 self.plan_text.set(describe(&plan));
                 self.plan_json.set(serde_json::to_string_pretty(&plan).expect("plan serialises"));
                 self.run.error.set(None);

@@ -135,7 +135,7 @@ pub fn load_configs() -> Result<(TrainingConfig, DataloaderConfig)> {
 }
 
 /// Plans with the picked files, exactly as `native-runner plan` does.
-pub fn plan_run(training: &TrainingConfig, dataloader: &DataloaderConfig) -> Result<(Plan, Vec<Box<dyn ImageSource>>)> {
+pub fn plan_run(training: &TrainingConfig, dataloader: &DataloaderConfig) -> Result<(Plan, Vec<Box<dyn ImageSource>>, Vec<Option<Box<dyn ImageSource>>>)> {
     let sources = with(|w| w.sources.clone());
     let open = |dataset: &ImageDatasetConfig| -> Result<Box<dyn ImageSource>> {
         match sources.get(&dataset.id) {
@@ -150,7 +150,8 @@ pub fn plan_run(training: &TrainingConfig, dataloader: &DataloaderConfig) -> Res
     let has_f16 = compute().map(|c| c.has_f16()).unwrap_or(false);
     let plan = plan(training, dataloader, &open, PlanTarget { has_bf16: false, has_f16 }, &mut |_| {})?;
     let run_sources = plan.datasets.iter().map(|d| Box::new(SharedSource(sources[&d.id].clone())) as Box<dyn ImageSource>).collect();
-    Ok((plan, run_sources))
+    let mask_sources = trainer_core::plan::open_mask_sources(&plan, dataloader, &open)?;
+    Ok((plan, run_sources, mask_sources))
 }
 
 /// Sets a training config value in env-file text (`KEY=value`), replacing

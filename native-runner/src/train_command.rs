@@ -89,7 +89,7 @@ fn load_configs(args: &TrainArgs) -> Result<(TrainingConfig, config::dataset::Da
 
 /// Plans the run (this is where a dataset that cannot fill a batch is
 /// caught, before any model is loaded) and opens each dataset's folder.
-fn plan_run(training: &TrainingConfig, dataloader: &config::dataset::DataloaderConfig, target: PlanTarget) -> Result<(Plan, Vec<Box<dyn ImageSource>>)> {
+fn plan_run(training: &TrainingConfig, dataloader: &config::dataset::DataloaderConfig, target: PlanTarget) -> Result<(Plan, ImageSources, MaskSources)> {
     let progress = bar("{msg:>24} [{bar:30}] {pos}/{len} images ({per_sec}, {eta})");
     let open = |dataset: &config::dataset::ImageDatasetConfig| -> Result<Box<dyn ImageSource>> {
         Ok(Box::new(FolderSource::open(&dataset.id, &dataset.instance_data_dir)?))
@@ -106,8 +106,14 @@ fn plan_run(training: &TrainingConfig, dataloader: &config::dataset::DataloaderC
         let config = dataloader.datasets.iter().find(|d| d.id == dataset.id).expect("planned datasets come from the config");
         sources.push(open(config)?);
     }
-    Ok((planned, sources))
+    let masks = trainer_core::plan::open_mask_sources(&planned, dataloader, &open)?;
+    Ok((planned, sources, masks))
 }
+
+/// Each planned dataset's folder.
+type ImageSources = Vec<Box<dyn ImageSource>>;
+/// Each planned dataset's mask folder, when it has masks.
+type MaskSources = Vec<Option<Box<dyn ImageSource>>>;
 
 fn summary(plan: &Plan) -> String {
     let images: usize = plan.datasets.iter().map(|d| d.images_used).sum();
@@ -135,7 +141,7 @@ fn open_session<'a>(args: &TrainArgs, storage: &'a DiskStorage) -> Result<Sessio
     eprintln!("{}", picked.reason);
     let device = picked.device.clone();
     let target = PlanTarget { has_bf16: picked.has_bf16(), has_f16: picked.stores_f16() };
-    let (plan, sources) = plan_run(&training, &dataloader, target)?;
+    let (plan, sources, masks) = plan_run(&training, &dataloader, target)?;
     eprintln!("plan: {}", summary(&plan));
     let model_path = training.pretrained_model_name_or_path.clone().ok_or_else(|| Error::Config {
         source_name: args.config.clone(),
@@ -148,7 +154,9 @@ fn open_session<'a>(args: &TrainArgs, storage: &'a DiskStorage) -> Result<Sessio
     loading.finish_and_clear();
     let model = model?;
     eprintln!("model: {model_path} ({:?})", model.family);
-    Session::new(training, plan, model, sources, storage, device, SessionOptions { lora_targets })
+    let mut session = Session::new(training, plan, model, sources, storage, device, SessionOptions { lora_targets })?;
+    session.set_mask_sources(masks)?;
+    Ok(session)
 }
 
 pub fn run_cache(args: TrainArgs) -> Result<()> {

@@ -68,16 +68,27 @@ fn answer(mut stream: TcpStream, root: &Path) {
 }
 
 /// The example run, shortened to 3 steps with validation and a checkpoint
-/// at step 3, with the model given by absolute path for the native run.
+/// at step 3, with the model given by absolute path for the native run,
+/// and with options that must behave alike in both: an EMA of the LoRA,
+/// loss masks for the subject (subject-masks/) and shuffled caption tags.
 fn work_folder(dir: &Path, model: &Path) {
     let examples = repo().join("examples/dreambooth");
-    for sub in ["subject", "regularisation"] {
+    for sub in ["subject", "subject-masks", "regularisation"] {
         std::fs::create_dir_all(dir.join(sub)).unwrap();
         for entry in std::fs::read_dir(examples.join(sub)).unwrap().flatten() {
             std::fs::copy(entry.path(), dir.join(sub).join(entry.file_name())).unwrap();
         }
     }
-    std::fs::copy(examples.join("multidatabackend-tiny.json"), dir.join("multidatabackend-tiny.json")).unwrap();
+    let mut dataloader: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(examples.join("multidatabackend-tiny.json")).unwrap()).unwrap();
+    let subject = dataloader.iter_mut().find(|d| d["id"] == "zwxrobot-data").unwrap();
+    subject["caption_strategy"] = "textfile".into();
+    subject["caption_shuffle"] = serde_json::json!({"enable": true, "count": 2, "position_start": 1});
+    subject["conditioning_data"] = "zwxrobot-masks".into();
+    dataloader.insert(
+        1,
+        serde_json::json!({"id": "zwxrobot-masks", "type": "local", "dataset_type": "conditioning", "conditioning_type": "mask", "instance_data_dir": "subject-masks"}),
+    );
+    std::fs::write(dir.join("multidatabackend-tiny.json"), serde_json::to_string_pretty(&dataloader).unwrap()).unwrap();
     let tiny = std::fs::read_to_string(examples.join("tiny.env")).unwrap();
     let config: String = tiny
         .lines()
@@ -90,6 +101,7 @@ fn work_folder(dir: &Path, model: &Path) {
             Some("OUTPUT_DIR") => "OUTPUT_DIR=output/browser".to_string(),
             _ => line.to_string(),
         })
+        .chain(["USE_EMA=true".to_string()])
         .map(|l| l + "\n")
         .collect();
     std::fs::write(dir.join("browser.env"), &config).unwrap();
@@ -177,6 +189,12 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
     assert!(result["galleryImages"].as_u64().unwrap() >= 1, "a validation image appears");
     let captions: Vec<&str> = result["galleryCaptions"].as_array().unwrap().iter().filter_map(|c| c.as_str()).collect();
     assert!(captions.contains(&"base model | trained"), "the before/after grid is in the gallery: {captions:?}");
+    assert!(captions.contains(&"step 3 (EMA)"), "the EMA's validation image is in the gallery: {captions:?}");
+    let plan_images = web_plan["datasets"][0]["images"].as_array().unwrap();
+    assert!(
+        plan_images.iter().all(|i| i["mask"].is_string() && i["caption_variants"].as_array().is_some_and(|v| v.len() > 1)),
+        "masks and shuffled captions in the tab's plan"
+    );
     let gap = result["longestFrameGapMs"].as_f64().unwrap();
     assert!(gap < 1000.0, "the page must repaint at least once a second while training; the longest gap was {gap} ms");
     assert!(result["saved"].as_str().unwrap().contains("(1 checkpoint(s)"), "a reload finds the run in OPFS: {}", result["saved"]);
@@ -261,6 +279,7 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
     for (step, (w, n)) in web_losses.iter().zip(&native_losses).enumerate() {
         assert!(((w - n) / n).abs() < 1e-4, "step {}: web loss {w}, native {n}", step + 1);
     }
+    assert!(work.join("native/burnbooth-lora-ema.safetensors").is_file(), "the EMA LoRA is exported beside the LoRA");
     let native = tensors(&work.join("native/burnbooth-lora.safetensors"));
     let web = tensors(&lora);
     assert_eq!(web.iter().map(|t| &t.0).collect::<Vec<_>>(), native.iter().map(|t| &t.0).collect::<Vec<_>>());

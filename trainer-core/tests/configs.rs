@@ -202,6 +202,24 @@ fn dataloader_errors_name_the_dataset_key_and_value() {
         ),
         (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "dataset_type": "video"}]"#, &["dataset 'a'", "video"]),
         (
+            r#"[{"id": "a", "type": "local", "instance_data_dir": "x"}, {"id": "m", "type": "local", "dataset_type": "conditioning", "conditioning_type": "canny", "instance_data_dir": "y"}]"#,
+            &["dataset 'm'", "conditioning_type 'canny'", "'mask'"],
+        ),
+        (
+            r#"[{"id": "a", "type": "local", "instance_data_dir": "x"}, {"id": "m", "type": "local", "dataset_type": "conditioning", "conditioning_type": "mask", "instance_data_dir": "y"}]"#,
+            &["mask dataset 'm' belongs to no image dataset", "source_dataset_id"],
+        ),
+        (
+            r#"[{"id": "a", "type": "local", "instance_data_dir": "x"}, {"id": "m", "type": "local", "dataset_type": "conditioning", "conditioning_type": "mask", "instance_data_dir": "y", "source_dataset_id": "b"}]"#,
+            &["mask dataset 'm'", "source_dataset_id 'b'"],
+        ),
+        (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "conditioning_data": "m"}]"#, &["dataset 'a'", "conditioning_data 'm'"]),
+        (
+            r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "conditioning_data": ["m", "n"]}, {"id": "m", "type": "local", "dataset_type": "conditioning", "conditioning_type": "mask", "instance_data_dir": "y"}, {"id": "n", "type": "local", "dataset_type": "conditioning", "conditioning_type": "mask", "instance_data_dir": "z"}]"#,
+            &["dataset 'a' has two mask datasets, 'm' and 'n'"],
+        ),
+        (r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "conditioning_type": "mask"}]"#, &["dataset 'a'", "belong on the mask dataset"]),
+        (
             r#"[{"id": "a", "type": "local", "instance_data_dir": "x", "resolution_type": "area", "minimum_image_size": 512}]"#,
             &["dataset 'a'", "minimum_image_size", "megapixels"],
         ),
@@ -347,4 +365,56 @@ fn extra_args_and_legacy_keys_are_read() {
         TrainingConfig::parse(r#"{"model_family": "sd1x", "data_backend_config": "d.json", "checkpointing_steps": 50}"#, ConfigFormat::Json, "c.json", &no_env)
             .unwrap();
     assert_eq!(json.checkpoint_step_interval, 50);
+}
+
+/// lora_type lycoris reads lycoris_config (relative to the config file) as
+/// SimpleTuner does, LoKr with apply_preset; what Burnbooth cannot train
+/// yet is refused by name.
+#[test]
+fn lycoris_config_is_read_for_lokr_and_unsupported_parts_are_named() {
+    use trainer_core::config::lycoris::parse_lycoris_config;
+    let files = BTreeMap::from([
+        ("/p/config.env".to_string(), "MODEL_FAMILY=sd1x\nMODEL_TYPE=lora\nDATALOADER_CONFIG=d.json\nLORA_TYPE=lycoris\nLYCORIS_CONFIG=lycoris.json\n".to_string()),
+        ("/p/d.json".to_string(), r#"[{"id": "a", "type": "local", "instance_data_dir": "x"}]"#.to_string()),
+        (
+            "/p/lycoris.json".to_string(),
+            r#"{"algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "linear_alpha": 1, "factor": 16,
+                "apply_preset": {"target_module": ["Attention", "FeedForward"], "module_algo_map": {"Attention": {"factor": 16}, "FeedForward": {"factor": 8}}}}"#
+                .to_string(),
+        ),
+    ]);
+    let read = |path: &str| files.get(path).cloned().ok_or_else(|| trainer_core::Error::Io { path: path.into(), message: "missing".into() });
+    let (training, _) = trainer_core::config::load("/p/config.env", None, &read, &no_env).unwrap();
+    let lokr = training.lokr.unwrap();
+    assert_eq!((lokr.linear_dim, lokr.linear_alpha, lokr.multiplier, lokr.full_matrix), (10000, 1, 1, false));
+    assert_eq!(lokr.factor_for("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"), Some(16));
+    assert_eq!(lokr.factor_for("down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"), Some(8));
+    assert_eq!(lokr.factor_for("down_blocks.0.attentions.0.proj_in"), None);
+
+    let mut missing = files.clone();
+    missing.remove("/p/lycoris.json");
+    let read_missing = |path: &str| missing.get(path).cloned().ok_or_else(|| trainer_core::Error::Io { path: path.into(), message: "missing".into() });
+    let message = error_text(trainer_core::config::load("/p/config.env", None, &read_missing, &no_env));
+    assert!(message.contains("/p/lycoris.json") && message.contains("LYCORIS_CONFIG"), "{message}");
+
+    let (_, warnings) = parse_lycoris_config(r#"{"algo": "lokr", "factor": 4}"#).unwrap();
+    assert!(warnings.iter().any(|w| w.contains("no apply_preset") && w.contains("not convolutions")), "{warnings:?}");
+    for (config, problem) in [
+        (r#"{"algo": "locon"}"#, "algo 'locon' is not supported yet"),
+        (r#"{"algo": "lokr", "apply_preset": {"target_module": ["ResnetBlock2D"]}}"#, "'ResnetBlock2D', which Burnbooth cannot adapt yet"),
+        (r#"{"algo": "lokr", "decompose_both": true}"#, "'decompose_both' is not supported yet"),
+        (r#"{"algo": "lokr", "rank_dropout": 0.1}"#, "'rank_dropout' is not supported yet"),
+        (r#"{"algo": "lokr", "factor": "big"}"#, "'factor' must be a number"),
+        ("[1]", "must be a JSON object"),
+    ] {
+        let problems = parse_lycoris_config(config).unwrap_err().join("; ");
+        assert!(problems.contains(problem), "{config} -> {problems}");
+    }
+    let both = TrainingConfig::parse(
+        "MODEL_FAMILY=sd1x\nMODEL_TYPE=lora\nDATALOADER_CONFIG=d.json\nLORA_TYPE=lycoris\nTRAINER_EXTRA_ARGS=\"--use_dora\"\n",
+        ConfigFormat::Env,
+        "/x/c.env",
+        &no_env,
+    );
+    assert!(error_text(both).contains("use_dora works with lora_type standard"));
 }

@@ -138,8 +138,8 @@ fn train_writes_every_output_and_resume_reproduces_the_losses() {
     assert_eq!(count_files(&dir.join("cache/vae/class")), 10);
     // The two captions, and the empty one for caption dropout.
     assert_eq!(count_files(&dir.join("cache/text")), 3);
-    // Nothing was written next to the dataset images.
-    assert_eq!(count_files(&repo().join("examples/dreambooth/subject")), 6);
+    // Nothing was written next to the dataset images (six photos, six caption files).
+    assert_eq!(count_files(&repo().join("examples/dreambooth/subject")), 12);
 
     // The kohya LoRA: names, shapes, alpha, metadata.
     let bytes = std::fs::read(out.join("burnbooth-lora.safetensors")).unwrap();
@@ -402,6 +402,37 @@ fn the_guide_configuration_trains_unchanged_apart_from_paths() {
     assert!(text.contains("bf16 weights and state"), "adamw-bf16 runs with bf16 state on the CPU backend: {text}");
     assert!(out.join("burnbooth-lora.safetensors").exists());
     assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2);
+}
+
+#[test]
+fn the_options_example_trains_lokr_with_prodigy_an_ema_masks_and_shuffled_captions() {
+    // examples/dreambooth/options.env as written, for 15 of its 30 steps.
+    let out = scratch("options");
+    let output = train_guide("options.env", "sd1", "15", &out);
+    let text = stderr(&output);
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("Prodigy with f32 state") && text.contains("d_coef 2"), "{text}");
+    let lora = trainer_core::models::safetensors_file::SafetensorsFile::open(out.join("burnbooth-lora.safetensors").to_str().unwrap()).unwrap();
+    assert!(lora.names().any(|n| n.ends_with(".lokr_w1")) && lora.names().all(|n| !n.ends_with(".lora_down.weight")), "a LoKr file");
+    // Each caption comes with its shuffles, the token first; each image has its mask.
+    let plan = runner(&["plan", "--config", "examples/dreambooth/options.env", "--json"], &repo());
+    let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert!(plan["adapters"].as_str().is_some_and(|a| a.starts_with("LyCORIS LoKr on to_q, to_k, to_v, to_out.0 (factor 16)")), "{}", plan["adapters"]);
+    for image in plan["datasets"][0]["images"].as_array().unwrap() {
+        let variants: Vec<&str> = image["caption_variants"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert!(variants.len() > 1 && variants.iter().all(|v| v.starts_with("zwxrobot, ")), "{variants:?}");
+        assert!(image["mask"].as_str().is_some_and(|m| m.ends_with(".png")), "{image}");
+    }
+    for file in ["burnbooth-lora.safetensors", "burnbooth-lora-ema.safetensors", "validation/step-000015.png", "validation/step-000015-ema.png"] {
+        assert!(out.join(file).exists(), "{file} is written: {text}");
+    }
+    let state = std::fs::read_to_string(out.join("checkpoints/checkpoint-00000015/state.json")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    let d: f64 = state["optimizer_scalars"]["prodigy.d"].as_str().unwrap().parse().unwrap();
+    assert!(d > 1e-6, "Prodigy's step size grows from d0 1e-6: {d}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = metrics.lines().map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["loss"].as_f64().unwrap()).collect();
+    assert!(losses.len() == 15 && losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
 }
 
 #[test]

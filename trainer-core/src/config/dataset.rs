@@ -89,6 +89,12 @@ pub struct ImageDatasetConfig {
     pub disable_multiline_split: bool,
     /// Shuffled-tag variants of each caption (`caption_shuffle`).
     pub caption_shuffle: Option<CaptionShuffle>,
+    /// The dataset ids named by `conditioning_data`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub conditioning_data: Vec<String>,
+    /// The mask dataset paired with this one (masked loss).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask: Option<MaskDatasetConfig>,
     pub repeats: u32,
     pub probability: f64,
     pub ignore_epochs: bool,
@@ -100,6 +106,19 @@ pub struct ImageDatasetConfig {
     /// Id of the text-embed cache that holds this dataset's captions.
     pub text_embeds: String,
     pub train_batch_size: u32,
+}
+
+/// A folder of loss masks (`dataset_type: conditioning`, `conditioning_type:
+/// mask`) for an image dataset: each image's mask has the image's relative
+/// path (or its stem with another image extension); its red channel weighs
+/// the loss, dark = ignored. It takes the image's sizes and crop.
+#[derive(Debug, Clone, Serialize)]
+pub struct MaskDatasetConfig {
+    pub id: String,
+    pub instance_data_dir: String,
+    /// The image dataset it belongs to, when it names it.
+    #[serde(skip)]
+    pub source_dataset_id: Option<String>,
 }
 
 /// A text-embedding cache (`dataset_type: text_embeds`).
@@ -182,8 +201,8 @@ impl Default for DatasetDefaults {
 }
 
 const UNSUPPORTED_BACKENDS: [&str; 6] = ["aws", "csv", "huggingface", "parquet", "webshart", "memory"];
-const UNSUPPORTED_DATASET_TYPES: [&str; 9] =
-    ["video", "audio", "conditioning", "eval", "caption", "image_embeds", "conditioning_image_embeds", "distillation_cache", "grounding"];
+const UNSUPPORTED_DATASET_TYPES: [&str; 8] =
+    ["video", "audio", "eval", "caption", "image_embeds", "conditioning_image_embeds", "distillation_cache", "grounding"];
 
 /// Keys SimpleTuner accepts that change nothing for local image datasets here
 /// (caching throughput knobs, discovery bookkeeping). Read and ignored.
@@ -210,8 +229,7 @@ const ACCEPTED_NO_OP_KEYS: [&str; 18] = [
 
 /// Keys whose feature Burnbooth lacks; using them would silently change what
 /// is trained, so they are errors.
-const UNSUPPORTED_FEATURE_KEYS: [&str; 9] =
-    ["conditioning", "conditioning_data", "conditioning_type", "source_dataset_id", "parquet", "video", "audio", "caption_filter_list", "image_embeds"];
+const UNSUPPORTED_FEATURE_KEYS: [&str; 6] = ["conditioning", "parquet", "video", "audio", "caption_filter_list", "image_embeds"];
 
 /// Parses a dataloader config. `source_name` names the file in errors;
 /// `base_dir` is the folder relative paths are resolved against.
@@ -238,6 +256,7 @@ pub fn parse_dataloader_config(
     let mut diagnostics = Diagnostics::default();
     let mut datasets = Vec::new();
     let mut text_embeds = Vec::new();
+    let mut masks = Vec::new();
     let mut ids: BTreeMap<String, usize> = BTreeMap::new();
 
     for (index, entry) in entries.iter().enumerate() {
@@ -298,6 +317,11 @@ pub fn parse_dataloader_config(
                     datasets.push(d);
                 }
             }
+            "conditioning" => {
+                if let Some(m) = read_mask_dataset(&mut reader, &id, base_dir, defaults) {
+                    masks.push(m);
+                }
+            }
             other if UNSUPPORTED_DATASET_TYPES.contains(&other) => {
                 reader.error(format!("dataset_type '{other}' is not supported yet; Burnbooth trains on image datasets"));
             }
@@ -306,6 +330,7 @@ pub fn parse_dataloader_config(
     }
 
     check_cross_references(&mut datasets, &mut text_embeds, defaults, &mut diagnostics);
+    pair_masks(&mut datasets, masks, &mut diagnostics);
     let warnings = diagnostics.into_result(source_name)?;
     Ok(DataloaderConfig { datasets, text_embeds, warnings })
 }
@@ -329,6 +354,102 @@ pub fn resolve_path(path: &str, base_dir: Option<&str>) -> String {
     match base_dir {
         Some(base) if !Path::new(trimmed).is_absolute() && !base.is_empty() => Path::new(base).join(trimmed).to_string_lossy().into_owned(),
         _ => trimmed.to_string(),
+    }
+}
+
+/// Keys of a mask dataset that describe sizes and crops: the mask takes its
+/// image's, so these change nothing (SimpleTuner asks for them to match).
+const MASK_GEOMETRY_KEYS: [&str; 16] = [
+    "resolution",
+    "resolution_type",
+    "crop",
+    "crop_style",
+    "crop_aspect",
+    "crop_aspect_buckets",
+    "minimum_image_size",
+    "maximum_image_size",
+    "target_downsample_size",
+    "minimum_aspect_ratio",
+    "maximum_aspect_ratio",
+    "repeats",
+    "caption_strategy",
+    "cache_dir_vae",
+    "probability",
+    "is_regularisation_data",
+];
+
+fn read_mask_dataset(reader: &mut Reader<'_>, id: &str, base_dir: Option<&str>, defaults: &DatasetDefaults) -> Option<MaskDatasetConfig> {
+    reader.accept(&["id", "type", "dataset_type", "disabled", "disable"]);
+    reader.accept(&ACCEPTED_NO_OP_KEYS);
+    reader.accept(&MASK_GEOMETRY_KEYS);
+    match reader.string(&["conditioning_type"]).map(|t| t.to_ascii_lowercase()) {
+        Some(kind) if kind == "mask" => {}
+        Some(kind) => {
+            reader.error(format!("conditioning_type '{kind}' is not supported yet; Burnbooth reads conditioning datasets of type 'mask' (masked loss)"));
+            return None;
+        }
+        None => {
+            reader.error("a conditioning dataset needs 'conditioning_type'; Burnbooth reads \"mask\" (masked loss)");
+            return None;
+        }
+    }
+    let instance_data_dir = match reader.string(&["instance_data_dir", "instance_data_root"]) {
+        Some(dir) if !dir.trim().is_empty() => resolve_path(&dir, base_dir),
+        _ => {
+            reader.error("'instance_data_dir' is missing or empty: a mask dataset needs the folder of its masks");
+            return None;
+        }
+    };
+    let source_dataset_id = reader.string(&["source_dataset_id"]);
+    reader.report_unknown(defaults.strict);
+    Some(MaskDatasetConfig { id: id.to_string(), instance_data_dir, source_dataset_id })
+}
+
+/// Pairs each mask dataset with its image dataset: the one it names
+/// (`source_dataset_id`) or the one that names it (`conditioning_data`).
+fn pair_masks(datasets: &mut [ImageDatasetConfig], masks: Vec<MaskDatasetConfig>, diagnostics: &mut Diagnostics) {
+    for dataset in datasets.iter() {
+        for named in &dataset.conditioning_data {
+            if !masks.iter().any(|m| &m.id == named) {
+                diagnostics.error(format!(
+                    "dataset '{}': conditioning_data '{named}' is not the id of a conditioning dataset with conditioning_type mask in this file",
+                    dataset.id
+                ));
+            }
+        }
+    }
+    for mask in masks {
+        let naming: Vec<usize> = datasets.iter().enumerate().filter(|(_, d)| d.conditioning_data.contains(&mask.id)).map(|(i, _)| i).collect();
+        let source = match &mask.source_dataset_id {
+            Some(source) => match datasets.iter().position(|d| &d.id == source) {
+                Some(index) => Some(index),
+                None => {
+                    diagnostics.error(format!("mask dataset '{}': source_dataset_id '{source}' is not the id of an image dataset in this file", mask.id));
+                    continue;
+                }
+            },
+            None => match naming.as_slice() {
+                [index] => Some(*index),
+                [] => None,
+                _ => {
+                    diagnostics.error(format!("mask dataset '{}' is named by the conditioning_data of several datasets; set its source_dataset_id", mask.id));
+                    continue;
+                }
+            },
+        };
+        let Some(index) = source else {
+            diagnostics.error(format!(
+                "mask dataset '{}' belongs to no image dataset: set its source_dataset_id, or name it in the image dataset's conditioning_data",
+                mask.id
+            ));
+            continue;
+        };
+        let dataset = &mut datasets[index];
+        if let Some(other) = &dataset.mask {
+            diagnostics.error(format!("dataset '{}' has two mask datasets, '{}' and '{}'; keep one", dataset.id, other.id, mask.id));
+            continue;
+        }
+        dataset.mask = Some(mask);
     }
 }
 
@@ -431,6 +552,11 @@ fn read_image_dataset(reader: &mut Reader<'_>, id: &str, base_dir: Option<&str>,
     }
     reader.accept(&["start_epoch", "start_step", "end_epoch", "end_step", "slider_strength", "disable_after_epoch_step"]);
     let caption_shuffle = read_caption_shuffle(reader, defaults.seed);
+    let conditioning_data = reader.strings(&["conditioning_data"]).unwrap_or_default();
+    if reader.has("conditioning_type") || reader.has("source_dataset_id") {
+        reader.error("'conditioning_type' and 'source_dataset_id' belong on the mask dataset (dataset_type conditioning), not on an image dataset");
+    }
+    reader.accept(&["conditioning_type", "source_dataset_id"]);
     if let Some(backend) = reader.string(&["metadata_backend"]) {
         match backend.to_ascii_lowercase().as_str() {
             "discovery" | "json" | "filesystem" => {}
@@ -513,6 +639,8 @@ fn read_image_dataset(reader: &mut Reader<'_>, id: &str, base_dir: Option<&str>,
         only_instance_prompt,
         disable_multiline_split,
         caption_shuffle,
+        conditioning_data,
+        mask: None,
         repeats,
         probability,
         ignore_epochs,

@@ -2,6 +2,7 @@
 //! config.json, config.toml) and the dataloader config (JSON array).
 
 pub mod dataset;
+pub mod lycoris;
 pub mod optimizer;
 pub mod placeholders;
 mod raw;
@@ -25,6 +26,17 @@ pub fn load(
 ) -> Result<(TrainingConfig, DataloaderConfig)> {
     let text = read(training_path)?;
     let mut training = TrainingConfig::parse(&text, ConfigFormat::from_path(training_path), training_path, env)?;
+    if let Some(path) = training.lycoris_config.clone() {
+        let text = read(&path).map_err(|e| match e {
+            Error::Io { path, message } => {
+                Error::Io { path, message: format!("{message} (the lycoris_config named by LYCORIS_CONFIG / lycoris_config in {training_path})") }
+            }
+            other => other,
+        })?;
+        let (settings, warnings) = lycoris::parse_lycoris_config(&text).map_err(|problems| Error::Config { source_name: path.clone(), problems })?;
+        training.warnings.extend(warnings.into_iter().map(|w| format!("{path}: {w}")));
+        training.lokr = Some(settings);
+    }
     if let Some(path) = dataloader_override {
         training.data_backend_config = path.to_string();
     }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::dataset::{resolve_path, DatasetDefaults, DatasetOptions};
+use super::lycoris::LokrSettings;
 use super::optimizer::{apply_to_adafactor, apply_to_prodigy, parse_optimizer_config, AdafactorSettings, ProdigySettings};
 use super::raw::{canonical_keys, env_to_map, expand_env_placeholders, object_to_map, option_aliases};
 use super::values::Reader;
@@ -177,6 +178,12 @@ pub struct TrainingConfig {
     pub lora_rank: u32,
     pub lora_alpha: f64,
     pub lora_dropout: f64,
+    /// DoRA: the adapters also learn a magnitude per output feature (`use_dora`).
+    pub use_dora: bool,
+    /// `lora_type` lycoris: the adapters are LyCORIS's, as `lycoris_config` says.
+    pub lycoris_config: Option<String>,
+    /// That file's LoKr settings, read by [`crate::config::load`] (or set by the caller).
+    pub lokr: Option<LokrSettings>,
     /// LoRA adapters on the text encoder too (`--train_text_encoder`).
     pub train_text_encoder: bool,
     /// The text encoder's learning rate (`--text_encoder_lr`); the UNet's when unset.
@@ -467,6 +474,30 @@ fn read_config(raw: &Map<String, Value>, from_env: bool, source_name: &str, base
     let lora_rank = r.int(&["lora_rank"], 1).unwrap_or(16) as u32;
     let lora_alpha = r.f64_where(&["lora_alpha"], |v| v > 0.0, "positive").unwrap_or(lora_rank as f64);
     let lora_dropout = r.f64_where(&["lora_dropout"], |v| (0.0..1.0).contains(&v), "at least 0 and below 1").unwrap_or(0.1);
+    let use_dora = r.bool(&["use_dora"]).unwrap_or(false);
+    let lycoris_config = match r.choice(&["lora_type"], &["standard", "lycoris"]).as_deref() {
+        Some("lycoris") => {
+            if model_type == ModelType::Full {
+                r.error("lora_type lycoris needs model_type lora");
+            }
+            if use_dora {
+                r.error("use_dora works with lora_type standard; Burnbooth's LyCORIS adapters (LoKr) have no DoRA yet");
+            }
+            // SimpleTuner's default path, relative to the config's folder like the other paths.
+            let path = r.string(&["lycoris_config"]).unwrap_or_else(|| "config/lycoris_config.json".into());
+            Some(resolve_path(&path, base_dir))
+        }
+        _ => {
+            if r.has("lycoris_config") {
+                r.accept(&["lycoris_config"]);
+                r.warn("'lycoris_config' is ignored: lora_type is standard (set lora_type lycoris to use it)");
+            }
+            None
+        }
+    };
+    if use_dora && model_type == ModelType::Full {
+        r.error("use_dora: DoRA is a kind of LoRA; set model_type lora or leave use_dora unset");
+    }
     let train_text_encoder = r.bool(&["train_text_encoder"]).unwrap_or(false);
     let text_encoder_lr = r.f64_where(&["text_encoder_lr"], |v| v > 0.0, "positive");
     if optimizer == OptimizerKind::Prodigy && text_encoder_lr.is_some_and(|rate| rate != learning_rate) {
@@ -557,6 +588,9 @@ fn read_config(raw: &Map<String, Value>, from_env: bool, source_name: &str, base
         lora_rank,
         lora_alpha,
         lora_dropout,
+        use_dora,
+        lycoris_config,
+        lokr: None,
         train_text_encoder,
         text_encoder_lr,
         mixed_precision,

@@ -112,6 +112,32 @@ pub fn resize_and_crop(image: &RgbImage, geometry: &ImageGeometry, resizer: &mut
     Ok(image::imageops::crop_imm(&resized, left, top, width, height).to_image())
 }
 
+/// A loss mask on the latent grid (`[grid_h * grid_w]`, row-major, in
+/// [0, 1]), from a mask image given its image's geometry, as SimpleTuner
+/// computes it: the mask gets the image's resize and crop (a mask of
+/// another size is first scaled to the image's), then its red channel
+/// over 255 is averaged over each latent cell (area interpolation). Dark
+/// is ignored, light trained; transparent pixels count as white.
+pub fn prepare_mask(bytes: &[u8], geometry: &ImageGeometry, grid: [usize; 2], max_pixels: u64, resizer: &mut Resizer) -> Result<Vec<f32>, String> {
+    let decoded = decode_oriented(bytes, max_pixels)?;
+    let original = geometry.original_size;
+    let decoded = if decoded.dimensions() == (original[0], original[1]) { decoded } else { resize_lanczos(&decoded, original, resizer) };
+    let cropped = resize_and_crop(&decoded, geometry, resizer)?;
+    let (width, height) = (cropped.width() as usize, cropped.height() as usize);
+    let [grid_h, grid_w] = grid;
+    if grid_h == 0 || grid_w == 0 || !height.is_multiple_of(grid_h) || !width.is_multiple_of(grid_w) {
+        return Err(format!("a {width}x{height} mask does not divide into the {grid_w}x{grid_h} latent grid"));
+    }
+    let (cell_h, cell_w) = (height / grid_h, width / grid_w);
+    let mut out = vec![0f32; grid_h * grid_w];
+    for (x, y, pixel) in cropped.enumerate_pixels() {
+        out[(y as usize / cell_h) * grid_w + x as usize / cell_w] += pixel[0] as f32;
+    }
+    let scale = 1.0 / (255.0 * (cell_h * cell_w) as f32);
+    out.iter_mut().for_each(|v| *v *= scale);
+    Ok(out)
+}
+
 /// The whole preprocessing of one file.
 pub fn prepare(bytes: &[u8], geometry: &ImageGeometry, resizer: &mut Resizer) -> Result<RgbImage, String> {
     // The plan admitted this image at its planned size: a file that now

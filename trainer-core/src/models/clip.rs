@@ -207,7 +207,7 @@ impl ClipTextModel {
             let (attention, mlp) = (&layer.self_attn, &layer.mlp);
             all.extend([&attention.q_proj, &attention.k_proj, &attention.v_proj, &attention.out_proj, &mlp.fc1, &mlp.fc2]);
         }
-        all.retain(|l| l.lora.is_some());
+        all.retain(|l| l.is_adapted());
         all
     }
 
@@ -215,7 +215,7 @@ impl ClipTextModel {
     pub fn without_lora(&self) -> Self {
         let mut copy = self.clone();
         for layer in copy.lora_layers_mut() {
-            layer.lora = None;
+            layer.detach_adapter();
         }
         copy
     }

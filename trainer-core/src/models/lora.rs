@@ -2,7 +2,10 @@
 //!
 //! Every adaptable layer is a [`LoraLinear`]: the frozen base layer plus an
 //! optional adapter, `y = base(x) + (alpha / rank) * up(down(dropout(x)))`
-//! (kohya's `networks/lora.py`, PEFT's `lora.Linear`). Each layer knows its
+//! (kohya's `networks/lora.py`, PEFT's `lora.Linear`). With DoRA
+//! (`use_dora`) the adapter also learns a magnitude `m` per output feature
+//! and the adapted weight's columns are rescaled to it, as PEFT's
+//! `use_dora=True` computes it (docs/reference.md §4). Each layer knows its
 //! diffusers module path, which is all the kohya export needs
 //! (`lora_unet_` + path with `.` -> `_`).
 
@@ -10,9 +13,10 @@ use std::sync::{Arc, Mutex};
 
 use burn::module::{Module, Param};
 use burn::tensor::module::linear;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 
-use super::layers::Linear;
+use super::layers::{in_dtype, Linear};
+use crate::config::lycoris::{factorization, LokrSettings};
 use crate::rng::SeededRng;
 
 /// A Linear layer that can carry a LoRA adapter.
@@ -20,6 +24,8 @@ use crate::rng::SeededRng;
 pub struct LoraLinear {
     pub base: Linear,
     pub lora: Option<LoraAdapter>,
+    /// A LyCORIS LoKr adapter instead (`lora_type` lycoris).
+    pub lokr: Option<LokrAdapter>,
     /// The diffusers module path (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`).
     #[module(skip)]
     pub path: String,
@@ -33,10 +39,60 @@ pub struct LoraAdapter {
     pub down: Param<Tensor<2>>,
     /// B, `[rank, out]` (kohya's `lora_up.weight` is `[out, rank]`).
     pub up: Param<Tensor<2>>,
+    /// DoRA's magnitude `m`, `[out]` (kohya's `dora_scale` is `[out, 1]`).
+    pub magnitude: Option<Param<Tensor<1>>>,
     #[module(skip)]
     pub alpha: f64,
     #[module(skip)]
     pub dropout: Option<DropoutSource>,
+}
+
+/// LyCORIS's LoKr: the weight change is `scale * kron(w1, w2)` in torch's
+/// `[out, in]` layout, `w1` `[out_l, in_m]` holding the small factors of
+/// the layer's sizes and `w2` `[out_k, in_n]` the large ones, or a
+/// low-rank pair `w2_a @ w2_b` when `linear_dim` is small. The factors
+/// are kept in torch's layout, as files store them.
+#[derive(Module, Debug)]
+pub struct LokrAdapter {
+    pub w1: Param<Tensor<2>>,
+    pub w2: Option<Param<Tensor<2>>>,
+    /// `[out_k, linear_dim]`.
+    pub w2_a: Option<Param<Tensor<2>>>,
+    /// `[linear_dim, in_n]`.
+    pub w2_b: Option<Param<Tensor<2>>>,
+    /// As files store it: `linear_alpha`, or `linear_dim` when both factors are full.
+    #[module(skip)]
+    pub alpha: f64,
+    /// `multiplier * alpha / linear_dim` (1 times the multiplier with full factors).
+    #[module(skip)]
+    pub scale: f64,
+}
+
+impl LokrAdapter {
+    /// `w2`, rebuilt from its pair when low-rank.
+    fn w2(&self) -> Tensor<2> {
+        match (&self.w2, &self.w2_a, &self.w2_b) {
+            (Some(w2), _, _) => w2.val(),
+            (None, Some(a), Some(b)) => a.val().matmul(b.val()),
+            _ => unreachable!("a LoKr adapter has w2 or its pair"),
+        }
+    }
+
+    /// The weight change, in burn's `[in, out]` layout.
+    pub fn delta(&self) -> Tensor<2> {
+        kron(self.w1.val(), self.w2()).transpose() * self.scale
+    }
+
+    /// The rank of `w2`'s pair, when it is one.
+    pub fn rank(&self) -> Option<usize> {
+        self.w2_b.as_ref().map(|b| b.val().dims()[0])
+    }
+}
+
+/// The Kronecker product of two matrices: `[a_rows * b_rows, a_cols * b_cols]`.
+pub fn kron(a: Tensor<2>, b: Tensor<2>) -> Tensor<2> {
+    let ([ar, ac], [br, bc]) = (a.dims(), b.dims());
+    (a.reshape([ar, 1, ac, 1]) * b.reshape([1, br, 1, bc])).reshape([ar * br, ac * bc])
 }
 
 impl LoraAdapter {
@@ -48,30 +104,118 @@ impl LoraAdapter {
         self.alpha / self.rank() as f64
     }
 
-    /// `layer`: the adapted layer's path (names its dropout stream).
-    fn forward<const D: usize>(&self, x: Tensor<D>, layer: &str) -> Tensor<D> {
-        let x = match &self.dropout {
-            Some(dropout) => dropout.apply(x, layer),
-            None => x,
-        };
-        // bf16 adapters (adamw_bf16) compute in the activations' dtype.
+    /// `x` with this step's dropout mask (`layer`, the adapted layer's path,
+    /// names its stream); `None` while dropout is off.
+    fn dropped<const D: usize>(&self, x: &Tensor<D>, layer: &str) -> Option<Tensor<D>> {
+        self.dropout.as_ref().filter(|d| d.is_active()).map(|dropout| dropout.apply(x.clone(), layer))
+    }
+
+    /// `scale * up(down(x))`, in `x`'s dtype (bf16 adapters under adamw_bf16
+    /// compute in the activations' dtype).
+    fn low_rank<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dtype = x.dtype();
         let (down, up) = (self.down.val(), self.up.val());
         let (down, up) = if down.dtype() == dtype { (down, up) } else { (down.cast(dtype), up.cast(dtype)) };
         linear(linear(x, down, None), up, None) * self.scale()
     }
+
+    /// `m / ||W + scale * down @ up||` per output column of `weight`
+    /// (`[in, out]`), `[1, out]` in f32. The norm is a constant for
+    /// backward, with the adapter's part of it, as PEFT (and the DoRA
+    /// paper, §4.3) do to save memory: gradients reach `m` directly and
+    /// the adapter through its output.
+    fn dora_factor(&self, magnitude: &Param<Tensor<1>>, weight: Tensor<2>) -> Tensor<2> {
+        let f32 = |t: Tensor<2>| in_dtype(t, DType::F32);
+        let delta = f32(self.down.val().detach()).matmul(f32(self.up.val().detach())) * self.scale();
+        let norm = (f32(weight.detach()) + delta).square().sum_dim(0).sqrt().clamp_min(f32::MIN_POSITIVE as f64);
+        let out = norm.dims()[1];
+        in_dtype(magnitude.val(), DType::F32).reshape([1, out]) / norm
+    }
 }
 
 impl LoraLinear {
+    /// PEFT's DoRA forward: `y = Wx + b + (f - 1) * W d(x) + f * scale * BA d(x)`
+    /// with `f` the [`LoraAdapter::dora_factor`] and `d` the dropout (so
+    /// without dropout `y = b + f * (W + scale * BA) x`).
+    fn dora_forward<const D: usize>(&self, x: Tensor<D>, lora: &LoraAdapter, magnitude: &Param<Tensor<1>>) -> Tensor<D> {
+        let dtype = x.dtype();
+        let weight = in_dtype(self.base.weight.val(), dtype);
+        let factor = lora.dora_factor(magnitude, self.base.weight.val());
+        let out = factor.dims()[1];
+        let mut shape = [1; D];
+        shape[D - 1] = out;
+        let factor = in_dtype(factor, dtype).reshape(shape);
+        let wx = linear(x.clone(), weight.clone(), None);
+        let (wx_dropped, adapted) = match lora.dropped(&x, &self.path) {
+            Some(dropped) => (linear(dropped.clone(), weight, None), lora.low_rank(dropped)),
+            None => (wx.clone(), lora.low_rank(x)),
+        };
+        let y = wx + (factor.clone() - 1.0) * wx_dropped + factor * adapted;
+        match &self.base.bias {
+            Some(bias) => {
+                let mut shape = [1; D];
+                shape[D - 1] = out;
+                y + in_dtype(bias.val(), dtype).reshape(shape)
+            }
+            None => y,
+        }
+    }
+
     pub fn new(base: Linear, path: String) -> Self {
-        Self { base, lora: None, path }
+        Self { base, lora: None, lokr: None, path }
+    }
+
+    /// Whether an adapter (LoRA, DoRA or LoKr) is attached.
+    pub fn is_adapted(&self) -> bool {
+        self.lora.is_some() || self.lokr.is_some()
+    }
+
+    /// Drops the adapter (the base layer alone).
+    pub fn detach_adapter(&mut self) {
+        self.lora = None;
+        self.lokr = None;
+    }
+
+    /// Adds a fresh LoKr adapter as LyCORIS makes one: the layer's sizes
+    /// split by [`factorization`] with `factor`, `w1` uniform in
+    /// ±1/sqrt(in_m) (kaiming_uniform with a=√5), `w2` (or `w2_b` of its
+    /// pair) zero, so training starts from the base model.
+    pub fn attach_lokr(&mut self, settings: &LokrSettings, factor: i64, seed: u64, device: &Device) {
+        let [d_in, d_out] = self.dims();
+        let (in_m, in_n) = factorization(d_in, factor);
+        let (out_l, out_k) = factorization(d_out, factor);
+        let mut rng = SeededRng::derived(seed, &format!("lokr-init/{}", self.path));
+        let mut uniform = |rows: usize, cols: usize| {
+            let bound = 1.0 / (cols as f64).sqrt();
+            let values: Vec<f32> = (0..rows * cols).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();
+            Param::from_tensor(Tensor::<2>::from_data(TensorData::new(values, [rows, cols]), device))
+        };
+        let w1 = uniform(out_l, in_m);
+        let dim = settings.linear_dim;
+        let low_rank = !settings.full_matrix && (dim as f64) < out_k.max(in_n) as f64 / 2.0;
+        let (w2, w2_a, w2_b) = if low_rank {
+            let a = uniform(out_k, dim);
+            (None, Some(a), Some(Param::from_tensor(Tensor::<2>::zeros([dim, in_n], device))))
+        } else {
+            (Some(Param::from_tensor(Tensor::<2>::zeros([out_k, in_n], device))), None, None)
+        };
+        // LyCORIS: alpha 0 means the rank; with both factors full the scale is 1.
+        let alpha = if !low_rank || settings.linear_alpha == 0 { dim as f64 } else { settings.linear_alpha as f64 };
+        let scale = settings.multiplier as f64 * alpha / dim as f64;
+        self.lokr = Some(LokrAdapter { w1, w2, w2_a, w2_b, alpha, scale });
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        match &self.lora {
-            Some(lora) => self.base.forward(x.clone()) + lora.forward(x, &self.path),
-            None => self.base.forward(x),
+        if let Some(lokr) = &self.lokr {
+            let delta = in_dtype(lokr.delta(), x.dtype());
+            return self.base.forward(x.clone()) + linear(x, delta, None);
         }
+        let Some(lora) = &self.lora else { return self.base.forward(x) };
+        if let Some(magnitude) = &lora.magnitude {
+            return self.dora_forward(x, lora, magnitude);
+        }
+        let adapted = lora.low_rank(lora.dropped(&x, &self.path).unwrap_or_else(|| x.clone()));
+        self.base.forward(x) + adapted
     }
 
     /// `[in, out]` of the base layer.
@@ -90,7 +234,22 @@ impl LoraLinear {
         let down: Vec<f32> = (0..d_in * rank).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();
         let down = Tensor::<2>::from_data(TensorData::new(down, [d_in, rank]), device);
         let up = Tensor::<2>::zeros([rank, d_out], device);
-        self.lora = Some(LoraAdapter { down: Param::from_tensor(down), up: Param::from_tensor(up), alpha, dropout });
+        self.lora = Some(LoraAdapter { down: Param::from_tensor(down), up: Param::from_tensor(up), magnitude: None, alpha, dropout });
+    }
+
+    /// Makes the adapter a DoRA one: its magnitude starts as the norms of
+    /// the adapted weight's output columns (PEFT's initialisation; with
+    /// `up` still zero, the base weight's), so training starts from the
+    /// base model. Attach first.
+    pub fn enable_dora(&mut self) {
+        let Some(lora) = self.lora.as_mut() else { return };
+        // Computed where the adapter lives (the training device), as a new leaf.
+        let f32 = |t: Tensor<2>| in_dtype(t.detach(), DType::F32);
+        let weight = f32(self.base.weight.val());
+        let delta = f32(lora.down.val()).matmul(f32(lora.up.val())) * lora.scale();
+        let out = weight.dims()[1];
+        let norms = (weight + delta).square().sum_dim(0).sqrt().reshape([out]);
+        lora.magnitude = Some(Param::from_tensor(in_dtype(norms, lora.down.val().dtype()).detach()));
     }
 }
 
@@ -188,6 +347,12 @@ impl DropoutSource {
     /// the same layers draws new masks.
     pub fn begin_forward(&self) {
         self.state.lock().expect("dropout lock").forward += 1;
+    }
+
+    /// Whether masks are drawn now (a training forward with dropout above 0).
+    pub fn is_active(&self) -> bool {
+        let state = self.state.lock().expect("dropout lock");
+        state.active && state.probability > 0.0
     }
 
     /// Turns dropout off (validation, parent predictions).

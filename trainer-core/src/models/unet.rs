@@ -77,6 +77,7 @@ impl BasicTransformerBlock {
 /// Input/output projection of a Transformer2DModel: 1x1 convolution (SD 1.x)
 /// or linear (SD 2.x, `use_linear_projection`).
 #[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)] // one per transformer: the size is nothing to save
 pub enum Projection {
     Conv(Conv2d),
     Linear(LoraLinear),
@@ -540,14 +541,14 @@ impl UNet2DConditionModel {
 
     /// The layers that carry an adapter now, in module order.
     pub fn adapted_layers(&self) -> Vec<&LoraLinear> {
-        self.transformers().into_iter().flat_map(|t| t.lora_layers()).filter(|l| l.lora.is_some()).collect()
+        self.transformers().into_iter().flat_map(|t| t.lora_layers()).filter(|l| l.is_adapted()).collect()
     }
 
     /// A copy without adapters (the base model's prediction); tensors are shared, not copied.
     pub fn without_lora(&self) -> Self {
         let mut copy = self.clone();
         for layer in copy.lora_layers_mut() {
-            layer.lora = None;
+            layer.detach_adapter();
         }
         copy
     }

@@ -132,6 +132,7 @@ pub fn plan_dataset(
             aspect_bucket: key,
             caption: captions[0].clone(),
             caption_variants: if captions.len() > 1 { captions } else { Vec::new() },
+            mask: None,
         });
     }
     skipped.sort_by(|a, b| a.path.cmp(&b.path));
@@ -167,6 +168,7 @@ pub fn plan_dataset(
         cache_dir_vae: dataset.cache_dir_vae.clone(),
         text_embeds: dataset.text_embeds.clone(),
         text_cache_dir: String::new(),
+        masks: None,
         notes,
     })
 }

@@ -67,6 +67,24 @@ pub fn describe(plan: &Plan) -> String {
                 variants.iter().take(3).map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ")
             );
         }
+        if let Some(masks) = &dataset.masks {
+            let missing = match masks.missing.len() {
+                0 => String::new(),
+                n => format!(
+                    "; {n} without a mask train on the whole image: {}{}",
+                    masks.missing.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+                    if n > 5 { ", ..." } else { "" }
+                ),
+            };
+            let _ = writeln!(
+                out,
+                "  loss masks: '{}' ({}): {} of {} images have one (its red channel weighs the loss, dark = ignored){missing}",
+                masks.id,
+                masks.folder,
+                masks.paired,
+                dataset.images.len()
+            );
+        }
         for note in &dataset.notes {
             let _ = writeln!(out, "  note: {note}");
         }
@@ -84,6 +102,9 @@ pub fn describe(plan: &Plan) -> String {
     };
     let _ = writeln!(out, "Total steps: {}  ({stop})", plan.max_steps);
     let _ = writeln!(out, "Batch: {} x {} accumulation step(s)", plan.train_batch_size, plan.gradient_accumulation_steps);
+    if let Some(adapters) = &plan.adapters {
+        let _ = writeln!(out, "Adapters: {adapters}");
+    }
     let _ = writeln!(out, "Optimizer: {} ({})", config_name(&plan.optimizer.name), plan.optimizer.note);
     if let Some(ema) = &plan.ema {
         let ramp = match ema.warmup_steps {

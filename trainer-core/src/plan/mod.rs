@@ -44,6 +44,9 @@ pub struct PlannedImage {
     /// All caption variants, when the text file has several lines.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub caption_variants: Vec<String>,
+    /// Its loss mask's path in the mask folder (masked loss).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask: Option<String>,
 }
 
 impl PlannedImage {
@@ -106,7 +109,22 @@ pub struct DatasetPlan {
     pub text_embeds: String,
     /// That dataset's cache folder.
     pub text_cache_dir: String,
+    /// Its loss masks (masked loss), paired with the images.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub masks: Option<MaskPlan>,
     pub notes: Vec<String>,
+}
+
+/// An image dataset's loss masks: which images have one.
+#[derive(Debug, Clone, Serialize)]
+pub struct MaskPlan {
+    /// The mask dataset's id (the host opens its folder like a dataset's).
+    pub id: String,
+    pub folder: String,
+    /// Images with a mask (each [`PlannedImage::mask`] names its file).
+    pub paired: usize,
+    /// Images without one: they train on the whole image.
+    pub missing: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -167,12 +185,74 @@ pub struct Plan {
     pub optimizer: OptimizerPlan,
     /// The moving average of the trained weights (`use_ema`).
     pub ema: Option<EmaSettings>,
+    /// What a LoRA run trains: LoRA (and DoRA) or LoKr, with its settings.
+    pub adapters: Option<String>,
     pub precision: PrecisionPlan,
     /// The text encoder's peak learning rate when its LoRA adapters train.
     pub text_encoder_lr: Option<f64>,
     pub lr_schedule: LearningRateSchedule,
     pub regularisation_mode: RegularisationMode,
     pub warnings: Vec<String>,
+}
+
+/// The host opens a mask folder as it opens a dataset's, by id and folder:
+/// this is the mask dataset dressed as one.
+fn mask_folder_as_dataset(dataset: &ImageDatasetConfig, mask: &crate::config::dataset::MaskDatasetConfig) -> ImageDatasetConfig {
+    ImageDatasetConfig { id: mask.id.clone(), instance_data_dir: mask.instance_data_dir.clone(), mask: None, ..dataset.clone() }
+}
+
+/// Opens the mask folder of each planned dataset that has masks, in the
+/// plan's order, for [`crate::train::session::Session::set_mask_sources`].
+pub fn open_mask_sources(
+    plan: &Plan,
+    dataloader: &DataloaderConfig,
+    open_source: &dyn Fn(&ImageDatasetConfig) -> Result<Box<dyn ImageSource>>,
+) -> Result<Vec<Option<Box<dyn ImageSource>>>> {
+    let mut sources = Vec::new();
+    for planned in &plan.datasets {
+        let dataset = dataloader.datasets.iter().find(|d| d.id == planned.id).expect("planned datasets come from the config");
+        sources.push(match (&planned.masks, &dataset.mask) {
+            (Some(_), Some(mask)) => Some(open_source(&mask_folder_as_dataset(dataset, mask))?),
+            _ => None,
+        });
+    }
+    Ok(sources)
+}
+
+/// Finds each planned image's mask in the mask dataset's folder: the same
+/// relative path (as SimpleTuner requires), else the same path with
+/// another image extension (a PNG mask for a JPEG photo).
+fn pair_masks(
+    plan: &mut DatasetPlan,
+    mask: &crate::config::dataset::MaskDatasetConfig,
+    dataset: &ImageDatasetConfig,
+    open_source: &dyn Fn(&ImageDatasetConfig) -> Result<Box<dyn ImageSource>>,
+) -> Result<()> {
+    let source = open_source(&mask_folder_as_dataset(dataset, mask))?;
+    let files: std::collections::BTreeSet<String> = crate::data::source::discover(source.as_ref())?.images.into_iter().collect();
+    let by_stem: std::collections::BTreeMap<&str, &String> = files.iter().filter_map(|f| f.rsplit_once('.').map(|(stem, _)| (stem, f))).collect();
+    let (mut paired, mut missing) = (0, Vec::new());
+    for image in &mut plan.images {
+        let stem = image.path.rsplit_once('.').map_or(image.path.as_str(), |(stem, _)| stem);
+        image.mask = files.get(&image.path).or_else(|| by_stem.get(stem).copied()).cloned();
+        match image.mask {
+            Some(_) => paired += 1,
+            None => missing.push(image.path.clone()),
+        }
+    }
+    if paired == 0 {
+        return Err(Error::Dataset {
+            dataset: plan.id.clone(),
+            message: format!(
+                "its mask dataset '{}' ({}) has no mask for any of its {} images; a mask has the image's relative path (or another image extension)",
+                mask.id,
+                source.describe(),
+                plan.images.len()
+            ),
+        });
+    }
+    plan.masks = Some(MaskPlan { id: mask.id.clone(), folder: mask.instance_data_dir.clone(), paired, missing });
+    Ok(())
 }
 
 /// Progress of a long plan, for progress bars.
@@ -216,6 +296,16 @@ pub fn plan(
         };
         match plan_dataset(training, dataset, source.as_ref(), progress) {
             Ok(mut plan) => {
+                if let Some(mask) = &dataset.mask {
+                    match pair_masks(&mut plan, mask, dataset, open_source) {
+                        Ok(()) => {}
+                        Err(Error::Dataset { dataset, message }) => {
+                            problems.push(format!("dataset '{dataset}': {message}"));
+                            continue;
+                        }
+                        Err(other) => return Err(other),
+                    }
+                }
                 plan.text_cache_dir = dataloader
                     .text_embeds
                     .iter()
@@ -264,6 +354,7 @@ pub fn plan(
         num_train_epochs: training.num_train_epochs,
         optimizer,
         ema: training.ema,
+        adapters: adapter_summary(training),
         precision: precision_plan(training, target),
         text_encoder_lr: training.train_text_encoder.then(|| training.text_encoder_lr.unwrap_or(training.learning_rate)),
         lr_schedule: LearningRateSchedule::from_config(training, schedule.total_steps),
@@ -285,6 +376,32 @@ fn precision_plan(training: &TrainingConfig, target: PlanTarget) -> PrecisionPla
         ("f32", format!("{frozen} in f32 (this backend has no f16 storage worth using: a CPU, or WebGPU without shader-f16)"))
     };
     PrecisionPlan { frozen_weights, note }
+}
+
+fn adapter_summary(training: &TrainingConfig) -> Option<String> {
+    if training.model_type != ModelType::Lora {
+        return None;
+    }
+    Some(match &training.lokr {
+        Some(lokr) => {
+            let targets: Vec<String> = lokr.targets.iter().map(|t| format!("{} (factor {})", t.suffixes.join(", "), t.factor)).collect();
+            format!(
+                "LyCORIS LoKr on {}; linear_dim {}, linear_alpha {}, full_matrix {}, multiplier {}",
+                targets.join("; "),
+                lokr.linear_dim,
+                lokr.linear_alpha,
+                lokr.full_matrix,
+                lokr.multiplier
+            )
+        }
+        None => format!(
+            "LoRA rank {}, alpha {}, dropout {}{}",
+            training.lora_rank,
+            training.lora_alpha,
+            training.lora_dropout,
+            if training.use_dora { ", DoRA (a learned magnitude per output feature)" } else { "" }
+        ),
+    })
 }
 
 fn optimizer_plan(training: &TrainingConfig, target: PlanTarget) -> OptimizerPlan {

@@ -191,11 +191,12 @@ pub async fn fill_caches(session: &mut Session<'_>, host: &mut impl RunHost) -> 
     let mut computed = (0, 0);
     session
         .prepare_caches(&mut |p: Progress<'_>| {
-            host.progress(&format!("caching {}", p.phase), p.done as u64, p.total as u64);
-            if p.phase == "latents" {
-                computed.0 = p.computed;
-            } else {
-                computed.1 = p.computed;
+            let phase = if p.phase == "masks" { "loss masks".to_string() } else { format!("caching {}", p.phase) };
+            host.progress(&phase, p.done as u64, p.total as u64);
+            match p.phase {
+                "latents" => computed.0 = p.computed,
+                "text embeddings" => computed.1 = p.computed,
+                _ => {}
             }
         })
         .await?;

@@ -104,7 +104,9 @@ fn session_on<'a>(setup: &Setup, storage: &'a MemoryStorage, device: &Device, ta
     let planned = plan(&setup.training, &dataloader, &open, target, &mut |_| {}).unwrap();
     let model = fixture_model_of(family, device, planned.precision.weight_dtypes(setup.training.model_type));
     let sources: Vec<Box<dyn ImageSource>> = planned.datasets.iter().map(|d| Box::new(setup.sources[&d.id].clone()) as Box<dyn ImageSource>).collect();
+    let masks = trainer_core::plan::open_mask_sources(&planned, &dataloader, &open).unwrap();
     let mut session = Session::new(setup.training.clone(), planned, model, sources, storage, device.clone(), SessionOptions::default()).unwrap();
+    session.set_mask_sources(masks).unwrap();
     block_on(session.prepare_caches(&mut |_| {})).unwrap();
     session
 }
@@ -250,32 +252,120 @@ fn prior_preservation_keeps_the_class_prompt_near_the_base_models_samples() {
 
 #[test]
 fn exported_kohya_lora_merges_back_to_the_same_unet_output() {
+    // Plain LoRA, and DoRA (use_dora), whose file carries dora_scale.
+    for extra in ["", "TRAINER_EXTRA_ARGS=\"--use_dora\"\n"] {
+        let device = Device::flex();
+        let storage = MemoryStorage::default();
+        let setup = setup(&format!("MAX_NUM_STEPS=4\n{extra}"), false);
+        let mut run = session(&setup, &storage, &device, F32_TARGET);
+        train(&mut run, 4);
+        let path = block_on(run.export_lora("test-lora")).unwrap();
+        let bytes = storage.read(&path).unwrap().unwrap();
+        let file = trainer_core::train::tensor_file::read(&path, bytes.clone()).unwrap();
+        let scales: Vec<&Vec<usize>> = file.iter().filter(|(k, _)| k.ends_with(".dora_scale")).map(|(_, t)| &t.shape).collect();
+        let layers = run.model.unet.adapted_layers();
+        if extra.is_empty() {
+            assert!(scales.is_empty());
+        } else {
+            assert_eq!(scales.len(), layers.len(), "one dora_scale per adapted layer");
+            assert!(scales.iter().zip(&layers).all(|(shape, layer)| **shape == vec![layer.dims()[1], 1]), "[out, 1]: {scales:?}");
+        }
+
+        // The trained adapters, on a fixed input.
+        let sample = trainer_core::pipeline::gaussian_noise([1, 4, 16, 16], &mut trainer_core::rng::SeededRng::new(9), &device);
+        let context = run.model.encode_prompts(&["a photo of zwx toy"], &device).unwrap();
+        let adapted = run.model.unet.valid().forward(sample.clone(), &[500.0], context.clone());
+        let base = fixture_model(&device, WeightDtypes::default()).unet.forward(sample.clone(), &[500.0], context.clone());
+
+        // A fresh model with the file merged in.
+        let mut merged = fixture_model(&device, WeightDtypes::default());
+        let count = trainer_core::train::export::merge_kohya(&mut merged, &path, bytes, 1.0, &device).unwrap();
+        assert_eq!(count, layers.len());
+        let from_file = merged.unet.forward(sample, &[500.0], context);
+
+        let values = |t: burn::tensor::Tensor<4>| t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+        let (adapted, base, from_file) = (values(adapted), values(base), values(from_file));
+        let relative = |a: &[f32], b: &[f32]| (mean_squared(a, b) / mean_squared(b, &vec![0.0; b.len()])).sqrt();
+        assert!(relative(&adapted, &base) > 1e-4, "training must have changed the UNet ({extra})");
+        // Relative L2 error; the file stores f32, merging only reorders float sums.
+        assert!(relative(&from_file, &adapted) < 1e-5, "merged output differs ({extra}): {:.2e}", relative(&from_file, &adapted));
+    }
+}
+
+/// LoKr (lora_type lycoris, SimpleTuner's example lycoris_config with a
+/// factor the tiny model's sizes allow) trains the attention and
+/// feed-forward layers, resumes exactly, and its file (LyCORIS's lokr_w1 /
+/// lokr_w2 / alpha names) merges back to the same UNet output.
+#[test]
+fn lokr_trains_resumes_exactly_and_its_file_merges_back() {
+    use trainer_core::train::checkpoint::trainable_tensors;
     let device = Device::flex();
     let storage = MemoryStorage::default();
-    let setup = setup("MAX_NUM_STEPS=4\n", false);
+    let mut setup = setup("MAX_NUM_STEPS=6\nLORA_TYPE=lycoris\nLEARNING_RATE=1e-2\n", false);
+    let config = r#"{"algo": "lokr", "multiplier": 1.0, "full_matrix": true, "linear_alpha": 1, "factor": 16,
+        "apply_preset": {"target_module": ["Attention", "FeedForward"], "module_algo_map": {"Attention": {"factor": 4}, "FeedForward": {"factor": 2}}}}"#;
+    let (lokr, warnings) = trainer_core::config::lycoris::parse_lycoris_config(config).unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    setup.training.lokr = Some(lokr);
     let mut run = session(&setup, &storage, &device, F32_TARGET);
-    train(&mut run, 4);
-    let path = block_on(run.export_lora("test-lora")).unwrap();
-    let bytes = storage.read(&path).unwrap().unwrap();
+    let described = trainer_core::plan::describe(&run.plan);
+    assert!(described.contains("Adapters: LyCORIS LoKr on to_q, to_k, to_v, to_out.0 (factor 4); ff.net.0.proj, ff.net.2 (factor 2)"), "{described}");
+    let layers = run.model.unet.adapted_layers();
+    assert!(!layers.is_empty() && layers.iter().all(|l| l.lokr.is_some() && l.lora.is_none()));
+    assert!(layers.iter().any(|l| l.path.ends_with("ff.net.2")) && !layers.iter().any(|l| l.path.ends_with("proj_in")), "Attention and FeedForward only");
+    train(&mut run, 3);
+    block_on(run.save_checkpoint()).unwrap();
+    let rest = train(&mut run, 3);
+    let mut resumed = session(&setup, &storage, &device, F32_TARGET);
+    resumed.resume("latest").unwrap();
+    assert_eq!(train(&mut resumed, 3), rest, "steps 4-6 after resuming equal the uninterrupted run");
+    assert_eq!(block_on(trainable_tensors(&resumed.model.unet)).unwrap(), block_on(trainable_tensors(&run.model.unet)).unwrap());
 
-    // The trained adapters, on a fixed input.
+    let path = block_on(run.export_lora("lokr")).unwrap();
+    let bytes = storage.read(&path).unwrap().unwrap();
+    let file = trainer_core::train::tensor_file::read(&path, bytes.clone()).unwrap();
+    let names: Vec<&String> = file.keys().collect();
+    assert!(names.iter().all(|n| n.starts_with("lora_unet_") && (n.ends_with(".lokr_w1") || n.ends_with(".lokr_w2") || n.ends_with(".alpha"))), "{names:?}");
+    assert_eq!(names.len(), 3 * run.model.unet.adapted_layers().len());
     let sample = trainer_core::pipeline::gaussian_noise([1, 4, 16, 16], &mut trainer_core::rng::SeededRng::new(9), &device);
     let context = run.model.encode_prompts(&["a photo of zwx toy"], &device).unwrap();
     let adapted = run.model.unet.valid().forward(sample.clone(), &[500.0], context.clone());
     let base = fixture_model(&device, WeightDtypes::default()).unet.forward(sample.clone(), &[500.0], context.clone());
-
-    // A fresh model with the file merged in.
     let mut merged = fixture_model(&device, WeightDtypes::default());
-    let layers = trainer_core::train::export::merge_kohya(&mut merged, &path, bytes, 1.0, &device).unwrap();
-    assert_eq!(layers, run.model.unet.adapted_layers().len());
+    let count = trainer_core::train::export::merge_kohya(&mut merged, &path, bytes, 1.0, &device).unwrap();
+    assert_eq!(count, run.model.unet.adapted_layers().len());
     let from_file = merged.unet.forward(sample, &[500.0], context);
-
     let values = |t: burn::tensor::Tensor<4>| t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
     let (adapted, base, from_file) = (values(adapted), values(base), values(from_file));
     let relative = |a: &[f32], b: &[f32]| (mean_squared(a, b) / mean_squared(b, &vec![0.0; b.len()])).sqrt();
     assert!(relative(&adapted, &base) > 1e-4, "training must have changed the UNet");
-    // Relative L2 error; the file stores f32, merging only reorders float sums.
     assert!(relative(&from_file, &adapted) < 1e-5, "merged output differs: {:.2e}", relative(&from_file, &adapted));
+}
+
+/// DoRA trains its magnitudes with the adapters and resumes exactly; a run
+/// begun without DoRA is not resumed with it.
+#[test]
+fn dora_trains_the_magnitudes_and_resumes_exactly() {
+    use trainer_core::train::checkpoint::trainable_tensors;
+    let device = Device::flex();
+    let storage = MemoryStorage::default();
+    let setup = setup("MAX_NUM_STEPS=6\nLORA_DROPOUT=0.1\nTRAINER_EXTRA_ARGS=\"--use_dora\"\n", false);
+    let mut run = session(&setup, &storage, &device, F32_TARGET);
+    let start = block_on(trainable_tensors(&run.model.unet)).unwrap();
+    let magnitudes: Vec<&String> = start.keys().filter(|k| k.ends_with(".magnitude")).collect();
+    assert_eq!(magnitudes.len(), run.model.unet.adapted_layers().len());
+    train(&mut run, 3);
+    let moved = block_on(trainable_tensors(&run.model.unet)).unwrap();
+    assert!(magnitudes.iter().all(|k| moved[*k] != start[*k]), "every magnitude trains");
+    block_on(run.save_checkpoint()).unwrap();
+    let rest = train(&mut run, 3);
+    let mut resumed = session(&setup, &storage, &device, F32_TARGET);
+    resumed.resume("latest").unwrap();
+    assert_eq!(train(&mut resumed, 3), rest, "steps 4-6 after resuming equal the uninterrupted run");
+    assert_eq!(block_on(trainable_tensors(&resumed.model.unet)).unwrap(), block_on(trainable_tensors(&run.model.unet)).unwrap());
+    let plain = self::setup("MAX_NUM_STEPS=6\nLORA_DROPOUT=0.1\n", false);
+    let error = session(&plain, &storage, &device, F32_TARGET).resume("latest").unwrap_err().to_string();
+    assert!(error.contains("trainable tensors"), "{error}");
 }
 
 #[test]
@@ -482,6 +572,42 @@ fn ema_follows_simpletuners_decay_resumes_exactly_validates_and_exports() {
     let mut merged = fixture_model(&device, WeightDtypes::default());
     let layers = trainer_core::train::export::merge_kohya(&mut merged, &averaged, averaged_bytes, 1.0, &device).unwrap();
     assert_eq!(layers, run.model.unet.adapted_layers().len());
+}
+
+/// Masked loss: the subject's loss is weighed by its mask folder's masks
+/// (paired by file name; dark = ignored): all dark trains nothing, all
+/// light is the unmasked loss exactly, half dark lies between; an image
+/// without a mask trains on all of it, and the plan names it.
+#[test]
+fn masked_loss_weighs_the_subject_loss_by_its_masks() {
+    let device = Device::flex();
+    let plain = |value: u8| encode_png(&RgbImage::from_pixel(32, 32, Rgb([value, value, value])));
+    let half = encode_png(&RgbImage::from_fn(32, 32, |x, _| if x < 16 { Rgb([0, 0, 0]) } else { Rgb([255, 255, 255]) }));
+    let first_steps = |masks: Option<Vec<(&str, Vec<u8>)>>| -> (Vec<f32>, String) {
+        let storage = MemoryStorage::default();
+        let mut setup = setup("MAX_NUM_STEPS=3\nLORA_DROPOUT=0\n", false);
+        if let Some(files) = &masks {
+            setup.json = setup.json.replace(r#""id": "subject","#, r#""id": "subject", "conditioning_data": "subject-masks","#).replacen(
+                '[',
+                r#"[{"id": "subject-masks", "type": "local", "dataset_type": "conditioning", "conditioning_type": "mask", "instance_data_dir": "masks", "resolution": 32},"#,
+                1,
+            );
+            setup.sources.insert("subject-masks".into(), source_with(files));
+        }
+        let mut run = session(&setup, &storage, &device, F32_TARGET);
+        (train(&mut run, 3), trainer_core::plan::describe(&run.plan))
+    };
+    let (unmasked, _) = first_steps(None);
+    let (light, described) = first_steps(Some(vec![("a.png", plain(255)), ("b.jpg", plain(255))]));
+    assert_eq!(light, unmasked, "a light mask is no mask");
+    assert!(described.contains("loss masks: 'subject-masks' (/cfg/masks): 2 of 2 images have one"), "{described}");
+    let (dark, _) = first_steps(Some(vec![("a.png", plain(0)), ("b.png", plain(0))]));
+    assert_eq!(dark, [0.0; 3], "a dark mask hides the whole loss");
+    let (halves, _) = first_steps(Some(vec![("a.png", half.clone()), ("b.png", half)]));
+    assert!(halves[0] > 0.0 && halves[0] < unmasked[0], "half hidden: {halves:?} vs {unmasked:?}");
+    let (partly, described) = first_steps(Some(vec![("a.png", plain(0))]));
+    assert!(described.contains("1 of 2 images have one") && described.contains("1 without a mask train on the whole image: b.png"), "{described}");
+    assert!(partly.iter().any(|l| *l > 0.0), "b.png trains unmasked: {partly:?}");
 }
 
 /// `setup` with another optimizer.

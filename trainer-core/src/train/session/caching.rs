@@ -5,7 +5,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use image::RgbImage;
 
 use super::{Progress, Session};
-use crate::data::preprocess::prepare;
+use crate::data::preprocess::{prepare, prepare_mask};
 use crate::error::{Error, Result};
 use crate::train::cache::{self, CachedLatents, CachedText};
 use crate::train::tensor_file::HostTensor;
@@ -55,6 +55,7 @@ impl Session<'_> {
             }
             self.latent_paths.push(paths);
         }
+        self.prepare_masks(&mut resizer, progress)?;
 
         let mut captions: Vec<(String, String)> = Vec::new();
         for dataset in &self.plan.datasets {
@@ -75,6 +76,43 @@ impl Session<'_> {
         let result = self.cache_text_embeddings(&captions, progress).await;
         self.replace_text_encoders(trained);
         result
+    }
+
+    /// Each masked image's loss mask on the latent grid (kept in memory:
+    /// a latent-sized plane per image, quick to make again at each start).
+    fn prepare_masks(&mut self, resizer: &mut fast_image_resize::Resizer, progress: &mut dyn FnMut(Progress<'_>)) -> Result<()> {
+        let downscale = self.model.configs.vae.downscale();
+        let total: usize = self.plan.datasets.iter().filter_map(|d| d.masks.as_ref()).map(|m| m.paired).sum();
+        let mut done = 0;
+        self.masks = Vec::new();
+        for (d, dataset) in self.plan.datasets.iter().enumerate() {
+            let Some(plan) = &dataset.masks else {
+                self.masks.push(Vec::new());
+                continue;
+            };
+            let source = self.mask_sources.get(d).and_then(Option::as_ref).ok_or_else(|| Error::Dataset {
+                dataset: dataset.id.clone(),
+                message: format!("its mask folder '{}' ({}) was not opened", plan.folder, plan.id),
+            })?;
+            let mut masks = Vec::new();
+            for image in &dataset.images {
+                let Some(path) = &image.mask else {
+                    masks.push(None);
+                    continue;
+                };
+                let bytes = source.read(path)?;
+                let geometry = image.geometry();
+                let [width, height] = geometry.target_size.map(|side| side as usize);
+                let grid = [height / downscale, width / downscale];
+                let values = prepare_mask(&bytes, &geometry, grid, self.config.max_image_pixels, resizer)
+                    .map_err(|reason| Error::Image { path: format!("{}/{path} (the mask of {})", plan.folder, image.path), reason })?;
+                masks.push(Some(HostTensor { shape: vec![1, grid[0], grid[1]], values }));
+                done += 1;
+                progress(Progress { phase: "masks", done, total, computed: done });
+            }
+            self.masks.push(masks);
+        }
+        Ok(())
     }
 
     async fn cache_text_embeddings(&mut self, captions: &[(String, String)], progress: &mut dyn FnMut(Progress<'_>)) -> Result<()> {

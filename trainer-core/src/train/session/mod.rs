@@ -33,6 +33,7 @@ use crate::models::{Family, StableDiffusion};
 use crate::plan::{build_samplers, Plan, PlannedBatchSampler};
 use crate::rng::SeededRng;
 use crate::train::metrics::StepMetrics;
+use crate::train::tensor_file::HostTensor;
 
 /// Progress of a long phase (caching, validation sampling).
 #[derive(Debug, Clone)]
@@ -71,6 +72,10 @@ pub struct Session<'a> {
     pub plan: Plan,
     pub model: StableDiffusion,
     sources: Vec<Box<dyn ImageSource + 'a>>,
+    /// Each dataset's mask folder, when it has masks ([`Session::set_mask_sources`]).
+    mask_sources: Vec<Option<Box<dyn ImageSource + 'a>>>,
+    /// Each planned image's loss mask on the latent grid, `[dataset][image]`.
+    masks: Vec<Vec<Option<HostTensor>>>,
     storage: &'a dyn Storage,
     device: Device,
     train_device: Device,
@@ -212,11 +217,40 @@ impl<'a> Session<'a> {
         let unet = model.unet.clone();
         let mut unet = unet.map(&mut ToTrainDevice { device: &train_device, trainable: full });
         let dropout = (!full && config.lora_dropout > 0.0).then(|| DropoutSource::new(config.lora_dropout));
-        if !full {
+        if config.lycoris_config.is_some() && config.lokr.is_none() {
+            return Err(Error::Config {
+                source_name: config.source_name.clone(),
+                problems: vec!["lora_type lycoris: the lycoris_config file was not read (load the config with config::load)".into()],
+            });
+        }
+        if config.lokr.is_some() && config.train_text_encoder {
+            return Err(Error::Config {
+                source_name: config.source_name.clone(),
+                problems: vec!["train_text_encoder with lora_type lycoris is not supported yet: LoKr adapts the UNet".into()],
+            });
+        }
+        if let (false, Some(lokr)) = (full, &config.lokr) {
+            let mut attached = 0;
+            for layer in unet.lora_layers_mut() {
+                if let Some(factor) = lokr.factor_for(&layer.path) {
+                    layer.attach_lokr(lokr, factor, config.seed, &train_device);
+                    attached += 1;
+                }
+            }
+            if attached == 0 {
+                return Err(Error::Config {
+                    source_name: config.source_name.clone(),
+                    problems: vec!["lycoris_config's apply_preset adapts no UNet layer".into()],
+                });
+            }
+        } else if !full {
             let mut attached = 0;
             for layer in unet.lora_layers_mut() {
                 if options.lora_targets.matches(&layer.path) {
                     layer.attach(config.lora_rank as usize, config.lora_alpha, config.seed, dropout.clone(), &train_device);
+                    if config.use_dora {
+                        layer.enable_dora();
+                    }
                     attached += 1;
                 }
             }
@@ -239,6 +273,9 @@ impl<'a> Session<'a> {
                 for layer in encoder.lora_layers_mut() {
                     if options.lora_targets.matches_text(&layer.path) {
                         layer.attach(config.lora_rank as usize, config.lora_alpha, seed, dropout.clone(), &train_device);
+                        if config.use_dora {
+                            layer.enable_dora();
+                        }
                         attached += 1;
                     }
                 }
@@ -281,6 +318,8 @@ impl<'a> Session<'a> {
             plan,
             model,
             sources,
+            mask_sources: Vec::new(),
+            masks: Vec::new(),
             storage,
             device,
             train_device,
@@ -298,6 +337,24 @@ impl<'a> Session<'a> {
             checkpoint_hook: Box::new(|| {}),
             resume_notes: Vec::new(),
         })
+    }
+
+    /// The mask folders of the datasets that have masks, `[dataset]` in the
+    /// plan's order (`None` for a dataset without): the host opens them as
+    /// it opens datasets, by the mask dataset's id and folder.
+    pub fn set_mask_sources(&mut self, sources: Vec<Option<Box<dyn ImageSource + 'a>>>) -> Result<()> {
+        for (d, dataset) in self.plan.datasets.iter().enumerate() {
+            if let Some(masks) = &dataset.masks {
+                if sources.get(d).is_none_or(Option::is_none) {
+                    return Err(Error::Dataset {
+                        dataset: dataset.id.clone(),
+                        message: format!("its mask folder '{}' ({}) was not opened", masks.folder, masks.id),
+                    });
+                }
+            }
+        }
+        self.mask_sources = sources;
+        Ok(())
     }
 
     pub fn output_path(&self, name: &str) -> String {

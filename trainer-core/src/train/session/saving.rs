@@ -80,6 +80,13 @@ impl Session<'_> {
             let layers: Vec<&str> = self.model.unet.adapted_layers().iter().map(|l| l.path.as_str()).collect();
             adapters.insert("lora_rank".into(), c.lora_rank.to_string());
             adapters.insert("lora_alpha".into(), c.lora_alpha.to_string());
+            if let Some(lokr) = &c.lokr {
+                adapters.insert("lycoris_config".into(), lokr.source.clone());
+            }
+            if c.use_dora {
+                // Only when on, so records from before DoRA still compare equal.
+                adapters.insert("use_dora".into(), "true".into());
+            }
             adapters.insert("LoRA target layers".into(), format!("{} layers, {}", layers.len(), &RunRecord::content_hash(&layers)[..12]));
             adapters.insert("train_text_encoder".into(), c.train_text_encoder.to_string());
         }
@@ -225,7 +232,7 @@ impl Session<'_> {
             ("burnbooth.lora_dropout".to_string(), c.lora_dropout.to_string()),
             ("burnbooth.weights".to_string(), weights.to_string()),
         ]);
-        let bytes = export::kohya_file(&self.model, &extra).await?;
+        let bytes = export::kohya_file(&self.model, &extra, self.config.lokr.as_ref()).await?;
         let path = self.output_path(&format!("{name}.safetensors"));
         self.storage.write(&path, &bytes)?;
         Ok(path)

@@ -15,6 +15,7 @@ use crate::pipeline::gaussian_noise;
 use crate::plan::PlannedBatchSampler;
 use crate::rng::SeededRng;
 use crate::train::cache::{self, CachedLatents};
+use crate::train::noise::regression_loss;
 use crate::train::optimizer::frozen_on;
 use crate::train::recompute::backward_in_stages;
 use crate::train::tensor_file::HostTensor;
@@ -29,6 +30,8 @@ struct BatchInputs {
     added: Option<AddedConditions>,
     /// The same with the base encoder's pooled embedding.
     base_added: Option<AddedConditions>,
+    /// Loss masks on the latent grid, `[batch, 1, h, w]`, when the dataset has masks.
+    mask: Option<Tensor<4>>,
 }
 
 /// One UNet pass of a training step: its inputs and what its prediction
@@ -43,17 +46,14 @@ struct Regression {
     weights: Option<Tensor<2>>,
     /// Multiplies the loss (`prior_loss_weight` for the class batch).
     factor: f64,
+    /// Weighs each latent cell's squared error (masked loss).
+    mask: Option<Tensor<4>>,
 }
 
 impl Regression {
-    /// The mean (weighted) squared error of `prediction`, times `factor`.
+    /// The mean (weighted, masked) squared error of `prediction`, times `factor`.
     fn loss(&self, prediction: Tensor<4>) -> Tensor<1> {
-        let batch = prediction.dims()[0];
-        let per_sample = (prediction - self.target.clone()).square().reshape([batch as i32, -1]).mean_dim(1);
-        let loss = match &self.weights {
-            Some(weights) => (per_sample * weights.clone()).mean(),
-            None => per_sample.mean(),
-        };
+        let loss = regression_loss(prediction, self.target.clone(), self.mask.clone(), self.weights.clone());
         if self.factor == 1.0 {
             loss
         } else {
@@ -86,6 +86,8 @@ impl Session<'_> {
         let mut pooled = Vec::new();
         let mut time_ids = Vec::new();
         let mut captions = Vec::new();
+        let masked = self.masks.get(d).is_some_and(|m| !m.is_empty());
+        let mut masks = Vec::new();
         for sample in &batch.samples {
             let path = &self.latent_paths[d][sample.image];
             let cached = CachedLatents::read(self.storage, path)?
@@ -116,7 +118,17 @@ impl Session<'_> {
                 time_ids.push([oh, ow, top, left, th, tw].map(|v| v as f32));
             }
             captions.push(caption);
+            if masked {
+                // An image without a mask trains on all of it.
+                let [_, _, height, width] = latents.last().expect("pushed above").dims();
+                let mask = match &self.masks[d][sample.image] {
+                    Some(mask) => HostTensor { shape: [vec![1], mask.shape.clone()].concat(), values: mask.values.clone() }.to_tensor::<4>(&self.device)?,
+                    None => Tensor::<4>::ones([1, 1, height, width], &self.device),
+                };
+                masks.push(mask);
+            }
         }
+        let mask = (!masks.is_empty()).then(|| frozen_on(Tensor::cat(masks, 0), &self.train_device));
         let mut added = (!pooled.is_empty()).then(|| AddedConditions { pooled: frozen_on(Tensor::cat(pooled, 0), &self.train_device), time_ids });
         let base_added = added.clone();
         let vae = &self.model.configs.vae;
@@ -132,14 +144,14 @@ impl Session<'_> {
         } else {
             base_context.clone()
         };
-        Ok(BatchInputs { latents: frozen_on(latents, &self.train_device), context, base_context, added, base_added })
+        Ok(BatchInputs { latents: frozen_on(latents, &self.train_device), context, base_context, added, base_added, mask })
     }
 
     /// One batch's noisy latents, timesteps and regression target. `parent`
     /// replaces the target by the base model's prediction; `weighted`
     /// applies min-SNR-γ.
     fn regression(&self, inputs: BatchInputs, rng: &mut SeededRng, parent: bool, weighted: bool) -> Regression {
-        let BatchInputs { latents, context, base_context, added, base_added } = inputs;
+        let BatchInputs { latents, context, base_context, added, base_added, mask } = inputs;
         let shape = latents.dims();
         let batch = shape[0];
         let mut noise = frozen_on(gaussian_noise(shape, rng, &self.device), &self.train_device);
@@ -170,7 +182,7 @@ impl Session<'_> {
             }
             _ => None,
         };
-        Regression { noisy, t_values, context, added, target, weights, factor: 1.0 }
+        Regression { noisy, t_values, context, added, target, weights, factor: 1.0, mask }
     }
 
     /// One optimizer step (with gradient accumulation). Fails with a

@@ -418,3 +418,29 @@ fn lycoris_config_is_read_for_lokr_and_unsupported_parts_are_named() {
     );
     assert!(error_text(both).contains("use_dora works with lora_type standard"));
 }
+
+/// user_prompt_library (relative to the config file) adds validation
+/// prompts by shortname; a bad library is named with its problem, and
+/// SimpleTuner's built-in library, which is not included, is said so.
+#[test]
+fn user_prompt_library_is_read_and_checked() {
+    use trainer_core::config::parse_prompt_library;
+    let files = BTreeMap::from([
+        (
+            "/p/config.env".to_string(),
+            "MODEL_FAMILY=sd1x\nDATALOADER_CONFIG=d.json\nTRAINER_EXTRA_ARGS=\"--user_prompt_library=prompts.json --validation_prompt_library\"\n".to_string(),
+        ),
+        ("/p/d.json".to_string(), r#"[{"id": "a", "type": "local", "instance_data_dir": "x"}]"#.to_string()),
+        ("/p/prompts.json".to_string(), r#"{"dog": "a photo of zwx dog", "beach": {"prompt": "zwx dog on a beach", "adapter_strength": 0.8}}"#.to_string()),
+    ]);
+    let read = |path: &str| files.get(path).cloned().ok_or_else(|| trainer_core::Error::Io { path: path.into(), message: "missing".into() });
+    let (training, _) = trainer_core::config::load("/p/config.env", None, &read, &no_env).unwrap();
+    assert_eq!(training.validation_prompts, [("beach".to_string(), "zwx dog on a beach".to_string()), ("dog".to_string(), "a photo of zwx dog".to_string())]);
+    assert!(training.warnings.iter().any(|w| w.contains("built-in prompt library is not included")), "{:?}", training.warnings);
+    for (library, problem) in
+        [(r#"{"a b": "x"}"#, "shortname 'a b'"), (r#"{"a": 3}"#, "'a' must be a non-empty prompt"), (r#"{}"#, "empty"), (r#"["x"]"#, "must be a JSON object")]
+    {
+        let problems = parse_prompt_library(library).unwrap_err().join("; ");
+        assert!(problems.contains(problem), "{library} -> {problems}");
+    }
+}

@@ -168,6 +168,10 @@ pub struct TrainingConfig {
     pub resume_from_checkpoint: Option<String>,
     pub validation_step_interval: u64,
     pub validation_prompt: Option<String>,
+    /// `user_prompt_library`: a JSON file of `{"shortname": "prompt"}` sampled at each validation too.
+    pub user_prompt_library: Option<String>,
+    /// That file's prompts, (shortname, prompt), read by [`crate::config::load`].
+    pub validation_prompts: Vec<(String, String)>,
     pub validation_negative_prompt: String,
     pub validation_guidance: f64,
     pub validation_num_inference_steps: u32,
@@ -455,6 +459,12 @@ fn read_config(raw: &Map<String, Value>, from_env: bool, source_name: &str, base
     let resume_from_checkpoint = r.string(&["resume_from_checkpoint"]);
     let validation_step_interval = r.int(&["validation_step_interval"], 0).unwrap_or(100) as u64;
     let validation_prompt = r.string(&["validation_prompt"]);
+    let user_prompt_library = r.string(&["user_prompt_library"]).filter(|p| !p.trim().is_empty()).map(|p| resolve_path(&p, base_dir));
+    if let Some((key, value)) = r.raw(&["validation_prompt_library"]) {
+        if !matches!(value, Value::Bool(false)) {
+            r.warn(format!("'{key}': SimpleTuner's built-in prompt library is not included; list your prompts in a user_prompt_library JSON file"));
+        }
+    }
     let validation_negative_prompt = r.string(&["validation_negative_prompt"]).unwrap_or_else(|| "blurry, cropped, ugly".into());
     let validation_guidance = r.f64_where(&["validation_guidance"], |v| v >= 0.0, "at least 0").unwrap_or(7.5);
     let validation_num_inference_steps = r.int(&["validation_num_inference_steps"], 1).unwrap_or(30) as u32;
@@ -579,6 +589,8 @@ fn read_config(raw: &Map<String, Value>, from_env: bool, source_name: &str, base
         resume_from_checkpoint,
         validation_step_interval,
         validation_prompt,
+        user_prompt_library,
+        validation_prompts: Vec::new(),
         validation_negative_prompt,
         validation_guidance,
         validation_num_inference_steps,

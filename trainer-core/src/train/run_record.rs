@@ -31,6 +31,8 @@ const FREE_TO_CHANGE: &[&str] = &[
     "checkpoints_total_limit",
     "validation_step_interval",
     "validation_prompt",
+    "user_prompt_library",
+    "validation_prompts",
     "validation_negative_prompt",
     "validation_guidance",
     "validation_num_inference_steps",

@@ -550,11 +550,29 @@ fn ema_follows_simpletuners_decay_resumes_exactly_validates_and_exports() {
     }
     assert!(apart > 0.0, "after step 4 the EMA lags the trained weights");
 
-    // Validation writes the trained and the EMA sample (ema_validation's default, comparison).
+    // Validation writes the trained and the EMA sample (ema_validation's
+    // default, comparison) of the validation prompt and of each prompt of
+    // the user_prompt_library.
+    run.config.validation_prompts =
+        trainer_core::config::parse_prompt_library(r#"{"class": "a photo of a toy", "styled": {"prompt": "zwx toy, watercolour"}}"#).unwrap();
     let written = block_on(run.validate(&mut |_| {})).unwrap();
     let paths: Vec<&str> = written.iter().map(|w| w.path.as_str()).collect();
-    assert_eq!(paths, ["/out/validation/step-000004.png", "/out/validation/step-000004-ema.png"]);
+    assert_eq!(
+        paths,
+        [
+            "/out/validation/step-000004.png",
+            "/out/validation/step-000004-ema.png",
+            "/out/validation/step-000004-class.png",
+            "/out/validation/step-000004-class-ema.png",
+            "/out/validation/step-000004-styled.png",
+            "/out/validation/step-000004-styled-ema.png"
+        ]
+    );
+    let captions: Vec<&str> = written.iter().map(|w| w.caption.as_str()).collect();
+    assert_eq!(captions[3], "step 4: class (EMA)");
     assert_ne!(written[0].image, written[1].image, "the EMA weights sample differently");
+    assert_ne!(written[0].image, written[2].image, "another prompt samples differently");
+    run.config.validation_prompts.clear();
 
     block_on(run.save_checkpoint()).unwrap();
     train(&mut run, 2);

@@ -22,7 +22,8 @@ pub struct ValidationImage {
 impl Session<'_> {
     pub fn validation_due(&self) -> bool {
         let every = self.config.validation_step_interval;
-        self.config.validation_prompt.is_some() && every > 0 && self.step.is_multiple_of(every)
+        let prompts = self.config.validation_prompt.is_some() || !self.config.validation_prompts.is_empty();
+        prompts && every > 0 && self.step.is_multiple_of(every)
     }
 
     /// The validation image size: `validation_resolution` or the first bucket's size.
@@ -61,35 +62,49 @@ impl Session<'_> {
     }
 
     /// Samples the validation prompt with the current weights and writes
-    /// `validation/step-<N>.png` (with its parameters); with `use_ema`, the
-    /// EMA weights' sample too, `validation/step-<N>-ema.png`, or only that
-    /// (`ema_validation`). Returns what it wrote.
+    /// `validation/step-<N>.png` (with its parameters), and each prompt of
+    /// the user_prompt_library as `validation/step-<N>-<shortname>.png`;
+    /// with `use_ema`, the EMA weights' samples too (`…-ema.png`), or only
+    /// those (`ema_validation`). Returns what it wrote.
     pub async fn validate(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Result<Vec<ValidationImage>> {
-        let Some(prompt) = self.config.validation_prompt.clone() else { return Ok(Vec::new()) };
-        let request = self.validation_request(prompt);
+        let mut prompts: Vec<(String, String)> = self.config.validation_prompt.iter().map(|p| (String::new(), p.clone())).collect();
+        prompts.extend(self.config.validation_prompts.iter().cloned());
         let ema = self.config.ema.map(|e| e.validation).unwrap_or(EmaValidation::None);
         let mut written = Vec::new();
-        if ema != EmaValidation::EmaOnly || self.ema.as_ref().is_none_or(|e| e.is_empty()) {
-            let image = self.sample(&request, progress).await?;
-            written.push(self.write_validation(&request, image, "")?);
-        }
-        if ema != EmaValidation::None {
-            if let Some(trained) = self.put_ema_weights() {
-                let image = self.sample(&request, progress).await;
-                self.put_back(trained);
-                written.push(self.write_validation(&request, image?, "-ema")?);
+        for (name, prompt) in prompts {
+            let request = self.validation_request(prompt);
+            let label = if name.is_empty() { String::new() } else { format!("-{name}") };
+            if ema != EmaValidation::EmaOnly || self.ema.as_ref().is_none_or(|e| e.is_empty()) {
+                let image = self.sample(&request, progress).await?;
+                written.push(self.write_validation(&request, image, &label, false)?);
+            }
+            if ema != EmaValidation::None {
+                if let Some(trained) = self.put_ema_weights() {
+                    let image = self.sample(&request, progress).await;
+                    self.put_back(trained);
+                    written.push(self.write_validation(&request, image?, &label, true)?);
+                }
             }
         }
         Ok(written)
     }
 
-    fn write_validation(&self, request: &GenerateRequest, image: RgbImage, suffix: &str) -> Result<ValidationImage> {
-        let weights = if suffix.is_empty() { "trained" } else { "EMA" };
+    /// Writes one validation image: `label` is `-<shortname>` for a library
+    /// prompt (empty for the validation prompt), `ema` adds `-ema`.
+    fn write_validation(&self, request: &GenerateRequest, image: RgbImage, label: &str, ema: bool) -> Result<ValidationImage> {
+        let weights = if ema { "EMA" } else { "trained" };
         let extra = [("Burnbooth step", self.step.to_string()), ("Burnbooth weights", weights.to_string())];
         let parameters = a1111_parameters(request, self.plan.model.as_deref().unwrap_or("model"), &extra);
-        let path = self.output_path(&format!("validation/step-{:06}{suffix}.png", self.step));
+        let suffix = if ema { "-ema" } else { "" };
+        let path = self.output_path(&format!("validation/step-{:06}{label}{suffix}.png", self.step));
         self.storage.write(&path, &png_with_parameters(&image, &parameters)?)?;
-        let caption = if suffix.is_empty() { format!("step {}", self.step) } else { format!("step {} (EMA)", self.step) };
+        let mut caption = format!("step {}", self.step);
+        if let Some(name) = label.strip_prefix('-') {
+            caption.push_str(&format!(": {name}"));
+        }
+        if ema {
+            caption.push_str(" (EMA)");
+        }
         Ok(ValidationImage { path, image, caption })
     }
 

@@ -219,7 +219,7 @@ pub fn DatasetsPanel(ui: Ui) -> impl IntoView {
                                 let files = picked_files(ev.data_transfer().and_then(|d| d.files()));
                                 add_files(id_drop.clone(), files);
                             }>
-                            <div class="title">{row.id.clone()}{row.regularisation.then_some(" · class images")}{row.mask_of.clone().map(|of| format!(" · loss masks for '{of}'"))}</div>
+                            <div class="title">{row.id.clone()}{row.regularisation.then_some(" · class images")}{row.eval.then_some(" · held out for the validation loss")}{row.mask_of.clone().map(|of| format!(" · loss masks for '{of}'"))}</div>
                             <div class="hint">"folder: "{row.folder.clone()}</div>
                             <label class="button small">"Pick folder"<input type="file" prop:webkitdirectory=true multiple
                                 on:change=move |ev| add_files(id.clone(), input_files(&ev)) /></label>

@@ -105,6 +105,8 @@ pub struct DatasetRow {
     pub regularisation: bool,
     /// The image dataset whose loss masks this folder holds.
     pub mask_of: Option<String>,
+    /// Held out for the validation loss (`dataset_type: eval`).
+    pub eval: bool,
     pub picked: usize,
 }
 
@@ -319,6 +321,7 @@ impl Ui {
                         folder: d.instance_data_dir.clone(),
                         regularisation: d.is_regularisation_data,
                         mask_of: None,
+                        eval: d.is_eval,
                         picked: picked_of(&d.id),
                     });
                     // A mask folder is picked like a dataset's, under the mask dataset's id.
@@ -328,6 +331,7 @@ impl Ui {
                             folder: mask.instance_data_dir.clone(),
                             regularisation: false,
                             mask_of: Some(d.id.clone()),
+                            eval: false,
                             picked: picked_of(&mask.id),
                         });
                     }

@@ -99,6 +99,9 @@ pub struct ImageDatasetConfig {
     pub probability: f64,
     pub ignore_epochs: bool,
     pub is_regularisation_data: bool,
+    /// Held out for the validation loss (`dataset_type: eval`), never trained on.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub is_eval: bool,
     pub geometry: GeometrySettings,
     pub minimum_aspect_ratio: Option<f64>,
     pub maximum_aspect_ratio: Option<f64>,
@@ -201,8 +204,7 @@ impl Default for DatasetDefaults {
 }
 
 const UNSUPPORTED_BACKENDS: [&str; 6] = ["aws", "csv", "huggingface", "parquet", "webshart", "memory"];
-const UNSUPPORTED_DATASET_TYPES: [&str; 8] =
-    ["video", "audio", "eval", "caption", "image_embeds", "conditioning_image_embeds", "distillation_cache", "grounding"];
+const UNSUPPORTED_DATASET_TYPES: [&str; 7] = ["video", "audio", "caption", "image_embeds", "conditioning_image_embeds", "distillation_cache", "grounding"];
 
 /// Keys SimpleTuner accepts that change nothing for local image datasets here
 /// (caching throughput knobs, discovery bookkeeping). Read and ignored.
@@ -317,6 +319,16 @@ pub fn parse_dataloader_config(
                     datasets.push(d);
                 }
             }
+            "eval" => {
+                if let Some(mut d) = read_image_dataset(&mut reader, &id, base_dir, defaults) {
+                    if d.is_regularisation_data {
+                        reader.error("an eval dataset is held out from training; it cannot be is_regularisation_data too");
+                    }
+                    // Scored one image at a time, never sampled for training.
+                    (d.is_eval, d.train_batch_size, d.repeats) = (true, 1, 0);
+                    datasets.push(d);
+                }
+            }
             "conditioning" => {
                 if let Some(m) = read_mask_dataset(&mut reader, &id, base_dir, defaults) {
                     masks.push(m);
@@ -325,7 +337,7 @@ pub fn parse_dataloader_config(
             other if UNSUPPORTED_DATASET_TYPES.contains(&other) => {
                 reader.error(format!("dataset_type '{other}' is not supported yet; Burnbooth trains on image datasets"));
             }
-            other => reader.error(format!("unknown dataset_type '{other}'; use image or text_embeds")),
+            other => reader.error(format!("unknown dataset_type '{other}'; use image, text_embeds, conditioning or eval")),
         }
     }
 
@@ -645,6 +657,7 @@ fn read_image_dataset(reader: &mut Reader<'_>, id: &str, base_dir: Option<&str>,
         probability,
         ignore_epochs,
         is_regularisation_data,
+        is_eval: false,
         geometry: geometry?,
         minimum_aspect_ratio,
         maximum_aspect_ratio,

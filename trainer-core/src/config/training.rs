@@ -179,6 +179,12 @@ pub struct TrainingConfig {
     pub validation_seed: Option<u64>,
     /// A validation image before the first step (the base model's).
     pub validation_on_startup: bool,
+    /// The validation loss on the eval datasets every this many steps (`eval_steps_interval`; none: never).
+    pub eval_steps_interval: Option<u64>,
+    /// At most this many held-out images are scored (`num_eval_images`).
+    pub num_eval_images: u64,
+    /// Each is scored at this many timesteps, spaced as DDPM's `set_timesteps` spaces them (`eval_timesteps`).
+    pub eval_timesteps: u32,
     pub lora_rank: u32,
     pub lora_alpha: f64,
     pub lora_dropout: f64,
@@ -480,6 +486,10 @@ fn read_config(raw: &Map<String, Value>, from_env: bool, source_name: &str, base
     };
     let validation_seed = r.int(&["validation_seed"], 0).map(|s| s as u64);
     let validation_on_startup = r.bool(&["validation_on_startup"]).unwrap_or(false);
+    let eval_disabled = r.bool(&["eval_loss_disable"]).unwrap_or(false);
+    let eval_steps_interval = r.int(&["eval_steps_interval"], 0).filter(|n| *n > 0 && !eval_disabled).map(|n| n as u64);
+    let num_eval_images = r.int(&["num_eval_images"], 1).unwrap_or(4) as u64;
+    let eval_timesteps = r.int(&["eval_timesteps"], 1).unwrap_or(28).min(1000) as u32;
 
     let lora_rank = r.int(&["lora_rank"], 1).unwrap_or(16) as u32;
     let lora_alpha = r.f64_where(&["lora_alpha"], |v| v > 0.0, "positive").unwrap_or(lora_rank as f64);
@@ -597,6 +607,9 @@ fn read_config(raw: &Map<String, Value>, from_env: bool, source_name: &str, base
         validation_resolution,
         validation_seed,
         validation_on_startup,
+        eval_steps_interval,
+        num_eval_images,
+        eval_timesteps,
         lora_rank,
         lora_alpha,
         lora_dropout,

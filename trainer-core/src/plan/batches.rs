@@ -33,14 +33,16 @@ pub fn build_samplers(datasets: &[DatasetPlan], training: &TrainingConfig) -> (P
         }
         PlannedBatchSampler { sampler: BatchSampler::new(indices.iter().map(|&i| sampler_dataset(&datasets[i])).collect(), settings), datasets: indices }
     };
-    let has_class_data = datasets.iter().any(|d| d.is_regularisation_data);
-    let has_instance_data = datasets.iter().any(|d| !d.is_regularisation_data);
+    // Eval datasets are held out: no sampler draws from them.
+    let trained: Vec<usize> = (0..datasets.len()).filter(|&i| !datasets[i].is_eval).collect();
+    let has_class_data = trained.iter().any(|&i| datasets[i].is_regularisation_data);
+    let has_instance_data = trained.iter().any(|&i| !datasets[i].is_regularisation_data);
     if training.regularisation_mode == RegularisationMode::PriorPreservation && has_class_data && has_instance_data {
-        let instance: Vec<usize> = (0..datasets.len()).filter(|&i| !datasets[i].is_regularisation_data).collect();
-        let class: Vec<usize> = (0..datasets.len()).filter(|&i| datasets[i].is_regularisation_data).collect();
+        let instance: Vec<usize> = trained.iter().copied().filter(|&i| !datasets[i].is_regularisation_data).collect();
+        let class: Vec<usize> = trained.iter().copied().filter(|&i| datasets[i].is_regularisation_data).collect();
         (make(instance, ""), Some(make(class, "prior-sampler")))
     } else {
-        (make((0..datasets.len()).collect(), ""), None)
+        (make(trained, ""), None)
     }
 }
 

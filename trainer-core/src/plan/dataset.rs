@@ -153,6 +153,7 @@ pub fn plan_dataset(
         id: dataset.id.clone(),
         folder: dataset.instance_data_dir.clone(),
         is_regularisation_data: dataset.is_regularisation_data,
+        is_eval: dataset.is_eval,
         caption_strategy: dataset.caption_strategy,
         caption_shuffle: dataset.caption_shuffle,
         repeats: dataset.repeats,

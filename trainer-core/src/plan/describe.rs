@@ -22,7 +22,13 @@ pub fn describe(plan: &Plan) -> String {
     let _ = writeln!(out, "Burnbooth plan: {} {} training of {model}", config_name(&plan.model_family), config_name(&plan.model_type));
     let _ = writeln!(out, "Output: {}   seed: {}", plan.output_dir, plan.seed);
     for dataset in &plan.datasets {
-        let role = if dataset.is_regularisation_data { "  [regularisation]" } else { "" };
+        let role = if dataset.is_regularisation_data {
+            "  [regularisation]"
+        } else if dataset.is_eval {
+            "  [eval: held out for the validation loss]"
+        } else {
+            ""
+        };
         let _ = writeln!(out, "\nDataset '{}'{role}", dataset.id);
         let _ = writeln!(out, "  folder: {}", dataset.folder);
         let _ = writeln!(out, "  images: {} found, {} used, {} skipped", dataset.images_found, dataset.images_used, dataset.skipped.len());
@@ -139,6 +145,9 @@ pub fn describe(plan: &Plan) -> String {
         [0.0, 0.25, 0.5, 0.75, 1.0].iter().map(|f| format!("{:.3e}", s.at((s.total_steps as f64 * f) as u64))).collect::<Vec<_>>().join(" ")
     );
     let _ = writeln!(out, "Regularisation mode: {}", config_name(&plan.regularisation_mode));
+    if let Some(validation_loss) = &plan.validation_loss {
+        let _ = writeln!(out, "Validation loss: {validation_loss}");
+    }
     for warning in &plan.warnings {
         let _ = writeln!(out, "warning: {warning}");
     }

@@ -91,6 +91,9 @@ pub struct DatasetPlan {
     pub id: String,
     pub folder: String,
     pub is_regularisation_data: bool,
+    /// Held out for the validation loss; never sampled for training.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub is_eval: bool,
     pub caption_strategy: CaptionStrategy,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub caption_shuffle: Option<CaptionShuffle>,
@@ -187,6 +190,8 @@ pub struct Plan {
     pub ema: Option<EmaSettings>,
     /// What a LoRA run trains: LoRA (and DoRA) or LoKr, with its settings.
     pub adapters: Option<String>,
+    /// When and on what the validation loss is computed (eval datasets).
+    pub validation_loss: Option<String>,
     pub precision: PrecisionPlan,
     /// The text encoder's peak learning rate when its LoRA adapters train.
     pub text_encoder_lr: Option<f64>,
@@ -323,6 +328,20 @@ pub fn plan(
         return Err(Error::Config { source_name: training.data_backend_config.clone(), problems });
     }
 
+    let eval_ids: Vec<String> = datasets.iter().filter(|d| d.is_eval).map(|d| d.id.clone()).collect();
+    if eval_ids.len() == datasets.len() {
+        return Err(Error::Config {
+            source_name: training.data_backend_config.clone(),
+            problems: vec!["every dataset is an eval dataset: nothing to train on".into()],
+        });
+    }
+    match (eval_ids.is_empty(), training.eval_steps_interval) {
+        (false, None) => {
+            warnings.push(format!("eval dataset(s) {} are held out, but eval_steps_interval is not set: no validation loss is computed", eval_ids.join(", ")))
+        }
+        (true, Some(_)) => warnings.push("eval_steps_interval is set but no dataset has dataset_type eval: no validation loss is computed".into()),
+        _ => {}
+    }
     let (main, _) = build_samplers(&datasets, training);
     let schedule = simulate(training, main.sampler)?;
     if let (Some(_), Some(epochs)) = (training.max_train_steps, training.num_train_epochs) {
@@ -336,6 +355,15 @@ pub fn plan(
         warnings.push("regularisation_mode is prior_preservation but no dataset has is_regularisation_data: true".into());
     }
 
+    let validation_loss = training.eval_steps_interval.filter(|_| !eval_ids.is_empty()).map(|every| {
+        let images: usize = datasets.iter().filter(|d| d.is_eval).map(|d| d.images.len()).sum();
+        format!(
+            "every {every} steps on {} of the {images} held-out image(s) of {} at {} timesteps each",
+            (training.num_eval_images as usize).min(images),
+            eval_ids.join(", "),
+            training.eval_timesteps
+        )
+    });
     let optimizer = optimizer_plan(training, target);
     Ok(Plan {
         model_family: training.model_family,
@@ -355,6 +383,7 @@ pub fn plan(
         optimizer,
         ema: training.ema,
         adapters: adapter_summary(training),
+        validation_loss,
         precision: precision_plan(training, target),
         text_encoder_lr: training.train_text_encoder.then(|| training.text_encoder_lr.unwrap_or(training.learning_rate)),
         lr_schedule: LearningRateSchedule::from_config(training, schedule.total_steps),

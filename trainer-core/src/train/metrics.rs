@@ -13,6 +13,9 @@ pub struct StepMetrics {
     pub grad_norm: f32,
     /// Seconds since the run (or the resumed run) started.
     pub time: f64,
+    /// The validation loss on the held-out images after this step, when computed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f32>,
 }
 
 /// Parses `metrics.jsonl`, keeping the lines up to `last_step` (a resumed
@@ -57,7 +60,9 @@ pub fn loss_plot(metrics: &[StepMetrics], width: u32, height: u32) -> RgbImage {
         return image;
     }
     let losses: Vec<f32> = finite.iter().map(|m| m.loss).collect();
-    let (lo, hi) = losses.iter().fold((f32::MAX, f32::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    // The validation loss shares the axis, so the two compare at a glance.
+    let evals: Vec<(u64, f32)> = metrics.iter().filter_map(|m| m.eval_loss.filter(|l| l.is_finite()).map(|l| (m.step, l))).collect();
+    let (lo, hi) = losses.iter().chain(evals.iter().map(|(_, l)| l)).fold((f32::MAX, f32::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
     let span = (hi - lo).max(1e-12);
     let (first, last) = (finite[0].step as f64, finite[finite.len() - 1].step as f64);
     let point = |step: u64, loss: f32| -> (i64, i64) {
@@ -74,6 +79,16 @@ pub fn loss_plot(metrics: &[StepMetrics], width: u32, height: u32) -> RgbImage {
         let b = point(finite[i].step, smooth[i]);
         line(&mut image, a, b, Rgb([30, 70, 160]));
         line(&mut image, (a.0, a.1 + 1), (b.0, b.1 + 1), Rgb([30, 70, 160]));
+    }
+    let orange = Rgb([220, 110, 20]);
+    for pair in evals.windows(2) {
+        line(&mut image, point(pair[0].0, pair[0].1), point(pair[1].0, pair[1].1), orange);
+    }
+    for &(step, loss) in &evals {
+        let (x, y) = point(step, loss);
+        for (dx, dy) in [(-2, 0), (2, 0), (0, -2), (0, 2)] {
+            line(&mut image, (x, y), (x + dx, y + dy), orange);
+        }
     }
     image
 }
@@ -112,3 +127,25 @@ pub fn png_bytes(image: &RgbImage) -> Vec<u8> {
 }
 
 use image::ImageEncoder as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(step: u64, loss: f32, eval_loss: Option<f32>) -> StepMetrics {
+        StepMetrics { step, epoch: 1, loss, lr: 1e-4, grad_norm: 1.0, time: step as f64, eval_loss }
+    }
+
+    /// The validation loss is drawn in orange beside the training loss (blue),
+    /// and its points round-trip through metrics.jsonl.
+    #[test]
+    fn the_plot_shows_the_validation_loss_beside_the_training_loss() {
+        let orange = |image: &RgbImage| image.pixels().filter(|p| **p == Rgb([220, 110, 20])).count();
+        let plain: Vec<StepMetrics> = (1..=10).map(|s| entry(s, 1.0 / s as f32, None)).collect();
+        assert_eq!(orange(&loss_plot(&plain, 320, 200)), 0);
+        let with_eval: Vec<StepMetrics> = (1..=10).map(|s| entry(s, 1.0 / s as f32, (s % 5 == 0).then_some(0.5))).collect();
+        assert!(orange(&loss_plot(&with_eval, 320, 200)) > 10);
+        let parsed = parse_jsonl(&to_jsonl(&with_eval), 10);
+        assert_eq!(parsed.iter().filter_map(|m| m.eval_loss).count(), 2);
+    }
+}

@@ -123,7 +123,13 @@ pub async fn run(session: &mut Session<'_>, host: &mut impl RunHost, options: &R
             return Ok(RunEnd::Stopped { step: session.step, checkpoint });
         }
         let step_started = host.now();
-        let report = guarded_step(session).await?;
+        let mut report = guarded_step(session).await?;
+        if session.eval_due() {
+            report.eval_loss = session.evaluate().await?;
+            if let Some(loss) = report.eval_loss {
+                host.note(&format!("validation loss at step {}: {loss:.5} (held-out images; the training loss was {:.5})", report.step, report.loss));
+            }
+        }
         let now = host.now();
         session.record(&report, now - loop_started)?;
         if report.step == first_step + 1 {

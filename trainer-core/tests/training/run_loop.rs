@@ -113,3 +113,44 @@ fn a_lora_run_validates_the_base_model_at_step_0_and_ends_with_a_before_after_gr
     assert_eq!(tile(0, 0), startup, "the base model's tile is the base model's image");
     assert_ne!(tile(1, 0), tile(0, 0), "three steps of training change the instance prompt's image");
 }
+
+/// The validation loss: an eval dataset (here the subject's pictures again)
+/// is held out, so training draws exactly what it draws without it; it is
+/// scored at fixed timesteps with fixed draws (the same value twice in a
+/// row), the run loop records it every eval_steps_interval steps in
+/// metrics.jsonl, says it, and the plan describes it.
+#[test]
+fn an_eval_dataset_is_held_out_and_its_loss_recorded_every_interval() {
+    let extra = "MAX_NUM_STEPS=4\nTRAINER_EXTRA_ARGS=\"--eval_steps_interval=2 --eval_timesteps=4 --num_eval_images=1\"\n";
+    let plain = setup(extra, false);
+    let mut held = setup(extra, false);
+    held.json = held.json.replacen(
+        '[',
+        r#"[{"id": "held-out", "type": "local", "dataset_type": "eval", "instance_data_dir": "held", "caption_strategy": "instanceprompt",
+            "instance_prompt": "a photo of zwx toy", "resolution": 32, "resolution_type": "pixel", "minimum_image_size": 32, "cache_dir_vae": "/cache/vae/held"},"#,
+        1,
+    );
+    held.sources.insert("held-out".into(), held.sources["subject"].clone());
+    let device = Device::flex();
+    let (plain_storage, held_storage) = (MemoryStorage::default(), MemoryStorage::default());
+    let mut without = session(&plain, &plain_storage, &device, F32_TARGET);
+    let mut with = session(&held, &held_storage, &device, F32_TARGET);
+    let described = trainer_core::plan::describe(&with.plan);
+    assert!(described.contains("Dataset 'held-out'  [eval: held out for the validation loss]"), "{described}");
+    assert!(described.contains("Validation loss: every 2 steps on 1 of the 2 held-out image(s) of held-out at 4 timesteps each"), "{described}");
+    assert_eq!(with.plan.max_steps, without.plan.max_steps);
+    let first = block_on(with.evaluate()).unwrap().expect("an eval dataset");
+    assert_eq!(block_on(with.evaluate()).unwrap(), Some(first), "fixed timesteps and draws");
+    assert!(block_on(without.evaluate()).unwrap().is_none());
+
+    let mut host = RecordingHost::default();
+    let options = RunOptions { output_use: OutputUse::New, resume: None, export_name: None, source_configs: None };
+    block_on(run::run(&mut with, &mut host, &options)).unwrap();
+    assert_eq!(train(&mut without, 4), with.metrics.iter().map(|m| m.loss).collect::<Vec<_>>(), "held out: training draws as without it");
+    let evaluated: Vec<(u64, bool)> = with.metrics.iter().map(|m| (m.step, m.eval_loss.is_some())).collect();
+    assert_eq!(evaluated, [(1, false), (2, true), (3, false), (4, true)]);
+    assert_ne!(with.metrics[3].eval_loss, Some(first), "training on the subject changes its loss");
+    assert!(host.notes.iter().any(|n| n.starts_with("validation loss at step 2:")), "{:?}", host.notes);
+    let jsonl = String::from_utf8(held_storage.read("/out/metrics.jsonl").unwrap().unwrap()).unwrap();
+    assert_eq!(jsonl.matches("eval_loss").count(), 2, "{jsonl}");
+}

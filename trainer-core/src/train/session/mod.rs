@@ -53,6 +53,8 @@ pub struct StepReport {
     pub loss: f32,
     pub lr: f64,
     pub grad_norm: f32,
+    /// The validation loss, when one was computed after this step (the run loop sets it).
+    pub eval_loss: Option<f32>,
 }
 
 /// Options that are not part of the SimpleTuner config.

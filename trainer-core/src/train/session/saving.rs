@@ -21,7 +21,15 @@ impl Session<'_> {
 
     /// Records a step in `metrics.jsonl` and redraws `loss.png`.
     pub fn record(&mut self, report: &StepReport, seconds: f64) -> Result<()> {
-        let entry = StepMetrics { step: report.step, epoch: report.epoch, loss: report.loss, lr: report.lr, grad_norm: report.grad_norm, time: seconds };
+        let entry = StepMetrics {
+            step: report.step,
+            epoch: report.epoch,
+            loss: report.loss,
+            lr: report.lr,
+            grad_norm: report.grad_norm,
+            time: seconds,
+            eval_loss: report.eval_loss,
+        };
         self.storage.append(&self.output_path("metrics.jsonl"), (serde_json::to_string(&entry).expect("serialises") + "\n").as_bytes())?;
         self.metrics.push(entry);
         Ok(())

@@ -8,11 +8,10 @@ use burn::tensor::{Tensor, TensorData};
 
 use super::{trained_text_encoders, update_text_encoders, Session, StepReport};
 use crate::config::training::{ModelType, RegularisationMode};
-use crate::data::batch_sampler::Batch;
+use crate::data::batch_sampler::{Batch, Sample};
 use crate::error::{Error, Result};
 use crate::models::unet::AddedConditions;
 use crate::pipeline::gaussian_noise;
-use crate::plan::PlannedBatchSampler;
 use crate::rng::SeededRng;
 use crate::train::cache::{self, CachedLatents};
 use crate::train::noise::regression_loss;
@@ -78,8 +77,7 @@ impl Session<'_> {
     /// context is the cached base encoder's, or, when the text encoder
     /// trains, its output now (with gradients); `BatchInputs::base_context`
     /// is always the base encoder's (parent predictions).
-    fn batch_inputs(&self, batch: &Batch, sampler: &PlannedBatchSampler, rng: &mut SeededRng) -> Result<BatchInputs> {
-        let d = sampler.datasets[batch.dataset];
+    fn batch_inputs(&self, d: usize, batch: &Batch, rng: &mut SeededRng) -> Result<BatchInputs> {
         let dataset = &self.plan.datasets[d];
         let mut latents = Vec::new();
         let mut contexts = Vec::new();
@@ -185,6 +183,56 @@ impl Session<'_> {
         Regression { noisy, t_values, context, added, target, weights, factor: 1.0, mask }
     }
 
+    pub fn eval_due(&self) -> bool {
+        self.config.eval_steps_interval.is_some_and(|every| self.step.is_multiple_of(every)) && self.plan.datasets.iter().any(|d| d.is_eval)
+    }
+
+    /// The validation loss: the first `num_eval_images` images of the eval
+    /// datasets, each noised at `eval_timesteps` timesteps spaced as DDPM's
+    /// `set_timesteps` spaces them (1000/T apart, from 0), with noise and
+    /// latent draws fixed by the seed, so every evaluation sees the same
+    /// inputs; the mean of the losses. `None` without eval datasets.
+    pub async fn evaluate(&mut self) -> Result<Option<f32>> {
+        let images: Vec<(usize, usize)> = self
+            .plan
+            .datasets
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.is_eval)
+            .flat_map(|(d, dataset)| (0..dataset.images.len()).map(move |i| (d, i)))
+            .take(self.config.num_eval_images as usize)
+            .collect();
+        if images.is_empty() {
+            return Ok(None);
+        }
+        if let Some(dropout) = &self.dropout {
+            dropout.stop();
+        }
+        let count = self.config.eval_timesteps.max(1) as usize;
+        let ratio = self.noise.num_timesteps() / count;
+        let timesteps: Vec<usize> = (0..count).rev().map(|i| i * ratio).collect();
+        let step = self.step;
+        let mut total = 0.0f64;
+        for &(d, image) in &images {
+            let mut rng = SeededRng::derived(self.config.seed, &format!("eval/{}/{image}", self.plan.datasets[d].id));
+            let batch = Batch { dataset: 0, bucket: 0, samples: vec![Sample { image, caption_variant: 0, drop_caption: false }], epoch: 0, ends_epoch: false };
+            let inputs = self.batch_inputs(d, &batch, &mut rng)?;
+            for &t in &timesteps {
+                let noise = frozen_on(gaussian_noise(inputs.latents.dims(), &mut rng, &self.device), &self.train_device);
+                let noisy = self.noise.add_noise(inputs.latents.clone(), noise.clone(), &[t]);
+                let target = self.noise.target(inputs.latents.clone(), noise, &[t]);
+                let prediction = self.model.unet.forward_with(noisy, &[t as f32], inputs.context.clone(), inputs.added.as_ref());
+                let loss = regression_loss(prediction.detach(), target, None, None);
+                let value = loss
+                    .into_scalar_async::<f32>()
+                    .await
+                    .map_err(|e| Error::Training { step, message: crate::error::device_failure("the validation loss", e) })?;
+                total += value as f64;
+            }
+        }
+        Ok(Some((total / (images.len() * timesteps.len()) as f64) as f32))
+    }
+
     /// One optimizer step (with gradient accumulation). Fails with a
     /// message on a NaN or infinite loss, before the weights are touched.
     pub async fn train_step(&mut self) -> Result<StepReport> {
@@ -199,14 +247,14 @@ impl Session<'_> {
             let batch = self.main.sampler.next_batch().ok_or_else(|| Error::Training { step: self.step, message: "the datasets ran out of batches".into() })?;
             self.epoch = batch.epoch;
             let is_class_batch = self.plan.datasets[self.main.datasets[batch.dataset]].is_regularisation_data;
-            let inputs = self.batch_inputs(&batch, &self.main, &mut rng)?;
+            let inputs = self.batch_inputs(self.main.datasets[batch.dataset], &batch, &mut rng)?;
             let parent = is_class_batch && self.config.regularisation_mode == RegularisationMode::ParentPrediction && self.config.model_type == ModelType::Lora;
             let mut terms = vec![self.regression(inputs, &mut rng, parent, !parent)];
             if let Some(prior) = self.prior.as_mut() {
                 let class_batch =
                     prior.sampler.next_batch().ok_or_else(|| Error::Training { step: self.step, message: "the class datasets ran out of batches".into() })?;
                 let prior = self.prior.as_ref().expect("matched above");
-                let inputs = self.batch_inputs(&class_batch, prior, &mut rng)?;
+                let inputs = self.batch_inputs(prior.datasets[class_batch.dataset], &class_batch, &mut rng)?;
                 // The prior term is never SNR-weighted (train_dreambooth.py).
                 let mut term = self.regression(inputs, &mut rng, false, false);
                 term.factor = self.config.prior_loss_weight;
@@ -263,7 +311,7 @@ impl Session<'_> {
         if let Some(dropout) = &self.dropout {
             dropout.stop();
         }
-        Ok(StepReport { step: self.step, epoch: self.epoch, loss: loss_sum / accumulation as f32, lr, grad_norm })
+        Ok(StepReport { step: self.step, epoch: self.epoch, loss: loss_sum / accumulation as f32, lr, grad_norm, eval_loss: None })
     }
 
     /// Back-propagates the sum of `terms`' losses (one UNet pass each),

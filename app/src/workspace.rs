@@ -134,8 +134,13 @@ pub fn load_configs() -> Result<(TrainingConfig, DataloaderConfig)> {
     config::load(&training_name, None, &read, &|_| None)
 }
 
+/// Each planned dataset's files.
+pub type ImageSources = Vec<Box<dyn ImageSource>>;
+/// Each planned dataset's mask files, when it has masks.
+pub type MaskSources = Vec<Option<Box<dyn ImageSource>>>;
+
 /// Plans with the picked files, exactly as `native-runner plan` does.
-pub fn plan_run(training: &TrainingConfig, dataloader: &DataloaderConfig) -> Result<(Plan, Vec<Box<dyn ImageSource>>, Vec<Option<Box<dyn ImageSource>>>)> {
+pub fn plan_run(training: &TrainingConfig, dataloader: &DataloaderConfig) -> Result<(Plan, ImageSources, MaskSources)> {
     let sources = with(|w| w.sources.clone());
     let open = |dataset: &ImageDatasetConfig| -> Result<Box<dyn ImageSource>> {
         match sources.get(&dataset.id) {

@@ -433,6 +433,9 @@ fn the_options_example_trains_lokr_with_prodigy_an_ema_masks_and_shuffled_captio
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let losses: Vec<f64> = metrics.lines().map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["loss"].as_f64().unwrap()).collect();
     assert!(losses.len() == 15 && losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
+    // Prodigy's step size is in the metrics, step by step, ending where the checkpoint says.
+    let last = metrics.lines().last().map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["prodigy_d"].as_f64().unwrap());
+    assert!(last.is_some_and(|last| ((last - d) / d).abs() < 1e-12), "{last:?} vs {d}");
 }
 
 #[test]

@@ -16,6 +16,9 @@ pub struct StepMetrics {
     /// The validation loss on the held-out images after this step, when computed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f32>,
+    /// Prodigy's step size d after this step (SimpleTuner logs it as `prodigy_d`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prodigy_d: Option<f64>,
 }
 
 /// Parses `metrics.jsonl`, keeping the lines up to `last_step` (a resumed
@@ -133,7 +136,7 @@ mod tests {
     use super::*;
 
     fn entry(step: u64, loss: f32, eval_loss: Option<f32>) -> StepMetrics {
-        StepMetrics { step, epoch: 1, loss, lr: 1e-4, grad_norm: 1.0, time: step as f64, eval_loss }
+        StepMetrics { step, epoch: 1, loss, lr: 1e-4, grad_norm: 1.0, time: step as f64, eval_loss, prodigy_d: None }
     }
 
     /// The validation loss is drawn in orange beside the training loss (blue),

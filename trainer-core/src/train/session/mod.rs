@@ -55,6 +55,8 @@ pub struct StepReport {
     pub grad_norm: f32,
     /// The validation loss, when one was computed after this step (the run loop sets it).
     pub eval_loss: Option<f32>,
+    /// Prodigy's step size d after this step (the effective rate is d times `lr`).
+    pub prodigy_d: Option<f64>,
 }
 
 /// Options that are not part of the SimpleTuner config.

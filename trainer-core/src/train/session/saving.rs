@@ -29,6 +29,7 @@ impl Session<'_> {
             grad_norm: report.grad_norm,
             time: seconds,
             eval_loss: report.eval_loss,
+            prodigy_d: report.prodigy_d,
         };
         self.storage.append(&self.output_path("metrics.jsonl"), (serde_json::to_string(&entry).expect("serialises") + "\n").as_bytes())?;
         self.metrics.push(entry);

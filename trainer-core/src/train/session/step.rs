@@ -311,7 +311,8 @@ impl Session<'_> {
         if let Some(dropout) = &self.dropout {
             dropout.stop();
         }
-        Ok(StepReport { step: self.step, epoch: self.epoch, loss: loss_sum / accumulation as f32, lr, grad_norm, eval_loss: None })
+        let prodigy_d = self.optimizer.prodigy_d();
+        Ok(StepReport { step: self.step, epoch: self.epoch, loss: loss_sum / accumulation as f32, lr, grad_norm, eval_loss: None, prodigy_d })
     }
 
     /// Back-propagates the sum of `terms`' losses (one UNet pass each),

@@ -271,25 +271,28 @@ fn exported_kohya_lora_merges_back_to_the_same_unet_output() {
             assert!(scales.iter().zip(&layers).all(|(shape, layer)| **shape == vec![layer.dims()[1], 1]), "[out, 1]: {scales:?}");
         }
 
-        // The trained adapters, on a fixed input.
-        let sample = trainer_core::pipeline::gaussian_noise([1, 4, 16, 16], &mut trainer_core::rng::SeededRng::new(9), &device);
-        let context = run.model.encode_prompts(&["a photo of zwx toy"], &device).unwrap();
-        let adapted = run.model.unet.valid().forward(sample.clone(), &[500.0], context.clone());
-        let base = fixture_model(&device, WeightDtypes::default()).unet.forward(sample.clone(), &[500.0], context.clone());
-
-        // A fresh model with the file merged in.
-        let mut merged = fixture_model(&device, WeightDtypes::default());
-        let count = trainer_core::train::export::merge_kohya(&mut merged, &path, bytes, 1.0, &device).unwrap();
-        assert_eq!(count, layers.len());
-        let from_file = merged.unet.forward(sample, &[500.0], context);
-
-        let values = |t: burn::tensor::Tensor<4>| t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
-        let (adapted, base, from_file) = (values(adapted), values(base), values(from_file));
-        let relative = |a: &[f32], b: &[f32]| (mean_squared(a, b) / mean_squared(b, &vec![0.0; b.len()])).sqrt();
-        assert!(relative(&adapted, &base) > 1e-4, "training must have changed the UNet ({extra})");
-        // Relative L2 error; the file stores f32, merging only reorders float sums.
-        assert!(relative(&from_file, &adapted) < 1e-5, "merged output differs ({extra}): {:.2e}", relative(&from_file, &adapted));
+        assert_merges_back(&run, &path, bytes, &device);
     }
+}
+
+/// A fresh fixture model with the exported file `path` merged in gives the
+/// trained adapters' UNet output on a fixed input (relative L2 below 1e-5:
+/// the file stores f32, merging only reorders float sums), which differs
+/// from the base model's.
+fn assert_merges_back(run: &Session<'_>, path: &str, bytes: Vec<u8>, device: &Device) {
+    let sample = trainer_core::pipeline::gaussian_noise([1, 4, 16, 16], &mut trainer_core::rng::SeededRng::new(9), device);
+    let context = run.model.encode_prompts(&["a photo of zwx toy"], device).unwrap();
+    let adapted = run.model.unet.valid().forward(sample.clone(), &[500.0], context.clone());
+    let base = fixture_model(device, WeightDtypes::default()).unet.forward(sample.clone(), &[500.0], context.clone());
+    let mut merged = fixture_model(device, WeightDtypes::default());
+    let count = trainer_core::train::export::merge_kohya(&mut merged, path, bytes, 1.0, device).unwrap();
+    assert_eq!(count, run.model.unet.adapted_layers().len(), "every adapted layer is in the file");
+    let from_file = merged.unet.forward(sample, &[500.0], context);
+    let values = |t: burn::tensor::Tensor<4>| t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+    let (adapted, base, from_file) = (values(adapted), values(base), values(from_file));
+    let relative = |a: &[f32], b: &[f32]| (mean_squared(a, b) / mean_squared(b, &vec![0.0; b.len()])).sqrt();
+    assert!(relative(&adapted, &base) > 1e-4, "training must have changed the UNet ({path})");
+    assert!(relative(&from_file, &adapted) < 1e-5, "merged output differs ({path}): {:.2e}", relative(&from_file, &adapted));
 }
 
 /// LoKr (lora_type lycoris, SimpleTuner's example lycoris_config with a
@@ -327,19 +330,7 @@ fn lokr_trains_resumes_exactly_and_its_file_merges_back() {
     let names: Vec<&String> = file.keys().collect();
     assert!(names.iter().all(|n| n.starts_with("lora_unet_") && (n.ends_with(".lokr_w1") || n.ends_with(".lokr_w2") || n.ends_with(".alpha"))), "{names:?}");
     assert_eq!(names.len(), 3 * run.model.unet.adapted_layers().len());
-    let sample = trainer_core::pipeline::gaussian_noise([1, 4, 16, 16], &mut trainer_core::rng::SeededRng::new(9), &device);
-    let context = run.model.encode_prompts(&["a photo of zwx toy"], &device).unwrap();
-    let adapted = run.model.unet.valid().forward(sample.clone(), &[500.0], context.clone());
-    let base = fixture_model(&device, WeightDtypes::default()).unet.forward(sample.clone(), &[500.0], context.clone());
-    let mut merged = fixture_model(&device, WeightDtypes::default());
-    let count = trainer_core::train::export::merge_kohya(&mut merged, &path, bytes, 1.0, &device).unwrap();
-    assert_eq!(count, run.model.unet.adapted_layers().len());
-    let from_file = merged.unet.forward(sample, &[500.0], context);
-    let values = |t: burn::tensor::Tensor<4>| t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
-    let (adapted, base, from_file) = (values(adapted), values(base), values(from_file));
-    let relative = |a: &[f32], b: &[f32]| (mean_squared(a, b) / mean_squared(b, &vec![0.0; b.len()])).sqrt();
-    assert!(relative(&adapted, &base) > 1e-4, "training must have changed the UNet");
-    assert!(relative(&from_file, &adapted) < 1e-5, "merged output differs: {:.2e}", relative(&from_file, &adapted));
+    assert_merges_back(&run, &path, bytes, &device);
 }
 
 /// DoRA trains its magnitudes with the adapters and resumes exactly; a run

@@ -125,11 +125,17 @@ impl LoraAdapter {
     /// paper, §4.3) do to save memory: gradients reach `m` directly and
     /// the adapter through its output.
     fn dora_factor(&self, magnitude: &Param<Tensor<1>>, weight: Tensor<2>) -> Tensor<2> {
-        let f32 = |t: Tensor<2>| in_dtype(t, DType::F32);
-        let delta = f32(self.down.val().detach()).matmul(f32(self.up.val().detach())) * self.scale();
-        let norm = (f32(weight.detach()) + delta).square().sum_dim(0).sqrt().clamp_min(f32::MIN_POSITIVE as f64);
+        let norm = self.adapted_norms(weight).clamp_min(f32::MIN_POSITIVE as f64);
         let out = norm.dims()[1];
         in_dtype(magnitude.val(), DType::F32).reshape([1, out]) / norm
+    }
+
+    /// `||W + scale * down @ up||` per output column of `weight` (`[in,
+    /// out]`), `[1, out]` in f32, outside the autodiff graph.
+    fn adapted_norms(&self, weight: Tensor<2>) -> Tensor<2> {
+        let f32 = |t: Tensor<2>| in_dtype(t.detach(), DType::F32);
+        let delta = f32(self.down.val()).matmul(f32(self.up.val())) * self.scale();
+        (f32(weight) + delta).square().sum_dim(0).sqrt()
     }
 }
 
@@ -244,12 +250,9 @@ impl LoraLinear {
     pub fn enable_dora(&mut self) {
         let Some(lora) = self.lora.as_mut() else { return };
         // Computed where the adapter lives (the training device), as a new leaf.
-        let f32 = |t: Tensor<2>| in_dtype(t.detach(), DType::F32);
-        let weight = f32(self.base.weight.val());
-        let delta = f32(lora.down.val()).matmul(f32(lora.up.val())) * lora.scale();
-        let out = weight.dims()[1];
-        let norms = (weight + delta).square().sum_dim(0).sqrt().reshape([out]);
-        lora.magnitude = Some(Param::from_tensor(in_dtype(norms, lora.down.val().dtype()).detach()));
+        let norms = lora.adapted_norms(self.base.weight.val());
+        let out = norms.dims()[1];
+        lora.magnitude = Some(Param::from_tensor(in_dtype(norms.reshape([out]), lora.down.val().dtype()).detach()));
     }
 }
 

@@ -9,13 +9,13 @@
 use std::collections::BTreeMap;
 
 use burn::module::{Module, Param};
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{Device, Tensor};
 
 use super::optimizer::trainable_on;
 use super::tensor_file::HostTensor;
 use crate::config::training::EmaSettings;
 use crate::error::{Error, Result};
-use crate::models::naming::{map_keyed, visit_keyed, KeyedMapper, KeyedVisitor};
+use crate::models::naming::{map_keyed, KeyedMapper};
 
 /// Where EMA tensors are kept in a checkpoint's `trainable.safetensors`:
 /// `ema.<key>` beside the weights' own keys.
@@ -27,27 +27,10 @@ pub struct Ema {
     averages: BTreeMap<String, Tensor<1>>,
 }
 
-/// The trainable parameters' current values, flattened.
-struct TrainableValues<'a> {
-    out: &'a mut BTreeMap<String, Tensor<1>>,
-}
-
-impl KeyedVisitor for TrainableValues<'_> {
-    fn visit<const D: usize>(&mut self, key: &str, param: &Param<Tensor<D>>) {
-        let value = param.val();
-        if value.is_require_grad() {
-            let value = value.without_autodiff();
-            let count = value.shape().num_elements();
-            self.out.insert(key.to_string(), value.cast(DType::F32).reshape([count]));
-        }
-    }
-}
-
 /// Puts the averages into a copy of the module's trainable parameters.
 struct WriteAverages<'a> {
     averages: &'a BTreeMap<String, Tensor<1>>,
     train_device: &'a Device,
-    written: usize,
 }
 
 impl KeyedMapper for WriteAverages<'_> {
@@ -58,15 +41,9 @@ impl KeyedMapper for WriteAverages<'_> {
             return param;
         }
         let (dims, dtype) = (current.dims(), current.dtype());
-        self.written += 1;
         let value = average.clone().reshape(dims).cast(dtype);
         param.map(|_| trainable_on(value, self.train_device))
     }
-}
-
-/// Adds `module`'s trainable values to `into`, keyed `prefix` + path.
-pub fn trainable_values<M: Module>(module: &M, prefix: &str, into: &mut BTreeMap<String, Tensor<1>>) {
-    visit_keyed(module, prefix, &mut TrainableValues { out: into });
 }
 
 impl Ema {
@@ -111,7 +88,7 @@ impl Ema {
     /// A copy of `module` whose trainable parameters (keys `prefix` + path)
     /// hold the averages.
     pub fn averaged<M: Module>(&self, module: M, prefix: &str, train_device: &Device) -> M {
-        let mut writer = WriteAverages { averages: &self.averages, train_device, written: 0 };
+        let mut writer = WriteAverages { averages: &self.averages, train_device };
         map_keyed(module, prefix, &mut writer)
     }
 

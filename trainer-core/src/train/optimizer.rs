@@ -119,21 +119,27 @@ impl KeyedVisitor for GradientReader<'_> {
     }
 }
 
-/// The current values of the parameters that have a pending gradient
-/// (flattened, f32, off the autodiff graph).
-struct ValueReader<'a> {
-    wanted: &'a BTreeMap<String, Tensor<1>>,
-    out: Vec<(String, Tensor<1>)>,
+/// The trainable parameters' current values (flattened, f32, off the
+/// autodiff graph).
+struct TrainableValues<'a> {
+    out: &'a mut BTreeMap<String, Tensor<1>>,
 }
 
-impl KeyedVisitor for ValueReader<'_> {
+impl KeyedVisitor for TrainableValues<'_> {
     fn visit<const D: usize>(&mut self, key: &str, param: &Param<Tensor<D>>) {
-        if self.wanted.contains_key(key) {
-            let value = param.val().without_autodiff();
+        let value = param.val();
+        if value.is_require_grad() {
+            let value = value.without_autodiff();
             let count = value.shape().num_elements();
-            self.out.push((key.to_string(), value.cast(DType::F32).reshape([count])));
+            self.out.insert(key.to_string(), value.cast(DType::F32).reshape([count]));
         }
     }
+}
+
+/// Adds `module`'s trainable values to `into`, keyed `prefix` + path (as
+/// gradients are): what [`Optimizer::prepare`] and the EMA read.
+pub fn trainable_values<M: Module>(module: &M, prefix: &str, into: &mut BTreeMap<String, Tensor<1>>) {
+    visit_keyed(module, prefix, &mut TrainableValues { out: into });
 }
 
 /// Writes updated parameters back into the module.
@@ -208,7 +214,7 @@ impl Optimizer {
     pub async fn step<M: Module>(&mut self, module: M, lr: f64, train_device: &Device) -> Result<(M, Option<Tensor<1>>)> {
         let norm = self.begin_step();
         let mut values = BTreeMap::new();
-        self.values_of(&module, "", &mut values);
+        trainable_values(&module, "", &mut values);
         self.prepare(values, lr).await?;
         let module = self.apply(module, "", lr, train_device);
         self.finish_step();
@@ -235,7 +241,7 @@ impl Optimizer {
 
     /// Reads what a rule needs from all parameters before any is updated:
     /// Prodigy's statistics over the parameters' current `values` (from
-    /// [`values_of`](Self::values_of)) and its new step size, at learning
+    /// [`trainable_values`]) and its new step size, at learning
     /// rate `lr` (one for all: Prodigy has a single step size). Other
     /// rules need nothing.
     pub async fn prepare(&mut self, values: BTreeMap<String, Tensor<1>>, lr: f64) -> Result<()> {
@@ -318,14 +324,6 @@ impl Optimizer {
         estimate.d_numerator = numerator;
         self.prodigy = Some(estimate);
         Ok(())
-    }
-
-    /// The values of `module`'s parameters that the step under way will
-    /// update, keyed like their gradients (for [`prepare`](Self::prepare)).
-    pub fn values_of<M: Module>(&self, module: &M, prefix: &str, into: &mut BTreeMap<String, Tensor<1>>) {
-        let mut reader = ValueReader { wanted: &self.pending, out: Vec::new() };
-        visit_keyed(module, prefix, &mut reader);
-        into.extend(reader.out);
     }
 
     /// Updates `module`'s parameters (named `prefix` + path) with the step

@@ -20,7 +20,7 @@ use burn::tensor::{Device, Tensor};
 
 use super::ema::{self, Ema};
 use super::noise::NoiseSchedule;
-use super::optimizer::{AdamWSettings, Optimizer, Rule, ToTrainDevice};
+use super::optimizer::{trainable_values, AdamWSettings, Optimizer, Rule, ToTrainDevice};
 use super::storage::{join, Storage};
 use crate::config::training::{ModelFamily, ModelType, OptimizerKind, RegularisationMode, TrainingConfig};
 use crate::data::source::ImageSource;
@@ -140,9 +140,9 @@ impl<'a> Session<'a> {
     /// text encoders' under their prefixes), flattened.
     fn trainable_values(&self) -> BTreeMap<String, Tensor<1>> {
         let mut values = BTreeMap::new();
-        ema::trainable_values(&self.model.unet, "", &mut values);
+        trainable_values(&self.model.unet, "", &mut values);
         for (prefix, encoder) in trained_text_encoders(self.config.train_text_encoder, &self.model) {
-            ema::trainable_values(encoder, prefix, &mut values);
+            trainable_values(encoder, prefix, &mut values);
         }
         values
     }

@@ -293,11 +293,7 @@ impl Session<'_> {
         }
         // The text encoders' rate follows the schedule too (diffusers' parameter groups).
         let text_lr = self.config.text_encoder_lr.map_or(lr, |rate| lr * rate / self.config.learning_rate);
-        let mut values = std::collections::BTreeMap::new();
-        self.optimizer.values_of(&self.model.unet, "", &mut values);
-        for (prefix, encoder) in trained_text_encoders(self.config.train_text_encoder, &self.model) {
-            self.optimizer.values_of(encoder, prefix, &mut values);
-        }
+        let values = self.trainable_values();
         self.optimizer.prepare(values, lr).await?;
         self.model.unet = self.optimizer.apply(self.model.unet.clone(), "", lr, &self.train_device);
         let (optimizer, train_device) = (&mut self.optimizer, &self.train_device);

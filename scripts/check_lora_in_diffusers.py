@@ -1,5 +1,6 @@
 """Loads a Burnbooth kohya LoRA into diffusers and checks it changes the UNet
-exactly as Burnbooth's merge does (W' = W + multiplier * alpha/rank * up @ down).
+exactly as Burnbooth's merge does (W' = W + multiplier * alpha/rank * up @ down,
+over flattened kernels for LoCon's convolutions).
 
 Offline check, not part of CI (CI needs no Python):
     pip install torch diffusers transformers peft safetensors
@@ -49,7 +50,9 @@ def main(model: str, lora: str) -> None:
         down, up = tensors[f"{module}.lora_down.weight"], tensors[f"{module}.lora_up.weight"]
         alpha = float(tensors[f"{module}.alpha"])
         key = by_kohya[module]
-        expected[prefix][key] = base[prefix][key] + (alpha / down.shape[0]) * (up @ down)
+        # Convolutions (LoCon) hold 4-d pairs: the product is over the flattened kernels.
+        delta = (up.flatten(1) @ down.flatten(1)).reshape(base[prefix][key].shape)
+        expected[prefix][key] = base[prefix][key] + (alpha / down.shape[0]) * delta
 
     sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     ids = pipe.tokenizer(["a photograph of zwxrobot"], padding="max_length", max_length=77, return_tensors="pt").input_ids

@@ -1,7 +1,9 @@
-//! Adapter variants against PEFT: a DoRA layer's output, the gradients of a
-//! loss through it and its merged weight equal PEFT's `use_dora=True`
-//! (vectors from scripts/make_dora_vectors.py, float64 there, f32 here:
-//! relative tolerance 1e-5 of each tensor's largest value).
+//! Adapter variants against their reference libraries: a DoRA layer's
+//! output, the gradients of a loss through it and its merged weight equal
+//! PEFT's `use_dora=True` (scripts/make_dora_vectors.py); LoKr and LoCon
+//! layers equal LyCORIS's modules (scripts/make_lokr_vectors.py,
+//! scripts/make_locon_vectors.py). Float64 there, f32 here: relative
+//! tolerance 1e-5 of each tensor's largest value.
 
 use std::path::PathBuf;
 
@@ -56,7 +58,7 @@ fn assert_close(what: &str, got: &[f64], want: &[f64]) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
     let error = got.iter().zip(want).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
-    assert!(error <= 1e-5 * scale, "{what}: differs from PEFT by {error:.3e} (largest value {scale:.3e})");
+    assert!(error <= 1e-5 * scale, "{what}: differs from the reference by {error:.3e} (largest value {scale:.3e})");
 }
 
 #[test]
@@ -148,7 +150,7 @@ struct LokrVectors {
 /// a low-rank w2 alpha / rank).
 #[test]
 fn lokr_matches_lycoris() {
-    use trainer_core::config::lycoris::{factorization, LokrSettings};
+    use trainer_core::config::lycoris::{factorization, LycorisAlgo, LycorisSettings};
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora/lokr.json");
     let v: LokrVectors = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     for f in &v.factorizations {
@@ -159,10 +161,13 @@ fn lokr_matches_lycoris() {
         let weight = tensor::<2>(&case.weight, [case.out, case.input], &device).transpose();
         let base = Linear { weight: Param::from_tensor(weight), bias: Some(Param::from_tensor(tensor(&case.bias, [case.out], &device))) };
         let mut layer = LoraLinear::new(base, "proj".into());
-        let settings = LokrSettings {
+        let settings = LycorisSettings {
+            algo: LycorisAlgo::Lokr,
             multiplier: 1,
             linear_dim: case.linear_dim,
             linear_alpha: case.linear_alpha,
+            conv_dim: case.linear_dim,
+            conv_alpha: case.linear_alpha as f64,
             full_matrix: case.full_matrix,
             targets: Vec::new(),
             source: String::new(),
@@ -184,5 +189,109 @@ fn lokr_matches_lycoris() {
         names.sort();
         assert_eq!(names, case.saved_keys, "{}: the tensors a LyCORIS file holds for the layer", case.name);
         assert_close(&format!("{}: output", case.name), &values(layer.forward(x)), &case.y);
+    }
+}
+
+#[derive(Deserialize)]
+struct LoconLayer {
+    name: String,
+    weight_shape: Vec<usize>,
+    stride: usize,
+    padding: usize,
+    weight: Vec<f64>,
+    bias: Vec<f64>,
+    rank: usize,
+    alpha: f64,
+    saved_keys: Vec<String>,
+    saved_alpha: f64,
+    scale: f64,
+    init_bound: f64,
+    parameters: std::collections::BTreeMap<String, SavedTensor>,
+    x_shape: Vec<usize>,
+    x: Vec<f64>,
+    y: Vec<f64>,
+}
+
+#[derive(Deserialize)]
+struct LoconVectors {
+    layers: Vec<LoconLayer>,
+}
+
+/// LoCon equals the LyCORIS library's LoConModule on convolutions (3x3,
+/// 3x3 with stride 2, 1x1) and on a Linear layer: the same pair shapes and
+/// saved names, alpha (0 meaning the rank) and scale, a down weight drawn
+/// within kaiming-uniform's bound with the up weight zero (so a fresh
+/// adapter changes nothing), and the same output for the same pair; the
+/// weight change it exports (`delta`) gives that output when folded in.
+#[test]
+fn locon_matches_lycoris() {
+    use trainer_core::config::lycoris::{LycorisAlgo, LycorisSettings};
+    use trainer_core::models::layers::Conv2d;
+    use trainer_core::models::lora::LoraConv2d;
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora/locon.json");
+    let v: LoconVectors = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let device = Device::flex().autodiff();
+    let shape4 = |s: &[usize]| -> [usize; 4] { s.try_into().unwrap() };
+    for case in &v.layers {
+        let kernel = if case.weight_shape.len() == 4 { case.weight_shape[2] } else { 1 };
+        let settings = LycorisSettings {
+            algo: LycorisAlgo::Locon,
+            multiplier: 1,
+            linear_dim: case.rank,
+            linear_alpha: case.alpha as i64,
+            conv_dim: case.rank,
+            conv_alpha: case.alpha,
+            full_matrix: false,
+            targets: Vec::new(),
+            source: String::new(),
+        };
+        let (rank, alpha) = settings.locon_rank_alpha(kernel);
+        assert_eq!((rank, alpha), (case.rank, case.saved_alpha), "{}: rank and alpha as saved", case.name);
+        let bias = Some(Param::from_tensor(tensor(&case.bias, [case.bias.len()], &device)));
+        let (down_name, up_name) = ("lora_down.weight", "lora_up.weight");
+        let (theirs_down, theirs_up) = (&case.parameters[down_name], &case.parameters[up_name]);
+        let mut names = vec!["alpha".to_string(), down_name.to_string(), up_name.to_string()];
+        names.sort();
+        assert_eq!(names, case.saved_keys, "{}: the tensors a LyCORIS file holds for the layer", case.name);
+        if case.weight_shape.len() == 2 {
+            // Linear layers take the plain LoRA adapter, in burn's [in, out] layout.
+            let [out, input] = [case.weight_shape[0], case.weight_shape[1]];
+            let base = Linear { weight: Param::from_tensor(tensor::<2>(&case.weight, [out, input], &device).transpose()), bias };
+            let mut layer = LoraLinear::new(base, "linear".into());
+            layer.attach(rank, alpha, 1, None, &device);
+            let lora = layer.lora.as_mut().unwrap();
+            assert_eq!(lora.scale(), case.scale, "{}: scale", case.name);
+            assert_eq!([lora.down.val().dims()[1], lora.down.val().dims()[0]].to_vec(), theirs_down.shape, "{}: lora_down shape", case.name);
+            lora.down = Param::from_tensor(tensor::<2>(&theirs_down.values, [rank, input], &device).transpose());
+            lora.up = Param::from_tensor(tensor::<2>(&theirs_up.values, [out, rank], &device).transpose());
+            let x = tensor::<2>(&case.x, [case.x_shape[0], case.x_shape[1]], &device);
+            assert_close(&format!("{}: output", case.name), &values(layer.forward(x)), &case.y);
+            continue;
+        }
+        let weight = tensor::<4>(&case.weight, shape4(&case.weight_shape), &device);
+        let base = Conv2d { weight: Param::from_tensor(weight), bias, stride: case.stride, padding: case.padding };
+        let mut layer = LoraConv2d::new(base, "conv".into());
+        layer.attach(rank, alpha, 1, &device);
+        let x = tensor::<4>(&case.x, shape4(&case.x_shape), &device);
+        assert_close(&format!("{}: a fresh LoCon layer's output", case.name), &values(layer.forward(x.clone())), &values(layer.base.forward(x.clone())));
+        let lora = layer.lora.as_mut().unwrap();
+        assert_eq!(lora.scale(), case.scale, "{}: scale", case.name);
+        let fresh: Vec<f64> = values(lora.down.val());
+        let largest = fresh.iter().fold(0f64, |m, v| m.max(v.abs()));
+        assert!(largest <= case.init_bound && largest > 0.8 * case.init_bound, "{}: down drawn within ±{} (largest {largest})", case.name, case.init_bound);
+        assert!(values(lora.up.val()).iter().all(|v| *v == 0.0), "{}: up starts at zero", case.name);
+        assert_eq!(lora.down.val().dims().to_vec(), theirs_down.shape, "{}: lora_down shape", case.name);
+        assert_eq!(lora.up.val().dims().to_vec(), theirs_up.shape, "{}: lora_up shape", case.name);
+        lora.down = Param::from_tensor(tensor::<4>(&theirs_down.values, shape4(&theirs_down.shape), &device));
+        lora.up = Param::from_tensor(tensor::<4>(&theirs_up.values, shape4(&theirs_up.shape), &device));
+        assert_close(&format!("{}: output", case.name), &values(layer.forward(x.clone())), &case.y);
+        let delta = layer.lora.as_ref().unwrap().delta();
+        let folded = Conv2d {
+            weight: Param::from_tensor((layer.base.weight.val() + delta).detach()),
+            bias: layer.base.bias.clone(),
+            stride: case.stride,
+            padding: case.padding,
+        };
+        assert_close(&format!("{}: output with the change folded in", case.name), &values(folded.forward(x)), &case.y);
     }
 }

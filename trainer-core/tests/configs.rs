@@ -367,12 +367,39 @@ fn extra_args_and_legacy_keys_are_read() {
     assert_eq!(json.checkpoint_step_interval, 50);
 }
 
+/// LoCon (`algo` locon or lora) as LyCORIS reads it: conv_dim and
+/// conv_alpha fall back to the linear ones, alpha 0 means the rank, 1x1
+/// kernels take the linear rank; without apply_preset every Linear layer
+/// and convolution is adapted; enable_conv false keeps the convolutions
+/// out; target_name adds layers by name.
+#[test]
+fn lycoris_config_reads_locon_as_lycoris_does() {
+    use trainer_core::config::lycoris::{parse_lycoris_config, LycorisAlgo};
+    let (full, warnings) = parse_lycoris_config(r#"{"algo": "lora", "linear_dim": 8, "linear_alpha": 4}"#).unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!((full.algo, full.conv_dim, full.conv_alpha), (LycorisAlgo::Locon, 8, 4.0));
+    for path in
+        ["conv_in", "conv_out", "down_blocks.0.resnets.0.conv1", "up_blocks.1.upsamplers.0.conv", "time_embedding.linear_1", "mid_block.attentions.0.proj_in"]
+    {
+        assert_eq!(full.target_for(path).map(|t| t.algo), Some(LycorisAlgo::Locon), "{path}");
+    }
+    let (settings, _) = parse_lycoris_config(r#"{"algo": "locon", "linear_dim": 4, "linear_alpha": 0, "conv_dim": 2, "conv_alpha": 1}"#).unwrap();
+    assert_eq!((settings.locon_rank_alpha(1), settings.locon_rank_alpha(3)), ((4, 4.0), (2, 1.0)));
+    let (no_conv, _) =
+        parse_lycoris_config(r#"{"algo": "locon", "apply_preset": {"target_module": ["ResnetBlock2D", "Downsample2D"], "enable_conv": false}}"#).unwrap();
+    assert!(no_conv.target_for("down_blocks.0.resnets.0.conv1").is_none() && no_conv.target_for("down_blocks.0.downsamplers.0.conv").is_none());
+    assert!(no_conv.target_for("down_blocks.0.resnets.0.time_emb_proj").is_some());
+    let (named, _) = parse_lycoris_config(r#"{"algo": "locon", "apply_preset": {"target_module": ["Attention"], "target_name": ["conv_in"]}}"#).unwrap();
+    assert!(named.target_for("conv_in").is_some() && named.target_for("conv_out").is_none());
+    assert!(named.target_for("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k").is_some());
+}
+
 /// lora_type lycoris reads lycoris_config (relative to the config file) as
 /// SimpleTuner does, LoKr with apply_preset; what Burnbooth cannot train
 /// yet is refused by name.
 #[test]
 fn lycoris_config_is_read_for_lokr_and_unsupported_parts_are_named() {
-    use trainer_core::config::lycoris::parse_lycoris_config;
+    use trainer_core::config::lycoris::{parse_lycoris_config, LycorisAlgo};
     let files = BTreeMap::from([
         ("/p/config.env".to_string(), "MODEL_FAMILY=sd1x\nMODEL_TYPE=lora\nDATALOADER_CONFIG=d.json\nLORA_TYPE=lycoris\nLYCORIS_CONFIG=lycoris.json\n".to_string()),
         ("/p/d.json".to_string(), r#"[{"id": "a", "type": "local", "instance_data_dir": "x"}]"#.to_string()),
@@ -385,11 +412,12 @@ fn lycoris_config_is_read_for_lokr_and_unsupported_parts_are_named() {
     ]);
     let read = |path: &str| files.get(path).cloned().ok_or_else(|| trainer_core::Error::Io { path: path.into(), message: "missing".into() });
     let (training, _) = trainer_core::config::load("/p/config.env", None, &read, &no_env).unwrap();
-    let lokr = training.lokr.unwrap();
-    assert_eq!((lokr.linear_dim, lokr.linear_alpha, lokr.multiplier, lokr.full_matrix), (10000, 1, 1, false));
-    assert_eq!(lokr.factor_for("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"), Some(16));
-    assert_eq!(lokr.factor_for("down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"), Some(8));
-    assert_eq!(lokr.factor_for("down_blocks.0.attentions.0.proj_in"), None);
+    let lokr = training.lycoris.unwrap();
+    assert_eq!((lokr.algo, lokr.linear_dim, lokr.linear_alpha, lokr.multiplier, lokr.full_matrix), (LycorisAlgo::Lokr, 10000, 1, 1, false));
+    let factor_for = |path: &str| lokr.target_for(path).map(|t| (t.algo, t.factor));
+    assert_eq!(factor_for("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"), Some((LycorisAlgo::Lokr, 16)));
+    assert_eq!(factor_for("down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"), Some((LycorisAlgo::Lokr, 8)));
+    assert_eq!(factor_for("down_blocks.0.attentions.0.proj_in"), None);
 
     let mut missing = files.clone();
     missing.remove("/p/lycoris.json");
@@ -398,10 +426,14 @@ fn lycoris_config_is_read_for_lokr_and_unsupported_parts_are_named() {
     assert!(message.contains("/p/lycoris.json") && message.contains("LYCORIS_CONFIG"), "{message}");
 
     let (_, warnings) = parse_lycoris_config(r#"{"algo": "lokr", "factor": 4}"#).unwrap();
-    assert!(warnings.iter().any(|w| w.contains("no apply_preset") && w.contains("not convolutions")), "{warnings:?}");
+    assert!(warnings.iter().any(|w| w.contains("no apply_preset") && w.contains("leaves the convolutions")), "{warnings:?}");
     for (config, problem) in [
-        (r#"{"algo": "locon"}"#, "algo 'locon' is not supported yet"),
-        (r#"{"algo": "lokr", "apply_preset": {"target_module": ["ResnetBlock2D"]}}"#, "'ResnetBlock2D', which Burnbooth cannot adapt yet"),
+        (r#"{"algo": "loha"}"#, "algo 'loha' is not supported yet"),
+        (r#"{"algo": "lokr", "apply_preset": {"target_module": ["ResnetBlock2D"]}}"#, "LoKr on the convolutions of 'ResnetBlock2D' is not supported yet"),
+        (r#"{"algo": "lokr", "apply_preset": {"target_module": ["UNetMidBlock2D"]}}"#, "'UNetMidBlock2D', which Burnbooth cannot adapt yet"),
+        (r#"{"algo": "locon", "apply_preset": {"target_module": ["Attention"], "exclude_name": ["x"]}}"#, "'apply_preset.exclude_name' is not supported yet"),
+        (r#"{"algo": "locon", "multiplier": 2}"#, "LoCon trains with multiplier 1 only"),
+        (r#"{"algo": "locon", "conv_dim": -2}"#, "'conv_dim' must be at least 1"),
         (r#"{"algo": "lokr", "decompose_both": true}"#, "'decompose_both' is not supported yet"),
         (r#"{"algo": "lokr", "rank_dropout": 0.1}"#, "'rank_dropout' is not supported yet"),
         (r#"{"algo": "lokr", "factor": "big"}"#, "'factor' must be a number"),

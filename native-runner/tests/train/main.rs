@@ -405,7 +405,7 @@ fn the_guide_configuration_trains_unchanged_apart_from_paths() {
 }
 
 #[test]
-fn the_options_example_trains_lokr_with_prodigy_an_ema_masks_and_shuffled_captions() {
+fn the_options_example_trains_lokr_and_locon_with_prodigy_an_ema_masks_and_shuffled_captions() {
     // examples/dreambooth/options.env as written, for 15 of its 30 steps.
     let out = scratch("options");
     let output = train_guide("options.env", "sd1", "15", &out);
@@ -413,11 +413,19 @@ fn the_options_example_trains_lokr_with_prodigy_an_ema_masks_and_shuffled_captio
     assert!(output.status.success(), "{text}");
     assert!(text.contains("Prodigy with f32 state") && text.contains("d_coef 2"), "{text}");
     let lora = trainer_core::models::safetensors_file::SafetensorsFile::open(out.join("burnbooth-lora.safetensors").to_str().unwrap()).unwrap();
-    assert!(lora.names().any(|n| n.ends_with(".lokr_w1")) && lora.names().all(|n| !n.ends_with(".lora_down.weight")), "a LoKr file");
+    // LoKr on the transformers' layers, LoCon on the resnets' (module_algo_map).
+    let lokr_on_attention = lora.names().any(|n| n.ends_with("attn1_to_q.lokr_w1"));
+    let locon_on_resnets =
+        lora.names().any(|n| n.ends_with("resnets_0_conv1.lora_down.weight")) && lora.names().any(|n| n.ends_with("time_emb_proj.lora_up.weight"));
+    assert!(
+        lokr_on_attention && locon_on_resnets && lora.names().all(|n| !n.contains("attn1_to_q.lora_")),
+        "LoKr and LoCon: {:?}",
+        lora.names().collect::<Vec<_>>()
+    );
     // Each caption comes with its shuffles, the token first; each image has its mask.
     let plan = runner(&["plan", "--config", "examples/dreambooth/options.env", "--json"], &repo());
     let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
-    assert!(plan["adapters"].as_str().is_some_and(|a| a.starts_with("LyCORIS LoKr on to_q, to_k, to_v, to_out.0 (factor 16)")), "{}", plan["adapters"]);
+    assert!(plan["adapters"].as_str().is_some_and(|a| a.starts_with("LyCORIS LoKr on to_q, to_k, to_v, to_out.0 (factor 16); LoKr on ff.net.0.proj, ff.net.2 (factor 8); LoCon on conv1, conv2, conv_shortcut, time_emb_proj")), "{}", plan["adapters"]);
     for image in plan["datasets"][0]["images"].as_array().unwrap() {
         let variants: Vec<&str> = image["caption_variants"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
         assert!(variants.len() > 1 && variants.iter().all(|v| v.starts_with("zwxrobot, ")), "{variants:?}");

@@ -67,7 +67,7 @@ pub fn load(
         })?;
         let (settings, warnings) = lycoris::parse_lycoris_config(&text).map_err(|problems| Error::Config { source_name: path.clone(), problems })?;
         training.warnings.extend(warnings.into_iter().map(|w| format!("{path}: {w}")));
-        training.lokr = Some(settings);
+        training.lycoris = Some(settings);
     }
     if let Some(path) = training.user_prompt_library.clone() {
         let text = read(&path).map_err(|e| match e {

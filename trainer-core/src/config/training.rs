@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::dataset::{resolve_path, DatasetDefaults, DatasetOptions};
-use super::lycoris::LokrSettings;
+use super::lycoris::LycorisSettings;
 use super::optimizer::{apply_to_adafactor, apply_to_prodigy, parse_optimizer_config, AdafactorSettings, ProdigySettings};
 use super::raw::{canonical_keys, env_to_map, expand_env_placeholders, object_to_map, option_aliases};
 use super::values::Reader;
@@ -192,8 +192,8 @@ pub struct TrainingConfig {
     pub use_dora: bool,
     /// `lora_type` lycoris: the adapters are LyCORIS's, as `lycoris_config` says.
     pub lycoris_config: Option<String>,
-    /// That file's LoKr settings, read by [`crate::config::load`] (or set by the caller).
-    pub lokr: Option<LokrSettings>,
+    /// That file's settings (LoKr, LoCon), read by [`crate::config::load`] (or set by the caller).
+    pub lycoris: Option<LycorisSettings>,
     /// LoRA adapters on the text encoder too (`--train_text_encoder`).
     pub train_text_encoder: bool,
     /// The text encoder's learning rate (`--text_encoder_lr`); the UNet's when unset.
@@ -615,7 +615,7 @@ fn read_config(raw: &Map<String, Value>, from_env: bool, source_name: &str, base
         lora_dropout,
         use_dora,
         lycoris_config,
-        lokr: None,
+        lycoris: None,
         train_text_encoder,
         text_encoder_lr,
         mixed_precision,

@@ -6,21 +6,20 @@ use burn::nn::GroupNorm;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::Tensor;
 
-use super::layers::{Conv2d, Linear};
 use super::loader::Loader;
-use super::lora::LoraLinear;
+use super::lora::{LoraConv2d, LoraLinear};
 
 /// diffusers' ResnetBlock2D.
 #[derive(Module, Debug)]
 pub struct ResnetBlock2D {
     pub norm1: GroupNorm,
-    pub conv1: Conv2d,
+    pub conv1: LoraConv2d,
     /// Projects the time embedding (UNet only).
-    pub time_emb_proj: Option<Linear>,
+    pub time_emb_proj: Option<LoraLinear>,
     pub norm2: GroupNorm,
-    pub conv2: Conv2d,
+    pub conv2: LoraConv2d,
     /// 1x1 convolution when the channel count changes.
-    pub conv_shortcut: Option<Conv2d>,
+    pub conv_shortcut: Option<LoraConv2d>,
 }
 
 /// The shape of a [`ResnetBlock2D`].
@@ -39,11 +38,11 @@ impl ResnetBlock2D {
         let ResnetConfig { c_in, c_out, temb, groups, eps } = config;
         Self {
             norm1: loader.group_norm("norm1", groups, c_in, eps),
-            conv1: loader.conv2d("conv1", c_in, c_out, 3, 1, 1),
-            time_emb_proj: temb.map(|t| loader.linear("time_emb_proj", t, c_out, true)),
+            conv1: loader.lora_conv2d("conv1", c_in, c_out, 3, 1, 1),
+            time_emb_proj: temb.map(|t| loader.lora_linear("time_emb_proj", t, c_out, true)),
             norm2: loader.group_norm("norm2", groups, c_out, eps),
-            conv2: loader.conv2d("conv2", c_out, c_out, 3, 1, 1),
-            conv_shortcut: (c_in != c_out).then(|| loader.conv2d("conv_shortcut", c_in, c_out, 1, 1, 0)),
+            conv2: loader.lora_conv2d("conv2", c_out, c_out, 3, 1, 1),
+            conv_shortcut: (c_in != c_out).then(|| loader.lora_conv2d("conv_shortcut", c_in, c_out, 1, 1, 0)),
         }
     }
 
@@ -59,6 +58,13 @@ impl ResnetBlock2D {
             None => x,
         };
         shortcut + h
+    }
+
+    /// Its convolutions, for LoCon adapters.
+    pub fn convs(&self) -> Vec<&LoraConv2d> {
+        let mut convs = vec![&self.conv1, &self.conv2];
+        convs.extend(self.conv_shortcut.as_ref());
+        convs
     }
 }
 
@@ -176,7 +182,7 @@ fn attention_in_slices(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, slice_bytes: us
 /// one, `padding=0` in diffusers); the UNet pads by one on every side.
 #[derive(Module, Debug)]
 pub struct Downsample2D {
-    pub conv: Conv2d,
+    pub conv: LoraConv2d,
     #[module(skip)]
     pub asymmetric: bool,
 }
@@ -184,7 +190,7 @@ pub struct Downsample2D {
 impl Downsample2D {
     pub fn load(loader: &mut Loader<'_>, channels: usize, asymmetric: bool) -> Self {
         let padding = if asymmetric { 0 } else { 1 };
-        Self { conv: loader.conv2d("conv", channels, channels, 3, 2, padding), asymmetric }
+        Self { conv: loader.lora_conv2d("conv", channels, channels, 3, 2, padding), asymmetric }
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
@@ -196,12 +202,12 @@ impl Downsample2D {
 /// Nearest-neighbour 2x upsampling, then a 3x3 convolution.
 #[derive(Module, Debug)]
 pub struct Upsample2D {
-    pub conv: Conv2d,
+    pub conv: LoraConv2d,
 }
 
 impl Upsample2D {
     pub fn load(loader: &mut Loader<'_>, channels: usize) -> Self {
-        Self { conv: loader.conv2d("conv", channels, channels, 3, 1, 1) }
+        Self { conv: loader.lora_conv2d("conv", channels, channels, 3, 1, 1) }
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {

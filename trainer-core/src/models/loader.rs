@@ -17,7 +17,7 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use sha2::{Digest, Sha256};
 
 use super::layers::{Conv2d, Embedding, Linear};
-use super::lora::LoraLinear;
+use super::lora::{LoraConv2d, LoraLinear};
 use super::safetensors_file::SafetensorsFile;
 use crate::error::{Error, Result};
 
@@ -288,6 +288,12 @@ impl<'a> Loader<'a> {
     pub fn conv2d(&mut self, name: &str, c_in: usize, c_out: usize, kernel: usize, stride: usize, padding: usize) -> Conv2d {
         let mut layer = self.pp(name);
         Conv2d { weight: layer.param("weight", [c_out, c_in, kernel, kernel]), bias: Some(layer.param("bias", [c_out])), stride, padding }
+    }
+
+    /// A convolution that can take a LoCon adapter, named by the layer's key.
+    pub fn lora_conv2d(&mut self, name: &str, c_in: usize, c_out: usize, kernel: usize, stride: usize, padding: usize) -> LoraConv2d {
+        let key = self.key(name);
+        LoraConv2d::new(self.conv2d(name, c_in, c_out, kernel, stride, padding), key)
     }
 
     pub fn group_norm(&mut self, name: &str, groups: usize, channels: usize, epsilon: f64) -> GroupNorm {

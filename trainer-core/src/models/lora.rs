@@ -1,22 +1,24 @@
-//! LoRA: low-rank adapters on the model's Linear layers.
+//! LoRA: low-rank adapters on the model's Linear layers and convolutions.
 //!
-//! Every adaptable layer is a [`LoraLinear`]: the frozen base layer plus an
+//! Every adaptable Linear layer is a [`LoraLinear`]: the frozen base layer plus an
 //! optional adapter, `y = base(x) + (alpha / rank) * up(down(dropout(x)))`
 //! (kohya's `networks/lora.py`, PEFT's `lora.Linear`). With DoRA
 //! (`use_dora`) the adapter also learns a magnitude `m` per output feature
 //! and the adapted weight's columns are rescaled to it, as PEFT's
 //! `use_dora=True` computes it (docs/reference.md §4). Each layer knows its
 //! diffusers module path, which is all the kohya export needs
-//! (`lora_unet_` + path with `.` -> `_`).
+//! (`lora_unet_` + path with `.` -> `_`). Every adaptable convolution is
+//! a [`LoraConv2d`], which carries LyCORIS's LoCon pair.
 
 use std::sync::{Arc, Mutex};
 
 use burn::module::{Module, Param};
-use burn::tensor::module::linear;
+use burn::tensor::module::{conv2d, linear};
+use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
-use super::layers::{in_dtype, Linear};
-use crate::config::lycoris::{factorization, LokrSettings};
+use super::layers::{in_dtype, Conv2d, Linear};
+use crate::config::lycoris::{factorization, LycorisSettings};
 use crate::rng::SeededRng;
 
 /// A Linear layer that can carry a LoRA adapter.
@@ -186,7 +188,7 @@ impl LoraLinear {
     /// split by [`factorization`] with `factor`, `w1` uniform in
     /// ±1/sqrt(in_m) (kaiming_uniform with a=√5), `w2` (or `w2_b` of its
     /// pair) zero, so training starts from the base model.
-    pub fn attach_lokr(&mut self, settings: &LokrSettings, factor: i64, seed: u64, device: &Device) {
+    pub fn attach_lokr(&mut self, settings: &LycorisSettings, factor: i64, seed: u64, device: &Device) {
         let [d_in, d_out] = self.dims();
         let (in_m, in_n) = factorization(d_in, factor);
         let (out_l, out_k) = factorization(d_out, factor);
@@ -253,6 +255,92 @@ impl LoraLinear {
         let norms = lora.adapted_norms(self.base.weight.val());
         let out = norms.dims()[1];
         lora.magnitude = Some(Param::from_tensor(in_dtype(norms.reshape([out]), lora.down.val().dtype()).detach()));
+    }
+}
+
+/// A convolution that can carry a LoCon adapter (LyCORIS's LoRA on
+/// convolutions): `y = conv(x) + scale * up(down(x))` with `down` a
+/// convolution of the base's kernel, stride and padding to `rank`
+/// channels and `up` a 1x1 convolution back.
+#[derive(Module, Debug)]
+pub struct LoraConv2d {
+    pub base: Conv2d,
+    pub lora: Option<ConvLoraAdapter>,
+    /// The diffusers module path (`down_blocks.0.resnets.1.conv2`).
+    #[module(skip)]
+    pub path: String,
+}
+
+/// LoCon's pair, in torch's layout as files store it.
+#[derive(Module, Debug)]
+pub struct ConvLoraAdapter {
+    /// `[rank, in, k, k]` (`lora_down.weight`).
+    pub down: Param<Tensor<4>>,
+    /// `[out, rank, 1, 1]` (`lora_up.weight`).
+    pub up: Param<Tensor<4>>,
+    #[module(skip)]
+    pub alpha: f64,
+}
+
+impl ConvLoraAdapter {
+    pub fn rank(&self) -> usize {
+        self.down.val().dims()[0]
+    }
+
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank() as f64
+    }
+
+    /// The weight change `scale * up @ down`, `[out, in, k, k]`.
+    pub fn delta(&self) -> Tensor<4> {
+        let [rank, d_in, k, _] = self.down.val().dims();
+        let out = self.up.val().dims()[0];
+        let product = self.up.val().reshape([out, rank]).matmul(self.down.val().reshape([rank, d_in * k * k]));
+        product.reshape([out, d_in, k, k]) * self.scale()
+    }
+}
+
+impl LoraConv2d {
+    pub fn new(base: Conv2d, path: String) -> Self {
+        Self { base, lora: None, path }
+    }
+
+    pub fn is_adapted(&self) -> bool {
+        self.lora.is_some()
+    }
+
+    pub fn detach_adapter(&mut self) {
+        self.lora = None;
+    }
+
+    /// `[out, in, k, k]` of the base convolution.
+    pub fn dims(&self) -> [usize; 4] {
+        self.base.weight.val().dims()
+    }
+
+    /// Adds a fresh LoCon pair as LyCORIS makes one: `down` uniform in
+    /// ±1/sqrt(in * k * k) (kaiming_uniform with a=√5 over its fan-in),
+    /// `up` zero, so training starts from the base model. Seeded by the
+    /// layer's path, like [`LoraLinear::attach`].
+    pub fn attach(&mut self, rank: usize, alpha: f64, seed: u64, device: &Device) {
+        let [out, d_in, k, _] = self.dims();
+        let fan_in = d_in * k * k;
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let mut rng = SeededRng::derived(seed, &format!("lora-init/{}", self.path));
+        let down: Vec<f32> = (0..rank * fan_in).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();
+        let down = Tensor::<4>::from_data(TensorData::new(down, [rank, d_in, k, k]), device);
+        let up = Tensor::<4>::zeros([out, rank, 1, 1], device);
+        self.lora = Some(ConvLoraAdapter { down: Param::from_tensor(down), up: Param::from_tensor(up), alpha });
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let Some(lora) = &self.lora else { return self.base.forward(x) };
+        let dtype = x.dtype();
+        let (stride, padding) = (self.base.stride, self.base.padding);
+        let down_options = ConvOptions::new([stride; 2], [padding; 2], [1, 1], 1);
+        let hidden = conv2d(x.clone(), in_dtype(lora.down.val(), dtype), None, down_options);
+        let adapted = conv2d(hidden, in_dtype(lora.up.val(), dtype), None, ConvOptions::new([1, 1], [0, 0], [1, 1], 1));
+        self.base.forward(x) + adapted * lora.scale()
     }
 }
 

@@ -9,9 +9,8 @@ use burn::tensor::{Tensor, TensorData};
 
 use super::blocks::{Attention, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::config::UNetConfig;
-use super::layers::{Conv2d, Linear};
 use super::loader::Loader;
-use super::lora::LoraLinear;
+use super::lora::{LoraConv2d, LoraLinear};
 
 /// The UNet's transformer blocks normalise with GroupNorm eps 1e-6.
 const TRANSFORMER_NORM_EPS: f64 = 1e-6;
@@ -79,7 +78,7 @@ impl BasicTransformerBlock {
 #[derive(Module, Debug)]
 #[allow(clippy::large_enum_variant)] // one per transformer: the size is nothing to save
 pub enum Projection {
-    Conv(Conv2d),
+    Conv(LoraConv2d),
     Linear(LoraLinear),
 }
 
@@ -111,7 +110,7 @@ impl Transformer2D {
             if linear {
                 Projection::Linear(loader.lora_linear(name, dim, dim, true))
             } else {
-                Projection::Conv(loader.conv2d(name, dim, dim, 1, 1, 0))
+                Projection::Conv(loader.lora_conv2d(name, dim, dim, 1, 1, 0))
             }
         };
         Self {
@@ -168,13 +167,13 @@ pub struct MidBlock {
 
 #[derive(Module, Debug)]
 pub struct TimestepEmbedding {
-    pub linear_1: Linear,
-    pub linear_2: Linear,
+    pub linear_1: LoraLinear,
+    pub linear_2: LoraLinear,
 }
 
 impl TimestepEmbedding {
     fn load(loader: &mut Loader<'_>, input: usize, width: usize) -> Self {
-        Self { linear_1: loader.linear("linear_1", input, width, true), linear_2: loader.linear("linear_2", width, width, true) }
+        Self { linear_1: loader.lora_linear("linear_1", input, width, true), linear_2: loader.lora_linear("linear_2", width, width, true) }
     }
 }
 
@@ -189,7 +188,7 @@ pub struct AddedConditions {
 
 #[derive(Module, Debug)]
 pub struct UNet2DConditionModel {
-    pub conv_in: Conv2d,
+    pub conv_in: LoraConv2d,
     pub time_embedding: TimestepEmbedding,
     /// SDXL: embeds `[pooled, sinusoidal(time ids)]`, added to the time embedding.
     pub add_embedding: Option<TimestepEmbedding>,
@@ -197,7 +196,7 @@ pub struct UNet2DConditionModel {
     pub mid_block: MidBlock,
     pub up_blocks: Vec<UpBlock>,
     pub conv_norm_out: GroupNorm,
-    pub conv_out: Conv2d,
+    pub conv_out: LoraConv2d,
     #[module(skip)]
     pub time_channels: usize,
     #[module(skip)]
@@ -233,7 +232,7 @@ impl UNet2DConditionModel {
         };
         let resnet = |c_in, c_out| ResnetConfig { c_in, c_out, temb: Some(temb), groups, eps };
         let time_embedding = TimestepEmbedding::load(&mut loader.pp("time_embedding"), channels[0], temb);
-        let conv_in = loader.conv2d("conv_in", config.in_channels, channels[0], 3, 1, 1);
+        let conv_in = loader.lora_conv2d("conv_in", config.in_channels, channels[0], 3, 1, 1);
         let add_embedding = match config.addition_embed_type.as_deref() {
             Some("text_time") => {
                 let input = config.projection_class_embeddings_input_dim.unwrap_or(2816);
@@ -305,7 +304,7 @@ impl UNet2DConditionModel {
             mid_block,
             up_blocks,
             conv_norm_out: loader.group_norm("conv_norm_out", groups, channels[0], eps),
-            conv_out: loader.conv2d("conv_out", channels[0], config.out_channels, 3, 1, 1),
+            conv_out: loader.lora_conv2d("conv_out", channels[0], config.out_channels, 3, 1, 1),
             time_channels: channels[0],
             flip_sin_to_cos: config.flip_sin_to_cos,
             freq_shift: config.freq_shift,
@@ -469,8 +468,8 @@ pub struct StageStep {
 }
 
 impl Transformer2D {
-    /// Its adaptable layers in module order: projections (when linear), then
-    /// each block's attn1, attn2 and feed-forward.
+    /// Its adaptable Linear layers in module order: projections (when
+    /// linear), then each block's attn1, attn2 and feed-forward.
     fn lora_layers(&self) -> Vec<&LoraLinear> {
         let mut layers: Vec<&LoraLinear> = [&self.proj_in, &self.proj_out]
             .into_iter()
@@ -496,14 +495,16 @@ impl Transformer2D {
         layers
     }
 
-    fn lora_layers_mut(&mut self) -> Vec<&mut LoraLinear> {
-        let mut layers: Vec<&mut LoraLinear> = [&mut self.proj_in, &mut self.proj_out]
-            .into_iter()
-            .filter_map(|p| match p {
-                Projection::Linear(linear) => Some(linear),
-                Projection::Conv(_) => None,
-            })
-            .collect();
+    /// Its adaptable Linear layers (as [`lora_layers`](Self::lora_layers))
+    /// and SD 1.x's 1x1 convolution projections.
+    fn adaptable_mut(&mut self) -> (Vec<&mut LoraLinear>, Vec<&mut LoraConv2d>) {
+        let (mut layers, mut convs) = (Vec::new(), Vec::new());
+        for projection in [&mut self.proj_in, &mut self.proj_out] {
+            match projection {
+                Projection::Linear(linear) => layers.push(linear),
+                Projection::Conv(conv) => convs.push(conv),
+            }
+        }
         for b in &mut self.transformer_blocks {
             let (a1, a2, ff) = (&mut b.attn1, &mut b.attn2, &mut b.ff);
             layers.extend([
@@ -519,7 +520,28 @@ impl Transformer2D {
                 &mut ff.net_2,
             ]);
         }
-        layers
+        (layers, convs)
+    }
+
+    /// Its 1x1 convolution projections (SD 1.x).
+    fn convs(&self) -> Vec<&LoraConv2d> {
+        [&self.proj_in, &self.proj_out]
+            .into_iter()
+            .filter_map(|p| match p {
+                Projection::Conv(conv) => Some(conv),
+                Projection::Linear(_) => None,
+            })
+            .collect()
+    }
+}
+
+impl TimestepEmbedding {
+    fn layers(&self) -> [&LoraLinear; 2] {
+        [&self.linear_1, &self.linear_2]
+    }
+
+    fn layers_mut(&mut self) -> [&mut LoraLinear; 2] {
+        [&mut self.linear_1, &mut self.linear_2]
     }
 }
 
@@ -531,24 +553,84 @@ impl UNet2DConditionModel {
         all
     }
 
-    /// Every layer that can carry a LoRA adapter, in module order.
-    pub fn lora_layers_mut(&mut self) -> Vec<&mut LoraLinear> {
-        let mut all: Vec<&mut Transformer2D> = self.down_blocks.iter_mut().flat_map(|b| &mut b.attentions).collect();
-        all.extend(&mut self.mid_block.attentions);
-        all.extend(self.up_blocks.iter_mut().flat_map(|b| &mut b.attentions));
-        all.into_iter().flat_map(|t| t.lora_layers_mut()).collect()
+    fn resnets(&self) -> Vec<&ResnetBlock2D> {
+        let mut all: Vec<&ResnetBlock2D> = self.down_blocks.iter().flat_map(|b| &b.resnets).collect();
+        all.extend(&self.mid_block.resnets);
+        all.extend(self.up_blocks.iter().flat_map(|b| &b.resnets));
+        all
     }
 
-    /// The layers that carry an adapter now, in module order.
+    /// Every layer that can carry an adapter, block by block: the Linear
+    /// layers (the transformers', the resnets' time projections, the time
+    /// embeddings: LyCORIS presets adapt those too) and the convolutions
+    /// (conv_in, the resnets', the samplers', SD 1.x's projections, conv_out).
+    pub fn adaptable_mut(&mut self) -> (Vec<&mut LoraLinear>, Vec<&mut LoraConv2d>) {
+        let (mut layers, mut convs) = (Vec::new(), Vec::new());
+        let Self { conv_in, time_embedding, add_embedding, down_blocks, mid_block, up_blocks, conv_out, .. } = self;
+        convs.push(conv_in);
+        let down = down_blocks.iter_mut().map(|b| (&mut b.resnets, &mut b.attentions, b.downsamplers.iter_mut().map(|d| &mut d.conv).collect::<Vec<_>>()));
+        let mid = std::iter::once((&mut mid_block.resnets, &mut mid_block.attentions, Vec::new()));
+        let up = up_blocks.iter_mut().map(|b| (&mut b.resnets, &mut b.attentions, b.upsamplers.iter_mut().map(|u| &mut u.conv).collect::<Vec<_>>()));
+        for (resnets, attentions, samplers) in down.chain(mid).chain(up) {
+            for transformer in attentions.iter_mut() {
+                let (linear, projections) = transformer.adaptable_mut();
+                layers.extend(linear);
+                convs.extend(projections);
+            }
+            for resnet in resnets.iter_mut() {
+                let ResnetBlock2D { conv1, conv2, conv_shortcut, time_emb_proj, .. } = resnet;
+                layers.extend(time_emb_proj.as_mut());
+                convs.extend([conv1, conv2]);
+                convs.extend(conv_shortcut.as_mut());
+            }
+            convs.extend(samplers);
+        }
+        layers.extend(time_embedding.layers_mut());
+        layers.extend(add_embedding.iter_mut().flat_map(|e| e.layers_mut()));
+        convs.push(conv_out);
+        (layers, convs)
+    }
+
+    /// Every Linear layer that can carry an adapter (see [`adaptable_mut`](Self::adaptable_mut)).
+    pub fn lora_layers_mut(&mut self) -> Vec<&mut LoraLinear> {
+        self.adaptable_mut().0
+    }
+
+    /// Every convolution that can carry a LoCon adapter.
+    pub fn lora_convs_mut(&mut self) -> Vec<&mut LoraConv2d> {
+        self.adaptable_mut().1
+    }
+
+    /// The Linear layers that carry an adapter now: the transformers' in
+    /// module order, then the resnets' and the time embeddings'.
     pub fn adapted_layers(&self) -> Vec<&LoraLinear> {
-        self.transformers().into_iter().flat_map(|t| t.lora_layers()).filter(|l| l.is_adapted()).collect()
+        let mut all: Vec<&LoraLinear> = self.transformers().into_iter().flat_map(|t| t.lora_layers()).collect();
+        all.extend(self.resnets().into_iter().filter_map(|r| r.time_emb_proj.as_ref()));
+        all.extend(self.time_embedding.layers());
+        all.extend(self.add_embedding.iter().flat_map(|e| e.layers()));
+        all.into_iter().filter(|l| l.is_adapted()).collect()
+    }
+
+    /// The convolutions that carry a LoCon adapter now.
+    pub fn adapted_convs(&self) -> Vec<&LoraConv2d> {
+        let mut all: Vec<&LoraConv2d> = vec![&self.conv_in];
+        all.extend(self.resnets().into_iter().flat_map(|r| r.convs()));
+        all.extend(self.transformers().into_iter().flat_map(|t| t.convs()));
+        all.extend(self.down_blocks.iter().flat_map(|b| b.downsamplers.iter().map(|d| &d.conv)));
+        all.extend(self.up_blocks.iter().flat_map(|b| b.upsamplers.iter().map(|u| &u.conv)));
+        all.push(&self.conv_out);
+        all.into_iter().filter(|c| c.is_adapted()).collect()
     }
 
     /// A copy without adapters (the base model's prediction); tensors are shared, not copied.
     pub fn without_lora(&self) -> Self {
         let mut copy = self.clone();
-        for layer in copy.lora_layers_mut() {
+        let (layers, convs) = copy.adaptable_mut();
+        for layer in layers {
             layer.detach_adapter();
+        }
+        for conv in convs {
+            conv.detach_adapter();
         }
         copy
     }

@@ -9,6 +9,7 @@ use burn::tensor::DType;
 use serde::Serialize;
 
 use crate::config::dataset::{CaptionShuffle, CaptionStrategy, DataloaderConfig, ImageDatasetConfig};
+use crate::config::lycoris::LycorisAlgo;
 use crate::config::training::{EmaSettings, ModelFamily, ModelType, OptimizerKind, RegularisationMode, TrainingConfig};
 use crate::data::geometry::{ImageGeometry, Size};
 use crate::data::source::ImageSource;
@@ -411,17 +412,24 @@ fn adapter_summary(training: &TrainingConfig) -> Option<String> {
     if training.model_type != ModelType::Lora {
         return None;
     }
-    Some(match &training.lokr {
-        Some(lokr) => {
-            let targets: Vec<String> = lokr.targets.iter().map(|t| format!("{} (factor {})", t.suffixes.join(", "), t.factor)).collect();
-            format!(
-                "LyCORIS LoKr on {}; linear_dim {}, linear_alpha {}, full_matrix {}, multiplier {}",
-                targets.join("; "),
-                lokr.linear_dim,
-                lokr.linear_alpha,
-                lokr.full_matrix,
-                lokr.multiplier
-            )
+    Some(match &training.lycoris {
+        Some(lycoris) => {
+            let targets: Vec<String> = lycoris
+                .targets
+                .iter()
+                .map(|t| match t.algo {
+                    LycorisAlgo::Lokr => format!("LoKr on {} (factor {})", t.suffixes.join(", "), t.factor),
+                    LycorisAlgo::Locon => format!("LoCon on {}", t.suffixes.join(", ")),
+                })
+                .collect();
+            let mut summary = format!("LyCORIS {}; linear_dim {}, linear_alpha {}", targets.join("; "), lycoris.linear_dim, lycoris.linear_alpha);
+            if lycoris.uses(LycorisAlgo::Locon) {
+                summary += &format!(", conv_dim {}, conv_alpha {} (convolutions wider than 1x1)", lycoris.conv_dim, lycoris.conv_alpha);
+            }
+            if lycoris.uses(LycorisAlgo::Lokr) {
+                summary += &format!(", full_matrix {}, multiplier {}", lycoris.full_matrix, lycoris.multiplier);
+            }
+            summary
         }
         None => format!(
             "LoRA rank {}, alpha {}, dropout {}{}",

@@ -3,7 +3,9 @@
 //!
 //! `lora_unet_<diffusers module path with _>.lora_down.weight` `[rank, in]`,
 //! `.lora_up.weight` `[out, rank]` and `.alpha` (a scalar), so that
-//! `W' = W + multiplier * (alpha / rank) * up @ down`. Text-encoder layers
+//! `W' = W + multiplier * (alpha / rank) * up @ down`; for a convolution
+//! (LoCon) `lora_down` is `[rank, in, k, k]`, `lora_up` `[out, rank, 1, 1]`
+//! and the product is taken over the flattened kernels. Text-encoder layers
 //! use `lora_te_text_model_encoder_layers_<i>_<self_attn_q_proj|...|mlp_fc2>`.
 
 use std::collections::BTreeMap;
@@ -12,9 +14,9 @@ use burn::module::Param;
 use burn::tensor::{DType, Device, Tensor};
 
 use super::tensor_file::{self, HostTensor};
-use crate::config::lycoris::LokrSettings;
+use crate::config::lycoris::{LycorisAlgo, LycorisSettings};
 use crate::error::{Error, Result};
-use crate::models::layers::{in_dtype, Linear};
+use crate::models::layers::{in_dtype, Conv2d, Linear};
 use crate::models::lora::{kohya_text_name, kohya_unet_name};
 use crate::models::single_file::{unet_name, UNET_PREFIX};
 use crate::models::{Family, StableDiffusion};
@@ -53,6 +55,13 @@ pub async fn kohya_tensors(model: &StableDiffusion) -> Result<BTreeMap<String, H
             tensors.insert(format!("{name}.dora_scale"), HostTensor::from_tensor(magnitude.reshape([out, 1])).await?);
         }
     }
+    for conv in model.unet.adapted_convs() {
+        let name = unet_lora_name(model, &conv.path);
+        let lora = conv.lora.as_ref().expect("adapted");
+        tensors.insert(format!("{name}.lora_down.weight"), HostTensor::from_tensor(lora.down.val().without_autodiff()).await?);
+        tensors.insert(format!("{name}.lora_up.weight"), HostTensor::from_tensor(lora.up.val().without_autodiff()).await?);
+        tensors.insert(format!("{name}.alpha"), HostTensor { shape: vec![], values: vec![lora.alpha as f32] });
+    }
     Ok(tensors)
 }
 
@@ -69,16 +78,22 @@ pub fn unet_lora_name(model: &StableDiffusion, path: &str) -> String {
 }
 
 /// A kohya LoRA file with `ss_*` / `modelspec.*` metadata (plus `extra`).
-/// With LoKr adapters, `lokr_settings` is their lycoris_config (its JSON goes into the metadata).
-pub async fn kohya_file(model: &StableDiffusion, extra: &BTreeMap<String, String>, lokr_settings: Option<&LokrSettings>) -> Result<Vec<u8>> {
-    let lokr_settings = lokr_settings.cloned();
+/// With LyCORIS adapters, `lycoris` is their lycoris_config (its JSON goes into the metadata).
+pub async fn kohya_file(model: &StableDiffusion, extra: &BTreeMap<String, String>, lycoris: Option<&LycorisSettings>) -> Result<Vec<u8>> {
+    let lycoris = lycoris.cloned();
     let tensors = kohya_tensors(model).await?;
     let layers = model.unet.adapted_layers();
     let no_adapter = || Error::Training { step: 0, message: "the model has no LoRA adapters to export".into() };
-    let first = layers.first().ok_or_else(no_adapter)?;
-    let (module, dim, alpha) = match (&first.lora, &first.lokr) {
-        (Some(lora), _) => ("networks.lora", lora.rank(), lora.alpha),
-        (None, Some(lokr)) => ("lycoris.kohya", lokr.rank().unwrap_or(lokr.w1.val().dims()[0]), lokr.alpha),
+    let (module, dim, alpha) = match (layers.first(), model.unet.adapted_convs().first()) {
+        (Some(first), _) => match (&first.lora, &first.lokr) {
+            (Some(lora), _) => ("networks.lora", lora.rank(), lora.alpha),
+            (None, Some(lokr)) => ("lycoris.kohya", lokr.rank().unwrap_or(lokr.w1.val().dims()[0]), lokr.alpha),
+            (None, None) => return Err(no_adapter()),
+        },
+        (None, Some(conv)) => {
+            let lora = conv.lora.as_ref().expect("adapted");
+            ("lycoris.kohya", lora.rank(), lora.alpha)
+        }
         (None, None) => return Err(no_adapter()),
     };
     let (version, architecture, v2) = match (model.family, model.configs.scheduler.prediction_type) {
@@ -98,13 +113,19 @@ pub async fn kohya_file(model: &StableDiffusion, extra: &BTreeMap<String, String
         ("modelspec.implementation".to_string(), "diffusers".to_string()),
         ("burnbooth.format".to_string(), "kohya".to_string()),
     ]);
-    if first.lora.as_ref().is_some_and(|l| l.magnitude.is_some()) {
+    if layers.first().and_then(|l| l.lora.as_ref()).is_some_and(|l| l.magnitude.is_some()) {
         // What LyCORIS's kohya wrapper records for DoRA with output-axis magnitudes.
         metadata.insert("ss_network_module".to_string(), "lycoris.kohya".to_string());
         metadata.insert("ss_network_args".to_string(), r#"{"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}"#.to_string());
     }
-    if let (Some(_), Some(settings)) = (&first.lokr, &lokr_settings) {
-        metadata.insert("ss_network_args".to_string(), format!(r#"{{"algo": "lokr", "full_matrix": "{}"}}"#, settings.full_matrix));
+    if let Some(settings) = &lycoris {
+        // What LyCORIS's kohya wrapper records (its arguments as strings).
+        let args = match settings.algo {
+            LycorisAlgo::Lokr => format!(r#"{{"algo": "lokr", "full_matrix": "{}"}}"#, settings.full_matrix),
+            LycorisAlgo::Locon => format!(r#"{{"algo": "locon", "conv_dim": "{}", "conv_alpha": "{}"}}"#, settings.conv_dim, settings.conv_alpha),
+        };
+        metadata.insert("ss_network_module".to_string(), "lycoris.kohya".to_string());
+        metadata.insert("ss_network_args".to_string(), args);
         metadata.insert("lycoris_config".to_string(), settings.source.clone());
     }
     metadata.extend(extra.clone());
@@ -141,7 +162,7 @@ pub fn dora_decompose(adapted: Tensor<2>, dora_scale: &HostTensor, device: &Devi
     let scale = HostTensor { shape: vec![dora_scale.values.len()], values: dora_scale.values.clone() }.to_tensor::<1>(device).map_err(|e| e.to_string())?;
     let tiny = f32::MIN_POSITIVE as f64;
     match dora_scale.shape.as_slice() {
-        [out, 1] if *out == d_out => {
+        [out, 1] | [out, 1, 1, 1] if *out == d_out => {
             let norm = adapted.clone().square().sum_dim(0).sqrt().clamp_min(tiny);
             Ok(adapted * (scale.reshape([1, d_out]) / norm))
         }
@@ -178,6 +199,75 @@ fn lokr_delta(parts: &BTreeMap<String, HostTensor>, alpha: Option<f32>, [d_in, d
     Ok(delta.transpose() * scale)
 }
 
+/// A layer a kohya file can change. Merging sees its weight as a matrix
+/// `[fan_in, out]`: a Linear layer's in burn's layout, a convolution's
+/// `[out, in, k, k]` flattened to `[out, in * k * k]` and transposed.
+enum MergeTarget<'a> {
+    Linear(&'a mut Linear),
+    Conv(&'a mut Conv2d),
+}
+
+impl MergeTarget<'_> {
+    /// `[fan_in, out]`.
+    fn dims(&self) -> [usize; 2] {
+        match self {
+            Self::Linear(linear) => linear.weight.val().dims(),
+            Self::Conv(conv) => {
+                let [out, d_in, kh, kw] = conv.weight.val().dims();
+                [d_in * kh * kw, out]
+            }
+        }
+    }
+
+    /// The weight as that matrix, in f32.
+    fn matrix(&self) -> Tensor<2> {
+        let [fan_in, out] = self.dims();
+        match self {
+            Self::Linear(linear) => in_dtype(linear.weight.val(), DType::F32),
+            Self::Conv(conv) => in_dtype(conv.weight.val(), DType::F32).reshape([out, fan_in]).transpose(),
+        }
+    }
+
+    /// Stores `matrix` back, in the weight's own shape and dtype (f16 frozen bases stay f16).
+    fn set_matrix(&mut self, matrix: Tensor<2>) {
+        match self {
+            Self::Linear(linear) => {
+                let dtype = linear.weight.val().dtype();
+                linear.weight = Param::from_tensor(in_dtype(matrix, dtype));
+            }
+            Self::Conv(conv) => {
+                let weight = conv.weight.val();
+                let (dims, dtype) = (weight.dims(), weight.dtype());
+                conv.weight = Param::from_tensor(in_dtype(matrix.transpose().reshape(dims), dtype));
+            }
+        }
+    }
+}
+
+/// A LoRA pair's product `up @ down` as a `[fan_in, out]` matrix: `down`
+/// `[rank, in]` or `[rank, in, k, k]`, `up` `[out, rank]` or `[out, rank, 1, 1]`.
+fn lora_product(down: &HostTensor, up: &HostTensor, [fan_in, out]: [usize; 2], device: &Device) -> std::result::Result<(Tensor<2>, usize), String> {
+    let pair = || format!("lora_down {:?} and lora_up {:?}", down.shape, up.shape);
+    let is_pointwise_up = up.shape.len() == 2 || (up.shape.len() == 4 && up.shape[2..] == [1, 1]);
+    if !matches!(down.shape.len(), 2 | 4) || !is_pointwise_up {
+        return Err(format!("{} are not a LoRA pair (2-d, or 4-d with a 1x1 lora_up)", pair()));
+    }
+    let rank = down.shape[0];
+    let down_fan: usize = down.shape[1..].iter().product();
+    if up.shape[1] != rank {
+        return Err(format!("{} have different ranks", pair()));
+    }
+    if down_fan != fan_in || up.shape[0] != out {
+        return Err(format!("{} change a layer of {down_fan} inputs and {} outputs, but the model's layer has {fan_in} and {out}", pair(), up.shape[0]));
+    }
+    let flat = |t: &HostTensor, rows: usize, cols: usize| {
+        HostTensor { shape: vec![rows, cols], values: t.values.clone() }.to_tensor::<2>(device).map_err(|e| e.to_string())
+    };
+    let down = flat(down, rank, fan_in)?;
+    let up = flat(up, out, rank)?;
+    Ok((up.matmul(down).transpose(), rank))
+}
+
 /// Folds a kohya LoRA file into the model's weights with `multiplier`.
 /// Every module of the file must match a layer of the model; all that do
 /// not are listed in the error.
@@ -205,81 +295,59 @@ pub fn merge_kohya(model: &mut StableDiffusion, path: &str, bytes: Vec<u8>, mult
         }
     }
 
-    // Every Linear a kohya file can name: the UNet's adaptable layers and the text encoder's.
-    // SDXL files name UNet layers by SGM path; diffusers paths are accepted too.
-    let paths: Vec<String> = model.unet.lora_layers_mut().iter().map(|l| l.path.clone()).collect();
+    // Every layer a kohya file can name: the UNet's adaptable Linear layers
+    // and convolutions and the text encoders' Linear layers. SDXL files name
+    // UNet layers by SGM path; diffusers paths are accepted too.
+    let mut paths: Vec<String> = model.unet.lora_layers_mut().iter().map(|l| l.path.clone()).collect();
+    paths.extend(model.unet.lora_convs_mut().iter().map(|c| c.path.clone()));
     let sdxl_names: BTreeMap<String, String> =
         if model.family == Family::Sdxl { paths.iter().map(|path| (unet_lora_name(model, path), kohya_unet_name(path))).collect() } else { BTreeMap::new() };
-    let unet = model.unet.lora_layers_mut().into_iter().map(|l| (kohya_unet_name(&l.path), &mut l.base));
-    let text = model.text_encoder.lora_layers_mut().into_iter().map(|l| (kohya_text_name("lora_te_", &l.path), &mut l.base));
+    let StableDiffusion { unet, text_encoder, text_encoder_2, .. } = model;
+    let (unet_linear, unet_convs) = unet.adaptable_mut();
+    let unet_linear = unet_linear.into_iter().map(|l| (kohya_unet_name(&l.path), MergeTarget::Linear(&mut l.base)));
+    let unet_convs = unet_convs.into_iter().map(|c| (kohya_unet_name(&c.path), MergeTarget::Conv(&mut c.base)));
+    let text = text_encoder.lora_layers_mut().into_iter().map(|l| (kohya_text_name("lora_te_", &l.path), MergeTarget::Linear(&mut l.base)));
     // SDXL's second encoder: `lora_te2_text_model_encoder_layers_N_…`.
-    let text_2 = model.text_encoder_2.iter_mut().flat_map(|e| e.lora_layers_mut()).map(|l| (kohya_text_name("lora_te2_", &l.path), &mut l.base));
-    let mut layers: BTreeMap<String, &mut Linear> = unet.chain(text).chain(text_2).collect();
+    let text_2 = text_encoder_2.iter_mut().flat_map(|e| e.lora_layers_mut()).map(|l| (kohya_text_name("lora_te2_", &l.path), MergeTarget::Linear(&mut l.base)));
+    let mut layers: BTreeMap<String, MergeTarget> = unet_linear.chain(unet_convs).chain(text).chain(text_2).collect();
 
     let mut merged = 0;
     for (name, module) in modules {
-        if !module.lokr.is_empty() {
-            let name = sdxl_names.get(&name).cloned().unwrap_or(name);
-            let Some(linear) = layers.get_mut(&name.replacen("lora_te1_", "lora_te_", 1)) else {
-                problems.push(format!("'{name}' matches no layer of this model"));
-                continue;
-            };
-            match lokr_delta(&module.lokr, module.alpha, linear.weight.val().dims(), device) {
-                Ok(delta) => {
-                    let weight = linear.weight.val();
-                    let dtype = weight.dtype();
-                    linear.weight = Param::from_tensor(in_dtype(in_dtype(weight, DType::F32) + delta * multiplier, dtype));
-                    merged += 1;
-                }
-                Err(problem) => problems.push(format!("'{name}': {problem}")),
-            }
-            continue;
-        }
-        let (Some(down), Some(up)) = (module.down, module.up) else {
-            problems.push(format!("'{name}' lacks lora_down or lora_up"));
-            continue;
-        };
-        if down.shape.len() != 2 || up.shape.len() != 2 || down.shape[0] != up.shape[1] {
-            problems.push(format!("'{name}': lora_down {:?} and lora_up {:?} are not a linear LoRA pair", down.shape, up.shape));
-            continue;
-        }
-        let rank = down.shape[0];
-        let alpha = module.alpha.map(f64::from).unwrap_or(rank as f64);
         // Text-encoder names of SDXL-style files (lora_te1_) mean the same single encoder here.
         let name = sdxl_names.get(&name).cloned().unwrap_or(name);
-        let Some(linear) = layers.get_mut(&name.replacen("lora_te1_", "lora_te_", 1)) else {
+        let Some(target) = layers.get_mut(&name.replacen("lora_te1_", "lora_te_", 1)) else {
             problems.push(format!("'{name}' matches no layer of this model"));
             continue;
         };
-        let [d_in, d_out] = linear.weight.val().dims();
-        if down.shape[1] != d_in || up.shape[0] != d_out {
-            problems.push(format!("'{name}': LoRA is {}->{} but the model's layer is {d_in}->{d_out}", down.shape[1], up.shape[0]));
-            continue;
-        }
-        // burn layout: down [in, rank], up [rank, out].
-        let down = down.to_tensor::<2>(device)?.transpose();
-        let up = up.to_tensor::<2>(device)?.transpose();
-        let weight = linear.weight.val();
-        let dtype = weight.dtype();
-        let base = in_dtype(weight, DType::F32);
-        let merged_weight = match module.dora_scale {
-            None => base + down.matmul(up) * (alpha / rank as f64 * multiplier),
-            Some(scale) => {
-                let adapted = base.clone() + down.matmul(up) * (alpha / rank as f64);
-                let decomposed = match dora_decompose(adapted, &scale, device) {
-                    Ok(decomposed) => decomposed,
-                    Err(problem) => {
-                        problems.push(format!("'{name}': {problem}"));
-                        continue;
+        let dims = target.dims();
+        let base = target.matrix();
+        let changed = if !module.lokr.is_empty() {
+            lokr_delta(&module.lokr, module.alpha, dims, device).map(|delta| base.clone() + delta * multiplier)
+        } else {
+            let (Some(down), Some(up)) = (&module.down, &module.up) else {
+                problems.push(format!("'{name}' lacks lora_down or lora_up"));
+                continue;
+            };
+            lora_product(down, up, dims, device).and_then(|(product, rank)| {
+                let alpha = module.alpha.map(f64::from).unwrap_or(rank as f64);
+                let delta = product * (alpha / rank as f64);
+                match &module.dora_scale {
+                    None => Ok(base.clone() + delta * multiplier),
+                    // Another strength blends toward the DoRA weight, as ComfyUI does.
+                    Some(scale) => {
+                        dora_decompose(base.clone() + delta, scale, device).map(|decomposed| base.clone() + (decomposed - base.clone()) * multiplier)
                     }
-                };
-                // Another strength blends toward the DoRA weight, as ComfyUI does.
-                base.clone() + (decomposed - base) * multiplier
-            }
+                }
+            })
         };
-        // Merged in f32, stored back in the weight's own dtype (f16 frozen bases).
-        linear.weight = Param::from_tensor(in_dtype(merged_weight, dtype));
-        merged += 1;
+        match changed {
+            // Merged in f32, stored back in the weight's own dtype.
+            Ok(weight) => {
+                target.set_matrix(weight);
+                merged += 1;
+            }
+            Err(problem) => problems.push(format!("'{name}': {problem}")),
+        }
     }
     if problems.is_empty() {
         Ok(merged)

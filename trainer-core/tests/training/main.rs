@@ -286,7 +286,7 @@ fn assert_merges_back(run: &Session<'_>, path: &str, bytes: Vec<u8>, device: &De
     let base = fixture_model(device, WeightDtypes::default()).unet.forward(sample.clone(), &[500.0], context.clone());
     let mut merged = fixture_model(device, WeightDtypes::default());
     let count = trainer_core::train::export::merge_kohya(&mut merged, path, bytes, 1.0, device).unwrap();
-    assert_eq!(count, run.model.unet.adapted_layers().len(), "every adapted layer is in the file");
+    assert_eq!(count, run.model.unet.adapted_layers().len() + run.model.unet.adapted_convs().len(), "every adapted layer is in the file");
     let from_file = merged.unet.forward(sample, &[500.0], context);
     let values = |t: burn::tensor::Tensor<4>| t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
     let (adapted, base, from_file) = (values(adapted), values(base), values(from_file));
@@ -295,13 +295,25 @@ fn assert_merges_back(run: &Session<'_>, path: &str, bytes: Vec<u8>, device: &De
     assert!(relative(&from_file, &adapted) < 1e-5, "merged output differs ({path}): {:.2e}", relative(&from_file, &adapted));
 }
 
+/// Checkpoints `run` (after its step 3) and trains 3 more steps; a session
+/// resumed from the checkpoint trains those steps with the same losses and
+/// ends with the same trainable UNet tensors.
+fn assert_resumes_exactly(run: &mut Session<'_>, setup: &Setup, storage: &MemoryStorage, device: &Device) {
+    use trainer_core::train::checkpoint::trainable_tensors;
+    block_on(run.save_checkpoint()).unwrap();
+    let rest = train(run, 3);
+    let mut resumed = session(setup, storage, device, F32_TARGET);
+    resumed.resume("latest").unwrap();
+    assert_eq!(train(&mut resumed, 3), rest, "steps 4-6 after resuming equal the uninterrupted run");
+    assert_eq!(block_on(trainable_tensors(&resumed.model.unet)).unwrap(), block_on(trainable_tensors(&run.model.unet)).unwrap());
+}
+
 /// LoKr (lora_type lycoris, SimpleTuner's example lycoris_config with a
 /// factor the tiny model's sizes allow) trains the attention and
 /// feed-forward layers, resumes exactly, and its file (LyCORIS's lokr_w1 /
 /// lokr_w2 / alpha names) merges back to the same UNet output.
 #[test]
 fn lokr_trains_resumes_exactly_and_its_file_merges_back() {
-    use trainer_core::train::checkpoint::trainable_tensors;
     let device = Device::flex();
     let storage = MemoryStorage::default();
     let mut setup = setup("MAX_NUM_STEPS=6\nLORA_TYPE=lycoris\nLEARNING_RATE=1e-2\n", false);
@@ -309,20 +321,15 @@ fn lokr_trains_resumes_exactly_and_its_file_merges_back() {
         "apply_preset": {"target_module": ["Attention", "FeedForward"], "module_algo_map": {"Attention": {"factor": 4}, "FeedForward": {"factor": 2}}}}"#;
     let (lokr, warnings) = trainer_core::config::lycoris::parse_lycoris_config(config).unwrap();
     assert!(warnings.is_empty(), "{warnings:?}");
-    setup.training.lokr = Some(lokr);
+    setup.training.lycoris = Some(lokr);
     let mut run = session(&setup, &storage, &device, F32_TARGET);
     let described = trainer_core::plan::describe(&run.plan);
-    assert!(described.contains("Adapters: LyCORIS LoKr on to_q, to_k, to_v, to_out.0 (factor 4); ff.net.0.proj, ff.net.2 (factor 2)"), "{described}");
+    assert!(described.contains("Adapters: LyCORIS LoKr on to_q, to_k, to_v, to_out.0 (factor 4); LoKr on ff.net.0.proj, ff.net.2 (factor 2)"), "{described}");
     let layers = run.model.unet.adapted_layers();
     assert!(!layers.is_empty() && layers.iter().all(|l| l.lokr.is_some() && l.lora.is_none()));
     assert!(layers.iter().any(|l| l.path.ends_with("ff.net.2")) && !layers.iter().any(|l| l.path.ends_with("proj_in")), "Attention and FeedForward only");
     train(&mut run, 3);
-    block_on(run.save_checkpoint()).unwrap();
-    let rest = train(&mut run, 3);
-    let mut resumed = session(&setup, &storage, &device, F32_TARGET);
-    resumed.resume("latest").unwrap();
-    assert_eq!(train(&mut resumed, 3), rest, "steps 4-6 after resuming equal the uninterrupted run");
-    assert_eq!(block_on(trainable_tensors(&resumed.model.unet)).unwrap(), block_on(trainable_tensors(&run.model.unet)).unwrap());
+    assert_resumes_exactly(&mut run, &setup, &storage, &device);
 
     let path = block_on(run.export_lora("lokr")).unwrap();
     let bytes = storage.read(&path).unwrap().unwrap();
@@ -330,6 +337,52 @@ fn lokr_trains_resumes_exactly_and_its_file_merges_back() {
     let names: Vec<&String> = file.keys().collect();
     assert!(names.iter().all(|n| n.starts_with("lora_unet_") && (n.ends_with(".lokr_w1") || n.ends_with(".lokr_w2") || n.ends_with(".alpha"))), "{names:?}");
     assert_eq!(names.len(), 3 * run.model.unet.adapted_layers().len());
+    assert_merges_back(&run, &path, bytes, &device);
+}
+
+/// LoCon (lycoris_config algo locon, no apply_preset: LyCORIS's default
+/// preset) adapts every Linear layer and convolution of the UNet, with
+/// conv_dim on the 3x3 kernels and linear_dim on the 1x1 ones; it trains,
+/// resumes exactly, and its file (kohya names, 4-d pairs for
+/// convolutions) merges back to the same UNet output.
+#[test]
+fn locon_adapts_the_convolutions_too_resumes_exactly_and_its_file_merges_back() {
+    let device = Device::flex();
+    let storage = MemoryStorage::default();
+    let mut setup = setup("MAX_NUM_STEPS=6\nLORA_TYPE=lycoris\nLEARNING_RATE=1e-2\n", false);
+    let config = r#"{"algo": "locon", "multiplier": 1, "linear_dim": 4, "linear_alpha": 2, "conv_dim": 3, "conv_alpha": 1.5}"#;
+    let (locon, warnings) = trainer_core::config::lycoris::parse_lycoris_config(config).unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    setup.training.lycoris = Some(locon);
+    let mut run = session(&setup, &storage, &device, F32_TARGET);
+    let described = trainer_core::plan::describe(&run.plan);
+    assert!(described.contains("LoCon on conv1, conv2, conv_shortcut, time_emb_proj") && described.contains("conv_dim 3, conv_alpha 1.5"), "{described}");
+    let unet = &mut run.model.unet;
+    let (all_linear, all_convs) = (unet.lora_layers_mut().len(), unet.lora_convs_mut().len());
+    let (layers, convs) = (run.model.unet.adapted_layers(), run.model.unet.adapted_convs());
+    assert_eq!((layers.len(), convs.len()), (all_linear, all_convs), "the default preset adapts every layer");
+    for conv in &convs {
+        let lora = conv.lora.as_ref().unwrap();
+        let kernel = conv.dims()[2];
+        let expected = if kernel == 1 { (4, 2.0) } else { (3, 1.5) };
+        assert_eq!((lora.rank(), lora.alpha), expected, "{}: {kernel}x{kernel}", conv.path);
+    }
+    assert!(convs.iter().any(|c| c.path == "down_blocks.0.downsamplers.0.conv") && convs.iter().any(|c| c.path.ends_with("attentions.0.proj_in")));
+    assert!(layers.iter().any(|l| l.path == "time_embedding.linear_1") && layers.iter().all(|l| l.lora.as_ref().is_some_and(|a| a.rank() == 4)));
+    train(&mut run, 3);
+    assert_resumes_exactly(&mut run, &setup, &storage, &device);
+
+    let path = block_on(run.export_lora("locon")).unwrap();
+    let bytes = storage.read(&path).unwrap().unwrap();
+    let file = trainer_core::train::tensor_file::read(&path, bytes.clone()).unwrap();
+    assert_eq!(file["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape, vec![3, 8, 3, 3]);
+    assert_eq!(file["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"].shape, vec![8, 3, 1, 1]);
+    assert_eq!(file["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape, vec![4, 8, 1, 1]);
+    assert_eq!(file["lora_unet_time_embedding_linear_1.lora_down.weight"].shape.len(), 2);
+    assert_eq!(file["lora_unet_conv_in.alpha"].values, vec![1.5]);
+    let metadata = trainer_core::models::safetensors_file::SafetensorsFile::from_bytes(&path, bytes.clone()).unwrap().metadata;
+    assert_eq!(metadata.get("ss_network_module").map(String::as_str), Some("lycoris.kohya"));
+    assert!(metadata.get("ss_network_args").is_some_and(|a| a.contains(r#""algo": "locon""#) && a.contains(r#""conv_dim": "3""#)), "{metadata:?}");
     assert_merges_back(&run, &path, bytes, &device);
 }
 
@@ -348,12 +401,7 @@ fn dora_trains_the_magnitudes_and_resumes_exactly() {
     train(&mut run, 3);
     let moved = block_on(trainable_tensors(&run.model.unet)).unwrap();
     assert!(magnitudes.iter().all(|k| moved[*k] != start[*k]), "every magnitude trains");
-    block_on(run.save_checkpoint()).unwrap();
-    let rest = train(&mut run, 3);
-    let mut resumed = session(&setup, &storage, &device, F32_TARGET);
-    resumed.resume("latest").unwrap();
-    assert_eq!(train(&mut resumed, 3), rest, "steps 4-6 after resuming equal the uninterrupted run");
-    assert_eq!(block_on(trainable_tensors(&resumed.model.unet)).unwrap(), block_on(trainable_tensors(&run.model.unet)).unwrap());
+    assert_resumes_exactly(&mut run, &setup, &storage, &device);
     let plain = self::setup("MAX_NUM_STEPS=6\nLORA_DROPOUT=0.1\n", false);
     let error = session(&plain, &storage, &device, F32_TARGET).resume("latest").unwrap_err().to_string();
     assert!(error.contains("trainable tensors"), "{error}");
@@ -641,8 +689,8 @@ fn frozen_base_weights_in_f16_halve_the_memory_and_train_like_f32() {
     // Weight matrices and kernels are f16; norms, biases and the adapters f32.
     let layer = run16.model.unet.adapted_layers()[0];
     assert_eq!(layer.base.weight.val().dtype(), burn::tensor::DType::F16);
-    assert_eq!(run16.model.unet.conv_in.weight.val().dtype(), burn::tensor::DType::F16);
-    assert_eq!(run16.model.unet.conv_in.bias.as_ref().unwrap().val().dtype(), burn::tensor::DType::F32);
+    assert_eq!(run16.model.unet.conv_in.base.weight.val().dtype(), burn::tensor::DType::F16);
+    assert_eq!(run16.model.unet.conv_in.base.bias.as_ref().unwrap().val().dtype(), burn::tensor::DType::F32);
     assert_eq!(layer.lora.as_ref().unwrap().down.val().dtype(), burn::tensor::DType::F32);
     for (what, small, large) in [
         ("UNet", stored_bytes(&run16.model.unet), stored_bytes(&run32.model.unet)),

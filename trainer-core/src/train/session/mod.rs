@@ -22,6 +22,7 @@ use super::ema::{self, Ema};
 use super::noise::NoiseSchedule;
 use super::optimizer::{trainable_values, AdamWSettings, Optimizer, Rule, ToTrainDevice};
 use super::storage::{join, Storage};
+use crate::config::lycoris::LycorisAlgo;
 use crate::config::training::{ModelFamily, ModelType, OptimizerKind, RegularisationMode, TrainingConfig};
 use crate::data::source::ImageSource;
 use crate::error::{Error, Result};
@@ -221,23 +222,36 @@ impl<'a> Session<'a> {
         let unet = model.unet.clone();
         let mut unet = unet.map(&mut ToTrainDevice { device: &train_device, trainable: full });
         let dropout = (!full && config.lora_dropout > 0.0).then(|| DropoutSource::new(config.lora_dropout));
-        if config.lycoris_config.is_some() && config.lokr.is_none() {
+        if config.lycoris_config.is_some() && config.lycoris.is_none() {
             return Err(Error::Config {
                 source_name: config.source_name.clone(),
                 problems: vec!["lora_type lycoris: the lycoris_config file was not read (load the config with config::load)".into()],
             });
         }
-        if config.lokr.is_some() && config.train_text_encoder {
+        if config.lycoris.is_some() && config.train_text_encoder {
             return Err(Error::Config {
                 source_name: config.source_name.clone(),
-                problems: vec!["train_text_encoder with lora_type lycoris is not supported yet: LoKr adapts the UNet".into()],
+                problems: vec!["train_text_encoder with lora_type lycoris is not supported yet: LyCORIS adapters here adapt the UNet".into()],
             });
         }
-        if let (false, Some(lokr)) = (full, &config.lokr) {
+        if let (false, Some(lycoris)) = (full, &config.lycoris) {
             let mut attached = 0;
             for layer in unet.lora_layers_mut() {
-                if let Some(factor) = lokr.factor_for(&layer.path) {
-                    layer.attach_lokr(lokr, factor, config.seed, &train_device);
+                let Some(target) = lycoris.target_for(&layer.path) else { continue };
+                match target.algo {
+                    LycorisAlgo::Lokr => layer.attach_lokr(lycoris, target.factor, config.seed, &train_device),
+                    LycorisAlgo::Locon => {
+                        let (rank, alpha) = lycoris.locon_rank_alpha(1);
+                        layer.attach(rank, alpha, config.seed, None, &train_device);
+                    }
+                }
+                attached += 1;
+            }
+            // LoKr adapts Linear layers only (the config refuses LoKr on convolution classes).
+            for conv in unet.lora_convs_mut() {
+                if lycoris.target_for(&conv.path).is_some_and(|t| t.algo == LycorisAlgo::Locon) {
+                    let (rank, alpha) = lycoris.locon_rank_alpha(conv.dims()[2]);
+                    conv.attach(rank, alpha, config.seed, &train_device);
                     attached += 1;
                 }
             }

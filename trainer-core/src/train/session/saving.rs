@@ -86,11 +86,12 @@ impl Session<'_> {
         let c = &self.config;
         let mut adapters = BTreeMap::from([("model_type".to_string(), format!("{:?}", c.model_type))]);
         if c.model_type == ModelType::Lora {
-            let layers: Vec<&str> = self.model.unet.adapted_layers().iter().map(|l| l.path.as_str()).collect();
+            let mut layers: Vec<&str> = self.model.unet.adapted_layers().iter().map(|l| l.path.as_str()).collect();
+            layers.extend(self.model.unet.adapted_convs().iter().map(|c| c.path.as_str()));
             adapters.insert("lora_rank".into(), c.lora_rank.to_string());
             adapters.insert("lora_alpha".into(), c.lora_alpha.to_string());
-            if let Some(lokr) = &c.lokr {
-                adapters.insert("lycoris_config".into(), lokr.source.clone());
+            if let Some(lycoris) = &c.lycoris {
+                adapters.insert("lycoris_config".into(), lycoris.source.clone());
             }
             if c.use_dora {
                 // Only when on, so records from before DoRA still compare equal.
@@ -241,7 +242,7 @@ impl Session<'_> {
             ("burnbooth.lora_dropout".to_string(), c.lora_dropout.to_string()),
             ("burnbooth.weights".to_string(), weights.to_string()),
         ]);
-        let bytes = export::kohya_file(&self.model, &extra, self.config.lokr.as_ref()).await?;
+        let bytes = export::kohya_file(&self.model, &extra, self.config.lycoris.as_ref()).await?;
         let path = self.output_path(&format!("{name}.safetensors"));
         self.storage.write(&path, &bytes)?;
         Ok(path)

@@ -104,23 +104,23 @@ pub fn ConfigPanel(ui: Ui) -> impl IntoView {
     let import = move |ev: leptos::ev::Event| {
         let files = input_files(&ev);
         spawn_local(async move {
+            let mut texts = Vec::new();
             for file in files {
-                let text = match file.bytes().await.map(|b| String::from_utf8_lossy(&b).into_owned()) {
-                    Ok(text) => text,
-                    Err(e) => {
-                        ui.config_error.set(Some(e));
-                        continue;
-                    }
-                };
-                // A JSON array is a dataloader config; anything else a training config.
-                if file.path.ends_with(".json") && text.trim_start().starts_with('[') {
-                    ui.dataloader_name.set(file.path.clone());
-                    ui.dataloader_text.set(text);
-                } else {
-                    ui.training_name.set(file.path.clone());
-                    ui.training_text.set(text);
+                match file.bytes().await.map(|b| String::from_utf8_lossy(&b).into_owned()) {
+                    Ok(text) => texts.push((file.path.clone(), text)),
+                    Err(e) => ui.config_error.set(Some(e)),
                 }
             }
+            let workspace::SortedConfigs { training, dataloader, side } = workspace::sort_config_files(texts, &ui.training_text.get_untracked());
+            if let Some((name, text)) = training {
+                ui.training_name.set(name);
+                ui.training_text.set(text);
+            }
+            if let Some((name, text)) = dataloader {
+                ui.dataloader_name.set(name);
+                ui.dataloader_text.set(text);
+            }
+            ui.side_files.update(|files| files.extend(side));
             ui.configs_changed();
         });
     };
@@ -180,6 +180,9 @@ pub fn ConfigPanel(ui: Ui) -> impl IntoView {
                         on:change=move |ev| { ui.dataloader_text.set(event_target_value(&ev)); ui.configs_changed(); }></textarea>
                 </div>
             </div>
+            <Show when=move || !ui.side_files.get().is_empty()>
+                <p id="side-files" class="hint">"Also imported, as the training config names them: "{move || ui.side_files.get().keys().cloned().collect::<Vec<_>>().join(", ")}</p>
+            </Show>
             <p id="config-error" class="bad">{move || ui.config_error.get().unwrap_or_default()}</p>
         </section>
     }
@@ -259,12 +262,14 @@ pub fn TrainPanel(ui: Ui) -> impl IntoView {
         if run.error.get_untracked().is_some() {
             return;
         }
-        let (Some(training), Some(dataloader)) = workspace::with(|w| (w.training.clone(), w.dataloader.clone())) else { return };
+        let (Some(training), Some(dataloader), side_files) = workspace::with(|w| (w.training.clone(), w.dataloader.clone(), w.side_files.clone())) else {
+            return;
+        };
         run.state.set(RunState::Running);
         run.gallery.set(Vec::new());
         run.losses.set(Vec::new());
         run.phase.set("starting".into());
-        send(&ToWorker::Train { training, dataloader }, Vec::new());
+        send(&ToWorker::Train { training, dataloader, side_files }, Vec::new());
     };
     let fetch = move |path: String| send(&ToWorker::Read { path }, Vec::new());
     view! {

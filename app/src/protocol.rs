@@ -34,6 +34,8 @@ pub enum ToWorker {
     Train {
         training: (String, String),
         dataloader: (String, String),
+        /// The files the training config names, by file name (lycoris_config...).
+        side_files: std::collections::BTreeMap<String, String>,
     },
     Pause,
     Resume,

@@ -121,6 +121,8 @@ pub struct Ui {
     pub training_text: RwSignal<String>,
     pub dataloader_name: RwSignal<String>,
     pub dataloader_text: RwSignal<String>,
+    /// Other imported files the training config names (file name -> text).
+    pub side_files: RwSignal<std::collections::BTreeMap<String, String>>,
     pub datasets: RwSignal<Vec<DatasetRow>>,
     pub config_error: RwSignal<Option<String>>,
     pub plan_text: RwSignal<String>,
@@ -153,6 +155,7 @@ impl Ui {
             training_text: RwSignal::new(String::new()),
             dataloader_name: RwSignal::new("multidatabackend.json".into()),
             dataloader_text: RwSignal::new(String::new()),
+            side_files: RwSignal::new(Default::default()),
             datasets: RwSignal::new(Vec::new()),
             config_error: RwSignal::new(None),
             plan_text: RwSignal::new(String::new()),
@@ -306,6 +309,7 @@ impl Ui {
         workspace::with(|w| {
             w.training = Some((self.training_name.get_untracked(), self.training_text.get_untracked())).filter(|(_, t)| !t.trim().is_empty());
             w.dataloader = Some((self.dataloader_name.get_untracked(), self.dataloader_text.get_untracked())).filter(|(_, t)| !t.trim().is_empty());
+            w.side_files = self.side_files.get_untracked();
         });
         self.plan_text.set(String::new());
         self.plan_json.set(String::new());

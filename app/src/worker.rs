@@ -95,7 +95,7 @@ fn handle(message: ToWorker, bytes: Vec<Vec<u8>>) {
             }
             workspace::with(|w| w.sources.insert(id, Rc::new(source)));
         }
-        ToWorker::Train { training, dataloader } => {
+        ToWorker::Train { training, dataloader, side_files } => {
             if state() != RunState::Idle {
                 post(&FromWorker::Error("a run is already going".into()), Vec::new());
                 return;
@@ -103,6 +103,7 @@ fn handle(message: ToWorker, bytes: Vec<Vec<u8>>) {
             workspace::with(|w| {
                 w.training = Some(training);
                 w.dataloader = Some(dataloader);
+                w.side_files = side_files;
             });
             set_state(RunState::Running);
             spawn_local(async {

@@ -59,6 +59,9 @@ pub struct Workspace {
     /// (file name, text) of the training config.
     pub training: Option<(String, String)>,
     pub dataloader: Option<(String, String)>,
+    /// Other files the training config names (lycoris_config,
+    /// user_prompt_library), by file name.
+    pub side_files: BTreeMap<String, String>,
     /// Picked files per dataset id.
     pub sources: BTreeMap<String, Rc<MemorySource>>,
     /// The current run (kept after training for sampling).
@@ -114,11 +117,12 @@ impl ImageSource for SharedSource {
     }
 }
 
-/// Reads both configs as the native runner does. The training config is
-/// known by its file name; every other path read (the dataloader config it
-/// names) gets the imported dataloader config.
+/// Reads the configs as the native runner does. The training config and
+/// the side files are known by their file names; every other path read
+/// (the dataloader config the training config names) gets the imported
+/// dataloader config.
 pub fn load_configs() -> Result<(TrainingConfig, DataloaderConfig)> {
-    let (training, dataloader) = with(|w| (w.training.clone(), w.dataloader.clone()));
+    let (training, dataloader, side_files) = with(|w| (w.training.clone(), w.dataloader.clone(), w.side_files.clone()));
     let Some((training_name, training_text)) = training else {
         return Err(Error::Config { source_name: "training config".into(), problems: vec!["import or write a training config first".into()] });
     };
@@ -126,12 +130,49 @@ pub fn load_configs() -> Result<(TrainingConfig, DataloaderConfig)> {
         if path == training_name {
             return Ok(training_text.clone());
         }
+        if let Some(text) = side_files.get(file_name(path)) {
+            return Ok(text.clone());
+        }
         match &dataloader {
             Some((_, text)) => Ok(text.clone()),
             None => Err(Error::Io { path: path.to_string(), message: "import this dataloader config (the training config names it)".into() }),
         }
     };
     config::load(&training_name, None, &read, &|_| None)
+}
+
+/// The last part of a path (picked files keep their folder in front).
+pub fn file_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// Imported config files by role, each `(name, text)`; side files by file name.
+pub struct SortedConfigs {
+    pub training: Option<(String, String)>,
+    pub dataloader: Option<(String, String)>,
+    pub side: Vec<(String, String)>,
+}
+
+/// Sorts imported config files: a JSON array is a dataloader config; a
+/// file whose name another imported file or the training config already
+/// there (`current_training`) mentions is a side file (a lycoris_config, a
+/// prompt library); the rest is the training config.
+pub fn sort_config_files(files: Vec<(String, String)>, current_training: &str) -> SortedConfigs {
+    let (mut training, mut dataloader, mut side) = (None, None, Vec::new());
+    let mentioned = |name: &str| {
+        let name = file_name(name);
+        current_training.contains(name) || files.iter().any(|(other, text)| file_name(other) != name && text.contains(name))
+    };
+    for (name, text) in &files {
+        if name.ends_with(".json") && text.trim_start().starts_with('[') {
+            dataloader = Some((name.clone(), text.clone()));
+        } else if mentioned(name) {
+            side.push((file_name(name).to_string(), text.clone()));
+        } else {
+            training = Some((name.clone(), text.clone()));
+        }
+    }
+    SortedConfigs { training, dataloader, side }
 }
 
 /// Each planned dataset's files.

@@ -69,8 +69,11 @@ fn answer(mut stream: TcpStream, root: &Path) {
 
 /// The example run, shortened to 3 steps with validation and a checkpoint
 /// at step 3, with the model given by absolute path for the native run,
-/// and with options that must behave alike in both: an EMA of the LoRA,
-/// loss masks for the subject (subject-masks/) and shuffled caption tags.
+/// and with the options of examples/dreambooth/options.env, which must
+/// behave alike in both: LyCORIS adapters from its lycoris_config.json
+/// (LoKr on attention and feed-forward, LoCon on the resnets), Prodigy, an
+/// EMA of the adapters, loss masks for the subject (subject-masks/) and
+/// shuffled caption tags.
 fn work_folder(dir: &Path, model: &Path) {
     let examples = repo().join("examples/dreambooth");
     for sub in ["subject", "subject-masks", "regularisation"] {
@@ -89,6 +92,9 @@ fn work_folder(dir: &Path, model: &Path) {
         serde_json::json!({"id": "zwxrobot-masks", "type": "local", "dataset_type": "conditioning", "conditioning_type": "mask", "instance_data_dir": "subject-masks"}),
     );
     std::fs::write(dir.join("multidatabackend-tiny.json"), serde_json::to_string_pretty(&dataloader).unwrap()).unwrap();
+    std::fs::copy(examples.join("lycoris_config.json"), dir.join("lycoris_config.json")).unwrap();
+    let options = std::fs::read_to_string(examples.join("options.env")).unwrap();
+    let extra_args = options.lines().find(|l| l.starts_with("TRAINER_EXTRA_ARGS=")).expect("options.env tunes Prodigy").to_string();
     let tiny = std::fs::read_to_string(examples.join("tiny.env")).unwrap();
     let config: String = tiny
         .lines()
@@ -99,20 +105,22 @@ fn work_folder(dir: &Path, model: &Path) {
             Some("VALIDATION_NUM_INFERENCE_STEPS") => "VALIDATION_NUM_INFERENCE_STEPS=2".to_string(),
             Some("MODEL_NAME") => format!("MODEL_NAME={}", model.display()),
             Some("OUTPUT_DIR") => "OUTPUT_DIR=output/browser".to_string(),
+            Some("OPTIMIZER") => "OPTIMIZER=prodigy".to_string(),
             _ => line.to_string(),
         })
-        .chain(["USE_EMA=true".to_string()])
+        .chain(["USE_EMA=true".to_string(), "LORA_TYPE=lycoris".to_string(), "LYCORIS_CONFIG=lycoris_config.json".to_string(), extra_args])
         .map(|l| l + "\n")
         .collect();
     std::fs::write(dir.join("browser.env"), &config).unwrap();
     // A one-step full fine-tune into another folder, reusing the caches.
     let full: String = config
         .lines()
-        .map(|line| match line.split_once('=').map(|(k, _)| k) {
-            Some("MODEL_TYPE") => "MODEL_TYPE=full".to_string(),
-            Some("MAX_NUM_STEPS") => "MAX_NUM_STEPS=1".to_string(),
-            Some("OUTPUT_DIR") => "OUTPUT_DIR=output/browser-full".to_string(),
-            _ => line.to_string(),
+        .filter_map(|line| match line.split_once('=').map(|(k, _)| k) {
+            Some("MODEL_TYPE") => Some("MODEL_TYPE=full".to_string()),
+            Some("MAX_NUM_STEPS") => Some("MAX_NUM_STEPS=1".to_string()),
+            Some("OUTPUT_DIR") => Some("OUTPUT_DIR=output/browser-full".to_string()),
+            Some("LORA_TYPE" | "LYCORIS_CONFIG") => None,
+            _ => Some(line.to_string()),
         })
         .map(|l| l + "\n")
         .collect();
@@ -168,7 +176,7 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
         .env("SDXL_MODEL_DIR", repo().join("trainer-core/tests/fixtures/models/sdxl/diffusers"))
         .env("WORK_DIR", &work)
         .env("OUT_DIR", &out)
-        .env("CONFIGS", "browser.env,multidatabackend-tiny.json")
+        .env("CONFIGS", "browser.env,multidatabackend-tiny.json,lycoris_config.json")
         .env("FULL_CONFIG", "browser-full.env")
         .env("TRAIN_TIMEOUT_S", "2400")
         .output()
@@ -181,6 +189,9 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
     let native_plan: serde_json::Value = serde_json::from_str(&runner(&["plan", "--json", "--config", "browser.env"], &work)).unwrap();
     let web_plan: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("plan.json")).unwrap()).unwrap();
     assert_eq!(web_plan, native_plan, "the browser's plan differs from native-runner plan --json");
+    let adapters = web_plan["adapters"].as_str().unwrap_or_default();
+    assert!(adapters.contains("LoKr on to_q") && adapters.contains("LoCon on conv1"), "the imported lycoris_config.json: {adapters}");
+    assert!(web_plan["optimizer"]["note"].as_str().is_some_and(|n| n.starts_with("Prodigy") && n.contains("d_coef 2")), "{}", web_plan["optimizer"]);
 
     let result: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("result.json")).unwrap()).unwrap();
     let sdxl = result["sdxlModel"].as_str().unwrap_or_default();
@@ -265,9 +276,10 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
     // ...and equals the LoRA the native runner trains from the same config
     // and seed. WebGPU and burn's CPU backend round differently (reduction
     // order), so: the losses agree to 1e-4 relative, the LoRA as a whole to
-    // 1e-3 relative L2. Single tensors may differ more: Adam's first steps
-    // are scale-free (m / sqrt(v)), so where a gradient is ~1e-8 rounding
-    // noise sets the step (seen: 2.9e-3 on one lora_up; median 3.5e-7).
+    // 1e-3 relative L2. Single tensors may differ more: Adam's (and
+    // Prodigy's) steps are scale-free (m / sqrt(v)), so where a gradient is
+    // ~1e-8 rounding noise sets the step (seen with AdamW: 2.9e-3 on one
+    // lora_up; median 3.5e-7).
     runner(&["train", "--config", "browser.env", "--device", "cpu", "--output-dir", "native"], &work);
     let native_losses: Vec<f64> = std::fs::read_to_string(work.join("native/metrics.jsonl"))
         .unwrap()
@@ -295,7 +307,11 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
     }
     let overall = (difference / total).sqrt();
     assert!(overall < 1e-3, "web and native LoRA differ by {overall:.2e} (relative L2 over all tensors)");
-    let moved: f64 = web.iter().filter(|(n, _)| n.ends_with("lora_up.weight")).map(|(_, v)| norm(v)).sum();
-    assert!(moved > 0.0, "training moved the LoRA up weights away from their zero start");
+    let moved: f64 = web.iter().filter(|(n, _)| n.ends_with("lora_up.weight") || n.ends_with("lokr_w2")).map(|(_, v)| norm(v)).sum();
+    assert!(moved > 0.0, "training moved the LoCon up weights and LoKr w2 factors away from their zero start");
+    assert!(
+        web.iter().any(|(n, _)| n.ends_with("attn1_to_q.lokr_w1")) && web.iter().any(|(n, _)| n.ends_with("resnets_0_conv1.lora_down.weight")),
+        "LoKr and LoCon in the tab's file"
+    );
     eprintln!("web vs native LoRA: relative L2 difference {overall:.2e} overall, {worst:.2e} at worst over {} tensors", web.len());
 }

@@ -7,14 +7,17 @@
 //! scripts/bench_train_torch.py (diffusers + peft) on the same config.
 //!
 //! `--unet sd15` takes SD 1.5's UNet instead (860 M parameters, context
-//! 768), `--resolution` the image side in pixels (latents are 1/8 of it;
-//! default 256, 32x32 latents), `--checkpointing` turns on gradient
-//! checkpointing (by stage, as `train` does it; diffusers'
-//! enable_gradient_checkpointing on the PyTorch side), `--f16-base` stores
-//! the frozen base weights in f16 as `train` does on GPUs (the PyTorch side
-//! loads the UNet in f16 then, its LoRA weights staying f32).
+//! 768), `--unet sdxl` SDXL's (2.6 B parameters, context 2048, with its
+//! pooled text embedding and size ids), `--unet-config` any diffusers UNet
+//! config.json; `--resolution` the image side in pixels (latents are 1/8 of
+//! it; default 256, 32x32 latents), `--rank` the LoRA rank (alpha equal to
+//! it), `--checkpointing` turns on gradient checkpointing (by stage, as
+//! `train` does it; diffusers' enable_gradient_checkpointing on the PyTorch
+//! side), `--f16-base` stores the frozen base weights in f16 as `train`
+//! does on GPUs (the PyTorch side loads the UNet in f16 then, its LoRA
+//! weights staying f32). scripts/gpu-bench.sh runs it on a lent GPU.
 //!
-//! cargo run --release -p native-runner --bin bench-train -- [--steps 5] [--device cpu,cpu-gpu,gpu] [--unet mid|sd15] [--resolution 512] [--checkpointing] [--f16-base] [--with-torch]
+//! cargo run --release -p native-runner --bin bench-train -- [--steps 5] [--device cpu,cpu-gpu,gpu] [--unet mid|sd15|sdxl] [--unet-config PATH] [--resolution 512] [--rank 4] [--checkpointing] [--f16-base] [--with-torch]
 
 use std::time::Instant;
 
@@ -24,7 +27,7 @@ use native_runner::bench::{devices, median, pool_memory, MID_SIZE_UNET};
 use trainer_core::models::config::UNetConfig;
 use trainer_core::models::loader::Loader;
 use trainer_core::models::lora::LoraTargets;
-use trainer_core::models::unet::UNet2DConditionModel;
+use trainer_core::models::unet::{AddedConditions, UNet2DConditionModel};
 use trainer_core::pipeline::gaussian_noise;
 use trainer_core::rng::SeededRng;
 use trainer_core::train::optimizer::{frozen_on, AdamWSettings, Optimizer, Rule};
@@ -40,8 +43,10 @@ fn peak_rss_mib() -> Option<f64> {
 
 /// What one run measures.
 struct Settings {
-    unet: &'static str,
+    /// The UNet's config.json text.
+    unet: String,
     latent_side: usize,
+    rank: usize,
     checkpointing: bool,
     f16_base: bool,
     steps: usize,
@@ -49,7 +54,7 @@ struct Settings {
 
 fn bench(name: &str, device: Device, settings: &Settings) {
     let steps = settings.steps;
-    let config: UNetConfig = serde_json::from_str(settings.unet).expect("valid config");
+    let config: UNetConfig = serde_json::from_str(&settings.unet).expect("valid config");
     let train_device = device.clone().autodiff();
     let weight_dtype = if settings.f16_base { burn::tensor::DType::F16 } else { burn::tensor::DType::F32 };
     let mut loader = Loader::random(1, train_device.clone()).with_weight_dtype(weight_dtype);
@@ -59,9 +64,9 @@ fn bench(name: &str, device: Device, settings: &Settings) {
     let mut lora_parameters = 0;
     for layer in unet.lora_layers_mut() {
         if targets.matches(&layer.path) {
-            layer.attach(4, 4.0, 1, None, &train_device);
+            layer.attach(settings.rank, settings.rank as f64, 1, None, &train_device);
             let [d_in, d_out] = layer.dims();
-            lora_parameters += 4 * (d_in + d_out);
+            lora_parameters += settings.rank * (d_in + d_out);
         }
     }
     let mut optimizer = Optimizer::new(Rule::AdamW(AdamWSettings { beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weight_decay: 1e-2, bf16: false }), 1.0);
@@ -70,6 +75,14 @@ fn bench(name: &str, device: Device, settings: &Settings) {
     let latents = frozen_on(gaussian_noise([1, 4, side, side], &mut rng, &device), &train_device);
     let context: Tensor<3> = frozen_on(gaussian_noise([1, 77, width, 1], &mut rng, &device).reshape([1, 77, width]), &train_device);
     let target = frozen_on(gaussian_noise([1, 4, side, side], &mut rng, &device), &train_device);
+    // SDXL's added conditions: a pooled text embedding and the six size ids.
+    let added = (config.addition_embed_type.as_deref() == Some("text_time")).then(|| {
+        let time_width = 6 * config.addition_time_embed_dim.unwrap_or(256);
+        let pooled_width = config.projection_class_embeddings_input_dim.unwrap_or(2816) - time_width;
+        let pooled = frozen_on(gaussian_noise([1, pooled_width, 1, 1], &mut rng, &device).reshape([1, pooled_width]), &train_device);
+        let pixels = (side * 8) as f32;
+        AddedConditions { pooled, time_ids: vec![[pixels, pixels, 0.0, 0.0, pixels, pixels]] }
+    });
     let mut times = Vec::new();
     let mut first = 0.0;
     for step in 0..=steps {
@@ -77,9 +90,9 @@ fn bench(name: &str, device: Device, settings: &Settings) {
         let loss_of = |prediction: Tensor<4>| (prediction - target.clone()).square().mean();
         let loss = if settings.checkpointing {
             let mut collect = |grads: &mut burn::tensor::Gradients| optimizer.accumulate(&unet, "", grads, 1.0);
-            backward_in_stages(&unet, latents.clone(), &[500.0], context.clone(), None, &train_device, &loss_of, &mut collect)
+            backward_in_stages(&unet, latents.clone(), &[500.0], context.clone(), added.as_ref(), &train_device, &loss_of, &mut collect)
         } else {
-            let loss = loss_of(unet.forward(latents.clone(), &[500.0], context.clone()));
+            let loss = loss_of(unet.forward_with(latents.clone(), &[500.0], context.clone(), added.as_ref()));
             optimizer.accumulate(&unet, "", &mut loss.backward(), 1.0);
             loss
         };
@@ -110,9 +123,15 @@ struct Args {
     /// Comma-separated devices: cpu, cpu-gpu, gpu.
     #[arg(long, default_value = "cpu,cpu-gpu")]
     device: String,
-    /// The UNet: the mid-size reference UNet or SD 1.5's.
+    /// The UNet: the mid-size reference UNet, SD 1.5's or SDXL's.
     #[arg(long, value_enum, default_value_t = UnetChoice::Mid)]
     unet: UnetChoice,
+    /// A diffusers UNet config.json to build instead of `--unet`.
+    #[arg(long)]
+    unet_config: Option<String>,
+    /// LoRA rank (alpha equal to it) on the attention projections.
+    #[arg(long, default_value_t = 4)]
+    rank: usize,
     /// Image side in pixels (latents are 1/8 of it).
     #[arg(long, default_value_t = 256)]
     resolution: usize,
@@ -131,6 +150,7 @@ struct Args {
 enum UnetChoice {
     Mid,
     Sd15,
+    Sdxl,
 }
 
 fn main() {
@@ -139,27 +159,32 @@ fn main() {
     if cfg!(debug_assertions) {
         println!("warning: debug build; use --release for meaningful timings");
     }
-    let Args { steps, device: devices_arg, unet: unet_choice, resolution, checkpointing, f16_base, with_torch } = Args::parse();
-    let (unet, unet_name) = match unet_choice {
-        UnetChoice::Mid => (MID_SIZE_UNET, "mid"),
-        UnetChoice::Sd15 => (trainer_core::models::standard::SD15_UNET, "sd15"),
+    let Args { steps, device: devices_arg, unet: unet_choice, unet_config, rank, resolution, checkpointing, f16_base, with_torch } = Args::parse();
+    let (unet, unet_name) = match (&unet_config, unet_choice) {
+        (Some(path), _) => (std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}")), path.as_str()),
+        (None, UnetChoice::Mid) => (MID_SIZE_UNET.to_string(), "mid"),
+        (None, UnetChoice::Sd15) => (trainer_core::models::standard::SD15_UNET.to_string(), "sd15"),
+        (None, UnetChoice::Sdxl) => (trainer_core::models::standard::SDXL_UNET.to_string(), "sdxl"),
     };
-    let settings = Settings { unet, latent_side: resolution / 8, checkpointing, f16_base, steps };
+    let settings = Settings { unet: unet.clone(), latent_side: resolution / 8, rank, checkpointing, f16_base, steps };
     println!(
-        "UNet {unet_name}, {resolution} px (latents {0}x{0}), gradient checkpointing {checkpointing}, base weights {1}",
+        "UNet {unet_name}, {resolution} px (latents {0}x{0}), LoRA rank {rank} on attention, gradient checkpointing {checkpointing}, base weights {1}",
         resolution / 8,
         if f16_base { "f16" } else { "f32" }
     );
-    for (label, device) in devices(&devices_arg) {
-        bench(label, device, &settings);
-    }
+    // PyTorch first: its numbers stand even if ours runs past a time limit.
     if with_torch {
+        // The PyTorch side builds the same config.
+        let config_path = std::env::temp_dir().join(format!("bench-train-unet-{}.json", std::process::id()));
+        std::fs::write(&config_path, &unet).expect("writes the UNet config");
         let mut torch_args = vec![
             "scripts/bench_train_torch.py".to_string(),
             "--steps".into(),
             steps.to_string(),
-            "--unet".into(),
-            unet_name.into(),
+            "--unet-config".into(),
+            config_path.display().to_string(),
+            "--rank".into(),
+            rank.to_string(),
             "--resolution".into(),
             resolution.to_string(),
         ];
@@ -170,8 +195,12 @@ fn main() {
             torch_args.push("--f16-base".into());
         }
         let status = std::process::Command::new("python3").args(&torch_args).status();
+        let _ = std::fs::remove_file(&config_path);
         if !matches!(status, Ok(s) if s.success()) {
             eprintln!("the PyTorch side failed (pip install torch diffusers peft)");
         }
+    }
+    for (label, device) in devices(&devices_arg) {
+        bench(label, device, &settings);
     }
 }

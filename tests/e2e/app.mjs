@@ -228,26 +228,41 @@ try {
   say(`resumed: ${resumeLog.split('\n').filter((l) => l.startsWith('resumed') || l.startsWith('caches')).join(' / ')}`);
   await screenshot('resumed');
 
+  // Another run in the same tab: import its configs, pick the folders again,
+  // train to the end; returns the paths the outputs panel offers.
+  const otherRun = async (files, exportEnd, what) => {
+    const started = Date.now();
+    await page.setInputFiles('#config-files', files);
+    await page.waitForSelector('.dataset', { timeout: 30_000 });
+    for (const id of datasets) {
+      const entry = dataloader.find((d) => d.id === id);
+      await page.setInputFiles(`.dataset[data-dataset="${id}"] input[type=file]`, path.join(workDir, entry.instance_data_dir));
+      await page.waitForFunction((id) => document.querySelector(`.dataset[data-dataset="${id}"] .count`)?.textContent.includes('picked'), id, { timeout: 30_000 });
+    }
+    await page.click('#train');
+    await page.waitForFunction(
+      (end) => [...document.querySelectorAll('#outputs button.link')].some((b) => (b.dataset.path || '').endsWith(end)) || document.querySelector('#error')?.textContent,
+      exportEnd,
+      { timeout: trainTimeout },
+    );
+    if (await errorText()) await fail(`${what}: ${await errorText()}`);
+    await page.waitForFunction(() => document.querySelector('#phase')?.textContent === 'finished', null, { timeout: 120_000 });
+    const outputs = await page.locator('#outputs button.link').evaluateAll((buttons) => buttons.map((b) => b.dataset.path));
+    say(`${what} in ${((Date.now() - started) / 1000).toFixed(1)} s: ${outputs.join(', ')}`);
+    await screenshot(what.replace(/ /g, '-'));
+    return outputs;
+  };
   // A full fine-tune in the tab ends with its exports, as the native runner's does.
-  const fullStarted = Date.now();
-  await page.setInputFiles('#config-files', [path.join(workDir, env('FULL_CONFIG')), configs.find((c) => c.endsWith('.json'))]);
-  await page.waitForSelector('.dataset', { timeout: 30_000 });
-  for (const id of datasets) {
-    const entry = dataloader.find((d) => d.id === id);
-    await page.setInputFiles(`.dataset[data-dataset="${id}"] input[type=file]`, path.join(workDir, entry.instance_data_dir));
-    await page.waitForFunction((id) => document.querySelector(`.dataset[data-dataset="${id}"] .count`)?.textContent.includes('picked'), id, { timeout: 30_000 });
-  }
-  await page.click('#train');
-  await page.waitForFunction(
-    () => [...document.querySelectorAll('#outputs button.link')].some((b) => (b.dataset.path || '').endsWith('/burnbooth-model.safetensors')) || document.querySelector('#error')?.textContent,
-    null,
-    { timeout: trainTimeout },
-  );
-  if (await errorText()) await fail(`full fine-tune: ${await errorText()}`);
-  await page.waitForFunction(() => document.querySelector('#phase')?.textContent === 'finished', null, { timeout: 120_000 });
-  const fullOutputs = await page.locator('#outputs button.link').evaluateAll((buttons) => buttons.map((b) => b.dataset.path));
-  say(`full fine-tune in ${((Date.now() - fullStarted) / 1000).toFixed(1)} s: ${fullOutputs.join(', ')}`);
-  await screenshot('full-fine-tune');
+  const fullOutputs = await otherRun([path.join(workDir, env('FULL_CONFIG')), configs.find((c) => c.endsWith('.json'))], '/burnbooth-model.safetensors', 'full fine-tune');
+  // The options example's LyCORIS adapters (its lycoris_config.json imported
+  // with the configs) and Prodigy, for one step; its LoRA is downloaded.
+  const optionsFiles = env('OPTIONS_CONFIGS').split(',').map((name) => path.join(workDir, name));
+  await otherRun(optionsFiles, 'browser-options/burnbooth-lora.safetensors', 'options run');
+  // As written (a JSON round trip here would turn 1.0 into 1).
+  fs.writeFileSync(path.join(outDir, 'options-plan.json'), await page.locator('#plan-json').textContent());
+  const optionsDownload = page.waitForEvent('download', { timeout: 30_000 });
+  await page.click('#outputs button.primary');
+  await (await optionsDownload).saveAs(path.join(outDir, 'options-lora.safetensors'));
 
   // The GPU self-test, with the subgroups workaround and without it.
   const selfTest = async (p) => {

@@ -596,11 +596,6 @@ impl UNet2DConditionModel {
         self.adaptable_mut().0
     }
 
-    /// Every convolution that can carry a LoCon adapter.
-    pub fn lora_convs_mut(&mut self) -> Vec<&mut LoraConv2d> {
-        self.adaptable_mut().1
-    }
-
     /// The Linear layers that carry an adapter now: the transformers' in
     /// module order, then the resnets' and the time embeddings'.
     pub fn adapted_layers(&self) -> Vec<&LoraLinear> {

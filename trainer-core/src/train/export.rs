@@ -298,8 +298,8 @@ pub fn merge_kohya(model: &mut StableDiffusion, path: &str, bytes: Vec<u8>, mult
     // Every layer a kohya file can name: the UNet's adaptable Linear layers
     // and convolutions and the text encoders' Linear layers. SDXL files name
     // UNet layers by SGM path; diffusers paths are accepted too.
-    let mut paths: Vec<String> = model.unet.lora_layers_mut().iter().map(|l| l.path.clone()).collect();
-    paths.extend(model.unet.lora_convs_mut().iter().map(|c| c.path.clone()));
+    let (linear, convs) = model.unet.adaptable_mut();
+    let paths: Vec<String> = linear.iter().map(|l| l.path.clone()).chain(convs.iter().map(|c| c.path.clone())).collect();
     let sdxl_names: BTreeMap<String, String> =
         if model.family == Family::Sdxl { paths.iter().map(|path| (unet_lora_name(model, path), kohya_unet_name(path))).collect() } else { BTreeMap::new() };
     let StableDiffusion { unet, text_encoder, text_encoder_2, .. } = model;

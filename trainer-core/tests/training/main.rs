@@ -358,7 +358,8 @@ fn locon_adapts_the_convolutions_too_resumes_exactly_and_its_file_merges_back() 
     let described = trainer_core::plan::describe(&run.plan);
     assert!(described.contains("LoCon on conv1, conv2, conv_shortcut, time_emb_proj") && described.contains("conv_dim 3, conv_alpha 1.5"), "{described}");
     let unet = &mut run.model.unet;
-    let (all_linear, all_convs) = (unet.lora_layers_mut().len(), unet.lora_convs_mut().len());
+    let (all_linear, all_convs) = unet.adaptable_mut();
+    let (all_linear, all_convs) = (all_linear.len(), all_convs.len());
     let (layers, convs) = (run.model.unet.adapted_layers(), run.model.unet.adapted_convs());
     assert_eq!((layers.len(), convs.len()), (all_linear, all_convs), "the default preset adapts every layer");
     for conv in &convs {

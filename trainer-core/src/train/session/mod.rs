@@ -236,7 +236,8 @@ impl<'a> Session<'a> {
         }
         if let (false, Some(lycoris)) = (full, &config.lycoris) {
             let mut attached = 0;
-            for layer in unet.lora_layers_mut() {
+            let (layers, convs) = unet.adaptable_mut();
+            for layer in layers {
                 let Some(target) = lycoris.target_for(&layer.path) else { continue };
                 match target.algo {
                     LycorisAlgo::Lokr => layer.attach_lokr(lycoris, target.factor, config.seed, &train_device),
@@ -248,7 +249,7 @@ impl<'a> Session<'a> {
                 attached += 1;
             }
             // LoKr adapts Linear layers only (the config refuses LoKr on convolution classes).
-            for conv in unet.lora_convs_mut() {
+            for conv in convs {
                 if lycoris.target_for(&conv.path).is_some_and(|t| t.algo == LycorisAlgo::Locon) {
                     let (rank, alpha) = lycoris.locon_rank_alpha(conv.dims()[2]);
                     conv.attach(rank, alpha, config.seed, &train_device);

@@ -199,19 +199,67 @@ pub mod opfs {
     }
 
     /// Writes a file under a folder handle (OPFS, or a folder the user granted).
+    /// A file is never present half-written: an existing one is replaced
+    /// by its writable stream's swap file on close, and a new one is written
+    /// under a `.partial` name and renamed once whole, since creating the
+    /// handle makes an empty file at once that an interrupted write (a
+    /// closed tab) would leave looking like a finished one.
     pub async fn write_in(base: FileSystemDirectoryHandle, path: &str, bytes: &[u8]) -> Result<(), String> {
         let segments = to_segments(path);
         let Some(name) = segments.last() else { return Err(format!("empty path '{path}'")) };
         let dir = parent_in(base, &segments, true).await.map_err(|e| format!("{path}: {e}"))?;
+        if let Ok(existing) = JsFuture::from(dir.get_file_handle(name)).await {
+            return write_whole(&existing.unchecked_into(), bytes).await.map_err(|e| write_error(path, e));
+        }
+        let partial = format!("{name}{PARTIAL}");
+        let file = file_handle(&dir, &partial).await.map_err(|e| write_error(path, e))?;
+        write_whole(&file, bytes).await.map_err(|e| write_error(path, e))?;
+        if rename(&file, name).await.is_err() {
+            // A browser without `move()` on this folder: write in place.
+            write_whole(&file_handle(&dir, name).await.map_err(|e| write_error(path, e))?, bytes).await.map_err(|e| write_error(path, e))?;
+            let _ = JsFuture::from(dir.remove_entry(&partial)).await;
+        }
+        Ok(())
+    }
+
+    /// Names a file while it is being written; such leftovers are removed on load.
+    const PARTIAL: &str = ".partial";
+
+    async fn file_handle(dir: &FileSystemDirectoryHandle, name: &str) -> Result<FileSystemFileHandle, JsValue> {
         let options = FileSystemGetFileOptions::new();
         options.set_create(true);
-        let file: FileSystemFileHandle = JsFuture::from(dir.get_file_handle_with_options(name, &options)).await.map_err(js_error)?.unchecked_into();
-        // A writable stream writes a swap file that replaces the old content
-        // on close: readers never see half a file.
-        let stream: FileSystemWritableFileStream = JsFuture::from(file.create_writable()).await.map_err(js_error)?.unchecked_into();
-        JsFuture::from(stream.write_with_u8_array(bytes).map_err(js_error)?).await.map_err(|e| format!("{path}: {}", js_error(e)))?;
-        JsFuture::from(stream.close()).await.map_err(|e| format!("{path}: {}", js_error(e)))?;
+        Ok(JsFuture::from(dir.get_file_handle_with_options(name, &options)).await?.unchecked_into())
+    }
+
+    async fn write_whole(file: &FileSystemFileHandle, bytes: &[u8]) -> Result<(), JsValue> {
+        let stream: FileSystemWritableFileStream = JsFuture::from(file.create_writable()).await?.unchecked_into();
+        if let Err(e) = JsFuture::from(stream.write_with_u8_array(bytes)?).await {
+            // Drops the swap file: the old content (or none) stays.
+            let _ = JsFuture::from(stream.abort()).await;
+            return Err(e);
+        }
+        JsFuture::from(stream.close()).await?;
         Ok(())
+    }
+
+    /// `FileSystemHandle.move(newName)` (Chrome 110+ in OPFS).
+    async fn rename(file: &FileSystemFileHandle, name: &str) -> Result<(), JsValue> {
+        let rename: js_sys::Function = Reflect::get(file, &"move".into())?.dyn_into()?;
+        let promise: js_sys::Promise = rename.call1(file, &name.into())?.dyn_into()?;
+        JsFuture::from(promise).await?;
+        Ok(())
+    }
+
+    /// A failed write as text; a full storage says so and what to do.
+    fn write_error(path: &str, error: JsValue) -> String {
+        let quota = Reflect::get(&error, &"name".into()).ok().and_then(|n| n.as_string()).is_some_and(|n| n == "QuotaExceededError");
+        match quota {
+            true => format!(
+                "{path}: the browser's storage for this page is full ({}); what was saved before stays, and the files not yet saved are kept in this tab and saved again at the next attempt: free space (the Train panel's \"Clear saved data\", or other sites' data) and resume",
+                js_error(error)
+            ),
+            false => format!("{path}: {}", js_error(error)),
+        }
     }
 
     /// Asks the user for a folder to write into (Chrome/Edge's directory picker).
@@ -262,6 +310,11 @@ pub mod opfs {
                 let handle = Reflect::get(&next, &"value".into()).map_err(js_error)?;
                 let name = Reflect::get(&handle, &"name".into()).ok().and_then(|n| n.as_string()).unwrap_or_default();
                 let kind = Reflect::get(&handle, &"kind".into()).ok().and_then(|n| n.as_string()).unwrap_or_default();
+                if kind == "file" && name.ends_with(PARTIAL) {
+                    // A write that never finished (the tab closed): not a file.
+                    let _ = JsFuture::from(dir.remove_entry(&name)).await;
+                    continue;
+                }
                 let mut segments = prefix.clone();
                 segments.push(name);
                 if kind == "directory" {
@@ -279,24 +332,59 @@ pub mod opfs {
     }
 
     /// Applies the storage's changes since the last sync to OPFS, in order.
+    /// On a failure (a full storage) the changes not yet applied go back to
+    /// the storage, to be retried by the next sync, and the error is returned.
     pub async fn sync(storage: &MemoryStorage) -> Result<usize, String> {
         let changes = storage.take_changes();
         let mut written = 0;
         for (i, change) in changes.iter().enumerate() {
-            match change {
-                Change::Written(path) => {
-                    // A file written again later (appends to metrics) is written once, then.
-                    if changes[i + 1..].contains(change) {
-                        continue;
-                    }
-                    if let Some(bytes) = storage.read(path).map_err(|e| e.to_string())? {
-                        write(path, &bytes).await?;
-                        written += 1;
-                    }
-                }
-                Change::Removed(path) => remove(path).await?,
+            let applied = match change {
+                // A file written again later (appends to metrics) is written once, then.
+                Change::Written(_) if changes[i + 1..].contains(change) => Ok(()),
+                Change::Written(path) => match storage.read(path).map_err(|e| e.to_string())? {
+                    Some(bytes) => write(path, &bytes).await.map(|()| written += 1),
+                    None => Ok(()),
+                },
+                Change::Removed(path) => remove(path).await,
+            };
+            if let Err(error) = applied {
+                storage.requeue(changes[i..].to_vec());
+                return Err(error);
             }
         }
         Ok(written)
+    }
+
+    /// Calls `navigator.storage.<method>()` when this context has it (the
+    /// page has `persist`, workers only `persisted`), and awaits its promise.
+    async fn call_storage(method: &str) -> Option<JsValue> {
+        let storage = storage_manager();
+        let function: js_sys::Function = Reflect::get(&storage, &method.into()).ok()?.dyn_into().ok()?;
+        let promise: js_sys::Promise = function.call0(&storage).ok()?.dyn_into().ok()?;
+        JsFuture::from(promise).await.ok()
+    }
+
+    /// Asks the browser to keep this page's storage under pressure rather
+    /// than evict it (`navigator.storage.persist()`, page only); whether it
+    /// agreed.
+    pub async fn ask_persistence() -> bool {
+        call_storage("persist").await.is_some_and(|granted| granted.is_truthy())
+    }
+
+    /// Says how much storage is used and free, and whether it is persistent.
+    /// `Err` when less than `needed_mb` is free.
+    pub async fn prepare(needed_mb: f64) -> Result<String, String> {
+        let persistent = call_storage("persisted").await.is_some_and(|p| p.is_truthy());
+        let estimate = call_storage("estimate").await.ok_or("the browser cannot say how much storage is free (navigator.storage.estimate)")?;
+        let megabytes = |key: &str| Reflect::get(&estimate, &key.into()).ok().and_then(|v| v.as_f64()).unwrap_or(0.0) / 1e6;
+        let (usage, quota) = (megabytes("usage"), megabytes("quota"));
+        let kept = if persistent { "kept" } else { "may be evicted under pressure: the browser did not grant persistent storage" };
+        let summary = format!("browser storage: {usage:.0} MB used of {quota:.0} MB; {kept}");
+        if quota > 0.0 && quota - usage < needed_mb {
+            return Err(format!(
+                "{summary}; this run needs about {needed_mb:.0} MB more: free space (the Train panel's \"Clear saved data\", or other sites' data) and start again"
+            ));
+        }
+        Ok(summary)
     }
 }

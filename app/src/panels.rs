@@ -270,6 +270,10 @@ pub fn TrainPanel(ui: Ui) -> impl IntoView {
         run.losses.set(Vec::new());
         run.phase.set("starting".into());
         send(&ToWorker::Train { training, dataloader, side_files }, Vec::new());
+        // Only the page may ask; the worker reports what the browser granted.
+        spawn_local(async {
+            opfs::ask_persistence().await;
+        });
     };
     let fetch = move |path: String| send(&ToWorker::Read { path }, Vec::new());
     view! {

@@ -94,6 +94,12 @@ async fn sync(view: &RunView) -> Result<(), String> {
     Ok(())
 }
 
+/// Free browser storage a run needs to start. A LoRA run's caches and
+/// checkpoints fit in it; a run that needs more (a full fine-tune of a real
+/// model) meets a quota error at a save, which stops it with the checkpoints
+/// saved before kept and the unsaved files retried at the next save.
+const STORAGE_HEADROOM_MB: f64 = 100.0;
+
 /// The Web Lock a run holds on its output folder (tests/e2e/app.mjs takes it too).
 pub fn output_lock_name(output_dir: &str) -> String {
     format!("burnbooth-output:{}", output_dir.trim_end_matches('/'))
@@ -111,6 +117,7 @@ pub async fn train(view: RunView) -> Result<String, String> {
         return Err(format!("another tab of this browser is training into the output folder {}: stop it there or wait until it ends", training.output_dir));
     };
     let (plan, sources, masks) = workspace::plan_run(&training, &dataloader).map_err(|e| e.to_string())?;
+    view.note(opfs::prepare(STORAGE_HEADROOM_MB).await?);
     view.progress("loading the model", 0, 1);
     sleep(0).await;
     let (model, device) = workspace::load_model(Some(plan.precision.weight_dtypes(training.model_type)))?;

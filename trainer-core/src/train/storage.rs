@@ -67,6 +67,14 @@ impl MemoryStorage {
         std::mem::take(&mut *self.changes.lock().expect("storage lock"))
     }
 
+    /// Puts changes that could not be mirrored back in front of the newer
+    /// ones, so the next `take_changes` returns them again (in order).
+    pub fn requeue(&self, mut unsynced: Vec<Change>) {
+        let mut changes = self.changes.lock().expect("storage lock");
+        unsynced.append(&mut changes);
+        *changes = unsynced;
+    }
+
     fn record(&self, change: Change) {
         self.changes.lock().expect("storage lock").push(change);
     }
@@ -212,5 +220,25 @@ impl Storage for DiskStorage {
 
     fn exists(&self, path: &str) -> Result<bool> {
         Ok(std::path::Path::new(path).exists())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requeued_changes_come_back_before_newer_ones() {
+        let storage = MemoryStorage::default();
+        storage.write("a", b"1").unwrap();
+        storage.write("b", b"2").unwrap();
+        let taken = storage.take_changes();
+        assert_eq!(taken, [Change::Written("a".into()), Change::Written("b".into())]);
+        // "a" was mirrored, "b" failed; meanwhile "c" was written and "a" removed.
+        storage.write("c", b"3").unwrap();
+        storage.remove_all("a").unwrap();
+        storage.requeue(taken[1..].to_vec());
+        assert_eq!(storage.take_changes(), [Change::Written("b".into()), Change::Written("c".into()), Change::Removed("a".into())]);
+        assert!(storage.take_changes().is_empty());
     }
 }

@@ -48,6 +48,7 @@ def robot(draw, cx, cy, scale, tilt, body, visor, antenna):
 
 
 def other_toy(draw, cx, cy, scale, rng):
+    """Draws a bear, a block or a car in one random colour; returns (kind, colour)."""
     colour = tuple(rng.randint(30, 220) for _ in range(3))
     kind = rng.choice(["bear", "block", "car"])
     s = scale
@@ -64,6 +65,7 @@ def other_toy(draw, cx, cy, scale, rng):
         draw.rounded_rectangle([cx - 35 * s, cy - 45 * s, cx + 35 * s, cy - 5 * s], radius=8 * s, fill=colour)
         for dx in (-45, 45):
             draw.ellipse([cx + dx * s - 16 * s, cy + 20 * s, cx + dx * s + 16 * s, cy + 52 * s], fill=(30, 30, 30))
+    return kind, colour
 
 
 def save(image, path, quality=88):

@@ -48,10 +48,10 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image, ImageDraw
 from transformers import CLIPTextModel, CLIPTokenizer
 
-# The training loop the trained test fixture was made with, and the
-# drawing of the example's regularisation toys.
+# The training loop and loss the trained test fixture was made with, and
+# the drawing of the example's regularisation toys.
 from make_example_images import background, other_toy
-from make_trained_fixture import fit
+from make_trained_fixture import epsilon_loss, fit
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "trainer-core" / "tests" / "fixtures" / "models" / "sd1" / "diffusers"
@@ -211,19 +211,14 @@ def main():
         t = torch.randint(0, len(alphas), (BATCH,), generator=generator)
         x0 = latents[picks]
         noise = torch.randn(x0.shape, generator=generator)
-        a = alphas[t].view(-1, 1, 1, 1)
-        predicted = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=text_encoder(ids).last_hidden_state).sample
-        # The epsilon error weighted towards noisy timesteps, (1 - a) / a capped to [1, WEIGHT_CAP]: the
-        # error in x0 there, where only the caption can tell the picture.
-        weight = ((1 - a) / a).clamp(1, WEIGHT_CAP)
-        return (weight * (predicted - noise) ** 2).mean()
+        return epsilon_loss(unet, alphas, x0, t, text_encoder(ids).last_hidden_state, noise, weight_cap=WEIGHT_CAP)
 
     fit(torch.nn.ModuleList([unet, text_encoder]), 1e-3, UNET_STEPS, loss_at, "unet and text encoder")
 
     if OUT.exists():
         shutil.rmtree(OUT)
     OUT.mkdir(parents=True)
-    # In half precision, as SD checkpoints are shared (half the repository's bytes).
+    # In half precision, as SD checkpoints are shared (half the bytes).
     unet.to(torch.float16).save_pretrained(OUT / "unet", safe_serialization=True)
     vae.save_pretrained(OUT / "vae", safe_serialization=True)
     shutil.copytree(BASE / "scheduler", OUT / "scheduler")
@@ -231,7 +226,7 @@ def main():
     text_encoder.to(torch.float16).save_pretrained(OUT / "text_encoder", safe_serialization=True)
     os.symlink(Path(os.path.relpath(BASE, OUT)) / "tokenizer", OUT / "tokenizer")
     (OUT / "README.md").write_text(
-        "Written by scripts/make_example_model.py (see its docstring): the base model of README's quick start,\n"
+        "Written by scripts/make_example_model.py (see its docstring): meant as the base model of README's quick start,\n"
         f"a small SD1 model taught {CLASS_PROMPT!r} (and each toy's colour and kind) from {TOYS} drawn toys at 64 px;\n"
         f"VAE scaling_factor {scaling:.6f}. Its UNet has never seen the robot in ../subject/.\n")
     print("wrote", OUT)

@@ -68,10 +68,16 @@ def fit(module, lr, steps, loss_at, label):
             print(f"{label} step {step}: loss {loss.item():.5f}", flush=True)
 
 
-def epsilon_loss(unet, alphas, x0, t, context, noise):
-    """SD's training loss: the UNet predicts the noise added to `x0` at timesteps `t`."""
+def epsilon_loss(unet, alphas, x0, t, context, noise, weight_cap=None):
+    """SD's training loss: the UNet predicts the noise added to `x0` at timesteps `t`.
+    With `weight_cap`, each sample's square error is weighted by (1 - a)/a capped to
+    [1, weight_cap]: the error in x0 at noisy timesteps, where only the caption can
+    tell the picture."""
     a = alphas[t].view(-1, 1, 1, 1)
-    return torch.nn.functional.mse_loss(unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=context).sample, noise)
+    predicted = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=context).sample
+    if weight_cap is None:
+        return torch.nn.functional.mse_loss(predicted, noise)
+    return (((1 - a) / a).clamp(1, weight_cap) * (predicted - noise) ** 2).mean()
 
 
 CONCEPTS = {"a photo of a toy": toy, "a photo of a ball": ball, "a photo of a tree": tree, "a photo of a boat": boat}

@@ -208,15 +208,19 @@ pub mod opfs {
         let segments = to_segments(path);
         let Some(name) = segments.last() else { return Err(format!("empty path '{path}'")) };
         let dir = parent_in(base, &segments, true).await.map_err(|e| format!("{path}: {e}"))?;
+        write_named(&dir, name, bytes).await.map_err(|e| write_error(path, e))
+    }
+
+    async fn write_named(dir: &FileSystemDirectoryHandle, name: &str, bytes: &[u8]) -> Result<(), JsValue> {
         if let Ok(existing) = JsFuture::from(dir.get_file_handle(name)).await {
-            return write_whole(&existing.unchecked_into(), bytes).await.map_err(|e| write_error(path, e));
+            return write_whole(&existing.unchecked_into(), bytes).await;
         }
         let partial = format!("{name}{PARTIAL}");
-        let file = file_handle(&dir, &partial).await.map_err(|e| write_error(path, e))?;
-        write_whole(&file, bytes).await.map_err(|e| write_error(path, e))?;
+        let file = file_handle(dir, &partial).await?;
+        write_whole(&file, bytes).await?;
         if rename(&file, name).await.is_err() {
             // A browser without `move()` on this folder: write in place.
-            write_whole(&file_handle(&dir, name).await.map_err(|e| write_error(path, e))?, bytes).await.map_err(|e| write_error(path, e))?;
+            write_whole(&file_handle(dir, name).await?, bytes).await?;
             let _ = JsFuture::from(dir.remove_entry(&partial)).await;
         }
         Ok(())
@@ -250,12 +254,15 @@ pub mod opfs {
         Ok(())
     }
 
+    /// How a user frees browser storage.
+    const FREE_SPACE: &str = "free space (the Train panel's \"Clear saved data\", or other sites' data)";
+
     /// A failed write as text; a full storage says so and what to do.
     fn write_error(path: &str, error: JsValue) -> String {
         let quota = Reflect::get(&error, &"name".into()).ok().and_then(|n| n.as_string()).is_some_and(|n| n == "QuotaExceededError");
         match quota {
             true => format!(
-                "{path}: the browser's storage for this page is full ({}); what was saved before stays, and the files not yet saved are kept in this tab and saved again at the next attempt: free space (the Train panel's \"Clear saved data\", or other sites' data) and resume",
+                "{path}: the browser's storage for this page is full ({}); what was saved before stays, and the files not yet saved are kept in this tab and saved again at the next attempt: {FREE_SPACE} and resume",
                 js_error(error)
             ),
             false => format!("{path}: {}", js_error(error)),
@@ -381,9 +388,7 @@ pub mod opfs {
         let kept = if persistent { "kept" } else { "may be evicted under pressure: the browser did not grant persistent storage" };
         let summary = format!("browser storage: {usage:.0} MB used of {quota:.0} MB; {kept}");
         if quota > 0.0 && quota - usage < needed_mb {
-            return Err(format!(
-                "{summary}; this run needs about {needed_mb:.0} MB more: free space (the Train panel's \"Clear saved data\", or other sites' data) and start again"
-            ));
+            return Err(format!("{summary}; this run needs about {needed_mb:.0} MB more: {FREE_SPACE} and start again"));
         }
         Ok(summary)
     }

@@ -269,10 +269,11 @@ pub fn TrainPanel(ui: Ui) -> impl IntoView {
         run.gallery.set(Vec::new());
         run.losses.set(Vec::new());
         run.phase.set("starting".into());
-        send(&ToWorker::Train { training, dataloader, side_files }, Vec::new());
-        // Only the page may ask; the worker reports what the browser granted.
-        spawn_local(async {
+        // Only the page may ask for persistent storage; asked before the
+        // worker starts, so that what it reports is what the browser granted.
+        spawn_local(async move {
             opfs::ask_persistence().await;
+            send(&ToWorker::Train { training, dataloader, side_files }, Vec::new());
         });
     };
     let fetch = move |path: String| send(&ToWorker::Read { path }, Vec::new());

@@ -158,6 +158,6 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let parameters = a1111_parameters(&request, &model_name, &extra);
     let png = png_with_parameters(&image, &parameters)?;
     std::fs::write(&args.out, png).map_err(|e| Error::Io { path: args.out.clone(), message: e.to_string() })?;
-    eprintln!("wrote {} ({}x{})", args.out, width, height);
+    eprintln!("wrote {} ({}x{})", args.out, request.width, request.height);
     Ok(())
 }

@@ -188,6 +188,8 @@ def main():
     config = UNet2DConditionModel.load_config(BASE / "unet")
     # SDXL's layout (no attention at the full 32x32 latent, where it costs most).
     config.update(
+        # The 64 px pictures' 32x32 latents: `sample` without a size draws at 64 px.
+        sample_size=32,
         block_out_channels=[32, 64, 64],
         attention_head_dim=4,
         norm_num_groups=8,

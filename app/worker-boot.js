@@ -7,14 +7,25 @@
 // for the feature ourselves whenever the adapter has it. `?no-subgroups-shim`
 // on the page's address turns this off (the browser test checks that the
 // workaround is still needed; see DEVELOPERS.md).
-if (typeof GPUAdapter !== 'undefined' && !new URLSearchParams(self.location.search).has('no-subgroups-shim')) {
+//
+// A lost GPU (a driver reset, the browser reclaiming it) would leave a run
+// waiting on a readback that never comes: the page hears of it here, ends
+// this worker and says what to do. The worker's device stays reachable as
+// `self.burnboothGpuDevice` (the browser test destroys it).
+if (typeof GPUAdapter !== 'undefined') {
+  const shim = !new URLSearchParams(self.location.search).has('no-subgroups-shim');
   const requestDevice = GPUAdapter.prototype.requestDevice;
-  GPUAdapter.prototype.requestDevice = function (descriptor) {
+  GPUAdapter.prototype.requestDevice = async function (descriptor) {
     descriptor = Object.assign({}, descriptor || {});
-    const features = new Set(descriptor.requiredFeatures || []);
-    if (this.features.has('subgroups')) features.add('subgroups');
-    descriptor.requiredFeatures = [...features];
-    return requestDevice.call(this, descriptor);
+    if (shim) {
+      const features = new Set(descriptor.requiredFeatures || []);
+      if (this.features.has('subgroups')) features.add('subgroups');
+      descriptor.requiredFeatures = [...features];
+    }
+    const device = await requestDevice.call(this, descriptor);
+    self.burnboothGpuDevice = device;
+    device.lost.then((info) => self.postMessage({ burnboothGpuLost: `${info.reason || 'unknown'}: ${info.message || 'no details'}` }));
+    return device;
   };
 }
 importScripts('./burnbooth-worker.js');

@@ -76,9 +76,15 @@ pub fn start_worker(ui: Ui) -> Result<(), String> {
     // The page's query (`?no-subgroups-shim`) reaches the worker's boot script.
     let search = burnbooth_app::browser::window().location().search().unwrap_or_default();
     let worker = Worker::new_with_options(&format!("./worker-boot.js{search}"), &options).map_err(burnbooth_app::browser::js_error)?;
-    let on_message = Closure::<dyn FnMut(MessageEvent)>::new(move |event: MessageEvent| match decode::<FromWorker>(&event.data()) {
-        Ok((message, bytes)) => ui.receive(message, bytes),
-        Err(e) => ui.run.error.set(Some(e)),
+    let on_message = Closure::<dyn FnMut(MessageEvent)>::new(move |event: MessageEvent| {
+        // Sent by worker-boot.js, outside the protocol: the wasm may be stuck.
+        if let Some(reason) = js_sys::Reflect::get(&event.data(), &"burnboothGpuLost".into()).ok().and_then(|r| r.as_string()) {
+            return ui.gpu_lost(&reason);
+        }
+        match decode::<FromWorker>(&event.data()) {
+            Ok((message, bytes)) => ui.receive(message, bytes),
+            Err(e) => ui.run.error.set(Some(e)),
+        }
     });
     worker.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
     on_message.forget();
@@ -349,6 +355,21 @@ impl Ui {
                 self.datasets.set(Vec::new());
             }
         }
+    }
+
+    /// The worker's GPU device was lost: that worker can do nothing more
+    /// (a run in it may wait forever on a readback), so end it; what was
+    /// saved stays in OPFS for the next visit to resume from.
+    pub fn gpu_lost(&self, reason: &str) {
+        WORKER.with(|w| w.get().map(Worker::terminate));
+        self.gpu.set(format!("GPU lost ({reason}): reload the page"));
+        // Neither ok nor "no WebGPU" (whose CPU offer needs the worker).
+        self.gpu_ok.set(None);
+        self.run.state.set(RunState::Idle);
+        self.run.phase.set("stopped: the GPU was lost".into());
+        self.run.error.set(Some(format!(
+            "The GPU was lost ({reason}), so training stopped. This happens when the graphics driver restarts or the browser reclaims the GPU. Checkpoints saved so far are kept in this browser: reload the page, pick the same files and press Train to continue from the last one."
+        )));
     }
 
     pub fn make_plan(&self) {

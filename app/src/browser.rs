@@ -217,7 +217,11 @@ pub mod opfs {
         }
         let partial = format!("{name}{PARTIAL}");
         let file = file_handle(dir, &partial).await?;
-        write_whole(&file, bytes).await?;
+        if let Err(e) = write_whole(&file, bytes).await {
+            // Nothing half-made stays behind (a full storage's failure included).
+            let _ = JsFuture::from(dir.remove_entry(&partial)).await;
+            return Err(e);
+        }
         if rename(&file, name).await.is_err() {
             // A browser without `move()` on this folder: write in place.
             write_whole(&file_handle(dir, name).await?, bytes).await?;

@@ -153,6 +153,19 @@ fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
     names.into_iter().map(|n| (n.clone(), file.to_f32(&n).unwrap())).collect()
 }
 
+/// The `path` of each file of a storage listing (tests/e2e/app.mjs, listStorage).
+fn paths(listing: &serde_json::Value) -> Vec<String> {
+    listing.as_array().unwrap().iter().map(|f| f["path"].as_str().or(f.as_str()).unwrap().to_string()).collect()
+}
+
+/// Latents plus text embeddings computed, from a run log's "caches ready" line.
+fn cache_computed(log: &str) -> u64 {
+    let line = log.lines().find(|l| l.starts_with("caches ready")).unwrap_or_else(|| panic!("no caches line in:\n{log}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let count = |label: &str| words.iter().position(|w| *w == label).map(|i| words[i - 1].parse::<u64>().unwrap()).unwrap();
+    count("latent(s)") + count("text")
+}
+
 fn norm(values: &[f32]) -> f64 {
     values.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt()
 }
@@ -226,15 +239,55 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
     // reused every cache entry, and step 4 joined the first three.
     let resume_log = result["resumeLog"].as_str().unwrap();
     assert!(resume_log.contains("resumed from output/browser/checkpoints/checkpoint-00000003 at step 3"), "{resume_log}");
-    assert!(resume_log.contains("0 latent(s) and 0 text embedding(s) computed"), "caches must come from OPFS: {resume_log}");
+    // The first resume's caches line (the second resume, after Stop, reuses the tab's caches anyway).
+    let first_resume = &resume_log[resume_log.find("resumed from output/browser/checkpoints/checkpoint-00000003").unwrap()..];
+    assert_eq!(cache_computed(first_resume), 0, "caches must come from OPFS: {resume_log}");
     // Pause holds the run still, Stop saves a checkpoint, and Train goes on from it.
     let paused_at = result["pausedAt"].as_u64().unwrap();
     assert!((4..6).contains(&paused_at), "paused after step 4 or 5, not at the end: {paused_at}");
     assert_eq!(result["pausedStill"], true, "no step while paused");
-    assert_eq!(result["stopped"].as_str().unwrap(), format!("stopped at step {paused_at}; Train continues from there"));
+    // Stop's checkpoint met a full storage (an injected QuotaExceededError):
+    // the run stopped saying so, nothing of that checkpoint reached OPFS and
+    // checkpoint 3 stayed; Train then went on from the checkpoint kept in the tab.
+    let quota_error = result["quotaError"].as_str().unwrap_or_default();
+    assert!(quota_error.contains("storage for this page is full") && quota_error.contains("saved again at the next attempt"), "{quota_error}");
+    assert!(result["quotaHit"].as_str().unwrap().contains(&format!("checkpoint-{paused_at:08}/")), "{}", result["quotaHit"]);
+    let after_quota = paths(&result["afterQuota"]);
+    assert!(after_quota.iter().any(|p| p.ends_with("/output/browser/checkpoints/checkpoint-00000003/state.json")), "{after_quota:?}");
+    assert!(!after_quota.iter().any(|p| p.contains(&format!("checkpoint-{paused_at:08}"))), "a failed save leaves nothing: {after_quota:?}");
     assert!(resume_log.contains(&format!("resumed from output/browser/checkpoints/checkpoint-{paused_at:08} at step {paused_at}")), "{resume_log}");
     let resumed: Vec<u64> = result["resumedLosses"].as_array().unwrap().iter().map(|p| p[0].as_u64().unwrap()).collect();
     assert_eq!(resumed, [1, 2, 3, 4, 5, 6]);
+    // The tab closed while checkpoint 6's state.json was written: the next
+    // visit finds checkpoint 3 and the once-refused one whole (its retry
+    // reached OPFS), checkpoint 6 incomplete, so not counted, and no leftovers.
+    assert!(result["lastHit"].as_str().unwrap().contains("checkpoint-00000006/state.json"), "{}", result["lastHit"]);
+    let files = result["checkpointFiles"].as_array().unwrap();
+    let checkpoint_paths = paths(&result["checkpointFiles"]);
+    for step in [3, paused_at] {
+        for file in ["trainable.safetensors", "optimizer.safetensors", "state.json"] {
+            assert!(checkpoint_paths.iter().any(|p| p.ends_with(&format!("checkpoint-{step:08}/{file}"))), "checkpoint {step}'s {file}: {checkpoint_paths:?}");
+        }
+    }
+    assert!(files.iter().all(|f| f["whole"] != false), "every saved checkpoint tensor file is whole: {files:?}");
+    assert!(!checkpoint_paths.iter().any(|p| p.ends_with("checkpoint-00000006/state.json") || p.ends_with(".partial")), "{checkpoint_paths:?}");
+    assert!(result["lastSaved"].as_str().unwrap().contains("(2 checkpoint(s)"), "{}", result["lastSaved"]);
+    // The tab closed during the first save: the fifth cache file was being
+    // written. The next visit found the four before it whole and no partial
+    // file, and the run computed only the entries that were not saved.
+    let interrupted = &result["interruptedCaching"];
+    assert!(interrupted["hit"].as_str().unwrap().contains("/cache/"), "{interrupted}");
+    assert_eq!(paths(&interrupted["partialBefore"]).len(), 1, "the interrupted write's file: {interrupted}");
+    assert!(paths(&interrupted["partialAfter"]).is_empty(), "leftovers removed on load: {interrupted}");
+    let entries = interrupted["cacheEntries"].as_array().unwrap();
+    assert!(entries.len() == 4 && entries.iter().all(|e| e["whole"] == true), "four whole cache entries: {entries:?}");
+    let computed_before = cache_computed(interrupted["log"].as_str().unwrap());
+    let first_log = std::fs::read_to_string(out.join("log.txt")).unwrap();
+    let computed_after = cache_computed(&first_log);
+    assert!(
+        computed_after < computed_before && computed_after + 4 >= computed_before,
+        "computed {computed_before} cache entries, then {computed_after} after the interrupted save"
+    );
     // A full fine-tune started in the tab ends with both exports.
     let full: Vec<&str> = result["fullOutputs"].as_array().unwrap().iter().filter_map(|p| p.as_str()).collect();
     for export in [
@@ -252,6 +305,14 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
         "the generated class images plan as a dataset: {reg_plan}"
     );
     assert_eq!(result["selfTestWithShim"]["ok"], true, "the GPU self-test: {}", result["selfTestWithShim"]);
+    // The GPU lost mid-run: a message at once, Train usable again, and the
+    // next visit finds what was saved.
+    let lost = &result["gpuLost"];
+    let lost_error = lost["error"].as_str().unwrap_or_default();
+    assert!(lost_error.contains("The GPU was lost (destroyed") && lost_error.contains("continue from the last one"), "{lost}");
+    assert!(lost["pill"].as_str().unwrap_or_default().contains("GPU lost"), "{lost}");
+    assert_eq!(lost["trainEnabled"], true, "{lost}");
+    assert!(lost["saved"].as_str().unwrap_or_default().starts_with("Saved in this browser"), "{lost}");
     // Without the subgroups workaround the same test shows whether wgpu/cubecl
     // still need it (DEVELOPERS.md); reported, since either outcome is a fact.
     eprintln!("GPU self-test without the subgroups workaround: {}", result["selfTestWithoutShim"]);

@@ -29,4 +29,39 @@ if (typeof GPUAdapter !== 'undefined') {
   };
 }
 importScripts('./burnbooth-worker.js');
-wasm_bindgen('./burnbooth-worker_bg.wasm');
+
+// The trainer's wasm is most of what the page downloads: the page shows
+// its progress ({burnboothDownload}, outside the message protocol, which
+// needs the wasm). The counted stream still compiles while it downloads.
+// Behind Content-Encoding, Content-Length is the compressed size while the
+// stream yields decoded bytes: the decoded size then comes from
+// trainer-size.json, which scripts/build-web.sh writes (a dev build has none).
+(async () => {
+  const [response, size] = await Promise.all([
+    fetch('./burnbooth-worker_bg.wasm'),
+    fetch('./trainer-size.json').then((r) => (r.ok ? r.json() : {})).catch(() => ({})),
+  ]);
+  if (!response.ok) throw new Error(`burnbooth-worker_bg.wasm: HTTP ${response.status}`);
+  const encoded = response.headers.get('Content-Encoding');
+  const total = (encoded ? 0 : Number(response.headers.get('Content-Length'))) || Number(size.bytes) || 0;
+  let loaded = 0;
+  let reported = 0;
+  const report = (done) => self.postMessage({ burnboothDownload: { loaded, total, done } });
+  const counted = response.body.pipeThrough(new TransformStream({
+    transform(chunk, controller) {
+      loaded += chunk.byteLength;
+      if (loaded - reported >= 1 << 20 || reported === 0) {
+        reported = loaded;
+        report(false);
+      }
+      controller.enqueue(chunk);
+    },
+    flush() {
+      report(true);
+    },
+  }));
+  await wasm_bindgen({ module_or_path: new Response(counted, { headers: { 'Content-Type': 'application/wasm' } }) });
+})().catch((error) => {
+  // Thrown outside the promise, it reaches the page's worker.onerror.
+  setTimeout(() => { throw error; });
+});

@@ -81,6 +81,9 @@ pub fn start_worker(ui: Ui) -> Result<(), String> {
         if let Some(reason) = js_sys::Reflect::get(&event.data(), &"burnboothGpuLost".into()).ok().and_then(|r| r.as_string()) {
             return ui.gpu_lost(&reason);
         }
+        if let Some(download) = js_sys::Reflect::get(&event.data(), &"burnboothDownload".into()).ok().filter(|d| d.is_object()) {
+            return ui.trainer_download(&download);
+        }
         match decode::<FromWorker>(&event.data()) {
             Ok((message, bytes)) => ui.receive(message, bytes),
             Err(e) => ui.run.error.set(Some(e)),
@@ -355,6 +358,19 @@ impl Ui {
                 self.datasets.set(Vec::new());
             }
         }
+    }
+
+    /// Progress of the trainer's wasm download (worker-boot.js), in the
+    /// status pill until the worker reports the GPU.
+    fn trainer_download(&self, download: &wasm_bindgen::JsValue) {
+        let number = |key: &str| js_sys::Reflect::get(download, &key.into()).ok().and_then(|v| v.as_f64()).unwrap_or(0.0) / 1e6;
+        let (loaded, total) = (number("loaded"), number("total"));
+        let done = js_sys::Reflect::get(download, &"done".into()).map(|d| d.is_truthy()).unwrap_or(false);
+        self.gpu.set(match (done, total > 0.0) {
+            (true, _) => format!("downloaded the trainer ({loaded:.1} MB); checking for WebGPU…"),
+            (false, true) => format!("downloading the trainer: {loaded:.1} of {total:.1} MB"),
+            (false, false) => format!("downloading the trainer: {loaded:.1} MB"),
+        });
     }
 
     /// The worker's GPU device was lost: that worker can do nothing more

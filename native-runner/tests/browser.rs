@@ -5,13 +5,18 @@
 //! the plan equals `plan --json`, the downloaded LoRA loads in `sample
 //! --lora`, and the same config trained natively gives the same LoRA.
 //!
-//! Needs chromium, node with tests/e2e's playwright-core (`npm ci`), trunk
-//! and wasm-bindgen-cli: `.ci/run` installs them all.
+//! The app is built as users get it (scripts/build-web.sh: release,
+//! compressed) and served with Content-Encoding; the test reports the
+//! first visit's transfer size.
+//!
+//! Needs chromium, node with tests/e2e's playwright-core (`npm ci`), trunk,
+//! wasm-bindgen-cli, binaryen and brotli: `.ci/run` installs them all.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 
 use trainer_core::models::safetensors_file::SafetensorsFile;
 
@@ -26,45 +31,73 @@ fn tool(name: &str, how: &str) -> PathBuf {
     on_path.or(cargo_bin.filter(|p| p.is_file())).unwrap_or_else(|| panic!("the browser test needs {name}: {how} (.ci/run installs it)"))
 }
 
-/// Serves `root` on a free localhost port (GET only, enough for Chromium).
-fn serve(root: PathBuf) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = format!("http://{}/", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let root = root.clone();
-            std::thread::spawn(move || answer(stream, &root));
-        }
-    });
-    address
+/// One response of the test's server: the file asked for, the encoding it
+/// was sent in ("br", "gzip" or "identity") and the bytes sent.
+#[derive(Clone, Debug)]
+struct Served {
+    path: String,
+    encoding: &'static str,
+    bytes: usize,
 }
 
-fn answer(mut stream: TcpStream, root: &Path) {
+/// Serves `root` on a free localhost port (GET only, enough for Chromium),
+/// as a static host serves scripts/build-web.sh's output: a file's `.br`
+/// or `.gz` twin with its Content-Encoding when the browser accepts it.
+/// Every response is logged, for the transfer size.
+fn serve(root: PathBuf) -> (String, Arc<Mutex<Vec<Served>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = format!("http://{}/", listener.local_addr().unwrap());
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let served = log.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let (root, served) = (root.clone(), served.clone());
+            std::thread::spawn(move || answer(stream, &root, &served));
+        }
+    });
+    (address, log)
+}
+
+fn answer(mut stream: TcpStream, root: &Path, served: &Mutex<Vec<Served>>) {
     let mut request = String::new();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     if reader.read_line(&mut request).is_err() {
         return;
     }
-    // Drain the headers.
+    let mut accepted = String::new();
     let mut line = String::new();
     while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("accept-encoding") {
+                accepted = value.trim().to_ascii_lowercase();
+            }
+        }
         line.clear();
     }
     let path = request.split_whitespace().nth(1).unwrap_or("/").split('?').next().unwrap_or("/").trim_start_matches('/').to_string();
     let path = if path.is_empty() { "index.html".to_string() } else { path };
     let file = root.join(&path);
-    let (status, body) = match std::fs::read(&file) {
-        Ok(body) if !path.contains("..") => ("200 OK", body),
-        _ => ("404 Not Found", b"not found".to_vec()),
+    let twin = [("br", "br"), ("gzip", "gz")]
+        .into_iter()
+        .filter(|(encoding, _)| accepted.split(',').any(|a| a.trim().split(';').next() == Some(*encoding)))
+        .find_map(|(encoding, extension)| std::fs::read(format!("{}.{extension}", file.display())).ok().map(|body| (encoding, body)));
+    let (status, encoding, body) = match twin.map(Ok).unwrap_or_else(|| std::fs::read(&file).map(|body| ("identity", body))) {
+        Ok((encoding, body)) if !path.contains("..") => ("200 OK", encoding, body),
+        _ => ("404 Not Found", "identity", b"not found".to_vec()),
     };
     let mime = match file.extension().and_then(|e| e.to_str()) {
         Some("html") => "text/html; charset=utf-8",
         Some("js") => "text/javascript",
         Some("wasm") => "application/wasm",
+        Some("css") => "text/css",
+        Some("json") => "application/json",
         _ => "application/octet-stream",
     };
-    let header = format!("HTTP/1.1 {status}\r\nContent-Type: {mime}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-    let _ = stream.write_all(header.as_bytes()).and_then(|_| stream.write_all(&body));
+    let content_encoding = if encoding == "identity" { String::new() } else { format!("Content-Encoding: {encoding}\r\n") };
+    let header = format!("HTTP/1.1 {status}\r\nContent-Type: {mime}\r\n{content_encoding}Content-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    if stream.write_all(header.as_bytes()).and_then(|_| stream.write_all(&body)).is_ok() && status == "200 OK" {
+        served.lock().unwrap().push(Served { path, encoding, bytes: body.len() });
+    }
 }
 
 /// The example run, shortened to 3 steps with validation and a checkpoint
@@ -176,6 +209,7 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
     let node = tool("node", "install Node.js");
     let trunk = tool("trunk", "cargo install trunk --version ~0.21 --locked");
     tool("wasm-bindgen", "cargo install wasm-bindgen-cli --version <the wasm-bindgen version in Cargo.lock>");
+    tool("brotli", "apt-get install brotli");
     let e2e = repo().join("tests/e2e");
     assert!(e2e.join("node_modules/playwright-core").is_dir(), "the browser test needs playwright-core: cd tests/e2e && npm ci");
 
@@ -188,9 +222,11 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
     let model = repo().join("trainer-core/tests/fixtures/models/sd1/diffusers");
     work_folder(&work, &model);
 
-    let build = Command::new(&trunk).args(["build", "--offline", "--dist"]).arg(&dist).current_dir(repo()).output().unwrap();
-    assert!(build.status.success(), "trunk build failed:\n{}{}", String::from_utf8_lossy(&build.stdout), String::from_utf8_lossy(&build.stderr));
-    let url = serve(dist);
+    // The build users get: release, wasm-opt, brotli and gzip twins.
+    let path = format!("{}:{}", trunk.parent().unwrap().display(), std::env::var("PATH").unwrap_or_default());
+    let build = Command::new("bash").arg(repo().join("scripts/build-web.sh")).arg(&dist).env("PATH", path).output().unwrap();
+    assert!(build.status.success(), "scripts/build-web.sh failed:\n{}{}", String::from_utf8_lossy(&build.stdout), String::from_utf8_lossy(&build.stderr));
+    let (url, served) = serve(dist);
 
     let driver = Command::new(node)
         .arg(e2e.join("app.mjs"))
@@ -210,6 +246,21 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
     let said = String::from_utf8_lossy(&driver.stdout);
     eprintln!("{said}{}\nscreenshots and outputs: {}", String::from_utf8_lossy(&driver.stderr), out.display());
     assert!(driver.status.success(), "the browser run failed (see above and {})", out.display());
+
+    // What a first visit downloads: each file's first response, as sent.
+    let mut first_visit: Vec<Served> = Vec::new();
+    for response in served.lock().unwrap().iter() {
+        if !first_visit.iter().any(|f| f.path == response.path) {
+            first_visit.push(response.clone());
+        }
+    }
+    let transfer: usize = first_visit.iter().map(|f| f.bytes).sum();
+    let listing: Vec<String> = first_visit.iter().map(|f| format!("{} {:.2} MB ({})", f.path, f.bytes as f64 / 1e6, f.encoding)).collect();
+    eprintln!("first visit's transfer: {:.2} MB: {}", transfer as f64 / 1e6, listing.join(", "));
+    for file in first_visit.iter().filter(|f| f.path.ends_with(".wasm") || f.path.ends_with(".js")) {
+        assert_eq!(file.encoding, "br", "{} was sent uncompressed: {listing:?}", file.path);
+    }
+    assert!(first_visit.iter().filter(|f| f.path.ends_with(".wasm")).count() == 2, "the page's and the worker's wasm: {listing:?}");
 
     // The page plans with the same code as `plan --json`.
     let native_plan: serde_json::Value = serde_json::from_str(&runner(&["plan", "--json", "--config", "browser.env"], &work)).unwrap();
@@ -304,6 +355,13 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
         reg_plan.contains("Dataset 'regularisation-data'  [regularisation]\n  folder: regularisation/a-picture-of-a-toy\n  images: 2 found, 2 used"),
         "the generated class images plan as a dataset: {reg_plan}"
     );
+    // The page showed the trainer's download before the GPU check, with its
+    // decoded size from trainer-size.json (brotli hides it from the stream).
+    let pill: Vec<&str> = result["pillTexts"].as_array().unwrap().iter().filter_map(|t| t.as_str()).collect();
+    let shown = |start: &str| pill.iter().position(|t| t.starts_with(start));
+    let (downloaded, gpu_checked) = (shown("downloaded the trainer ("), shown("WebGPU: "));
+    assert!(downloaded.is_some() && downloaded < gpu_checked, "the status pill's texts: {pill:?}");
+    assert!(pill.iter().any(|t| t.starts_with("downloading the trainer: ") && t.contains(" of ") && t.ends_with(" MB")), "progress with a total: {pill:?}");
     assert_eq!(result["selfTestWithShim"]["ok"], true, "the GPU self-test: {}", result["selfTestWithShim"]);
     // The GPU lost mid-run: a message at once, Train usable again, and the
     // next visit finds what was saved.

@@ -59,6 +59,14 @@ const consoleLines = [];
 // browser's storage stays, as for a user who closes and comes back).
 const openPage = async () => {
   const opened = await context.newPage();
+  // Every text the status pill shows (the trainer's download progress first).
+  await opened.addInitScript(() => {
+    window.burnboothPillTexts = [];
+    new MutationObserver(() => {
+      const text = document.getElementById('gpu-status')?.textContent;
+      if (text && window.burnboothPillTexts.at(-1) !== text) window.burnboothPillTexts.push(text);
+    }).observe(document, { subtree: true, childList: true, characterData: true });
+  });
   opened.on('console', (m) => consoleLines.push(`${m.type()}: ${m.text()}`));
   opened.on('pageerror', (e) => consoleLines.push(`pageerror: ${e.message}`));
   return opened;
@@ -186,6 +194,8 @@ try {
   await page.waitForSelector('#gpu-status.ok, #gpu-status.bad', { timeout: 120_000 });
   const gpu = await page.locator('#gpu-status').textContent();
   say(`GPU: ${gpu}`);
+  const pillTexts = await page.evaluate(() => window.burnboothPillTexts);
+  say(`status pill: ${pillTexts.join(' / ')}`);
   fs.writeFileSync(path.join(outDir, 'gpu.txt'), gpu);
   if (!(await page.locator('#gpu-status.ok').count())) await fail(`no WebGPU: ${gpu}`);
   await screenshot('start');
@@ -455,7 +465,7 @@ try {
   gpuLost.saved = await reopen();
   say(`GPU lost: ${JSON.stringify(gpuLost)}`);
 
-  fs.writeFileSync(path.join(outDir, 'result.json'), JSON.stringify({ sdxlModel, fullOutputs, galleryCaptions, lockRefusal, pausedAt, pausedStill, interruptedCaching, quotaError, quotaHit, afterQuota, lastHit, lastSaved, checkpointFiles, resumeLog, resumedLosses, tokens, regPlan, trainSeconds, chartPoints, losses, galleryImages, longestFrameGapMs: longestGap, saved, stats, gpu, selfTestWithShim: withShim, selfTestWithoutShim: withoutShim, gpuLost }, null, 2));
+  fs.writeFileSync(path.join(outDir, 'result.json'), JSON.stringify({ pillTexts, sdxlModel, fullOutputs, galleryCaptions, lockRefusal, pausedAt, pausedStill, interruptedCaching, quotaError, quotaHit, afterQuota, lastHit, lastSaved, checkpointFiles, resumeLog, resumedLosses, tokens, regPlan, trainSeconds, chartPoints, losses, galleryImages, longestFrameGapMs: longestGap, saved, stats, gpu, selfTestWithShim: withShim, selfTestWithoutShim: withoutShim, gpuLost }, null, 2));
   fs.writeFileSync(path.join(outDir, 'console.txt'), consoleLines.join('\n'));
   await closeBrowser();
   say('done');

@@ -3,9 +3,10 @@
 
 use burn::module::Module;
 use burn::nn::GroupNorm;
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::silu;
 use burn::tensor::Tensor;
 
+use super::attention::attention;
 use super::loader::Loader;
 use super::lora::{LoraConv2d, LoraLinear};
 
@@ -128,54 +129,9 @@ impl Attention {
         let q = self.to_q.forward(x).reshape([batch, length, self.heads, head_dim]).swap_dims(1, 2);
         let k = self.to_k.forward(context.clone()).reshape([batch, context_length, self.heads, head_dim]).swap_dims(1, 2);
         let v = self.to_v.forward(context).reshape([batch, context_length, self.heads, head_dim]).swap_dims(1, 2);
-        let out = sliced_attention(q, k, v).swap_dims(1, 2).reshape([batch, length, dim]);
+        let out = attention(q, k, v).swap_dims(1, 2).reshape([batch, length, dim]);
         self.to_out_0.forward(out)
     }
-}
-
-/// The most bytes one slice of attention scores takes. wgpu binds a buffer
-/// only up to the adapter's `maxStorageBufferBindingSize` (128 MiB on
-/// lavapipe and many WebGPU adapters), and SD 1.5's scores at 512 px are
-/// 8 heads x 4096^2 x 4 B = 512 MiB per image.
-const ATTENTION_SLICE_BYTES: usize = 64 << 20;
-
-/// At most this many slices: beyond that the attention would be computed
-/// in so many pieces that it would take hours (a 512 px image through a
-/// VAE with attention at full resolution: 17 GB of scores). Slices then
-/// grow past [`ATTENTION_SLICE_BYTES`] and a device that cannot hold them
-/// reports running out of memory, with advice.
-const ATTENTION_MAX_SLICES: usize = 1024;
-
-/// softmax(q kᵀ / √d) v over `[batch, heads, tokens, head dim]`.
-///
-/// Where no gradient flows through it on the CPU backend (sampling,
-/// validation, caching, the first forward of checkpointed training), burn's
-/// fused attention, which tiles the keys with an online softmax and never
-/// holds the scores. Elsewhere in slices of query rows whose scores fit
-/// [`ATTENTION_SLICE_BYTES`] (diffusers' attention slicing): burn's fused
-/// attention materialises every score under autodiff and on wgpu without
-/// autotune. Small inputs take one slice.
-fn sliced_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
-    let untracked = !(q.is_tracked() || k.is_tracked() || v.is_tracked());
-    if untracked && crate::is_cpu_backend(&q.device()) {
-        return burn::tensor::module::attention(q, k, v, None, None, Default::default());
-    }
-    attention_in_slices(q, k, v, ATTENTION_SLICE_BYTES)
-}
-
-fn attention_in_slices(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, slice_bytes: usize) -> Tensor<4> {
-    let [batch, heads, queries, head_dim] = q.dims();
-    let keys = k.dims()[2];
-    let q = q * (head_dim as f64).powf(-0.5);
-    let k_t = k.swap_dims(2, 3);
-    let attend = |q: Tensor<4>| softmax(q.matmul(k_t.clone()), 3).matmul(v.clone());
-    let row_bytes = batch * heads * keys * q.dtype().size();
-    let rows = (slice_bytes / row_bytes.max(1)).max(queries.div_ceil(ATTENTION_MAX_SLICES)).clamp(1, queries);
-    if rows == queries {
-        return attend(q);
-    }
-    let slices = (0..queries).step_by(rows).map(|start| attend(q.clone().slice([0..batch, 0..heads, start..(start + rows).min(queries), 0..head_dim])));
-    Tensor::cat(slices.collect(), 2)
 }
 
 /// Stride-2 convolution. The VAE pads asymmetrically (right and bottom by
@@ -218,51 +174,4 @@ impl Upsample2D {
 pub fn upsample_nearest_2x(x: Tensor<4>) -> Tensor<4> {
     let [b, c, h, w] = x.dims();
     x.reshape([b, c, h, 1, w, 1]).repeat_dim(3, 2).repeat_dim(5, 2).reshape([b, c, h * 2, w * 2])
-}
-
-#[cfg(test)]
-mod tests {
-    use burn::tensor::{Device, Distribution, Tensor};
-
-    use super::{attention_in_slices, sliced_attention};
-
-    /// Slicing the query rows (7 slices of 3 rows, the last of 2) gives the
-    /// output and the gradients of one slice (relative error ≤ 1e-5).
-    #[test]
-    fn sliced_attention_matches_one_slice_with_gradients() {
-        let device = Device::flex().autodiff();
-        let input = |seed_shape: [usize; 4]| Tensor::<4>::random(seed_shape, Distribution::Normal(0.0, 1.0), &device).require_grad();
-        let (q, k, v) = (input([2, 3, 20, 8]), input([2, 3, 11, 8]), input([2, 3, 11, 8]));
-        let run = |slice_bytes: usize| {
-            let out = attention_in_slices(q.clone(), k.clone(), v.clone(), slice_bytes);
-            let weights = Tensor::<4>::ones(out.dims(), &device).cumsum(2);
-            let grads = (out.clone() * weights).sum().backward();
-            [out.without_autodiff(), q.grad(&grads).unwrap(), k.grad(&grads).unwrap(), v.grad(&grads).unwrap()]
-        };
-        let row_bytes = 2 * 3 * 11 * 4;
-        for (whole, sliced) in run(usize::MAX).into_iter().zip(run(3 * row_bytes)) {
-            let scale = whole.clone().abs().max().into_scalar::<f32>();
-            let error = (whole - sliced).abs().max().into_scalar::<f32>();
-            assert!(error <= 1e-5 * scale, "sliced attention differs by {error} (largest value {scale})");
-        }
-    }
-
-    /// Without autodiff the CPU backend takes burn's fused attention (flash
-    /// tiles with an online softmax once the scores pass 256K elements):
-    /// self- and cross-attention shapes, odd lengths, head sizes 8, 40 and
-    /// 64 give the reference's output within 1e-5 relative.
-    #[test]
-    fn fused_attention_matches_the_reference_without_autodiff() {
-        let device = Device::flex();
-        let shapes = [([2, 3, 20, 8], 11), ([1, 8, 257, 40], 77), ([1, 5, 1000, 64], 1000), ([2, 2, 999, 8], 999)];
-        for ([batch, heads, queries, head_dim], keys) in shapes {
-            let input = |length: usize| Tensor::<4>::random([batch, heads, length, head_dim], Distribution::Normal(0.0, 1.0), &device);
-            let (q, k, v) = (input(queries), input(keys), input(keys));
-            let reference = attention_in_slices(q.clone(), k.clone(), v.clone(), usize::MAX);
-            let fused = sliced_attention(q, k, v);
-            let scale = reference.clone().abs().max().into_scalar::<f32>();
-            let error = (reference - fused).abs().max().into_scalar::<f32>();
-            assert!(error <= 1e-5 * scale, "{queries}x{keys} head dim {head_dim}: fused attention differs by {error} (largest value {scale})");
-        }
-    }
 }

@@ -1,0 +1,315 @@
+//! Attention, softmax(q kᵀ / √d) v over `[batch, heads, tokens, head dim]`,
+//! without ever holding all of its scores.
+//!
+//! The scores of a whole attention are tokens² per head: SD 1.5 at 512 px
+//! holds 8 x 4096² x 4 B = 512 MiB per image, SDXL at 1024 px about
+//! 11.7 GB over a training step. burn's autodiff keeps every softmax for
+//! the backward, and wgpu binds at most `maxStorageBufferBindingSize`
+//! (128 MiB on many adapters) per buffer. So:
+//!
+//! - the forward runs in slices of query rows whose scores fit
+//!   [`SLICE_BYTES`] (diffusers' attention slicing), and keeps only the
+//!   output and each query row's log-sum-exp of its scores;
+//! - its backward, our own autodiff node ([`AttentionBackend`], a burn
+//!   backend extension for the CPU backend and every cubecl runtime, the
+//!   browser's WebGPU included), recomputes one slice's scores at a time
+//!   from that log-sum-exp, as flash attention's backward does: for a
+//!   slice of queries, P = exp(S − lse), dV += Pᵀ dO, dS = P ∘ (dO Vᵀ − Δ)
+//!   with Δ = rowsum(dO ∘ O), dQ = dS K / √d, dK += dSᵀ Q / √d.
+//!
+//! Where no gradient flows through it on the CPU backend (sampling,
+//! validation, caching, the first forward of checkpointed training), burn's
+//! own fused attention runs instead (key tiles with an online softmax).
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::Autodiff;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{backend_extension, Backend, Cube, Dispatch, DispatchKindConversion, DispatchTensor, Flex};
+use burn::tensor::Tensor;
+
+/// The most bytes one slice of attention scores takes (a backward slice
+/// holds three such: P, dP and dS). wgpu binds a buffer only up to the
+/// adapter's `maxStorageBufferBindingSize`: 128 MiB on lavapipe and many
+/// WebGPU adapters.
+pub const SLICE_BYTES: usize = 64 << 20;
+
+/// At most this many slices: beyond that the attention would be computed
+/// in so many pieces that it would take hours (a 512 px image through a
+/// VAE with attention at full resolution: 17 GB of scores). Slices then
+/// grow past [`SLICE_BYTES`] and a device that cannot hold them reports
+/// running out of memory, with advice.
+const MAX_SLICES: usize = 1024;
+
+/// softmax(q kᵀ / √d) v over `[batch, heads, tokens, head dim]`, never
+/// holding more scores than one slice of [`SLICE_BYTES`] (see the module).
+pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    let untracked = !(q.is_tracked() || k.is_tracked() || v.is_tracked());
+    if untracked && crate::is_cpu_backend(&q.device()) {
+        return burn::tensor::module::attention(q, k, v, None, None, Default::default());
+    }
+    attention_in_slices(q, k, v, SLICE_BYTES)
+}
+
+/// [`attention`] with slices of at most `slice_bytes` of scores, through
+/// [`AttentionBackend`] (our backward) on every device.
+pub fn attention_in_slices(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, slice_bytes: usize) -> Tensor<4> {
+    Tensor::from_dispatch(Dispatch::sliced_attention(q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), slice_bytes))
+}
+
+/// Attention with its own autodiff node (see the module): the forward keeps
+/// the output and the scores' log-sum-exp, the backward recomputes the
+/// scores slice by slice.
+#[backend_extension(Flex, Cube, Autodiff)]
+pub trait AttentionBackend: Backend {
+    /// softmax(q kᵀ / √d) v in slices of query rows holding at most
+    /// `slice_bytes` of scores each.
+    fn sliced_attention(query: FloatTensor<Self>, key: FloatTensor<Self>, value: FloatTensor<Self>, slice_bytes: usize) -> FloatTensor<Self>;
+}
+
+impl AttentionBackend for Flex {
+    fn sliced_attention(query: FloatTensor<Self>, key: FloatTensor<Self>, value: FloatTensor<Self>, slice_bytes: usize) -> FloatTensor<Self> {
+        untracked_forward::<Self>(query, key, value, slice_bytes)
+    }
+}
+
+impl AttentionBackend for Cube {
+    fn sliced_attention(query: FloatTensor<Self>, key: FloatTensor<Self>, value: FloatTensor<Self>, slice_bytes: usize) -> FloatTensor<Self> {
+        untracked_forward::<Self>(query, key, value, slice_bytes)
+    }
+}
+
+fn untracked_forward<B: Backend>(query: FloatTensor<B>, key: FloatTensor<B>, value: FloatTensor<B>, slice_bytes: usize) -> FloatTensor<B>
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    let [q, k, v] = [query, key, value].map(wrap::<B>);
+    primitive::<B>(forward_with_lse(q, k, v, slice_bytes).0)
+}
+
+impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B, C>
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    fn sliced_attention(query: FloatTensor<Self>, key: FloatTensor<Self>, value: FloatTensor<Self>, slice_bytes: usize) -> FloatTensor<Self> {
+        /// The backward's state: q, k, v, the output, the log-sum-exp, and
+        /// the slice size.
+        #[derive(Debug)]
+        struct AttentionBackward;
+
+        impl<B: Backend> Backward<B, 3> for AttentionBackward
+        where
+            DispatchTensor: DispatchKindConversion<B>,
+        {
+            type State = ([FloatTensor<B>; 5], usize);
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let grad_out = wrap::<B>(grads.consume::<B>(&ops.node));
+                let ([q, k, v, out, lse], slice_bytes) = ops.state;
+                let [q, k, v, out, lse] = [q, k, v, out, lse].map(wrap::<B>);
+                let needed = ops.parents.each_ref().map(Option::is_some);
+                let gradients = attention_backward(Saved { q, k, v, out, lse }, grad_out, needed, slice_bytes);
+                for (parent, gradient) in ops.parents.into_iter().zip(gradients) {
+                    if let (Some(node), Some(gradient)) = (parent, gradient) {
+                        grads.register::<B>(node.id, primitive::<B>(gradient));
+                    }
+                }
+            }
+        }
+
+        match AttentionBackward.prepare::<C>([query.node(), key.node(), value.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let [q, k, v] = [query, key, value].map(|tensor| wrap::<B>(tensor.into_primitive()));
+                let (out, lse) = forward_with_lse(q.clone(), k.clone(), v.clone(), slice_bytes);
+                let saved = [q, k, v, out.clone(), lse].map(primitive::<B>);
+                prep.finish((saved, slice_bytes), primitive::<B>(out))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::sliced_attention(query.into_primitive(), key.into_primitive(), value.into_primitive(), slice_bytes)),
+        }
+    }
+}
+
+/// A backend primitive as a tensor of that backend (no autodiff).
+fn wrap<B: Backend>(primitive: FloatTensor<B>) -> Tensor<4>
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    Tensor::from_primitive::<B>(primitive)
+}
+
+fn primitive<B: Backend>(tensor: Tensor<4>) -> FloatTensor<B>
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    tensor.try_into_primitive::<B>().expect("attention computes on its inputs' backend")
+}
+
+/// Query rows per slice: as many as keep one slice's scores within
+/// `slice_bytes`, and at most [`MAX_SLICES`] slices.
+fn rows_per_slice(q: &Tensor<4>, keys: usize, slice_bytes: usize) -> usize {
+    let [batch, heads, queries, _] = q.dims();
+    let row_bytes = batch * heads * keys * q.dtype().size();
+    (slice_bytes / row_bytes.max(1)).max(queries.div_ceil(MAX_SLICES)).clamp(1, queries.max(1))
+}
+
+/// The query rows `start..start + rows` (clipped to the end).
+fn rows(tensor: &Tensor<4>, start: usize, rows: usize) -> Tensor<4> {
+    let [batch, heads, length, width] = tensor.dims();
+    tensor.clone().slice([0..batch, 0..heads, start..(start + rows).min(length), 0..width])
+}
+
+/// The attention's output and each query row's log-sum-exp of its scaled
+/// scores (`[batch, heads, queries, 1]`), in slices of query rows.
+fn forward_with_lse(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, slice_bytes: usize) -> (Tensor<4>, Tensor<4>) {
+    let [.., queries, head_dim] = q.dims();
+    let q = q * (head_dim as f64).powf(-0.5);
+    let k_t = k.swap_dims(2, 3);
+    let step = rows_per_slice(&q, k_t.dims()[3], slice_bytes);
+    let (mut outs, mut lses) = (Vec::new(), Vec::new());
+    for start in (0..queries).step_by(step) {
+        let scores = rows(&q, start, step).matmul(k_t.clone());
+        let max = scores.clone().max_dim(3);
+        let exp = (scores - max.clone()).exp();
+        let sum = exp.clone().sum_dim(3);
+        outs.push(exp.matmul(v.clone()) / sum.clone());
+        lses.push(max + sum.log());
+    }
+    (Tensor::cat(outs, 2), Tensor::cat(lses, 2))
+}
+
+fn accumulate(sum: &mut Option<Tensor<4>>, term: Tensor<4>) {
+    *sum = Some(match sum.take() {
+        Some(sum) => sum + term,
+        None => term,
+    });
+}
+
+/// What the forward kept for the backward.
+struct Saved {
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    out: Tensor<4>,
+    lse: Tensor<4>,
+}
+
+/// The gradients of q, k and v (those `needed`) from the output's, the
+/// scores recomputed one slice of query rows at a time (see the module).
+fn attention_backward(saved: Saved, grad_out: Tensor<4>, needed: [bool; 3], slice_bytes: usize) -> [Option<Tensor<4>>; 3] {
+    let Saved { q, k, v, out, lse } = saved;
+    let [.., queries, head_dim] = q.dims();
+    let scale = (head_dim as f64).powf(-0.5);
+    let q = q * scale;
+    let (k_t, v_t) = (k.clone().swap_dims(2, 3), v.swap_dims(2, 3));
+    // Δ = rowsum(dO ∘ O), the softmax backward's per-row term.
+    let delta = (grad_out.clone() * out).sum_dim(3);
+    let step = rows_per_slice(&q, k_t.dims()[3], slice_bytes);
+    let (mut grad_q, mut grad_k, mut grad_v) = (Vec::new(), None::<Tensor<4>>, None::<Tensor<4>>);
+    for start in (0..queries).step_by(step) {
+        let (q_rows, grad_rows) = (rows(&q, start, step), rows(&grad_out, start, step));
+        let p = (q_rows.clone().matmul(k_t.clone()) - rows(&lse, start, step)).exp();
+        if needed[2] {
+            accumulate(&mut grad_v, p.clone().swap_dims(2, 3).matmul(grad_rows.clone()));
+        }
+        if !(needed[0] || needed[1]) {
+            continue;
+        }
+        let grad_scores = p * (grad_rows.matmul(v_t.clone()) - rows(&delta, start, step));
+        if needed[0] {
+            grad_q.push(grad_scores.clone().matmul(k.clone()) * scale);
+        }
+        if needed[1] {
+            accumulate(&mut grad_k, grad_scores.swap_dims(2, 3).matmul(q_rows));
+        }
+    }
+    [needed[0].then(|| Tensor::cat(grad_q, 2)), grad_k, grad_v]
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::activation::softmax;
+    use burn::tensor::{Device, DeviceKind, Distribution, Tensor};
+
+    use super::{attention, attention_in_slices};
+
+    /// burn's autodiff through the textbook formula: the reference.
+    fn reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+        let head_dim = q.dims()[3];
+        softmax((q * (head_dim as f64).powf(-0.5)).matmul(k.swap_dims(2, 3)), 3).matmul(v)
+    }
+
+    /// Self- and cross-attention shapes, odd lengths, head sizes 8, 40 and
+    /// 64, one slice and several (the last one short): the output and the
+    /// q, k and v gradients equal burn's autodiff through the formula
+    /// within 1e-4 relative on the CPU backend and 1e-3 on wgpu (lavapipe),
+    /// relative to each tensor's largest value. The output's gradient is
+    /// uneven (a ramp over the query rows) so that every row's term counts.
+    #[test]
+    fn own_backward_matches_autodiff_through_the_formula() {
+        let shapes = [([2, 3, 20, 8], 11), ([1, 8, 77, 40], 77), ([1, 2, 129, 64], 129), ([2, 1, 33, 8], 7)];
+        for (name, device, tolerance) in [("flex", Device::flex(), 1e-4), ("wgpu", Device::wgpu(DeviceKind::Cpu), 1e-3)] {
+            let device = device.autodiff();
+            for ([batch, heads, queries, head_dim], keys) in shapes {
+                let input = |length: usize| Tensor::<4>::random([batch, heads, length, head_dim], Distribution::Normal(0.0, 1.0), &device).require_grad();
+                let (q, k, v) = (input(queries), input(keys), input(keys));
+                let run = |attend: &dyn Fn(Tensor<4>, Tensor<4>, Tensor<4>) -> Tensor<4>| {
+                    let out = attend(q.clone(), k.clone(), v.clone());
+                    let ramp = Tensor::<4>::ones(out.dims(), &device).cumsum(2);
+                    let grads = (out.clone() * ramp).sum().backward();
+                    [out.without_autodiff(), q.grad(&grads).unwrap(), k.grad(&grads).unwrap(), v.grad(&grads).unwrap()]
+                };
+                let expected = run(&reference);
+                let row_bytes = batch * heads * keys * 4;
+                for slice_bytes in [usize::MAX, 6 * row_bytes] {
+                    let actual = run(&|q, k, v| attention_in_slices(q, k, v, slice_bytes));
+                    for (what, (expected, actual)) in ["output", "q gradient", "k gradient", "v gradient"].iter().zip(expected.iter().zip(actual)) {
+                        let scale = expected.clone().abs().max().into_scalar::<f32>();
+                        let error = (expected.clone() - actual).abs().max().into_scalar::<f32>();
+                        assert!(
+                            error <= tolerance as f32 * scale,
+                            "{name} {queries}x{keys} head dim {head_dim}, slices of {slice_bytes} B: {what} differs by {error} (largest value {scale})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Only the inputs that need a gradient get one: cross-attention with
+    /// a frozen context (k and v untracked) back-propagates into q alone.
+    #[test]
+    fn untracked_inputs_get_no_gradient() {
+        let device = Device::flex().autodiff();
+        let q = Tensor::<4>::random([1, 2, 9, 8], Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let k = Tensor::<4>::random([1, 2, 5, 8], Distribution::Normal(0.0, 1.0), &device);
+        let v = Tensor::<4>::random([1, 2, 5, 8], Distribution::Normal(0.0, 1.0), &device);
+        let grads = attention_in_slices(q.clone(), k.clone(), v.clone(), 64).sum().backward();
+        let expected = reference(q.clone(), k.clone(), v.clone()).sum().backward();
+        assert!(k.grad(&grads).is_none() && v.grad(&grads).is_none());
+        let error = (q.grad(&grads).unwrap() - q.grad(&expected).unwrap()).abs().max().into_scalar::<f32>();
+        assert!(error <= 1e-5, "q gradient differs by {error}");
+    }
+
+    /// Without autodiff the CPU backend takes burn's fused attention (flash
+    /// tiles with an online softmax once the scores pass 256K elements), and
+    /// wgpu our slices: self- and cross-attention shapes, odd lengths, head
+    /// sizes 8, 40 and 64 give the formula's output within 1e-5 relative
+    /// (1e-3 on wgpu).
+    #[test]
+    fn untracked_attention_matches_the_formula() {
+        let shapes = [([2, 3, 20, 8], 11), ([1, 8, 257, 40], 77), ([1, 5, 1000, 64], 1000), ([2, 2, 999, 8], 999)];
+        for (name, device, tolerance) in [("flex", Device::flex(), 1e-5), ("wgpu", Device::wgpu(DeviceKind::Cpu), 1e-3)] {
+            for ([batch, heads, queries, head_dim], keys) in shapes {
+                let input = |length: usize| Tensor::<4>::random([batch, heads, length, head_dim], Distribution::Normal(0.0, 1.0), &device);
+                let (q, k, v) = (input(queries), input(keys), input(keys));
+                let expected = reference(q.clone(), k.clone(), v.clone());
+                let actual = attention(q, k, v);
+                let scale = expected.clone().abs().max().into_scalar::<f32>();
+                let error = (expected - actual).abs().max().into_scalar::<f32>();
+                assert!(error <= tolerance as f32 * scale, "{name} {queries}x{keys} head dim {head_dim}: attention differs by {error} (largest value {scale})");
+            }
+        }
+    }
+}

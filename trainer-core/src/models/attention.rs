@@ -86,7 +86,7 @@ where
     DispatchTensor: DispatchKindConversion<B>,
 {
     let [q, k, v] = [query, key, value].map(wrap::<B>);
-    primitive::<B>(forward_with_lse(q, k, v, slice_bytes).0)
+    primitive::<B>(forward(q, k, v, slice_bytes, false).0)
 }
 
 impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B, C>
@@ -122,7 +122,8 @@ where
         match AttentionBackward.prepare::<C>([query.node(), key.node(), value.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let [q, k, v] = [query, key, value].map(|tensor| wrap::<B>(tensor.into_primitive()));
-                let (out, lse) = forward_with_lse(q.clone(), k.clone(), v.clone(), slice_bytes);
+                let (out, lse) = forward(q.clone(), k.clone(), v.clone(), slice_bytes, true);
+                let lse = lse.expect("asked for the log-sum-exp");
                 let saved = [q, k, v, out.clone(), lse].map(primitive::<B>);
                 prep.finish((saved, slice_bytes), primitive::<B>(out))
             }
@@ -160,9 +161,10 @@ fn rows(tensor: &Tensor<4>, start: usize, rows: usize) -> Tensor<4> {
     tensor.clone().slice([0..batch, 0..heads, start..(start + rows).min(length), 0..width])
 }
 
-/// The attention's output and each query row's log-sum-exp of its scaled
-/// scores (`[batch, heads, queries, 1]`), in slices of query rows.
-fn forward_with_lse(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, slice_bytes: usize) -> (Tensor<4>, Tensor<4>) {
+/// The attention's output, in slices of query rows, and when `keep_lse`
+/// (for the backward) each query row's log-sum-exp of its scaled scores
+/// (`[batch, heads, queries, 1]`); sampling on wgpu is spared its kernels.
+fn forward(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, slice_bytes: usize, keep_lse: bool) -> (Tensor<4>, Option<Tensor<4>>) {
     let [.., queries, head_dim] = q.dims();
     let q = q * (head_dim as f64).powf(-0.5);
     let k_t = k.swap_dims(2, 3);
@@ -173,10 +175,12 @@ fn forward_with_lse(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, slice_bytes: usize
         let max = scores.clone().max_dim(3);
         let exp = (scores - max.clone()).exp();
         let sum = exp.clone().sum_dim(3);
-        outs.push(exp.matmul(v.clone()) / sum.clone());
-        lses.push(max + sum.log());
+        if keep_lse {
+            lses.push(max + sum.clone().log());
+        }
+        outs.push(exp.matmul(v.clone()) / sum);
     }
-    (Tensor::cat(outs, 2), Tensor::cat(lses, 2))
+    (Tensor::cat(outs, 2), keep_lse.then(|| Tensor::cat(lses, 2)))
 }
 
 fn accumulate(sum: &mut Option<Tensor<4>>, term: Tensor<4>) {

@@ -234,7 +234,7 @@ fn exp(x: f32) -> f32 {
     let n = n_plus_round - ROUND;
     // ln 2 in two parts, so that r keeps its precision.
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 5.000_000_1e-1;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
     let e_r = p * (r * r) + r + 1.0;
     // n sits in the low bits of n + ROUND's mantissa (ROUND's bits are
     // 0x4B40_0000): 2ⁿ's exponent field, n + 127, without a float-to-int

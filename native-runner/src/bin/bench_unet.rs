@@ -12,10 +12,18 @@
 //! two are (`scripts/bench_vae_tiling_torch.py` gives diffusers' figure for
 //! the same tiles).
 //!
-//! cargo run --release -p native-runner --bin bench-unet -- [--runs 5] [--device cpu,cpu-gpu,gpu] [--with-torch] [--vae-decode [--resolution 512] [--tile 352] [--against-untiled]]
+//! `--convs` times SD 1.5's 3x3 convolutions at 512 px one by one (320
+//! channels at 64x64, 640 at 32x32, 1280 at 16x16): the forward and the
+//! input's gradient (a transposed convolution, what a LoRA step's backward
+//! asks of every frozen convolution), with their GFLOP/s;
+//! `scripts/bench_conv_torch.py` times PyTorch on the same shapes.
+//!
+//! cargo run --release -p native-runner --bin bench-unet -- [--runs 5] [--device cpu,cpu-gpu,gpu] [--with-torch] [--vae-decode [--resolution 512] [--tile 352] [--against-untiled]] [--convs]
 
 use std::time::Instant;
 
+use burn::tensor::module::conv2d;
+use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Tensor};
 use clap::Parser;
 use native_runner::bench::{devices, median, pool_memory, MID_SIZE_UNET};
@@ -25,6 +33,7 @@ use trainer_core::models::unet::UNet2DConditionModel;
 use trainer_core::models::vae::{AutoencoderKl, VaeTiling};
 use trainer_core::pipeline::{gaussian_noise, vae_budget};
 use trainer_core::rng::SeededRng;
+use trainer_core::train::optimizer::frozen_on;
 
 fn bench(name: &str, device: Device, runs: usize) -> Option<f64> {
     let config: UNetConfig = serde_json::from_str(MID_SIZE_UNET).expect("valid config");
@@ -88,6 +97,49 @@ fn bench_vae_decode(name: &str, device: Device, args: &Args) {
     }
 }
 
+/// The median time of `runs` calls of `work`, after one untimed call.
+fn median_time(runs: usize, mut work: impl FnMut()) -> f64 {
+    work();
+    let times: Vec<f64> = (0..runs.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            work();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    median(&times)
+}
+
+/// SD 1.5's 3x3 convolutions at 512 px, one by one (see the module docs).
+fn bench_convs(name: &str, device: Device, runs: usize) {
+    let mut rng = SeededRng::new(2);
+    let options = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+    let train_device = device.clone().autodiff();
+    for (channels, side) in [(320, 64), (640, 32), (1280, 16)] {
+        let x = gaussian_noise([1, channels, side, side], &mut rng, &device);
+        let weight = gaussian_noise([channels, channels, 3, 3], &mut rng, &device) * 0.02;
+        let flops = 2.0 * (channels * channels * 9 * side * side) as f64;
+        // into_data waits for the device.
+        let forward = median_time(runs, || {
+            let _ = conv2d(x.clone(), weight.clone(), None, options.clone()).into_data();
+        });
+        let tracked = frozen_on(x.clone(), &train_device).require_grad();
+        let frozen_weight = frozen_on(weight, &train_device);
+        let both = median_time(runs, || {
+            let grads = conv2d(tracked.clone(), frozen_weight.clone(), None, options.clone()).sum().backward();
+            let _ = tracked.grad(&grads).expect("the input's gradient").into_data();
+        });
+        let backward = (both - forward).max(1e-9);
+        println!(
+            "{name:>10}: conv {channels}ch {side}x{side}: forward {:.1} ms ({:.0} GFLOP/s), input gradient {:.1} ms ({:.0} GFLOP/s)",
+            forward * 1e3,
+            flops / forward / 1e9,
+            backward * 1e3,
+            flops / backward / 1e9
+        );
+    }
+}
+
 /// UNet forward or VAE decode, timed on each device (see the module docs).
 #[derive(Parser)]
 #[command(name = "bench-unet")]
@@ -113,6 +165,9 @@ struct Args {
     /// With --vae-decode: also decode whole and report how far apart the two are.
     #[arg(long)]
     against_untiled: bool,
+    /// Time SD 1.5's 3x3 convolutions one by one instead of the UNet.
+    #[arg(long)]
+    convs: bool,
 }
 
 fn main() {
@@ -122,6 +177,15 @@ fn main() {
         println!("warning: debug build; use --release for meaningful timings");
     }
     let args = Args::parse();
+    if args.convs {
+        for (label, device) in devices(&args.device) {
+            bench_convs(label, device, args.runs);
+        }
+        if args.with_torch {
+            run_torch("scripts/bench_conv_torch.py", args.runs);
+        }
+        return;
+    }
     if args.vae_decode {
         for (label, device) in devices(&args.device) {
             bench_vae_decode(label, device, &args);
@@ -132,9 +196,13 @@ fn main() {
         bench(label, device, args.runs);
     }
     if args.with_torch {
-        let status = std::process::Command::new("python3").args(["scripts/bench_unet_torch.py", "--runs", &args.runs.to_string()]).status();
-        if !matches!(status, Ok(s) if s.success()) {
-            eprintln!("the PyTorch side failed (pip install torch diffusers)");
-        }
+        run_torch("scripts/bench_unet_torch.py", args.runs);
+    }
+}
+
+fn run_torch(script: &str, runs: usize) {
+    let status = std::process::Command::new("python3").args([script, "--runs", &runs.to_string()]).status();
+    if !matches!(status, Ok(s) if s.success()) {
+        eprintln!("the PyTorch side ({script}) failed (pip install torch diffusers)");
     }
 }

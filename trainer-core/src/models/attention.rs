@@ -279,25 +279,17 @@ mod cpu {
         let [q, k, v, out, lse, grad_out] = [&saved.q, &saved.k, &saved.v, &saved.out, &saved.lse, grad_out].map(on_cpu);
         let (q, k, v, out, lse, grad_out) = (q?, k?, v?, out?, lse?, grad_out?);
         let Dims { heads, queries, keys, head_dim, value_dim } = dims;
-        let widths = [(queries, head_dim), (keys, head_dim), (keys, value_dim)];
-        let mut grads: Vec<Option<Vec<f32>>> =
-            needed.iter().zip(widths).map(|(&needed, (rows, width))| needed.then(|| vec![0.0; heads * rows * width])).collect();
-        let [grad_q, grad_k, grad_v] = &mut grads[..] else { unreachable!() };
+        let zeros = |needed: bool, length: usize| needed.then(|| vec![0.0; heads * length]);
+        let (mut grad_q, mut grad_k, mut grad_v) =
+            (zeros(needed[0], queries * head_dim), zeros(needed[1], keys * head_dim), zeros(needed[2], keys * value_dim));
         let gradients = Gradients { q: grad_q.as_deref_mut(), k: grad_k.as_deref_mut(), v: grad_v.as_deref_mut() };
         cpu_attention::backward(q.as_slice()?, k.as_slice()?, v.as_slice()?, out.as_slice()?, lse.as_slice()?, grad_out.as_slice()?, dims, gradients);
         let [batch, heads, ..] = saved.q.dims();
-        let mut shapes = widths.into_iter().map(|(rows, width)| [batch, heads, rows, width]);
-        Some(
-            grads
-                .into_iter()
-                .map(|gradient| {
-                    let shape = shapes.next().expect("three shapes");
-                    gradient.map(|values| tensor(values, shape))
-                })
-                .collect::<Vec<_>>()
-                .try_into()
-                .expect("three gradients"),
-        )
+        Some([
+            grad_q.map(|values| tensor(values, [batch, heads, queries, head_dim])),
+            grad_k.map(|values| tensor(values, [batch, heads, keys, head_dim])),
+            grad_v.map(|values| tensor(values, [batch, heads, keys, value_dim])),
+        ])
     }
 }
 

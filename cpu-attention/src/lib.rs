@@ -267,13 +267,7 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, out: &mut [f32], lse
     if heads * queries == 0 {
         return;
     }
-    let lse_heads: Vec<Option<&mut [f32]>> = match lse {
-        Some(lse) => {
-            assert_eq!(lse.len(), heads * queries, "log-sum-exp is not {dims:?}");
-            lse.chunks_mut(queries).map(Some).collect()
-        }
-        None => (0..heads).map(|_| None).collect(),
-    };
+    let lse_heads = per_head(lse, heads, queries, "log-sum-exp");
     // One work item per block of query rows; each writes only its rows.
     let mut items = Vec::new();
     for ((head, out_head), lse_head) in out.chunks_mut(queries * value_dim).enumerate().zip(lse_heads) {
@@ -331,8 +325,11 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], out: &[f32], lse: &[f32], grad_
         grads.k.into_iter().chain(grads.v).for_each(|gradient| gradient.fill(0.0));
         return;
     }
-    let (grad_q, grad_k, grad_v) =
-        (per_head(grads.q, heads, queries * head_dim, "q"), per_head(grads.k, heads, keys * head_dim, "k"), per_head(grads.v, heads, keys * value_dim, "v"));
+    let (grad_q, grad_k, grad_v) = (
+        per_head(grads.q, heads, queries * head_dim, "q's gradient"),
+        per_head(grads.k, heads, keys * head_dim, "k's gradient"),
+        per_head(grads.v, heads, keys * value_dim, "v's gradient"),
+    );
     let items: Vec<_> = grad_q.into_iter().zip(grad_k).zip(grad_v).enumerate().map(|(head, ((q, k), v))| (head, q, k, v)).collect();
     // Heads run in parallel; with fewer heads than threads, gemm splits
     // each product over the threads instead.
@@ -391,12 +388,13 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], out: &[f32], lse: &[f32], grad_
     });
 }
 
-/// A gradient cut into its heads' parts (all `None` when not needed).
-fn per_head<'a>(gradient: Option<&'a mut [f32]>, heads: usize, length: usize, what: &str) -> Vec<Option<&'a mut [f32]>> {
-    match gradient {
-        Some(gradient) => {
-            assert_eq!(gradient.len(), heads * length, "{what} gradient holds {} values, not {heads} heads x {length}", gradient.len());
-            gradient.chunks_mut(length.max(1)).map(Some).collect()
+/// An output (a gradient, the log-sum-exp) cut into its heads' parts; all
+/// `None` when it is not asked for.
+fn per_head<'a>(output: Option<&'a mut [f32]>, heads: usize, length: usize, what: &str) -> Vec<Option<&'a mut [f32]>> {
+    match output {
+        Some(output) => {
+            assert_eq!(output.len(), heads * length, "{what} holds {} values, not {heads} heads x {length}", output.len());
+            output.chunks_mut(length.max(1)).map(Some).collect()
         }
         None => (0..heads).map(|_| None).collect(),
     }

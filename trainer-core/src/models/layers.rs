@@ -8,7 +8,7 @@
 //! both operands in one dtype, which is why the models use these.
 
 use burn::module::{Module, Param};
-use burn::tensor::module::{conv2d, embedding, linear};
+use burn::tensor::module::{conv2d, embedding};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Int, Tensor};
 
@@ -21,6 +21,20 @@ pub fn in_dtype<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
     }
 }
 
+/// `x @ weight` over `x`'s last dimension (`weight` is `[in, out]`), as one
+/// two-dimensional product of all of `x`'s rows. burn's `linear` keeps a
+/// batch of one as a batched product and reshapes the weight to `[1, in,
+/// out]` for it, which copies the loaded weights (transposed views of
+/// PyTorch's `[out, in]`) at every call: 3.5 % of the mid-size UNet's step
+/// on the CPU backend, and one more kernel per layer on wgpu.
+pub fn project<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {
+    let mut dims = x.dims();
+    let d_in = dims[D - 1];
+    let rows = dims.iter().product::<usize>() / d_in.max(1);
+    dims[D - 1] = weight.dims()[1];
+    x.reshape([rows, d_in]).matmul(weight).reshape(dims)
+}
+
 /// `nn.Linear`; the weight is kept in burn's `[in, out]` layout.
 #[derive(Module, Debug)]
 pub struct Linear {
@@ -31,7 +45,11 @@ pub struct Linear {
 impl Linear {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dtype = x.dtype();
-        linear(x, in_dtype(self.weight.val(), dtype), self.bias.as_ref().map(|b| in_dtype(b.val(), dtype)))
+        let y = project(x, in_dtype(self.weight.val(), dtype));
+        match &self.bias {
+            Some(bias) => y + in_dtype(bias.val(), dtype).unsqueeze(),
+            None => y,
+        }
     }
 
     /// `[in, out]`.

@@ -13,11 +13,11 @@
 use std::sync::{Arc, Mutex};
 
 use burn::module::{Module, Param};
-use burn::tensor::module::{conv2d, linear};
+use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
-use super::layers::{in_dtype, Conv2d, Linear};
+use super::layers::{in_dtype, project, Conv2d, Linear};
 use crate::config::lycoris::{factorization, LycorisSettings};
 use crate::rng::SeededRng;
 
@@ -118,7 +118,7 @@ impl LoraAdapter {
         let dtype = x.dtype();
         let (down, up) = (self.down.val(), self.up.val());
         let (down, up) = if down.dtype() == dtype { (down, up) } else { (down.cast(dtype), up.cast(dtype)) };
-        linear(linear(x, down, None), up, None) * self.scale()
+        project(project(x, down), up) * self.scale()
     }
 
     /// `m / ||W + scale * down @ up||` per output column of `weight`
@@ -153,9 +153,9 @@ impl LoraLinear {
         let mut shape = [1; D];
         shape[D - 1] = out;
         let factor = in_dtype(factor, dtype).reshape(shape);
-        let wx = linear(x.clone(), weight.clone(), None);
+        let wx = project(x.clone(), weight.clone());
         let (wx_dropped, adapted) = match lora.dropped(&x, &self.path) {
-            Some(dropped) => (linear(dropped.clone(), weight, None), lora.low_rank(dropped)),
+            Some(dropped) => (project(dropped.clone(), weight), lora.low_rank(dropped)),
             None => (wx.clone(), lora.low_rank(x)),
         };
         let y = wx + (factor.clone() - 1.0) * wx_dropped + factor * adapted;
@@ -216,7 +216,7 @@ impl LoraLinear {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         if let Some(lokr) = &self.lokr {
             let delta = in_dtype(lokr.delta(), x.dtype());
-            return self.base.forward(x.clone()) + linear(x, delta, None);
+            return self.base.forward(x.clone()) + project(x, delta);
         }
         let Some(lora) = &self.lora else { return self.base.forward(x) };
         if let Some(magnitude) = &lora.magnitude {

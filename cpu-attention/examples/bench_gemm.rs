@@ -1,0 +1,50 @@
+//! gemm's (the CPU backend's matrix multiply) throughput at square and
+//! attention-shaped products, against the core's FMA peak: the ceiling of
+//! every matrix product on the CPU backend. Compare with PyTorch's
+//! `torch.mm` on 2 threads (DEVELOPERS.md, "Speed on the CPU backend").
+//!   cargo run -p cpu-attention --example bench_gemm
+use gemm::Parallelism;
+use std::time::Instant;
+
+/// GFLOP/s of the fastest of 8 products `m x k` by `k x n`, all row-major.
+fn gflops(m: usize, n: usize, k: usize, parallelism: Parallelism) -> f64 {
+    let (lhs, rhs, mut dst) = (vec![0.5f32; m * k], vec![0.25f32; k * n], vec![0.0f32; m * n]);
+    let mut best = f64::INFINITY;
+    for _ in 0..8 {
+        let start = Instant::now();
+        // SAFETY: the three buffers hold m x k, k x n and m x n values, read
+        // and written with the row-major strides given.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                lhs.as_ptr(),
+                1,
+                k as isize,
+                rhs.as_ptr(),
+                1,
+                n as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    2.0 * (m * n * k) as f64 / best / 1e9
+}
+
+fn main() {
+    println!("2048^3, all threads: {:.0} GFLOP/s", gflops(2048, 2048, 2048, Parallelism::Rayon(0)));
+    for (m, n, k) in [(2048, 2048, 2048), (512, 512, 512), (4096, 320, 320), (64, 4096, 40), (64, 40, 4096)] {
+        println!("{m}x{k} by {k}x{n}, one thread: {:.0} GFLOP/s", gflops(m, n, k, Parallelism::None));
+    }
+}

@@ -1,4 +1,4 @@
-"""PyTorch side of cpu-attention's bench_attention example: forward + backward
+"""PyTorch side of cpu-kernels's bench_attention example: forward + backward
 of scaled_dot_product_attention (batch 1, 8 heads, 2 threads) at the shapes
 the example passes as `queries,head_dim,keys` arguments; prints the fastest
 of several runs per shape, as the example does."""

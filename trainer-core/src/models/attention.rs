@@ -18,7 +18,7 @@
 //!   with Δ = rowsum(dO ∘ O), dQ = dS K / √d, dK += dSᵀ Q / √d.
 //!
 //! On the CPU backend the same forward and backward run as the
-//! `cpu-attention` crate's kernels (blocks of 64 query rows, gemm on strided
+//! `cpu-kernels` crate's kernels (blocks of 64 query rows, gemm on strided
 //! views, exponentials vectorised for the CPU's SIMD) instead of tensor
 //! operations: through burn's operations the exponentials alone, one libm
 //! call per score, took a third of the attention's time, and every slice's
@@ -237,13 +237,13 @@ fn attention_backward(saved: Saved, grad_out: Tensor<4>, needed: [bool; 3], slic
 }
 
 /// The CPU backend's path: [`forward`] and [`attention_backward`] as the
-/// `cpu-attention` kernels on the tensors' f32 values; `None` for tensors
+/// `cpu-kernels` kernels on the tensors' f32 values; `None` for tensors
 /// of another backend or dtype, which take the tensor operations.
 mod cpu {
     use burn::backend::tensor::FloatTensor;
     use burn::backend::Flex;
     use burn::tensor::{DType, Tensor, TensorData};
-    use cpu_attention::{Dims, Gradients};
+    use cpu_kernels::{Dims, Gradients};
 
     use super::Saved;
 
@@ -269,7 +269,7 @@ mod cpu {
         let (q_values, k_values, v_values) = (q_values?, k_values?, v_values?);
         let mut out = vec![0.0; dims.heads * dims.queries * dims.value_dim];
         let mut lse = keep_lse.then(|| vec![0.0; dims.heads * dims.queries]);
-        cpu_attention::forward(q_values.as_slice()?, k_values.as_slice()?, v_values.as_slice()?, dims, &mut out, lse.as_deref_mut());
+        cpu_kernels::forward(q_values.as_slice()?, k_values.as_slice()?, v_values.as_slice()?, dims, &mut out, lse.as_deref_mut());
         let [batch, heads, queries, _] = q.dims();
         Some((tensor(out, [batch, heads, queries, dims.value_dim]), lse.map(|lse| tensor(lse, [batch, heads, queries, 1]))))
     }
@@ -283,7 +283,7 @@ mod cpu {
         let (mut grad_q, mut grad_k, mut grad_v) =
             (zeros(needed[0], queries * head_dim), zeros(needed[1], keys * head_dim), zeros(needed[2], keys * value_dim));
         let gradients = Gradients { q: grad_q.as_deref_mut(), k: grad_k.as_deref_mut(), v: grad_v.as_deref_mut() };
-        cpu_attention::backward(q.as_slice()?, k.as_slice()?, v.as_slice()?, out.as_slice()?, lse.as_slice()?, grad_out.as_slice()?, dims, gradients);
+        cpu_kernels::backward(q.as_slice()?, k.as_slice()?, v.as_slice()?, out.as_slice()?, lse.as_slice()?, grad_out.as_slice()?, dims, gradients);
         let [batch, heads, ..] = saved.q.dims();
         Some([
             grad_q.map(|values| tensor(values, [batch, heads, queries, head_dim])),

@@ -1,9 +1,9 @@
 //! Building blocks shared by the VAE and the UNet, named as in diffusers
 //! (`resnets.N.norm1`, `attentions.N.to_q`, `downsamplers.0.conv`, ...).
 
+use super::activation::silu;
 use burn::module::Module;
 use burn::nn::GroupNorm;
-use burn::tensor::activation::silu;
 use burn::tensor::Tensor;
 
 use super::attention::attention;

@@ -3,9 +3,10 @@
 //! checkpoint keys under `text_model.` (see [`transformers_key`]):
 //! `embeddings.token_embedding`, `encoder.layers.N.self_attn.q_proj`, ...
 
+use super::activation::gelu;
 use burn::module::Module;
 use burn::nn::LayerNorm;
-use burn::tensor::activation::{gelu, sigmoid, softmax};
+use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{Bool, Int, Tensor};
 
 use super::config::ClipTextConfig;

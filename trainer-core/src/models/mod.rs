@@ -1,6 +1,7 @@
 //! Stable Diffusion's components (tokenizer, CLIP text encoder, VAE, UNet)
 //! and loading them from a diffusers folder or a single-file checkpoint.
 
+pub mod activation;
 pub mod attention;
 pub mod blocks;
 pub mod clip;

@@ -2,9 +2,9 @@
 //! `config.json`. Field names follow diffusers' keys (`down_blocks.N.resnets.M`,
 //! `down_blocks.N.attentions.M.transformer_blocks.K.attn1.to_q`, ...).
 
+use super::activation::{gelu, silu};
 use burn::module::Module;
 use burn::nn::{GroupNorm, LayerNorm};
-use burn::tensor::activation::{gelu, silu};
 use burn::tensor::{Tensor, TensorData};
 
 use super::blocks::{Attention, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};

@@ -1,9 +1,9 @@
 //! AutoencoderKL: images to latent distributions and latents back to images.
 //! Field names follow diffusers' keys (`encoder.down_blocks.N.resnets.M`, ...).
 
+use super::activation::silu;
 use burn::module::Module;
 use burn::nn::GroupNorm;
-use burn::tensor::activation::silu;
 use burn::tensor::Tensor;
 
 use super::blocks::{Attention, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};

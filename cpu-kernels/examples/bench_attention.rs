@@ -3,8 +3,8 @@
 //! fastest of several runs (on a shared machine the others carry other
 //! load). `--with-torch` prints PyTorch's scaled_dot_product_attention at
 //! the same shapes (scripts/bench_attention_torch.py, `python3` on PATH):
-//!   cargo run -p cpu-attention --example bench_attention -- --with-torch
-use cpu_attention::{backward, forward, Dims, Gradients};
+//!   cargo run -p cpu-kernels --example bench_attention -- --with-torch
+use cpu_kernels::{backward, forward, Dims, Gradients};
 use std::time::Instant;
 
 const SHAPES: [(usize, usize, usize); 8] =

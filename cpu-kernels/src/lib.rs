@@ -1,5 +1,8 @@
-//! Attention on the CPU: softmax(q kᵀ / √d) v over contiguous f32 arrays
-//! laid out `[heads, tokens, width]` (batch and heads flattened), with the
+//! The CPU backend's own kernels on plain f32 slices, where burn's CPU
+//! backend is slow: attention (here) and GELU/SiLU with their gradients
+//! ([`activation`]).
+//!
+//! Attention: softmax(q kᵀ / √d) v over contiguous f32 arrays laid out `[heads, tokens, width]` (batch and heads flattened), with the
 //! backward that recomputes the scores. trainer-core's `models::attention`
 //! uses it for the CPU backend (its module docs give the formulas).
 //!
@@ -20,6 +23,8 @@
 //! are not vectorised (Cargo.toml).
 
 use gemm::{gemm, Parallelism};
+
+pub mod activation;
 
 /// Query rows per block: 64 rows of SD 1.5's 4096 keys at 512 px are 1 MiB
 /// of scores, which stays in a core's L2 while the softmax runs on it.

@@ -2,7 +2,7 @@
 //! attention-shaped products, against the core's FMA peak: the ceiling of
 //! every matrix product on the CPU backend. Compare with PyTorch's
 //! `torch.mm` on 2 threads (DEVELOPERS.md, "Speed on the CPU backend").
-//!   cargo run -p cpu-attention --example bench_gemm
+//!   cargo run -p cpu-kernels --example bench_gemm
 use gemm::Parallelism;
 use std::time::Instant;
 

@@ -175,7 +175,9 @@ mod tests {
         let phi = |x: f64| 0.5 * (1.0 + erf_f64(x / 2f64.sqrt()));
         let density = |x: f64| (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
         let sigma = |x: f64| 1.0 / (1.0 + (-x).exp());
-        let cases: [(Activation, &dyn Fn(f64) -> f64, &dyn Fn(f64) -> f64); 2] = [
+        // The activation, its definition and its derivative.
+        type Definition<'a> = (Activation, &'a dyn Fn(f64) -> f64, &'a dyn Fn(f64) -> f64);
+        let cases: [Definition; 2] = [
             (Activation::Gelu, &|x| x * phi(x), &|x| phi(x) + x * density(x)),
             (Activation::Silu, &|x| x * sigma(x), &|x| sigma(x) * (1.0 + x * (1.0 - sigma(x)))),
         ];

@@ -2,8 +2,9 @@
 //! backend is slow: attention (here) and GELU/SiLU with their gradients
 //! ([`activation`]).
 //!
-//! Attention: softmax(q kᵀ / √d) v over contiguous f32 arrays laid out `[heads, tokens, width]` (batch and heads flattened), with the
-//! backward that recomputes the scores. trainer-core's `models::attention`
+//! Attention: softmax(q kᵀ / √d) v over contiguous f32 arrays laid out
+//! `[heads, tokens, width]` (batch and heads flattened), with the backward
+//! that recomputes the scores. trainer-core's `models::attention`
 //! uses it for the CPU backend (its module docs give the formulas).
 //!
 //! - The forward keeps, besides the output, each query row's log-sum-exp

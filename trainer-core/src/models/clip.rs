@@ -3,12 +3,12 @@
 //! checkpoint keys under `text_model.` (see [`transformers_key`]):
 //! `embeddings.token_embedding`, `encoder.layers.N.self_attn.q_proj`, ...
 
-use super::activation::gelu;
 use burn::module::Module;
 use burn::nn::LayerNorm;
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{Bool, Int, Tensor};
 
+use super::activation::gelu;
 use super::config::ClipTextConfig;
 use super::layers::{Embedding, Linear};
 use super::loader::Loader;

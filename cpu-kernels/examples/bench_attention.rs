@@ -3,7 +3,7 @@
 //! fastest of several runs (on a shared machine the others carry other
 //! load). `--with-torch` prints PyTorch's scaled_dot_product_attention at
 //! the same shapes (scripts/bench_attention_torch.py, `python3` on PATH):
-//!   cargo run -p cpu-kernels --example bench_attention -- --with-torch
+//!   cargo run --release -p cpu-kernels --features x86-v4 --example bench_attention -- --with-torch
 use cpu_kernels::{backward, forward, Dims, Gradients};
 use std::time::Instant;
 

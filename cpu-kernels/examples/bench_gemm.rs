@@ -2,7 +2,9 @@
 //! attention-shaped products, against the core's FMA peak: the ceiling of
 //! every matrix product on the CPU backend. Compare with PyTorch's
 //! `torch.mm` on 2 threads (DEVELOPERS.md, "Speed on the CPU backend").
-//!   cargo run -p cpu-kernels --example bench_gemm
+//!   cargo run --release -p cpu-kernels --features x86-v4 --example bench_gemm
+//! (without `x86-v4` gemm has only its AVX2 kernels: half the speed on an
+//! AVX-512 CPU, and not what the trainer runs)
 use gemm::Parallelism;
 use std::time::Instant;
 

@@ -12,9 +12,10 @@
 //!   it instead of keeping them. Neither holds more scores than
 //!   [`BLOCK_ROWS`] query rows by all keys (twice, in the backward) per
 //!   thread.
-//! - The products are gemm's (the CPU backend's own matrix multiply) on
-//!   strided views, so no transposed copy is made; the softmax runs on each
-//!   block while it is in cache.
+//! - The products are [`product`]'s register tiles on CPUs with AVX-512
+//!   (kᵀ and vᵀ copied once per head so that their rows are contiguous),
+//!   elsewhere gemm's (the CPU backend's own matrix multiply) on strided
+//!   views; the softmax runs on each block while it is in cache.
 //! - The exponentials are a polynomial vectorised for the widest SIMD the
 //!   CPU has (AVX-512, AVX2, or the baseline), not one libm call per score:
 //!   through burn's tensor operations they took a third of the attention.
@@ -26,9 +27,11 @@
 use gemm::{gemm, Parallelism};
 
 pub mod activation;
+mod product;
 
 /// Query rows per block: 64 rows of SD 1.5's 4096 keys at 512 px are 1 MiB
-/// of scores, which stays in a core's L2 while the softmax runs on it.
+/// of scores, which stays in a core's L2 while the softmax runs on it (and
+/// a multiple of every tile height in [`product`]).
 pub const BLOCK_ROWS: usize = 64;
 
 /// The sizes of one attention: `q` is `[heads, queries, head_dim]`, `k`
@@ -56,31 +59,80 @@ impl Dims {
         assert_eq!(v.len(), heads * keys * value_dim, "v is not {self:?}");
     }
 
-    fn head<'a>(&self, q: &'a [f32], k: &'a [f32], v: &'a [f32], head: usize) -> Head<'a> {
+    /// One head's q, k, kᵀ and v.
+    fn head<'a>(&self, q: &'a [f32], k: &'a [f32], k_t: &'a Transposed, v: &'a [f32], head: usize) -> Head<'a> {
         let Dims { queries, keys, head_dim, value_dim, .. } = *self;
         Head {
             q: &q[head * queries * head_dim..][..queries * head_dim],
             k: &k[head * keys * head_dim..][..keys * head_dim],
+            k_t: k_t.head(head),
             v: &v[head * keys * value_dim..][..keys * value_dim],
             dims: *self,
         }
     }
 }
 
-/// One head's q, k and v.
+/// One head's q, k and v, and k transposed.
 struct Head<'a> {
     q: &'a [f32],
     k: &'a [f32],
+    k_t: Matrix<'a>,
     v: &'a [f32],
     dims: Dims,
 }
 
 impl Head<'_> {
-    /// `scores` (`rows` x keys, row-major) = q[first..first + rows] kᵀ / √d.
+    /// `scores` (`rows` x keys, rows [`padded_row`]`(keys)` apart) =
+    /// q[first..first + rows] kᵀ / √d.
     fn scores(&self, first: usize, rows: usize, scores: &mut [f32], parallelism: Parallelism) {
         let Dims { keys, head_dim, .. } = self.dims;
         let q_rows = Matrix::new(&self.q[first * head_dim..][..rows * head_dim], rows, head_dim);
-        multiply(scores, q_rows, Matrix::new(self.k, keys, head_dim).t(), self.dims.scale(), false, parallelism);
+        debug_assert_eq!((self.k_t.rows, self.k_t.columns), (head_dim, keys));
+        multiply(scores, padded_row(keys), q_rows, self.k_t, self.dims.scale(), false, parallelism);
+    }
+}
+
+/// The row stride for rows of `length` values that a product reads or
+/// writes together: an odd number of 64-byte lines. A product's tile
+/// touches several rows at once, all one stride apart; with a stride of an
+/// even number of lines they share the L1 cache's sets (SD 1.5's 4096 keys:
+/// every row in the same set), evict each other and the tile waits on L2.
+fn padded_row(length: usize) -> usize {
+    let lines = length.div_ceil(16);
+    16 * if lines.is_multiple_of(2) { lines + 1 } else { lines }
+}
+
+/// `[heads, rows, columns]` as `[heads, columns, rows]` with each new row
+/// padded to [`Transposed::row_stride`]: the right-hand sides of q kᵀ and
+/// dO vᵀ, read with unit stride (see [`product`]).
+struct Transposed {
+    data: Vec<f32>,
+    row_stride: usize,
+    rows: usize,
+    columns: usize,
+}
+
+impl Transposed {
+    fn new(x: &[f32], heads: usize, rows: usize, columns: usize) -> Self {
+        let row_stride = padded_row(rows);
+        let mut data = vec![0.0; heads * columns * row_stride];
+        if rows * columns > 0 {
+            for (x, out) in x.chunks_exact(rows * columns).zip(data.chunks_exact_mut(columns * row_stride)).take(heads) {
+                for (row, values) in x.chunks_exact(columns).enumerate() {
+                    for (column, value) in values.iter().enumerate() {
+                        out[column * row_stride + row] = *value;
+                    }
+                }
+            }
+        }
+        Transposed { data, row_stride, rows: columns, columns: rows }
+    }
+
+    /// One head's transpose.
+    fn head(&self, head: usize) -> Matrix<'_> {
+        let size = self.rows * self.row_stride;
+        let data = &self.data[head * size..][..size];
+        Matrix { data, rows: self.rows, columns: self.columns, row_stride: self.row_stride, column_stride: 1 }
     }
 }
 
@@ -102,17 +154,41 @@ impl<'a> Matrix<'a> {
         Matrix { data, rows, columns, row_stride: columns, column_stride: 1 }
     }
 
+    /// `rows` x `columns`, row i starting at `data[i * row_stride]`.
+    fn padded(data: &'a [f32], rows: usize, columns: usize, row_stride: usize) -> Self {
+        assert!(columns <= row_stride && data.len() >= rows * row_stride, "not a {rows} x {columns} matrix with rows {row_stride} apart");
+        Matrix { data, rows, columns, row_stride, column_stride: 1 }
+    }
+
     /// The transpose, read in place.
     fn t(self) -> Self {
         Matrix { rows: self.columns, columns: self.rows, row_stride: self.column_stride, column_stride: self.row_stride, ..self }
     }
 }
 
-/// `out` (row-major, `lhs.rows` x `rhs.columns`) = `scale` lhs rhs, added
-/// to what `out` holds when `accumulate`.
-fn multiply(out: &mut [f32], lhs: Matrix, rhs: Matrix, scale: f32, accumulate: bool, parallelism: Parallelism) {
+/// `out` (`lhs.rows` x `rhs.columns`, row i at `out[i * out_stride]`) =
+/// `scale` lhs rhs, added to what `out` holds when `accumulate`.
+/// Single-threaded products whose right-hand side has contiguous rows are
+/// [`product`]'s where the CPU has AVX-512; the others are gemm's.
+#[allow(clippy::too_many_arguments)]
+fn multiply(out: &mut [f32], out_stride: usize, lhs: Matrix, rhs: Matrix, scale: f32, accumulate: bool, parallelism: Parallelism) {
     assert_eq!(lhs.columns, rhs.rows, "matrix product of mismatched shapes");
-    assert_eq!(out.len(), lhs.rows * rhs.columns, "product's destination has the wrong size");
+    assert!(rhs.columns <= out_stride && out.len() >= lhs.rows * out_stride, "product's destination is too small");
+    if matches!(parallelism, Parallelism::None) && rhs.column_stride == 1 && product::available() {
+        let operands = product::Operands {
+            m: lhs.rows,
+            n: rhs.columns,
+            k: lhs.columns,
+            a: lhs.data,
+            a_rows: lhs.row_stride,
+            a_columns: lhs.column_stride,
+            b: rhs.data,
+            ldb: rhs.row_stride,
+            scale,
+            accumulate,
+        };
+        return product::multiply(out, out_stride, &operands);
+    }
     let stride = |value: usize| value as isize;
     // SAFETY: Matrix::new and the asserts above keep every element gemm
     // reads or writes within the three slices.
@@ -123,7 +199,7 @@ fn multiply(out: &mut [f32], lhs: Matrix, rhs: Matrix, scale: f32, accumulate: b
             lhs.columns,
             out.as_mut_ptr(),
             1,
-            stride(rhs.columns),
+            stride(out_stride),
             accumulate,
             lhs.data.as_ptr(),
             stride(lhs.column_stride),
@@ -284,13 +360,15 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, out: &mut [f32], lse
         }
     }
     let simd = Simd::detect();
+    let k_t = Transposed::new(k, heads, keys, dims.head_dim);
     for_each(items, |scores, (head, first, out_rows, mut lse_rows)| {
-        let head = dims.head(q, k, v, head);
+        let head = dims.head(q, k, &k_t, v, head);
         let rows = out_rows.len() / value_dim;
-        scores.resize(rows * keys, 0.0);
+        let stride = padded_row(keys);
+        scores.resize(rows * stride, 0.0);
         head.scores(first, rows, scores, Parallelism::None);
         let mut inverse_sums = [0.0f32; BLOCK_ROWS];
-        for (row, scores) in scores.chunks_exact_mut(keys).enumerate() {
+        for (row, scores) in scores.chunks_exact_mut(stride).map(|row| &mut row[..keys]).enumerate() {
             let max = row_max(scores);
             let sum = simd.exp_shifted(scores, max);
             inverse_sums[row] = 1.0 / sum;
@@ -298,8 +376,8 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, out: &mut [f32], lse
                 lse[row] = max + sum.ln();
             }
         }
-        let (rows_scores, values) = (Matrix::new(scores, rows, keys), Matrix::new(head.v, keys, value_dim));
-        multiply(out_rows, rows_scores, values, 1.0, false, Parallelism::None);
+        let (rows_scores, values) = (Matrix::padded(scores, rows, keys, stride), Matrix::new(head.v, keys, value_dim));
+        multiply(out_rows, value_dim, rows_scores, values, 1.0, false, Parallelism::None);
         for (out_row, inverse_sum) in out_rows.chunks_exact_mut(value_dim).zip(inverse_sums) {
             out_row.iter_mut().for_each(|value| *value *= inverse_sum);
         }
@@ -344,8 +422,10 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], out: &[f32], lse: &[f32], grad_
     #[cfg(target_arch = "wasm32")]
     let parallelism = Parallelism::None;
     let (simd, scale) = (Simd::detect(), dims.scale());
+    let (k_t, v_t) = (Transposed::new(k, heads, keys, head_dim), Transposed::new(v, heads, keys, value_dim));
     for_each(items, |scratch, (head, mut grad_q, mut grad_k, mut grad_v)| {
-        let this = dims.head(q, k, v, head);
+        let this = dims.head(q, k, &k_t, v, head);
+        let v_t = v_t.head(head);
         let (out, grad_out, lse) = (
             &out[head * queries * value_dim..][..queries * value_dim],
             &grad_out[head * queries * value_dim..][..queries * value_dim],
@@ -354,41 +434,50 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], out: &[f32], lse: &[f32], grad_
         // Δ = rowsum(dO ∘ O).
         let delta: Vec<f32> =
             out.chunks_exact(value_dim).zip(grad_out.chunks_exact(value_dim)).map(|(o, d)| o.iter().zip(d).map(|(o, d)| o * d).sum()).collect();
-        let block_scores = BLOCK_ROWS.min(queries) * keys;
+        let stride = padded_row(keys);
+        let block_scores = BLOCK_ROWS.min(queries) * stride;
         scratch.resize(2 * block_scores, 0.0);
         let (p, grad_scores) = scratch.split_at_mut(block_scores);
         for first in (0..queries).step_by(BLOCK_ROWS) {
             let rows = BLOCK_ROWS.min(queries - first);
             let accumulate = first > 0;
-            let (p, grad_scores) = (&mut p[..rows * keys], &mut grad_scores[..rows * keys]);
+            let (p, grad_scores) = (&mut p[..rows * stride], &mut grad_scores[..rows * stride]);
             let grad_out_rows = &grad_out[first * value_dim..][..rows * value_dim];
             this.scores(first, rows, p, parallelism);
-            for (row, scores) in p.chunks_exact_mut(keys).enumerate() {
+            for (row, scores) in p.chunks_exact_mut(stride).map(|row| &mut row[..keys]).enumerate() {
                 simd.exp_shifted(scores, lse[first + row]);
             }
-            let p = Matrix::new(p, rows, keys);
+            let p = Matrix::padded(p, rows, keys, stride);
             let grad_out_rows = Matrix::new(grad_out_rows, rows, value_dim);
             if let Some(grad_v) = grad_v.as_deref_mut() {
                 // dV (+)= Pᵀ dO.
-                multiply(grad_v, p.t(), grad_out_rows, 1.0, accumulate, parallelism);
+                multiply(grad_v, value_dim, p.t(), grad_out_rows, 1.0, accumulate, parallelism);
             }
             if grad_q.is_none() && grad_k.is_none() {
                 continue;
             }
             // dP = dO Vᵀ, then dS = P ∘ (dP − Δ) in its place.
-            multiply(grad_scores, grad_out_rows, Matrix::new(this.v, keys, value_dim).t(), 1.0, false, parallelism);
-            for ((grad_row, p_row), delta) in grad_scores.chunks_exact_mut(keys).zip(p.data.chunks_exact(keys)).zip(&delta[first..first + rows]) {
-                grad_row.iter_mut().zip(p_row).for_each(|(grad, p)| *grad = p * (*grad - delta));
+            multiply(grad_scores, stride, grad_out_rows, v_t, 1.0, false, parallelism);
+            for ((grad_row, p_row), delta) in grad_scores.chunks_exact_mut(stride).zip(p.data.chunks_exact(stride)).zip(&delta[first..first + rows]) {
+                grad_row[..keys].iter_mut().zip(&p_row[..keys]).for_each(|(grad, p)| *grad = p * (*grad - delta));
             }
-            let grad_scores = Matrix::new(grad_scores, rows, keys);
+            let grad_scores = Matrix::padded(grad_scores, rows, keys, stride);
             if let Some(grad_q) = grad_q.as_deref_mut() {
                 // dQ = dS K / √d, this block's rows.
-                multiply(&mut grad_q[first * head_dim..][..rows * head_dim], grad_scores, Matrix::new(this.k, keys, head_dim), scale, false, parallelism);
+                multiply(
+                    &mut grad_q[first * head_dim..][..rows * head_dim],
+                    head_dim,
+                    grad_scores,
+                    Matrix::new(this.k, keys, head_dim),
+                    scale,
+                    false,
+                    parallelism,
+                );
             }
             if let Some(grad_k) = grad_k.as_deref_mut() {
                 // dK (+)= dSᵀ Q / √d.
                 let q_rows = Matrix::new(&this.q[first * head_dim..][..rows * head_dim], rows, head_dim);
-                multiply(grad_k, grad_scores.t(), q_rows, scale, accumulate, parallelism);
+                multiply(grad_k, head_dim, grad_scores.t(), q_rows, scale, accumulate, parallelism);
             }
         }
     });

@@ -5,7 +5,7 @@
 //! product and their backward passes: 7 % of the mid-size UNet's step in
 //! libm alone (DEVELOPERS.md, "Speed on the CPU backend").
 
-use super::{exp, Simd};
+use crate::attention::{exp, Simd};
 
 /// Elements per parallel work item: large enough that scheduling is noise.
 const CHUNK: usize = 1 << 16;

@@ -9,8 +9,8 @@
 //! of up to 16 rows by up to 64 columns (four vectors, the last one masked)
 //! runs down the whole shared dimension, reading the left operand's
 //! elements in place as broadcasts and the right operand's rows as vectors.
+//! x86-64 only (elsewhere the attention's products are gemm's).
 
-#[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
 /// `c` (row-major, row stride `ldc`) = `scale` a b, added to what `c` holds
@@ -47,14 +47,7 @@ impl Operands<'_> {
 
 /// Whether [`multiply`] can run here.
 pub(crate) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    std::is_x86_feature_detected!("avx512f")
 }
 
 /// Computes the product; call only where [`available`] said so.
@@ -71,18 +64,14 @@ pub(crate) fn multiply(c: &mut [f32], ldc: usize, ops: &Operands) {
         }
         return;
     }
-    #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX-512F is present (asserted), and check() bounded every
     // address the tiles read or write.
-    unsafe {
-        multiply_avx512(c.as_mut_ptr(), ldc, ops)
-    }
+    unsafe { multiply_avx512(c.as_mut_ptr(), ldc, ops) }
 }
 
 /// Panels of up to 64 columns (four vectors, the last one masked to the
 /// columns left), each with the tile height that keeps 16-24 accumulators
 /// in the 32 vector registers.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn multiply_avx512(c: *mut f32, ldc: usize, ops: &Operands) {
     let mut first_column = 0;
@@ -106,7 +95,6 @@ unsafe fn multiply_avx512(c: *mut f32, ldc: usize, ops: &Operands) {
 
 /// Columns `first_column..` (NV vectors) of every row, MR rows at a time,
 /// the rows left over one at a time.
-#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn panel<const MR: usize, const NV: usize>(c: *mut f32, ldc: usize, ops: &Operands, first_column: usize, last_mask: __mmask16) {
     let mut row = 0;
@@ -125,7 +113,6 @@ unsafe fn panel<const MR: usize, const NV: usize>(c: *mut f32, ldc: usize, ops: 
 
 /// One MR x (16 NV) tile of the destination, accumulated in registers over
 /// the whole shared dimension.
-#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn tile<const MR: usize, const NV: usize>(c: *mut f32, ldc: usize, ops: &Operands, row: usize, column: usize, last_mask: __mmask16) {
     let mask = |v: usize| if v + 1 == NV { last_mask } else { 0xffff };

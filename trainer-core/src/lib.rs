@@ -32,11 +32,15 @@ pub mod train;
 
 pub use error::{Error, Result};
 
-/// Whether `device` is burn's CPU backend rather than a cubecl device
-/// (wgpu, WebGPU). Only cubecl devices allocate from memory pools, which is
-/// what tells them apart through burn's device API.
+/// Whether `device` is burn's CPU backend (with or without autodiff) rather
+/// than a cubecl device (wgpu, WebGPU). Cheap enough to ask on every layer.
 pub fn is_cpu_backend(device: &burn::tensor::Device) -> bool {
-    device.memory_pool_usage().is_none()
+    use burn::backend::DispatchDevice;
+    match device.as_dispatch() {
+        DispatchDevice::Flex(_) => true,
+        DispatchDevice::Autodiff(inner) => matches!(**inner, DispatchDevice::Flex(_)),
+        _ => false,
+    }
 }
 
 /// Runs one of the core's async operations to completion. The core reads

@@ -33,6 +33,8 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, Cube, Dispatch, DispatchKindConversion, DispatchTensor, Flex};
 use burn::tensor::Tensor;
 
+use super::backend::{primitive, wrap};
+
 /// The most bytes one slice of attention scores takes (a backward slice
 /// holds three such: P, dP and dS). wgpu binds a buffer only up to the
 /// adapter's `maxStorageBufferBindingSize`: 128 MiB on lavapipe and many
@@ -84,8 +86,8 @@ fn untracked_forward<B: Backend>(query: FloatTensor<B>, key: FloatTensor<B>, val
 where
     DispatchTensor: DispatchKindConversion<B>,
 {
-    let [q, k, v] = [query, key, value].map(wrap::<B>);
-    primitive::<B>(forward(q, k, v, slice_bytes, false).0)
+    let [q, k, v] = [query, key, value].map(wrap::<B, 4>);
+    primitive::<B, 4>(forward(q, k, v, slice_bytes, false).0)
 }
 
 impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B, C>
@@ -105,14 +107,14 @@ where
             type State = ([FloatTensor<B>; 5], usize);
 
             fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-                let grad_out = wrap::<B>(grads.consume::<B>(&ops.node));
+                let grad_out = wrap::<B, 4>(grads.consume::<B>(&ops.node));
                 let ([q, k, v, out, lse], slice_bytes) = ops.state;
-                let [q, k, v, out, lse] = [q, k, v, out, lse].map(wrap::<B>);
+                let [q, k, v, out, lse] = [q, k, v, out, lse].map(wrap::<B, 4>);
                 let needed = ops.parents.each_ref().map(Option::is_some);
                 let gradients = attention_backward(Saved { q, k, v, out, lse }, grad_out, needed, slice_bytes);
                 for (parent, gradient) in ops.parents.into_iter().zip(gradients) {
                     if let (Some(node), Some(gradient)) = (parent, gradient) {
-                        grads.register::<B>(node.id, primitive::<B>(gradient));
+                        grads.register::<B>(node.id, primitive::<B, 4>(gradient));
                     }
                 }
             }
@@ -120,30 +122,15 @@ where
 
         match AttentionBackward.prepare::<C>([query.node(), key.node(), value.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let [q, k, v] = [query, key, value].map(|tensor| wrap::<B>(tensor.into_primitive()));
+                let [q, k, v] = [query, key, value].map(|tensor| wrap::<B, 4>(tensor.into_primitive()));
                 let (out, lse) = forward(q.clone(), k.clone(), v.clone(), slice_bytes, true);
                 let lse = lse.expect("asked for the log-sum-exp");
-                let saved = [q, k, v, out.clone(), lse].map(primitive::<B>);
-                prep.finish((saved, slice_bytes), primitive::<B>(out))
+                let saved = [q, k, v, out.clone(), lse].map(primitive::<B, 4>);
+                prep.finish((saved, slice_bytes), primitive::<B, 4>(out))
             }
             OpsKind::UnTracked(prep) => prep.finish(B::sliced_attention(query.into_primitive(), key.into_primitive(), value.into_primitive(), slice_bytes)),
         }
     }
-}
-
-/// A backend primitive as a tensor of that backend (no autodiff).
-fn wrap<B: Backend>(primitive: FloatTensor<B>) -> Tensor<4>
-where
-    DispatchTensor: DispatchKindConversion<B>,
-{
-    Tensor::from_primitive::<B>(primitive)
-}
-
-fn primitive<B: Backend>(tensor: Tensor<4>) -> FloatTensor<B>
-where
-    DispatchTensor: DispatchKindConversion<B>,
-{
-    tensor.try_into_primitive::<B>().expect("attention computes on its inputs' backend")
 }
 
 /// Query rows per slice: as many as keep one slice's scores within

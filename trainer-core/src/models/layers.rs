@@ -8,9 +8,11 @@
 //! both operands in one dtype, which is why the models use these.
 
 use burn::module::{Module, Param};
-use burn::tensor::module::{conv2d, embedding};
+use burn::tensor::module::embedding;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Int, Tensor};
+
+use super::conv::conv2d;
 
 /// `t` in `dtype` (no copy when it already is).
 pub fn in_dtype<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {

@@ -13,10 +13,10 @@
 use std::sync::{Arc, Mutex};
 
 use burn::module::{Module, Param};
-use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
+use super::conv::conv2d;
 use super::layers::{in_dtype, project, Conv2d, Linear};
 use crate::config::lycoris::{factorization, LycorisSettings};
 use crate::rng::SeededRng;

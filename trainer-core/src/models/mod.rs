@@ -3,9 +3,11 @@
 
 pub mod activation;
 pub mod attention;
+mod backend;
 pub mod blocks;
 pub mod clip;
 pub mod config;
+pub mod conv;
 pub mod layers;
 pub mod loader;
 pub mod lora;

@@ -271,7 +271,7 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, out: &mut [f32], lse
                 lse[row] = max + sum.ln();
             }
         }
-        let (rows_scores, values) = (Matrix::padded(scores, rows, keys, stride), Matrix::new(head.v, keys, value_dim));
+        let (rows_scores, values) = (Matrix::with_row_stride(scores, rows, keys, stride), Matrix::new(head.v, keys, value_dim));
         multiply(out_rows, value_dim, rows_scores, values, 1.0, false, Parallelism::None);
         for (out_row, inverse_sum) in out_rows.chunks_exact_mut(value_dim).zip(inverse_sums) {
             out_row.iter_mut().for_each(|value| *value *= inverse_sum);
@@ -342,7 +342,7 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], out: &[f32], lse: &[f32], grad_
             for (row, scores) in p.chunks_exact_mut(stride).map(|row| &mut row[..keys]).enumerate() {
                 simd.exp_shifted(scores, lse[first + row]);
             }
-            let p = Matrix::padded(p, rows, keys, stride);
+            let p = Matrix::with_row_stride(p, rows, keys, stride);
             let grad_out_rows = Matrix::new(grad_out_rows, rows, value_dim);
             if let Some(grad_v) = grad_v.as_deref_mut() {
                 // dV (+)= Pᵀ dO.
@@ -356,7 +356,7 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], out: &[f32], lse: &[f32], grad_
             for ((grad_row, p_row), delta) in grad_scores.chunks_exact_mut(stride).zip(p.data.chunks_exact(stride)).zip(&delta[first..first + rows]) {
                 grad_row[..keys].iter_mut().zip(&p_row[..keys]).for_each(|(grad, p)| *grad = p * (*grad - delta));
             }
-            let grad_scores = Matrix::padded(grad_scores, rows, keys, stride);
+            let grad_scores = Matrix::with_row_stride(grad_scores, rows, keys, stride);
             if let Some(grad_q) = grad_q.as_deref_mut() {
                 // dQ = dS K / √d, this block's rows.
                 multiply(

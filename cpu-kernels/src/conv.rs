@@ -194,6 +194,7 @@ pub fn input_gradient(grad_out: &[f32], weight: &[f32], dims: ConvDims, grad_inp
     });
     correlate(&padded, k, in_channels, &flipped, None, grad_input);
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,7 +25,7 @@ impl<'a> Matrix<'a> {
     }
 
     /// `rows` x `columns`, row i starting at `data[i * row_stride]`.
-    pub(crate) fn padded(data: &'a [f32], rows: usize, columns: usize, row_stride: usize) -> Self {
+    pub(crate) fn with_row_stride(data: &'a [f32], rows: usize, columns: usize, row_stride: usize) -> Self {
         assert!(columns <= row_stride && data.len() >= rows * row_stride, "not a {rows} x {columns} matrix with rows {row_stride} apart");
         Matrix { data, rows, columns, row_stride, column_stride: 1 }
     }

@@ -18,7 +18,7 @@
 
 use gemm::Parallelism;
 
-use crate::matrix::{for_each, multiply, Matrix};
+use crate::matrix::{for_each, multiply, zeroed, Matrix};
 
 /// Query rows per block: 64 rows of SD 1.5's 4096 keys at 512 px are 1 MiB
 /// of scores, which stays in a core's L2 while the softmax runs on it (and
@@ -106,7 +106,7 @@ struct Transposed {
 impl Transposed {
     fn new(x: &[f32], heads: usize, rows: usize, columns: usize) -> Self {
         let row_stride = padded_row(rows);
-        let mut data = vec![0.0; heads * columns * row_stride];
+        let mut data = zeroed(heads * columns * row_stride);
         if rows * columns > 0 {
             for (x, out) in x.chunks_exact(rows * columns).zip(data.chunks_exact_mut(columns * row_stride)).take(heads) {
                 for (row, values) in x.chunks_exact(columns).enumerate() {

@@ -20,7 +20,9 @@
 
 use gemm::Parallelism;
 
-use crate::matrix::{all_threads, for_each, gemm_raw, threads, Matrix};
+use std::mem::MaybeUninit;
+
+use crate::matrix::{all_threads, for_each, gemm_raw, threads, zeroed, Matrix};
 
 /// Output positions per tile: an im2col block of SD 1.5's 320 channels is
 /// then 5.6 MiB, about what burn's CPU backend uses too.
@@ -82,15 +84,24 @@ impl Padded {
     fn new(input: &[f32], [batch, channels, height, width]: [usize; 4], pad: usize) -> Padded {
         let (padded_height, padded_width) = (height + 2 * pad, width + 2 * pad);
         let plane = padded_height * padded_width;
-        let mut data = vec![0.0; batch * channels * plane];
-        if width * height > 0 {
-            let planes: Vec<_> = input.chunks_exact(height * width).zip(data.chunks_exact_mut(plane)).collect();
-            for_each(planes, |_, (source, target)| {
-                for (row, target_row) in source.chunks_exact(width).zip(target[pad * padded_width..].chunks_exact_mut(padded_width)) {
-                    target_row[pad..pad + width].copy_from_slice(row);
-                }
-            });
+        let len = batch * channels * plane;
+        if width * height == 0 {
+            return Padded { data: zeroed(len), batch, channels, height: padded_height, width: padded_width };
         }
+        // Each plane is zeroed and filled by one work item, so that no
+        // core zeroes the whole buffer alone first.
+        let mut data = Vec::with_capacity(len);
+        let planes: Vec<_> = input.chunks_exact(height * width).zip(data.spare_capacity_mut()[..len].chunks_exact_mut(plane)).collect();
+        for_each(planes, |_, (source, target)| {
+            target.fill(MaybeUninit::new(0.0));
+            for (row, target_row) in source.chunks_exact(width).zip(target[pad * padded_width..].chunks_exact_mut(padded_width)) {
+                target_row[pad..pad + width].iter_mut().zip(row).for_each(|(target, value)| {
+                    target.write(*value);
+                });
+            }
+        });
+        // SAFETY: the planes cover the first `len` values, every one written above.
+        unsafe { data.set_len(len) };
         Padded { data, batch, channels, height: padded_height, width: padded_width }
     }
 }
@@ -107,19 +118,21 @@ fn correlate(padded: &Padded, kernel: usize, out_channels: usize, weight: &[f32]
     if out.is_empty() {
         return;
     }
-    // The bias first; the products add to it.
-    for (index, plane) in out.chunks_exact_mut(out_plane).enumerate() {
-        plane.fill(bias.map_or(0.0, |bias| bias[index % out_channels]));
-    }
     let depth = padded.channels * kernel * kernel;
     if depth == 0 {
+        for (index, plane) in out.chunks_exact_mut(out_plane).enumerate() {
+            plane.fill(bias.map_or(0.0, |bias| bias[index % out_channels]));
+        }
         return;
     }
     let weight = Matrix::new(weight, out_channels, depth);
-    // Tiles of whole output rows. Where there are fewer tiles than threads
-    // (SD 1.5's 8x8 latents) the tiles run one after another, each product
-    // split over the threads instead.
-    let rows_per_tile = (TILE_COLUMNS / out_width.max(1)).clamp(1, out_height);
+    // Tiles of whole output rows, at least as many as there are threads
+    // where the image has the rows (SD 1.5's 8x8 latents are 8x8 at the
+    // bottom of the UNet: a tile each would leave a core idle). Where there
+    // are fewer tiles than threads all the same, the tiles run one after
+    // another, each product split over the threads instead.
+    let tiles_wanted_per_image = threads().div_ceil(padded.batch);
+    let rows_per_tile = (TILE_COLUMNS / out_width.max(1)).min(out_height.div_ceil(tiles_wanted_per_image)).clamp(1, out_height);
     let tiles_per_image = out_height.div_ceil(rows_per_tile);
     let in_parallel = padded.batch * tiles_per_image >= threads();
     let parallelism = if in_parallel { Parallelism::None } else { all_threads() };
@@ -150,7 +163,14 @@ fn correlate(padded: &Padded, kernel: usize, out_channels: usize, weight: &[f32]
         // channel of `image` (out_channels runs of `width` values, one
         // plane apart), lies within `out` (asserted) and is written by no
         // other tile.
-        unsafe { gemm_raw((out_base as *mut f32).add(first), out_plane, weight, Matrix::new(columns, depth, width), 1.0, true, parallelism) };
+        unsafe {
+            let first = (out_base as *mut f32).add(first);
+            // The bias first; the product adds to it.
+            for channel in 0..out_channels {
+                std::slice::from_raw_parts_mut(first.add(channel * out_plane), width).fill(bias.map_or(0.0, |bias| bias[channel]));
+            }
+            gemm_raw(first, out_plane, weight, Matrix::new(columns, depth, width), 1.0, true, parallelism)
+        };
     };
     if in_parallel {
         for_each(tiles, run);
@@ -183,7 +203,7 @@ pub fn input_gradient(grad_out: &[f32], weight: &[f32], dims: ConvDims, grad_inp
     let padded = Padded::new(grad_out, shape, k - 1 - dims.padding);
     // flipped[c, o, i, j] = weight[o, c, k − 1 − i, k − 1 − j], one input
     // channel's block per work item.
-    let mut flipped = vec![0.0; weight.len()];
+    let mut flipped = zeroed(weight.len());
     let taps = k * k;
     let blocks: Vec<_> = flipped.chunks_mut((out_channels * taps).max(1)).enumerate().collect();
     for_each(blocks, |_, (c, block)| {

@@ -1,7 +1,8 @@
 //! The CPU backend's own kernels on plain f32 slices, where burn's CPU
 //! backend is slow: attention ([`attention`], re-exported here), stride-1
-//! convolutions and their input gradient ([`conv`]) and GELU/SiLU with
-//! their gradients ([`activation`]).
+//! convolutions and their input gradient ([`conv`]), GELU/SiLU with
+//! their gradients ([`activation`]) and matrix products on all cores
+//! ([`matmul`]).
 //!
 //! Its own crate so that it is compiled optimised in every profile: the
 //! workspace's dev profile keeps trainer-core at opt-level 1, where loops
@@ -15,3 +16,4 @@ mod matrix;
 mod product;
 
 pub use attention::{backward, forward, Dims, Gradients, BLOCK_ROWS};
+pub use matrix::{matmul, zeroed, Matrix};

@@ -1,6 +1,8 @@
 //! Matrix products on strided views of f32 slices, and running work items
 //! on every core.
 
+use std::mem::MaybeUninit;
+
 use gemm::{gemm, Parallelism};
 
 #[cfg(target_arch = "x86_64")]
@@ -8,8 +10,8 @@ use crate::product;
 
 /// A matrix read in place: element (i, j) is `data[i * row_stride + j *
 /// column_stride]`.
-#[derive(Clone, Copy)]
-pub(crate) struct Matrix<'a> {
+#[derive(Clone, Copy, Debug)]
+pub struct Matrix<'a> {
     pub(crate) data: &'a [f32],
     pub(crate) rows: usize,
     pub(crate) columns: usize,
@@ -30,8 +32,29 @@ impl<'a> Matrix<'a> {
         Matrix { data, rows, columns, row_stride, column_stride: 1 }
     }
 
+    /// `rows` x `columns`, element (i, j) at `data[i * row_stride + j *
+    /// column_stride]`: any view of a two-dimensional tensor with
+    /// non-negative strides.
+    pub fn strided(data: &'a [f32], [rows, columns]: [usize; 2], [row_stride, column_stride]: [usize; 2]) -> Self {
+        let last = (rows.max(1) - 1) * row_stride + (columns.max(1) - 1) * column_stride;
+        assert!(
+            rows * columns == 0 || last < data.len(),
+            "a {rows} x {columns} matrix with strides {row_stride}, {column_stride} reaches past its {} values",
+            data.len()
+        );
+        Matrix { data, rows, columns, row_stride, column_stride }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn columns(&self) -> usize {
+        self.columns
+    }
+
     /// The transpose, read in place.
-    pub(crate) fn t(self) -> Self {
+    pub fn t(self) -> Self {
         Matrix { rows: self.columns, columns: self.rows, row_stride: self.column_stride, column_stride: self.row_stride, ..self }
     }
 }
@@ -114,15 +137,67 @@ pub(crate) unsafe fn gemm_raw(out: *mut f32, out_stride: usize, lhs: Matrix, rhs
 /// scratch buffer per thread.
 pub(crate) fn for_each<T: Send>(items: Vec<T>, work: impl Fn(&mut Vec<f32>, T) + Send + Sync) {
     #[cfg(not(target_arch = "wasm32"))]
-    {
+    if items.len() > 1 {
         use rayon::prelude::*;
         items.into_par_iter().for_each_init(Vec::new, work);
+        return;
     }
-    #[cfg(target_arch = "wasm32")]
-    {
-        let mut scratch = Vec::new();
-        items.into_iter().for_each(|item| work(&mut scratch, item));
+    // One item runs here: from a thread outside rayon's pool, handing it
+    // to the pool would cost a wake-up and a wait.
+    let mut scratch = Vec::new();
+    items.into_iter().for_each(|item| work(&mut scratch, item));
+}
+
+/// The product `lhs rhs`, `lhs.rows` x `rhs.columns` row after row, on
+/// all cores. burn's CPU backend runs a product below 192³
+/// multiply-adds on the calling thread alone, which is most of the linear
+/// layers of a small UNet and every LoRA product; here blocks of the
+/// output's rows go to the threads (each block a register-tile or gemm
+/// product, [`multiply`]), and a product with too few rows for that is
+/// gemm's, split by gemm.
+pub fn matmul(lhs: Matrix, rhs: Matrix) -> Vec<f32> {
+    /// Rows per block are a multiple of this (the register tiles' height).
+    const ROW_STEP: usize = 16;
+    /// Below this many multiply-adds (a few microseconds' work) a product
+    /// runs where it is called: waking another thread costs about as much.
+    const SMALL: usize = 1 << 18;
+    assert_eq!(lhs.columns, rhs.rows, "matrix product of a {} x {} and a {} x {} matrix", lhs.rows, lhs.columns, rhs.rows, rhs.columns);
+    let (rows, columns) = (lhs.rows, rhs.columns);
+    let mut out = zeroed(rows * columns);
+    if out.is_empty() {
+        return out;
     }
+    // Two blocks per thread, so that a core slowed by a neighbour's work
+    // does not hold the other back for half the product.
+    let block_rows = rows.div_ceil(2 * threads()).next_multiple_of(ROW_STEP);
+    if rows * columns * lhs.columns < SMALL {
+        multiply(&mut out, columns, lhs, rhs, 1.0, false, Parallelism::None);
+        return out;
+    }
+    if block_rows >= rows {
+        multiply(&mut out, columns, lhs, rhs, 1.0, false, all_threads());
+        return out;
+    }
+    let blocks: Vec<_> = out.chunks_mut(block_rows * columns).enumerate().collect();
+    for_each(blocks, |_, (index, block)| {
+        let first = index * block_rows;
+        let lhs_rows = Matrix { data: &lhs.data[first * lhs.row_stride..], rows: block.len() / columns, ..lhs };
+        multiply(block, columns, lhs_rows, rhs, 1.0, false, Parallelism::None);
+    });
+    out
+}
+
+/// `len` zeros, written by all cores: a single core zeroing the buffers
+/// of a step's convolutions and products left the other idle.
+pub fn zeroed(len: usize) -> Vec<f32> {
+    /// Values per work item: 256 KiB.
+    const CHUNK: usize = 1 << 16;
+    let mut values = Vec::with_capacity(len);
+    let chunks: Vec<_> = values.spare_capacity_mut()[..len].chunks_mut(CHUNK).collect();
+    for_each(chunks, |_, chunk| chunk.fill(MaybeUninit::new(0.0)));
+    // SAFETY: the chunks cover the first `len` values, every one written above.
+    unsafe { values.set_len(len) };
+    values
 }
 
 /// How many threads [`for_each`] runs items on.
@@ -140,4 +215,84 @@ pub(crate) fn all_threads() -> Parallelism {
     return Parallelism::Rayon(0);
     #[cfg(target_arch = "wasm32")]
     return Parallelism::None;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic spread of values in [-1, 1).
+    fn values(length: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..length)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state >> 8) as f32 / (1 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// `matmul` against the definition in f64 on every path: products
+    /// small enough to run in place, blocks of rows with a shorter last
+    /// block, too few rows for blocks (gemm splits), operands stored
+    /// transposed (a linear layer's weight, the input of a weight's
+    /// gradient), an inner dimension of zero, and no rows.
+    #[test]
+    fn matmul_matches_the_definition() {
+        // (rows, inner, columns, left stored transposed, right stored transposed)
+        let cases = [
+            (7, 5, 3, false, false),
+            (1024, 64, 64, false, true),
+            (333, 130, 7, true, false),
+            (20, 4000, 300, false, false),
+            (1000, 4, 96, false, false),
+            (96, 1000, 4, true, false),
+            (50, 0, 9, false, false),
+            (0, 6, 9, false, false),
+        ];
+        for (seed, (rows, inner, columns, lhs_transposed, rhs_transposed)) in cases.into_iter().enumerate() {
+            let (a, b) = (values(rows * inner, seed as u32), values(inner * columns, 100 + seed as u32));
+            let lhs = match lhs_transposed {
+                true => Matrix::strided(&a, [rows, inner], [1, rows]),
+                false => Matrix::strided(&a, [rows, inner], [inner, 1]),
+            };
+            let rhs = match rhs_transposed {
+                true => Matrix::strided(&b, [inner, columns], [1, inner]),
+                false => Matrix::strided(&b, [inner, columns], [columns, 1]),
+            };
+            let at = |m: &Matrix, i: usize, j: usize| m.data[i * m.row_stride + j * m.column_stride] as f64;
+            let out = matmul(lhs, rhs);
+            assert_eq!(out.len(), rows * columns);
+            for i in 0..rows {
+                for j in 0..columns {
+                    let expected: f64 = (0..inner).map(|k| at(&lhs, i, k) * at(&rhs, k, j)).sum();
+                    let error = (out[i * columns + j] as f64 - expected).abs();
+                    assert!(
+                        error <= 1e-5 * (inner as f64).sqrt().max(1.0),
+                        "{rows} x {inner} x {columns} at ({i}, {j}): {} instead of {expected}",
+                        out[i * columns + j]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zeroed_is_all_zeros_at_every_length() {
+        for length in [0, 1, 1000, (1 << 16) + 3, 5 << 16] {
+            // Memory the allocator is likely to hand out again, not zero.
+            drop(vec![1.0f32; length]);
+            let values = zeroed(length);
+            assert_eq!(values.len(), length);
+            assert!(values.iter().all(|value| *value == 0.0), "a non-zero value in zeroed({length})");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "reaches past")]
+    fn a_strided_matrix_must_lie_within_its_values() {
+        Matrix::strided(&[0.0; 11], [3, 4], [4, 1]);
+    }
 }

@@ -14,7 +14,7 @@ use burn::backend::autodiff::Autodiff;
 use burn::backend::ops::ActivationOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, Cube, Dispatch, Flex, TensorMetadata};
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Tensor, TensorData};
 use cpu_kernels::activation::{activation as cpu_activation, Activation};
 
 /// x Φ(x), Φ the standard normal CDF: PyTorch's `gelu` (not the tanh form).
@@ -49,9 +49,9 @@ fn on_cpu(activation: Activation, x: &FloatTensor<Flex>, grad: Option<&FloatTens
         Some(grad) => Some(grad.as_slice::<f32>()?),
         None => None,
     };
-    let mut out = <FloatTensor<Flex>>::empty(x.shape(), DType::F32);
-    cpu_activation(activation, x.as_slice::<f32>()?, grad_values, out.storage_mut::<f32>());
-    Some(out)
+    let mut out = cpu_kernels::zeroed(x.layout().num_elements());
+    cpu_activation(activation, x.as_slice::<f32>()?, grad_values, &mut out);
+    Some(<FloatTensor<Flex>>::from_data(TensorData::new(out, x.shape())))
 }
 
 impl ActivationBackend for Flex {

@@ -254,8 +254,8 @@ mod cpu {
         let dims = dims(q, v)?;
         let [q_values, k_values, v_values] = [q, k, v].map(on_cpu);
         let (q_values, k_values, v_values) = (q_values?, k_values?, v_values?);
-        let mut out = vec![0.0; dims.heads * dims.queries * dims.value_dim];
-        let mut lse = keep_lse.then(|| vec![0.0; dims.heads * dims.queries]);
+        let mut out = cpu_kernels::zeroed(dims.heads * dims.queries * dims.value_dim);
+        let mut lse = keep_lse.then(|| cpu_kernels::zeroed(dims.heads * dims.queries));
         cpu_kernels::forward(q_values.as_slice()?, k_values.as_slice()?, v_values.as_slice()?, dims, &mut out, lse.as_deref_mut());
         let [batch, heads, queries, _] = q.dims();
         Some((tensor(out, [batch, heads, queries, dims.value_dim]), lse.map(|lse| tensor(lse, [batch, heads, queries, 1]))))
@@ -266,7 +266,7 @@ mod cpu {
         let [q, k, v, out, lse, grad_out] = [&saved.q, &saved.k, &saved.v, &saved.out, &saved.lse, grad_out].map(on_cpu);
         let (q, k, v, out, lse, grad_out) = (q?, k?, v?, out?, lse?, grad_out?);
         let Dims { heads, queries, keys, head_dim, value_dim } = dims;
-        let zeros = |needed: bool, length: usize| needed.then(|| vec![0.0; heads * length]);
+        let zeros = |needed: bool, length: usize| needed.then(|| cpu_kernels::zeroed(heads * length));
         let (mut grad_q, mut grad_k, mut grad_v) =
             (zeros(needed[0], queries * head_dim), zeros(needed[1], keys * head_dim), zeros(needed[2], keys * value_dim));
         let gradients = Gradients { q: grad_q.as_deref_mut(), k: grad_k.as_deref_mut(), v: grad_v.as_deref_mut() };

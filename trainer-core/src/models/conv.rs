@@ -157,7 +157,7 @@ mod cpu {
     pub(super) fn forward(x: &Tensor<4>, weight: &Tensor<4>, bias: &Tensor<1>, options: &ConvOptions<2>) -> Option<Tensor<4>> {
         let dims = dims(x, weight, options)?;
         let (x, weight, bias) = (on_cpu(x)?, on_cpu(weight)?, on_cpu(bias)?);
-        let mut out = vec![0.0; dims.output_len()];
+        let mut out = cpu_kernels::zeroed(dims.output_len());
         conv::forward(x.as_slice()?, weight.as_slice()?, Some(bias.as_slice()?), dims, &mut out);
         Some(tensor(out, out_shape(&dims)))
     }
@@ -165,7 +165,7 @@ mod cpu {
     pub(super) fn input_gradient(x: &Tensor<4>, weight: &Tensor<4>, grad_out: &Tensor<4>, options: &ConvOptions<2>) -> Option<Tensor<4>> {
         let dims = dims(x, weight, options)?;
         let (weight, grad_out) = (on_cpu(weight)?, on_cpu(grad_out)?);
-        let mut grad_x = vec![0.0; dims.input_len()];
+        let mut grad_x = cpu_kernels::zeroed(dims.input_len());
         conv::input_gradient(grad_out.as_slice()?, weight.as_slice()?, dims, &mut grad_x);
         Some(tensor(grad_x, x.dims()))
     }

@@ -13,6 +13,7 @@ use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Int, Tensor};
 
 use super::conv::conv2d;
+use super::matmul::matmul;
 
 /// `t` in `dtype` (no copy when it already is).
 pub fn in_dtype<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
@@ -28,13 +29,14 @@ pub fn in_dtype<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
 /// batch of one as a batched product and reshapes the weight to `[1, in,
 /// out]` for it, which copies the loaded weights (transposed views of
 /// PyTorch's `[out, in]`) at every call: 3.5 % of the mid-size UNet's step
-/// on the CPU backend, and one more kernel per layer on wgpu.
+/// on the CPU backend, and one more kernel per layer on wgpu. On the CPU
+/// backend the product runs on every core ([`super::matmul`]).
 pub fn project<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {
     let mut dims = x.dims();
     let d_in = dims[D - 1];
     let rows = dims.iter().product::<usize>() / d_in.max(1);
     dims[D - 1] = weight.dims()[1];
-    x.reshape([rows, d_in]).matmul(weight).reshape(dims)
+    matmul(x.reshape([rows, d_in]), weight).reshape(dims)
 }
 
 /// `nn.Linear`; the weight is kept in burn's `[in, out]` layout.

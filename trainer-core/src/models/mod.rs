@@ -11,6 +11,7 @@ pub mod conv;
 pub mod layers;
 pub mod loader;
 pub mod lora;
+pub mod matmul;
 pub mod naming;
 pub mod safetensors_file;
 pub mod single_file;

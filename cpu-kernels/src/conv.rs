@@ -127,10 +127,10 @@ fn correlate(padded: &Padded, kernel: usize, out_channels: usize, weight: &[f32]
     }
     let weight = Matrix::new(weight, out_channels, depth);
     // Tiles of whole output rows, at least as many as there are threads
-    // where the image has the rows (SD 1.5's 8x8 latents are 8x8 at the
-    // bottom of the UNet: a tile each would leave a core idle). Where there
-    // are fewer tiles than threads all the same, the tiles run one after
-    // another, each product split over the threads instead.
+    // where the image has the rows: the lowest levels of SD 1.5's UNet at
+    // 512 px (16x16 and 8x8) fit one tile, which would leave a core idle.
+    // Where there are fewer tiles than threads all the same, the tiles run
+    // one after another, each product split over the threads instead.
     let tiles_wanted_per_image = threads().div_ceil(padded.batch);
     let rows_per_tile = (TILE_COLUMNS / out_width.max(1)).min(out_height.div_ceil(tiles_wanted_per_image)).clamp(1, out_height);
     let tiles_per_image = out_height.div_ceil(rows_per_tile);

@@ -1,6 +1,7 @@
 //! gemm's (the CPU backend's matrix multiply) throughput at square and
 //! attention-shaped products, against the core's FMA peak: the ceiling of
-//! every matrix product on the CPU backend. Compare with PyTorch's
+//! every matrix product on the CPU backend; then `cpu_kernels::matmul` at
+//! the linear layers' shapes. Compare with PyTorch's
 //! `torch.mm` on 2 threads (DEVELOPERS.md, "Speed on the CPU backend").
 //!   cargo run --release -p cpu-kernels --features x86-v4 --example bench_gemm
 //! (without `x86-v4` gemm has only its AVX2 kernels: half the speed on an
@@ -44,9 +45,35 @@ fn gflops(m: usize, n: usize, k: usize, parallelism: Parallelism) -> f64 {
     2.0 * (m * n * k) as f64 / best / 1e9
 }
 
+/// Microseconds of the median of 200 `cpu_kernels::matmul` calls, the
+/// linear layers' and LoRA adapters' product on the CPU backend (the left
+/// operand read transposed when `transposed`, as a weight's gradient does).
+fn matmul_micros(m: usize, n: usize, k: usize, transposed: bool) -> f64 {
+    let (lhs, rhs) = (vec![0.5f32; m * k], vec![0.25f32; k * n]);
+    let lhs = match transposed {
+        true => cpu_kernels::Matrix::strided(&lhs, [m, k], [1, m]),
+        false => cpu_kernels::Matrix::strided(&lhs, [m, k], [k, 1]),
+    };
+    let rhs = cpu_kernels::Matrix::strided(&rhs, [k, n], [n, 1]);
+    let mut times: Vec<f64> = (0..200)
+        .map(|_| {
+            let start = Instant::now();
+            std::hint::black_box(cpu_kernels::matmul(lhs, rhs));
+            start.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
 fn main() {
     println!("2048^3, all threads: {:.0} GFLOP/s", gflops(2048, 2048, 2048, Parallelism::Rayon(0)));
     for (m, n, k) in [(2048, 2048, 2048), (512, 512, 512), (4096, 320, 320), (64, 4096, 40), (64, 40, 4096)] {
         println!("{m}x{k} by {k}x{n}, one thread: {:.0} GFLOP/s", gflops(m, n, k, Parallelism::None));
+    }
+    // The mid-size UNet's linear layers and LoRA products (forward, and a
+    // weight's gradient xᵀ g), and SD 1.5's largest linear layer.
+    for (m, n, k, transposed) in [(1024, 64, 64, false), (1024, 4, 64, false), (64, 64, 1024, true), (256, 128, 128, false), (4096, 1280, 320, false)] {
+        println!("matmul {m}x{k} by {k}x{n}{}: {:.1} µs", if transposed { " (left transposed)" } else { "" }, matmul_micros(m, n, k, transposed));
     }
 }

@@ -33,6 +33,21 @@ pub fn quiet_headless_vulkan() {
     }
 }
 
+/// Runs `work` as a task of a rayon pool of its own (a thread per core;
+/// `RAYON_NUM_THREADS` is respected) and returns its result. The CPU
+/// backend's kernels split their work with rayon: called from a thread
+/// outside the pool, every parallel section is handed to the pool while
+/// the caller sleeps, a wake-up each time and three threads on two cores.
+/// Inside the pool the caller is one of the workers (DEVELOPERS.md, "Speed
+/// on the CPU backend"). Call it around the whole of `main`.
+pub fn on_compute_pool<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    match rayon::ThreadPoolBuilder::new().build() {
+        Ok(pool) => pool.install(work),
+        // No threads to be had: run here, as before.
+        Err(_) => work(),
+    }
+}
+
 /// `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (index 15 in v2
 /// and v3; the Rust bindings do not name it).
 const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;

@@ -33,19 +33,21 @@ fn main() -> ExitCode {
     native_runner::keep_freed_memory();
     native_runner::quiet_headless_vulkan();
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Plan(args) => plan_command::run(args),
-        Command::Sample(args) => sample_command::run(args),
-        Command::Train(args) => train_command::run(args),
-        Command::Cache(args) => train_command::run_cache(args),
-        Command::FindToken(args) => tools_command::run_find_token(args),
-        Command::MakeReg(args) => tools_command::run_make_reg(args),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error}");
-            ExitCode::FAILURE
+    native_runner::on_compute_pool(move || {
+        let result = match cli.command {
+            Command::Plan(args) => plan_command::run(args),
+            Command::Sample(args) => sample_command::run(args),
+            Command::Train(args) => train_command::run(args),
+            Command::Cache(args) => train_command::run_cache(args),
+            Command::FindToken(args) => tools_command::run_find_token(args),
+            Command::MakeReg(args) => tools_command::run_make_reg(args),
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: {error}");
+                ExitCode::FAILURE
+            }
         }
-    }
+    })
 }

@@ -54,6 +54,10 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    native_runner::on_compute_pool(pipeline_main)
+}
+
+fn pipeline_main() -> ExitCode {
     native_runner::keep_freed_memory();
     native_runner::quiet_headless_vulkan();
     let args = Args::parse();

@@ -154,6 +154,10 @@ enum UnetChoice {
 }
 
 fn main() {
+    native_runner::on_compute_pool(run)
+}
+
+fn run() {
     native_runner::keep_freed_memory();
     native_runner::quiet_headless_vulkan();
     if cfg!(debug_assertions) {

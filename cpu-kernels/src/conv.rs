@@ -218,19 +218,7 @@ pub fn input_gradient(grad_out: &[f32], weight: &[f32], dims: ConvDims, grad_inp
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A deterministic spread of values in [-1, 1).
-    fn values(length: usize, seed: u32) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..length)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 17;
-                state ^= state << 5;
-                (state >> 8) as f32 / (1 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use crate::test_values as values;
 
     /// Calls `visit(output, input, weight)` with the indices of every
     /// product weight · input in the definition's sums.

@@ -17,3 +17,17 @@ mod product;
 
 pub use attention::{backward, forward, Dims, Gradients, BLOCK_ROWS};
 pub use matrix::{matmul, zeroed, Matrix};
+
+/// A deterministic spread of values in [-1, 1), for the kernels' tests.
+#[cfg(test)]
+fn test_values(length: usize, seed: u32) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..length)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            (state >> 8) as f32 / (1 << 23) as f32 - 1.0
+        })
+        .collect()
+}

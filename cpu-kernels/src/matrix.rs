@@ -167,13 +167,13 @@ pub fn matmul(lhs: Matrix, rhs: Matrix) -> Vec<f32> {
     if out.is_empty() {
         return out;
     }
-    // Two blocks per thread, so that a core slowed by a neighbour's work
-    // does not hold the other back for half the product.
-    let block_rows = rows.div_ceil(2 * threads()).next_multiple_of(ROW_STEP);
     if rows * columns * lhs.columns < SMALL {
         multiply(&mut out, columns, lhs, rhs, 1.0, false, Parallelism::None);
         return out;
     }
+    // Two blocks per thread, so that a core slowed by a neighbour's work
+    // does not hold the other back for half the product.
+    let block_rows = rows.div_ceil(2 * threads()).next_multiple_of(ROW_STEP);
     if block_rows >= rows {
         multiply(&mut out, columns, lhs, rhs, 1.0, false, all_threads());
         return out;
@@ -220,19 +220,7 @@ pub(crate) fn all_threads() -> Parallelism {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A deterministic spread of values in [-1, 1).
-    fn values(length: usize, seed: u32) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..length)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 17;
-                state ^= state << 5;
-                (state >> 8) as f32 / (1 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use crate::test_values as values;
 
     /// `matmul` against the definition in f64 on every path: products
     /// small enough to run in place, blocks of rows with a shorter last

@@ -30,6 +30,11 @@ pub fn has_webgpu() -> bool {
     Reflect::get(&navigator(), &JsValue::from_str("gpu")).map(|gpu| !gpu.is_undefined() && !gpu.is_null()).unwrap_or(false)
 }
 
+/// Kernel launches recorded before the queue is submitted (cubecl's default
+/// is 32). In the browser each submit is a call into the GPU process
+/// (DEVELOPERS.md, "Headless Chromium").
+const BATCHED_LAUNCHES: usize = 256;
+
 /// Creates burn's WebGPU device. cubecl requests the adapter's own limits
 /// and features for it.
 pub async fn init() -> Result<(Device, AdapterSummary), String> {
@@ -37,6 +42,7 @@ pub async fn init() -> Result<(Device, AdapterSummary), String> {
         return Err(NO_WEBGPU.to_string());
     }
     let (device, setup) = Device::wgpu_options()
+        .tasks_max(BATCHED_LAUNCHES)
         .init_with_setup_async()
         .await
         .map_err(|e| format!("WebGPU is present but no usable adapter was found ({e}). Check that hardware acceleration is on in the browser's settings, or update the graphics driver."))?;

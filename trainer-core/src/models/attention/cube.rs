@@ -288,9 +288,10 @@ fn tensor(primitive: CubeTensor) -> Tensor<4> {
     Tensor::from_primitive::<Cube>(primitive)
 }
 
-/// The sizes the kernels need: heads (batch x heads), queries, keys, head
-/// and value widths; `None` where the kernels do not apply.
+/// The attention's sizes, from q and v; `None` where the kernels do not
+/// apply.
 struct Dims {
+    batch: usize,
     heads: usize,
     queries: usize,
     keys: usize,
@@ -298,31 +299,43 @@ struct Dims {
     value_dim: usize,
 }
 
-fn dims(q: &Tensor<4>, v: &Tensor<4>) -> Option<Dims> {
-    let [batch, heads, queries, head_dim] = q.dims();
-    let [.., keys, value_dim] = v.dims();
-    let tokens = 1..=MAX_TOKENS;
-    let widths = 1..=MAX_WIDTH;
-    // Offsets are 32-bit, and the heads are the grid's second dimension.
-    let offsets_fit = u32::try_from(batch * heads * queries.max(keys) * head_dim.max(value_dim)).is_ok();
-    let heads_fit = batch * heads <= u16::MAX as usize;
-    let applies = tokens.contains(&queries) && tokens.contains(&keys) && widths.contains(&head_dim) && widths.contains(&value_dim);
-    (applies && offsets_fit && heads_fit).then_some(Dims { heads: batch * heads, queries, keys, head_dim, value_dim })
-}
+impl Dims {
+    fn of(q: &Tensor<4>, v: &Tensor<4>) -> Option<Self> {
+        let [batch, heads, queries, head_dim] = q.dims();
+        let [.., keys, value_dim] = v.dims();
+        let tokens = 1..=MAX_TOKENS;
+        let widths = 1..=MAX_WIDTH;
+        // Offsets are 32-bit, and the heads are the grid's second dimension.
+        let offsets_fit = u32::try_from(batch * heads * queries.max(keys) * head_dim.max(value_dim)).is_ok();
+        let heads_fit = batch * heads <= u16::MAX as usize;
+        let applies = tokens.contains(&queries) && tokens.contains(&keys) && widths.contains(&head_dim) && widths.contains(&value_dim);
+        (applies && offsets_fit && heads_fit).then_some(Dims { batch, heads, queries, keys, head_dim, value_dim })
+    }
 
-fn launch_grid(rows: usize, heads: usize) -> (CubeCount, CubeDim) {
-    (CubeCount::Static((rows as u32).div_ceil(ROWS), heads as u32, 1), CubeDim::new_1d(ROWS))
+    /// `[batch, heads, rows, width]`: a tensor of the attention's heads.
+    fn shape(&self, rows: usize, width: usize) -> [usize; 4] {
+        [self.batch, self.heads, rows, width]
+    }
+
+    /// The scores' scale, 1/√d.
+    fn scale(&self) -> f32 {
+        (self.head_dim as f32).powf(-0.5)
+    }
+
+    /// Workgroups of [`ROWS`] threads over `rows` rows of every head.
+    fn grid(&self, rows: usize) -> (CubeCount, CubeDim) {
+        (CubeCount::Static((rows as u32).div_ceil(ROWS), (self.batch * self.heads) as u32, 1), CubeDim::new_1d(ROWS))
+    }
 }
 
 /// The output and each query row's log-sum-exp (`[batch, heads, queries,
 /// 1]`), or `None` where the kernels do not apply.
 pub(super) fn forward(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<(Tensor<4>, Tensor<4>)> {
-    let dims = dims(q, v)?;
+    let dims = Dims::of(q, v)?;
     let (query, key, value) = (on_cube(q)?, on_cube(k)?, on_cube(v)?);
-    let [batch, heads, queries, head_dim] = q.dims();
-    let out = empty(&query, [batch, heads, queries, dims.value_dim]);
-    let lse = empty(&query, [batch, heads, queries, 1]);
-    let (count, dim) = launch_grid(dims.queries, dims.heads);
+    let out = empty(&query, dims.shape(dims.queries, dims.value_dim));
+    let lse = empty(&query, dims.shape(dims.queries, 1));
+    let (count, dim) = dims.grid(dims.queries);
     kernels::forward_kernel::launch(
         &query.client.clone(),
         count,
@@ -332,7 +345,7 @@ pub(super) fn forward(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<(Te
         value.into_tensor_arg(),
         out.clone().into_tensor_arg(),
         lse.clone().into_tensor_arg(),
-        (head_dim as f32).powf(-0.5),
+        dims.scale(),
         dims.queries as u32,
         dims.keys as u32,
         dims.head_dim,
@@ -344,18 +357,15 @@ pub(super) fn forward(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<(Te
 /// The q, k and v gradients (each where `needed`), or `None` where the
 /// kernels do not apply.
 pub(super) fn backward(saved: &Saved, grad_out: &Tensor<4>, needed: [bool; 3]) -> Option<[Option<Tensor<4>>; 3]> {
-    let dims = dims(&saved.q, &saved.v)?;
+    let dims = Dims::of(&saved.q, &saved.v)?;
     let [q, k, v, out, lse, grad_out] = [&saved.q, &saved.k, &saved.v, &saved.out, &saved.lse, grad_out].map(on_cube);
     let (q, k, v, out, lse, grad_out) = (q?, k?, v?, out?, lse?, grad_out?);
-    let [batch, heads, queries, head_dim] = saved.q.dims();
-    let [.., keys, value_dim] = saved.v.dims();
-    let scale = (head_dim as f32).powf(-0.5);
     let client = q.client.clone();
 
     // Δ comes out of the dQ kernel, so it runs even when q needs no gradient.
-    let grad_q = empty(&q, [batch, heads, queries, head_dim]);
-    let delta = empty(&q, [batch, heads, queries, 1]);
-    let (count, dim) = launch_grid(dims.queries, dims.heads);
+    let grad_q = empty(&q, dims.shape(dims.queries, dims.head_dim));
+    let delta = empty(&q, dims.shape(dims.queries, 1));
+    let (count, dim) = dims.grid(dims.queries);
     kernels::grad_query_kernel::launch(
         &client,
         count,
@@ -368,7 +378,7 @@ pub(super) fn backward(saved: &Saved, grad_out: &Tensor<4>, needed: [bool; 3]) -
         lse.clone().into_tensor_arg(),
         grad_q.clone().into_tensor_arg(),
         delta.clone().into_tensor_arg(),
-        scale,
+        dims.scale(),
         dims.queries as u32,
         dims.keys as u32,
         dims.head_dim,
@@ -377,9 +387,9 @@ pub(super) fn backward(saved: &Saved, grad_out: &Tensor<4>, needed: [bool; 3]) -
     if !(needed[1] || needed[2]) {
         return Some([needed[0].then(|| tensor(grad_q)), None, None]);
     }
-    let grad_k = empty(&q, [batch, heads, keys, head_dim]);
-    let grad_v = empty(&q, [batch, heads, keys, value_dim]);
-    let (count, dim) = launch_grid(dims.keys, dims.heads);
+    let grad_k = empty(&q, dims.shape(dims.keys, dims.head_dim));
+    let grad_v = empty(&q, dims.shape(dims.keys, dims.value_dim));
+    let (count, dim) = dims.grid(dims.keys);
     kernels::grad_key_value_kernel::launch(
         &client,
         count,
@@ -392,7 +402,7 @@ pub(super) fn backward(saved: &Saved, grad_out: &Tensor<4>, needed: [bool; 3]) -
         delta.into_tensor_arg(),
         grad_k.clone().into_tensor_arg(),
         grad_v.clone().into_tensor_arg(),
-        scale,
+        dims.scale(),
         dims.queries as u32,
         dims.keys as u32,
         dims.head_dim,

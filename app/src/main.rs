@@ -12,6 +12,7 @@ use panels::{ConfigPanel, DatasetsPanel, ModelPanel, PlanPanel, ToolsPanel, Trai
 use ui::{send, start_worker, Ui};
 
 fn main() {
+    burnbooth_app::run_static_constructors();
     // Panics become readable console errors (and the page's error banner,
     // see index.html) instead of a bare `unreachable`.
     console_error_panic_hook::set_once();

@@ -183,6 +183,12 @@ async fn self_test() -> Result<String, String> {
     if worst > 1e-3 {
         return Err(format!("the device's matrix product is wrong (largest error {worst})"));
     }
+    // Everything so far (a whole run in the browser test) entered wasm from
+    // JavaScript many times; the constructors must still have run once.
+    let runs = crate::static_constructor_runs();
+    if runs != 1 {
+        return Err(format!("the module's static constructors ran {runs} times instead of once: every call into wasm runs them again (DEVELOPERS.md)"));
+    }
     Ok(format!("matrix product correct (largest error {worst:.1e}) in {:.0} ms", crate::browser::now_ms() - started))
 }
 

@@ -240,7 +240,7 @@ pub fn PlanPanel(ui: Ui) -> impl IntoView {
     view! {
         <section class="card">
             <h2><span class="num">"4"</span>" Plan"</h2>
-            <button id="plan" on:click=move |_| ui.make_plan()>"Plan"</button>
+            <button id="plan" on:click=move |_| { ui.make_plan(); ui.prepare(); }>"Plan"</button>
             <pre id="plan-text" class:hidden=move || ui.plan_text.get().is_empty()>{move || ui.plan_text.get()}</pre>
             <details class:hidden=move || ui.plan_json.get().is_empty()>
                 <summary>"As JSON (native-runner plan --json)"</summary>

@@ -30,6 +30,14 @@ pub enum ToWorker {
         id: String,
         paths: Vec<String>,
     },
+    /// Gets a run with these configs ready before Train: fills the caches
+    /// and runs one discarded training step, so that the GPU kernels are
+    /// compiled while the user still reads the plan (run::prepare).
+    Prepare {
+        training: (String, String),
+        dataloader: (String, String),
+        side_files: std::collections::BTreeMap<String, String>,
+    },
     /// Trains (or resumes) with these configs: (file name, text).
     Train {
         training: (String, String),

@@ -5,7 +5,8 @@
 
 use std::cell::Cell;
 
-use trainer_core::config::training::ModelType;
+use trainer_core::config::dataset::DataloaderConfig;
+use trainer_core::config::training::{ModelType, TrainingConfig};
 use trainer_core::pipeline::{png_with_parameters, to_rgb8, GenerateRequest};
 use trainer_core::schedulers::SamplerKind;
 use trainer_core::train::metrics::StepMetrics;
@@ -33,6 +34,13 @@ pub enum RunState {
 thread_local! {
     /// Set by the page's Pause/Resume/Stop messages, read between steps.
     static STATE: Cell<RunState> = const { Cell::new(RunState::Idle) };
+    /// A [`prepare`] is under way; Train waits for it.
+    static PREPARING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether a [`prepare`] is under way.
+pub fn preparing() -> bool {
+    PREPARING.with(Cell::get)
 }
 
 pub fn state() -> RunState {
@@ -109,6 +117,11 @@ pub fn output_lock_name(output_dir: &str) -> String {
 /// A folder with checkpoints resumes from the latest; one that holds an
 /// earlier run without any moves it aside (previous-N, nothing is lost).
 pub async fn train(view: RunView) -> Result<String, String> {
+    while preparing() {
+        // The discarded step compiles what this run's first step would.
+        view.progress("finishing the GPU kernels' preparation", 0, 1);
+        sleep(100).await;
+    }
     let started = now_ms();
     view.restore().await?;
     let (training, dataloader) = workspace::load_configs().map_err(|e| e.to_string())?;
@@ -116,14 +129,11 @@ pub async fn train(view: RunView) -> Result<String, String> {
     let Some(_lock) = try_lock(&output_lock_name(&training.output_dir)).await? else {
         return Err(format!("another tab of this browser is training into the output folder {}: stop it there or wait until it ends", training.output_dir));
     };
-    let (plan, sources, masks) = workspace::plan_run(&training, &dataloader).map_err(|e| e.to_string())?;
     view.note(opfs::prepare(STORAGE_HEADROOM_MB).await?);
     view.progress("loading the model", 0, 1);
     sleep(0).await;
-    let (model, device) = workspace::load_model(Some(plan.precision.weight_dtypes(training.model_type)))?;
     let output_dir = training.output_dir.clone();
-    let mut session = Session::new(training, plan, model, sources, storage(), device, SessionOptions::default()).map_err(|e| e.to_string())?;
-    session.set_mask_sources(masks).map_err(|e| e.to_string())?;
+    let mut session = open_session(training, &dataloader)?;
     view.note(format!("model loaded in {:.1} s", (now_ms() - started) / 1000.0));
     let has_checkpoints = !checkpoint::list(storage(), &output_dir).map_err(|e| e.to_string())?.is_empty();
     let output_use = if has_checkpoints {
@@ -146,6 +156,55 @@ pub async fn train(view: RunView) -> Result<String, String> {
         RunEnd::Finished { .. } => Ok("finished".to_string()),
         RunEnd::Stopped { step, .. } => Ok(format!("stopped at step {step}; Train continues from there")),
     }
+}
+
+/// The session for the worker's configs, the model loaded and the
+/// adapters attached; nothing in the output folder touched yet.
+fn open_session(training: TrainingConfig, dataloader: &DataloaderConfig) -> Result<Session<'static>, String> {
+    let (plan, sources, masks) = workspace::plan_run(&training, dataloader).map_err(|e| e.to_string())?;
+    let (model, device) = workspace::load_model(Some(plan.precision.weight_dtypes(training.model_type)))?;
+    let mut session = Session::new(training, plan, model, sources, storage(), device, SessionOptions::default()).map_err(|e| e.to_string())?;
+    session.set_mask_sources(masks).map_err(|e| e.to_string())?;
+    Ok(session)
+}
+
+/// Gets the planned run ready before Train: fills the caches (Train reuses
+/// them) and runs one training step in a session that is then dropped,
+/// so that the step's GPU kernels are compiled (on WebGPU each pipeline is
+/// compiled on the GPU process's one thread when first used: about 30 s of
+/// the tiny model's first step on SwiftShader, DEVELOPERS.md). Nothing is
+/// written to the output folder and nothing is saved to OPFS here. A Train
+/// pressed during caching skips the step; during the step it waits.
+pub async fn prepare(view: RunView) -> Result<(), String> {
+    PREPARING.with(|p| p.set(true));
+    let result = prepare_inner(&view).await;
+    PREPARING.with(|p| p.set(false));
+    result
+}
+
+async fn prepare_inner(view: &RunView) -> Result<(), String> {
+    let started = now_ms();
+    view.restore().await?;
+    let (training, dataloader) = workspace::load_configs().map_err(|e| e.to_string())?;
+    view.progress("preparing: loading the model", 0, 1);
+    sleep(0).await;
+    let output_dir = training.output_dir.clone();
+    let mut session = open_session(training, &dataloader)?;
+    let mut host = BrowserHost { view: RunView, output_dir, total: session.total_steps(), first_step: None };
+    run::fill_caches(&mut session, &mut host).await.map_err(|e| e.to_string())?;
+    if state() != RunState::Idle {
+        // Train was pressed: it starts now, from these caches.
+        return Ok(());
+    }
+    view.progress("preparing GPU kernels (one training step, discarded)", 0, 1);
+    sleep(0).await;
+    session.train_step().await.map_err(|e| e.to_string())?;
+    view.note(format!(
+        "GPU kernels ready in {:.1} s: caches filled and one training step at the planned size compiled and discarded",
+        (now_ms() - started) / 1000.0
+    ));
+    view.progress("ready to train", 1, 1);
+    Ok(())
 }
 
 /// The page's view of a run: messages to the page, Pause/Stop read between

@@ -388,6 +388,18 @@ impl Ui {
         )));
     }
 
+    /// After the Plan button showed a plan: the worker fills the caches
+    /// and compiles the run's GPU kernels while the user reads it
+    /// (`run::prepare`), so that Train's first step is a steady one.
+    pub fn prepare(&self) {
+        if self.plan_json.get_untracked().is_empty() || self.gpu_ok.get_untracked() != Some(true) || self.run.state.get_untracked() != RunState::Idle {
+            return;
+        }
+        if let (Some(training), Some(dataloader), side_files) = workspace::with(|w| (w.training.clone(), w.dataloader.clone(), w.side_files.clone())) {
+            send(&ToWorker::Prepare { training, dataloader, side_files }, Vec::new());
+        }
+    }
+
     pub fn make_plan(&self) {
         let result = workspace::load_configs().and_then(|(training, dataloader)| workspace::plan_run(&training, &dataloader));
         match result {

@@ -95,6 +95,24 @@ fn handle(message: ToWorker, bytes: Vec<Vec<u8>>) {
             }
             workspace::with(|w| w.sources.insert(id, Rc::new(source)));
         }
+        ToWorker::Prepare { training, dataloader, side_files } => {
+            // Only on a GPU, where the first step is mostly kernel
+            // compilation, and only while nothing else runs.
+            let on_gpu = workspace::with(|w| matches!(w.compute, Some(Compute::WebGpu(..))));
+            if !on_gpu || state() != RunState::Idle || run::preparing() {
+                return;
+            }
+            workspace::with(|w| {
+                w.training = Some(training);
+                w.dataloader = Some(dataloader);
+                w.side_files = side_files;
+            });
+            spawn_local(async {
+                if let Err(e) = run::prepare(RunView).await {
+                    post(&FromWorker::Note(format!("preparing before Train failed (Train will say why): {e}")), Vec::new());
+                }
+            });
+        }
         ToWorker::Train { training, dataloader, side_files } => {
             if state() != RunState::Idle {
                 post(&FromWorker::Error("a run is already going".into()), Vec::new());

@@ -339,6 +339,15 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
         computed_after < computed_before && computed_after + 4 >= computed_before,
         "computed {computed_before} cache entries, then {computed_after} after the interrupted save"
     );
+    // Plan prepared the run (app/src/run.rs, prepare): the caches filled and
+    // a discarded step compiled the kernels; Train then computed no cache entry.
+    let ready = first_log.find("GPU kernels ready").unwrap_or_else(|| panic!("Plan did not prepare the run:\n{first_log}"));
+    let run_caches = first_log.lines().filter(|l| l.starts_with("caches ready")).nth(1).unwrap_or_else(|| panic!("no second caches line:\n{first_log}"));
+    assert!(
+        first_log.find(run_caches).unwrap() > ready && run_caches.contains(": 0 latent(s) and 0 text embedding(s) computed"),
+        "Train reuses what Plan cached: {run_caches}"
+    );
+    eprintln!("Plan's preparation took {} s", result["prepareSeconds"]);
     // A full fine-tune started in the tab ends with both exports.
     let full: Vec<&str> = result["fullOutputs"].as_array().unwrap().iter().filter_map(|p| p.as_str()).collect();
     for export in [

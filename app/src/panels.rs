@@ -262,7 +262,7 @@ pub fn TrainPanel(ui: Ui) -> impl IntoView {
         if run.error.get_untracked().is_some() {
             return;
         }
-        let (Some(training), Some(dataloader), side_files) = workspace::with(|w| (w.training.clone(), w.dataloader.clone(), w.side_files.clone())) else {
+        let Some(workspace::ImportedConfigs { training, dataloader, side_files }) = workspace::imported_configs() else {
             return;
         };
         run.state.set(RunState::Running);

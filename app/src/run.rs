@@ -117,10 +117,12 @@ pub fn output_lock_name(output_dir: &str) -> String {
 /// A folder with checkpoints resumes from the latest; one that holds an
 /// earlier run without any moves it aside (previous-N, nothing is lost).
 pub async fn train(view: RunView) -> Result<String, String> {
-    while preparing() {
+    if preparing() {
         // The discarded step compiles what this run's first step would.
         view.progress("finishing the GPU kernels' preparation", 0, 1);
-        sleep(100).await;
+        while preparing() {
+            sleep(100).await;
+        }
     }
     let started = now_ms();
     view.restore().await?;

@@ -395,7 +395,7 @@ impl Ui {
         if self.plan_json.get_untracked().is_empty() || self.gpu_ok.get_untracked() != Some(true) || self.run.state.get_untracked() != RunState::Idle {
             return;
         }
-        if let (Some(training), Some(dataloader), side_files) = workspace::with(|w| (w.training.clone(), w.dataloader.clone(), w.side_files.clone())) {
+        if let Some(workspace::ImportedConfigs { training, dataloader, side_files }) = workspace::imported_configs() {
             send(&ToWorker::Prepare { training, dataloader, side_files }, Vec::new());
         }
     }

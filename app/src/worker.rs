@@ -17,7 +17,7 @@ use crate::gpu;
 use crate::model::{mib, PickedModel};
 use crate::protocol::{decode, encode, FromWorker, ToWorker};
 use crate::run::{self, set_state, state, RunState, RunView};
-use crate::workspace::{self, storage, Compute};
+use crate::workspace::{self, storage, Compute, ImportedConfigs};
 
 /// Sends a message (and file contents) to the page.
 pub fn post(message: &FromWorker, bytes: Vec<Vec<u8>>) {
@@ -102,11 +102,7 @@ fn handle(message: ToWorker, bytes: Vec<Vec<u8>>) {
             if !on_gpu || state() != RunState::Idle || run::preparing() {
                 return;
             }
-            workspace::with(|w| {
-                w.training = Some(training);
-                w.dataloader = Some(dataloader);
-                w.side_files = side_files;
-            });
+            workspace::set_imported_configs(ImportedConfigs { training, dataloader, side_files });
             spawn_local(async {
                 if let Err(e) = run::prepare(RunView).await {
                     post(&FromWorker::Note(format!("preparing before Train failed (Train will say why): {e}")), Vec::new());
@@ -118,11 +114,7 @@ fn handle(message: ToWorker, bytes: Vec<Vec<u8>>) {
                 post(&FromWorker::Error("a run is already going".into()), Vec::new());
                 return;
             }
-            workspace::with(|w| {
-                w.training = Some(training);
-                w.dataloader = Some(dataloader);
-                w.side_files = side_files;
-            });
+            workspace::set_imported_configs(ImportedConfigs { training, dataloader, side_files });
             set_state(RunState::Running);
             spawn_local(async {
                 let ended = match run::train(RunView).await {

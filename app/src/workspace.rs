@@ -117,6 +117,31 @@ impl ImageSource for SharedSource {
     }
 }
 
+/// The imported configs as the page sends them to the worker (Prepare,
+/// Train).
+pub struct ImportedConfigs {
+    /// (file name, text).
+    pub training: (String, String),
+    /// (file name, text).
+    pub dataloader: (String, String),
+    /// By file name.
+    pub side_files: BTreeMap<String, String>,
+}
+
+/// `None` until both configs are there.
+pub fn imported_configs() -> Option<ImportedConfigs> {
+    with(|w| Some(ImportedConfigs { training: w.training.clone()?, dataloader: w.dataloader.clone()?, side_files: w.side_files.clone() }))
+}
+
+/// The worker takes the configs the page sent.
+pub fn set_imported_configs(configs: ImportedConfigs) {
+    with(|w| {
+        w.training = Some(configs.training);
+        w.dataloader = Some(configs.dataloader);
+        w.side_files = configs.side_files;
+    });
+}
+
 /// Reads the configs as the native runner does. The training config and
 /// the side files are known by their file names; every other path read
 /// (the dataloader config the training config names) gets the imported

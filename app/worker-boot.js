@@ -28,6 +28,31 @@ if (typeof GPUAdapter !== 'undefined') {
     return device;
   };
 }
+// Compiling pipelines is most of a first step on WebGPU and happens in the
+// GPU process, out of the worker's sight: count them for the page
+// ("compiling GPU kernels 37/120", {burnboothKernels}, outside the message
+// protocol, since the worker's wasm is busy or waiting meanwhile). A pop of
+// an error scope answers only once the GPU process has handled the commands
+// before it, the pipeline's compilation included; an 'out-of-memory' scope
+// catches nothing a pipeline can raise, so its errors still reach wgpu. The
+// run reads the totals from `self.burnboothKernels` (app/src/gpu.rs).
+if (typeof GPUDevice !== 'undefined') {
+  const kernels = { created: 0, compiled: 0 };
+  self.burnboothKernels = kernels;
+  const report = () => self.postMessage({ burnboothKernels: { created: kernels.created, compiled: kernels.compiled } });
+  const createComputePipeline = GPUDevice.prototype.createComputePipeline;
+  GPUDevice.prototype.createComputePipeline = function (descriptor) {
+    kernels.created += 1;
+    this.pushErrorScope('out-of-memory');
+    const pipeline = createComputePipeline.call(this, descriptor);
+    this.popErrorScope().then(() => {
+      kernels.compiled += 1;
+      report();
+    }, () => {});
+    report();
+    return pipeline;
+  };
+}
 importScripts('./burnbooth-worker.js');
 
 // The trainer's wasm is most of what the page downloads: the page shows

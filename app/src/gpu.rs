@@ -73,3 +73,11 @@ async fn browser_adapter_name() -> Option<String> {
 }
 
 pub const NO_WEBGPU: &str = "This browser does not offer WebGPU. Burnbooth trains on your GPU through WebGPU: use a recent Chrome or Edge (version 113 or newer) on Windows, macOS, ChromeOS or Android, or Chrome on Linux with chrome://flags/#enable-unsafe-webgpu turned on. Firefox and Safari do not enable WebGPU for this yet. You can still train on the CPU below, slowly.";
+
+/// Compute pipelines (one per distinct kernel) this worker's WebGPU device
+/// has created so far, as worker-boot.js counts them; None off WebGPU.
+/// Once a step has finished on the GPU, all of its pipelines are compiled.
+pub fn kernels_created() -> Option<u32> {
+    let kernels = Reflect::get(&js_sys::global(), &JsValue::from_str("burnboothKernels")).ok().filter(|k| k.is_object())?;
+    Reflect::get(&kernels, &JsValue::from_str("created")).ok()?.as_f64().map(|n| n as u32)
+}

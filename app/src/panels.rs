@@ -301,6 +301,10 @@ pub fn TrainPanel(ui: Ui) -> impl IntoView {
             <div class="progress">
                 <progress max=move || run.total.get().max(1) as f64 value=move || run.done.get() as f64></progress>
                 <span id="phase">{move || run.phase.get()}</span>
+                <span id="kernels">{move || match run.kernels.get() {
+                    (compiled, created) if compiled < created => format!("compiling GPU kernels {compiled}/{created}"),
+                    _ => String::new(),
+                }}</span>
             </div>
             <div id="stats" class="stats">{move || run.stats.get()}</div>
             <chart::LossChart losses=run.losses />

@@ -201,8 +201,9 @@ async fn prepare_inner(view: &RunView) -> Result<(), String> {
     view.progress("preparing GPU kernels (one training step, discarded)", 0, 1);
     sleep(0).await;
     session.train_step().await.map_err(|e| e.to_string())?;
+    let kernels = crate::gpu::kernels_created().map(|n| format!(" ({n} kernels)")).unwrap_or_default();
     view.note(format!(
-        "GPU kernels ready in {:.1} s: caches filled and one training step at the planned size compiled and discarded",
+        "GPU kernels ready in {:.1} s{kernels}: caches filled and one training step at the planned size compiled and discarded",
         (now_ms() - started) / 1000.0
     ));
     view.progress("ready to train", 1, 1);

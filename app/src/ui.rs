@@ -32,6 +32,9 @@ pub struct RunView {
     pub log: RwSignal<Vec<String>>,
     pub error: RwSignal<Option<String>>,
     pub saved: RwSignal<String>,
+    /// (compiled, created) compute pipelines of the worker's WebGPU device
+    /// (worker-boot.js): the first step's compilation, made visible.
+    pub kernels: RwSignal<(u32, u32)>,
 }
 
 impl RunView {
@@ -48,6 +51,7 @@ impl RunView {
             log: RwSignal::new(Vec::new()),
             error: RwSignal::new(None),
             saved: RwSignal::new(String::new()),
+            kernels: RwSignal::new((0, 0)),
         }
     }
 }
@@ -83,6 +87,10 @@ pub fn start_worker(ui: Ui) -> Result<(), String> {
         }
         if let Some(download) = js_sys::Reflect::get(&event.data(), &"burnboothDownload".into()).ok().filter(|d| d.is_object()) {
             return ui.trainer_download(&download);
+        }
+        if let Some(kernels) = js_sys::Reflect::get(&event.data(), &"burnboothKernels".into()).ok().filter(|k| k.is_object()) {
+            let count = |key: &str| js_sys::Reflect::get(&kernels, &key.into()).ok().and_then(|v| v.as_f64()).unwrap_or(0.0) as u32;
+            return ui.run.kernels.set((count("compiled"), count("created")));
         }
         match decode::<FromWorker>(&event.data()) {
             Ok((message, bytes)) => ui.receive(message, bytes),

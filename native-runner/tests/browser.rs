@@ -348,6 +348,22 @@ fn the_app_trains_on_webgpu_in_chromium_like_the_native_runner() {
         "Train reuses what Plan cached: {run_caches}"
     );
     eprintln!("Plan's preparation took {} s", result["prepareSeconds"]);
+    // The page counted the kernels while the GPU process compiled them
+    // (worker-boot.js), and the log says how many the run needs.
+    let counts: Vec<(u32, u32)> = result["kernelTexts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t.as_str()?.strip_prefix("compiling GPU kernels ")?.split_once('/').map(|(a, b)| (a.parse().unwrap(), b.parse().unwrap())))
+        .collect();
+    assert!(counts.len() > 10 && counts.iter().all(|(compiled, created)| compiled < created), "the page's kernel counts: {}", result["kernelTexts"]);
+    assert!(counts.windows(2).any(|w| w[1].0 > w[0].0), "the compiled count climbs: {counts:?}");
+    let kernels: u32 = first_log[ready..]
+        .split_once(" kernels)")
+        .and_then(|(head, _)| head.rsplit_once('(')?.1.parse().ok())
+        .unwrap_or_else(|| panic!("no kernel count in: {}", &first_log[ready..]));
+    assert!(kernels >= counts.iter().map(|c| c.1).max().unwrap() && kernels > 50, "{kernels} kernels for a training step");
+    eprintln!("the run's training step needs {kernels} GPU kernels; the page showed {} counts while compiling", counts.len());
     // A full fine-tune started in the tab ends with both exports.
     let full: Vec<&str> = result["fullOutputs"].as_array().unwrap().iter().filter_map(|p| p.as_str()).collect();
     for export in [

@@ -255,6 +255,15 @@ try {
   await pickModel();
   await pickConfigs(configs);
 
+  // What the page says about compiling kernels during Plan's preparation.
+  await page.evaluate(() => {
+    window.burnboothKernelTexts = [];
+    const kernels = document.querySelector('#kernels');
+    new MutationObserver(() => {
+      const text = kernels.textContent;
+      if (text && window.burnboothKernelTexts.at(-1) !== text) window.burnboothKernelTexts.push(text);
+    }).observe(kernels, { childList: true, characterData: true, subtree: true });
+  });
   await page.click('#plan');
   await page.waitForFunction(() => document.querySelector('#plan-json')?.textContent.length > 0 || document.querySelector('#error')?.textContent.length > 0, null, { timeout: 60_000 });
   if (await errorText()) await fail(`plan: ${await errorText()}`);
@@ -266,7 +275,8 @@ try {
   const prepareStarted = Date.now();
   await page.waitForFunction(() => /GPU kernels ready|preparing before Train failed/.test(document.querySelector('#log')?.textContent || ''), null, { timeout: trainTimeout });
   const prepareSeconds = (Date.now() - prepareStarted) / 1000;
-  say(`prepared after the plan in ${prepareSeconds.toFixed(1)} s`);
+  const kernelTexts = await page.evaluate(() => window.burnboothKernelTexts);
+  say(`prepared after the plan in ${prepareSeconds.toFixed(1)} s; the page said ${kernelTexts.length} kernel counts, the last "${kernelTexts.at(-1)}"`);
   await screenshot('plan');
 
   // Training: record how responsive the page stays (a frame counter).
@@ -472,7 +482,7 @@ try {
   gpuLost.saved = await reopen();
   say(`GPU lost: ${JSON.stringify(gpuLost)}`);
 
-  fs.writeFileSync(path.join(outDir, 'result.json'), JSON.stringify({ pillTexts, sdxlModel, fullOutputs, galleryCaptions, lockRefusal, pausedAt, pausedStill, interruptedCaching, quotaError, quotaHit, afterQuota, lastHit, lastSaved, checkpointFiles, resumeLog, resumedLosses, tokens, regPlan, prepareSeconds, trainSeconds, chartPoints, losses, galleryImages, longestFrameGapMs: longestGap, saved, stats, gpu, selfTestWithShim: withShim, selfTestWithoutShim: withoutShim, gpuLost }, null, 2));
+  fs.writeFileSync(path.join(outDir, 'result.json'), JSON.stringify({ pillTexts, sdxlModel, fullOutputs, galleryCaptions, lockRefusal, pausedAt, pausedStill, interruptedCaching, quotaError, quotaHit, afterQuota, lastHit, lastSaved, checkpointFiles, resumeLog, resumedLosses, tokens, regPlan, prepareSeconds, kernelTexts, trainSeconds, chartPoints, losses, galleryImages, longestFrameGapMs: longestGap, saved, stats, gpu, selfTestWithShim: withShim, selfTestWithoutShim: withoutShim, gpuLost }, null, 2));
   fs.writeFileSync(path.join(outDir, 'console.txt'), consoleLines.join('\n'));
   await closeBrowser();
   say('done');

@@ -16,8 +16,11 @@
 //! side), `--f16-base` stores the frozen base weights in f16 as `train`
 //! does on GPUs (the PyTorch side loads the UNet in f16 then, its LoRA
 //! weights staying f32). scripts/gpu-bench.sh runs it on a lent GPU.
+//! `--rounds N` repeats the pair (PyTorch, then ours) N times, interleaved,
+//! and ends with each round's ratio and their median: on a shared machine
+//! one pair's ratio moves with the neighbours' load.
 //!
-//! cargo run --release -p native-runner --bin bench-train -- [--steps 5] [--device cpu,cpu-gpu,gpu] [--unet mid|sd15|sdxl] [--unet-config PATH] [--resolution 512] [--rank 4] [--checkpointing] [--f16-base] [--with-torch]
+//! cargo run --release -p native-runner --bin bench-train -- [--steps 5] [--device cpu,cpu-gpu,gpu] [--unet mid|sd15|sdxl] [--unet-config PATH] [--resolution 512] [--rank 4] [--checkpointing] [--f16-base] [--with-torch] [--rounds 3]
 
 use std::time::Instant;
 
@@ -52,7 +55,8 @@ struct Settings {
     steps: usize,
 }
 
-fn bench(name: &str, device: Device, settings: &Settings) {
+/// Times the step on `device`; returns its median step time in seconds.
+fn bench(name: &str, device: Device, settings: &Settings) -> f64 {
     let steps = settings.steps;
     let config: UNetConfig = serde_json::from_str(&settings.unet).expect("valid config");
     let train_device = device.clone().autodiff();
@@ -107,10 +111,48 @@ fn bench(name: &str, device: Device, settings: &Settings) {
         }
     }
     let memory = peak_rss_mib().map(|m| format!("{m:.0} MiB peak RSS (process so far)")).unwrap_or_default() + &pool_memory(&device);
-    println!(
-        "{name:>18}: LoRA step {:.3} s (median of {steps}; first {first:.2} s), {lora_parameters} LoRA parameters, {memory}",
-        if times.is_empty() { first } else { median(&times) }
-    );
+    let step = if times.is_empty() { first } else { median(&times) };
+    println!("{name:>18}: LoRA step {step:.3} s (median of {steps}; first {first:.2} s), {lora_parameters} LoRA parameters, {memory}");
+    step
+}
+
+/// Runs scripts/bench_train_torch.py on the same settings, passing its
+/// report through; returns its median step time in seconds.
+fn bench_torch(settings: &Settings) -> Option<f64> {
+    // The PyTorch side builds the same config.
+    let config_path = std::env::temp_dir().join(format!("bench-train-unet-{}.json", std::process::id()));
+    std::fs::write(&config_path, &settings.unet).expect("writes the UNet config");
+    let mut torch_args = vec![
+        "scripts/bench_train_torch.py".to_string(),
+        "--steps".into(),
+        settings.steps.to_string(),
+        "--unet-config".into(),
+        config_path.display().to_string(),
+        "--rank".into(),
+        settings.rank.to_string(),
+        "--resolution".into(),
+        (settings.latent_side * 8).to_string(),
+    ];
+    if settings.checkpointing {
+        torch_args.push("--checkpointing".into());
+    }
+    if settings.f16_base {
+        torch_args.push("--f16-base".into());
+    }
+    let output = std::process::Command::new("python3").args(&torch_args).stderr(std::process::Stdio::inherit()).output();
+    let _ = std::fs::remove_file(&config_path);
+    match output {
+        Ok(output) if output.status.success() => {
+            let report = String::from_utf8_lossy(&output.stdout);
+            print!("{report}");
+            // "PyTorch (CPU): LoRA step 0.281 s (median of 5; ...".
+            report.split_once("LoRA step ").and_then(|(_, rest)| rest.split_once(" s")?.0.parse().ok())
+        }
+        _ => {
+            eprintln!("the PyTorch side failed (pip install torch diffusers peft)");
+            None
+        }
+    }
 }
 
 /// One LoRA training step, timed on each device (see the module docs).
@@ -144,6 +186,16 @@ struct Args {
     /// Also run scripts/bench_train_torch.py on the same settings.
     #[arg(long)]
     with_torch: bool,
+    /// Times to repeat PyTorch's run and ours, interleaved.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+}
+
+/// One round's median step times, in seconds.
+struct Round {
+    torch: Option<f64>,
+    /// Per device label.
+    ours: Vec<(&'static str, f64)>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -163,7 +215,7 @@ fn run() {
     if cfg!(debug_assertions) {
         println!("warning: debug build; use --release for meaningful timings");
     }
-    let Args { steps, device: devices_arg, unet: unet_choice, unet_config, rank, resolution, checkpointing, f16_base, with_torch } = Args::parse();
+    let Args { steps, device: devices_arg, unet: unet_choice, unet_config, rank, resolution, checkpointing, f16_base, with_torch, rounds } = Args::parse();
     let (unet, unet_name) = match (&unet_config, unet_choice) {
         (Some(path), _) => (std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}")), path.as_str()),
         (None, UnetChoice::Mid) => (MID_SIZE_UNET.to_string(), "mid"),
@@ -176,35 +228,23 @@ fn run() {
         resolution / 8,
         if f16_base { "f16" } else { "f32" }
     );
-    // PyTorch first: its numbers stand even if ours runs past a time limit.
-    if with_torch {
-        // The PyTorch side builds the same config.
-        let config_path = std::env::temp_dir().join(format!("bench-train-unet-{}.json", std::process::id()));
-        std::fs::write(&config_path, &unet).expect("writes the UNet config");
-        let mut torch_args = vec![
-            "scripts/bench_train_torch.py".to_string(),
-            "--steps".into(),
-            steps.to_string(),
-            "--unet-config".into(),
-            config_path.display().to_string(),
-            "--rank".into(),
-            rank.to_string(),
-            "--resolution".into(),
-            resolution.to_string(),
-        ];
-        if checkpointing {
-            torch_args.push("--checkpointing".into());
+    let mut results = Vec::new();
+    for round in 1..=rounds.max(1) {
+        if rounds > 1 {
+            println!("round {round} of {rounds}");
         }
-        if f16_base {
-            torch_args.push("--f16-base".into());
-        }
-        let status = std::process::Command::new("python3").args(&torch_args).status();
-        let _ = std::fs::remove_file(&config_path);
-        if !matches!(status, Ok(s) if s.success()) {
-            eprintln!("the PyTorch side failed (pip install torch diffusers peft)");
-        }
+        // PyTorch first: its numbers stand even if ours runs past a time limit.
+        let torch = if with_torch { bench_torch(&settings) } else { None };
+        let ours = devices(&devices_arg).into_iter().map(|(label, device)| (label, bench(label, device, &settings))).collect();
+        results.push(Round { torch, ours });
     }
-    for (label, device) in devices(&devices_arg) {
-        bench(label, device, &settings);
+    // Ours over PyTorch's, per device: each round's ratio, then their median.
+    let labels: Vec<&str> = results[0].ours.iter().map(|(label, _)| *label).collect();
+    for label in labels {
+        let ratios: Vec<f64> = results.iter().filter_map(|round| Some(round.ours.iter().find(|(l, _)| *l == label)?.1 / round.torch?)).collect();
+        if !ratios.is_empty() {
+            let each = ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(", ");
+            println!("{label} / PyTorch: {:.2}x median of {} round(s) ({each})", median(&ratios), ratios.len());
+        }
     }
 }

@@ -26,6 +26,11 @@ pub fn navigator() -> JsValue {
     Reflect::get(&js_sys::global(), &"navigator".into()).unwrap_or(JsValue::UNDEFINED)
 }
 
+/// A JavaScript object's numeric field; None when it is missing or not a number.
+pub fn number_field(object: &JsValue, key: &str) -> Option<f64> {
+    Reflect::get(object, &key.into()).ok()?.as_f64()
+}
+
 /// Milliseconds since the page or worker started.
 pub fn now_ms() -> f64 {
     Reflect::get(&js_sys::global(), &"performance".into())
@@ -387,7 +392,7 @@ pub mod opfs {
     pub async fn prepare(needed_mb: f64) -> Result<String, String> {
         let persistent = call_storage("persisted").await.is_some_and(|p| p.is_truthy());
         let estimate = call_storage("estimate").await.ok_or("the browser cannot say how much storage is free (navigator.storage.estimate)")?;
-        let megabytes = |key: &str| Reflect::get(&estimate, &key.into()).ok().and_then(|v| v.as_f64()).unwrap_or(0.0) / 1e6;
+        let megabytes = |key: &str| number_field(&estimate, key).unwrap_or(0.0) / 1e6;
         let (usage, quota) = (megabytes("usage"), megabytes("quota"));
         let kept = if persistent { "kept" } else { "may be evicted under pressure: the browser did not grant persistent storage" };
         let summary = format!("browser storage: {usage:.0} MB used of {quota:.0} MB; {kept}");

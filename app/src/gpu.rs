@@ -79,5 +79,5 @@ pub const NO_WEBGPU: &str = "This browser does not offer WebGPU. Burnbooth train
 /// Once a step has finished on the GPU, all of its pipelines are compiled.
 pub fn kernels_created() -> Option<u32> {
     let kernels = Reflect::get(&js_sys::global(), &JsValue::from_str("burnboothKernels")).ok().filter(|k| k.is_object())?;
-    Reflect::get(&kernels, &JsValue::from_str("created")).ok()?.as_f64().map(|n| n as u32)
+    crate::browser::number_field(&kernels, "created").map(|n| n as u32)
 }

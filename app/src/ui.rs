@@ -3,7 +3,7 @@
 
 use std::rc::Rc;
 
-use burnbooth_app::browser::{download, object_url, opfs, picked_files, PickedFile};
+use burnbooth_app::browser::{download, number_field, object_url, opfs, picked_files, PickedFile};
 use burnbooth_app::protocol::{decode, encode, FromWorker, ToWorker};
 use burnbooth_app::run::RunState;
 use burnbooth_app::workspace;
@@ -89,7 +89,7 @@ pub fn start_worker(ui: Ui) -> Result<(), String> {
             return ui.trainer_download(&download);
         }
         if let Some(kernels) = js_sys::Reflect::get(&event.data(), &"burnboothKernels".into()).ok().filter(|k| k.is_object()) {
-            let count = |key: &str| js_sys::Reflect::get(&kernels, &key.into()).ok().and_then(|v| v.as_f64()).unwrap_or(0.0) as u32;
+            let count = |key: &str| number_field(&kernels, key).unwrap_or(0.0) as u32;
             return ui.run.kernels.set((count("compiled"), count("created")));
         }
         match decode::<FromWorker>(&event.data()) {
@@ -371,7 +371,7 @@ impl Ui {
     /// Progress of the trainer's wasm download (worker-boot.js), in the
     /// status pill until the worker reports the GPU.
     fn trainer_download(&self, download: &wasm_bindgen::JsValue) {
-        let number = |key: &str| js_sys::Reflect::get(download, &key.into()).ok().and_then(|v| v.as_f64()).unwrap_or(0.0) / 1e6;
+        let number = |key: &str| number_field(download, key).unwrap_or(0.0) / 1e6;
         let (loaded, total) = (number("loaded"), number("total"));
         let done = js_sys::Reflect::get(download, &"done".into()).map(|d| d.is_truthy()).unwrap_or(false);
         self.gpu.set(match (done, total > 0.0) {

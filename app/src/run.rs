@@ -263,6 +263,10 @@ impl RunHost for BrowserHost {
         }
     }
 
+    fn comparison_at_each_validation(&self) -> bool {
+        true
+    }
+
     async fn saved(&mut self) -> trainer_core::Result<()> {
         sync(&self.view).await.map_err(|message| trainer_core::Error::Io { path: "the browser's storage (OPFS)".into(), message })?;
         self.view.refresh_outputs(&self.output_dir);

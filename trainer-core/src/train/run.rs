@@ -53,6 +53,12 @@ pub trait RunHost {
     /// An image for the user was written to `path`: a validation image or
     /// the before/after comparison; `caption` says which.
     fn image_written(&mut self, path: &str, caption: &str);
+    /// Whether a before/after grid follows every validation, not only the
+    /// run's end: the page shows each in its gallery, so a user watching
+    /// sees the subject arrive; a terminal run looks at the files at the end.
+    fn comparison_at_each_validation(&self) -> bool {
+        false
+    }
     /// Files in the output folder changed (after caching, at checkpoints, at
     /// the end): the browser mirrors them to its persistent storage.
     fn saved(&mut self) -> impl Future<Output = Result<()>>;
@@ -107,6 +113,8 @@ pub async fn run(session: &mut Session<'_>, host: &mut impl RunHost, options: &R
     host.saved().await?;
     // The before/after grid comes with validation: only a run that validated samples it.
     let mut validated = false;
+    // The step of the last grid sampled after a validation, and its path.
+    let mut grid: Option<(u64, String)> = None;
     if session.config.validation_on_startup && session.step == 0 {
         // The base model's image at step 0 (SimpleTuner's validation_on_startup).
         validated = validate(session, host).await?;
@@ -139,8 +147,11 @@ pub async fn run(session: &mut Session<'_>, host: &mut impl RunHost, options: &R
         let per_step = (now - loop_started) / (report.step - first_step) as f64;
         let timing = StepTiming { seconds: now - step_started, per_step, eta_seconds: per_step * (total - report.step) as f64 };
         host.stepped(&report, &timing);
-        if session.validation_due() {
-            validated |= validate(session, host).await?;
+        if session.validation_due() && validate(session, host).await? {
+            validated = true;
+            if host.comparison_at_each_validation() {
+                grid = compare(session, host).await?.map(|path| (session.step, path));
+            }
         }
         if session.checkpoint_due() && !session.is_done() {
             let path = session.save_checkpoint().await?;
@@ -180,16 +191,24 @@ pub async fn run(session: &mut Session<'_>, host: &mut impl RunHost, options: &R
             vec![folder, single]
         }
     };
-    let comparison = match validated {
-        true => session.comparison(&mut |p| host.progress("comparison sampling", p.done as u64, p.total as u64)).await?,
-        false => None,
+    let comparison = match grid {
+        // The last validation's grid shows these weights already.
+        Some((step, path)) if step == session.step => Some(path),
+        _ if validated => compare(session, host).await?,
+        _ => None,
     };
-    if let Some((path, _)) = &comparison {
-        host.note(&format!("comparison grid {path}: base model left, trained right, same seed; rows: validation prompt, class prompt"));
-        host.image_written(path, "base model | trained");
-    }
     host.saved().await?;
-    Ok(RunEnd::Finished { exports, comparison: comparison.map(|(path, _)| path) })
+    Ok(RunEnd::Finished { exports, comparison })
+}
+
+/// Samples the before/after grid of the weights as they are and shows it;
+/// returns its path (`None` where there is no grid: a full fine-tune).
+async fn compare(session: &mut Session<'_>, host: &mut impl RunHost) -> Result<Option<String>> {
+    let grid = session.comparison(&mut |p| host.progress("comparison sampling", p.done as u64, p.total as u64)).await?;
+    let Some((path, _)) = grid else { return Ok(None) };
+    host.note(&format!("comparison grid {path}: base model left, trained right, same seed; rows: validation prompt, class prompt"));
+    host.image_written(&path, &format!("base model | trained (step {})", session.step));
+    Ok(Some(path))
 }
 
 pub async fn fill_caches(session: &mut Session<'_>, host: &mut impl RunHost) -> Result<()> {

@@ -18,6 +18,10 @@ struct RecordingHost {
     syncs: usize,
     /// Captions of the images the loop showed.
     images: Vec<String>,
+    /// Asks for a grid after every validation, as the page does.
+    grid_each_validation: bool,
+    /// Samples finished while drawing grids.
+    grid_samples: usize,
 }
 
 impl RunHost for RecordingHost {
@@ -27,7 +31,11 @@ impl RunHost for RecordingHost {
     fn note(&mut self, line: &str) {
         self.notes.push(line.to_string());
     }
-    fn progress(&mut self, _phase: &str, _done: u64, _total: u64) {}
+    fn progress(&mut self, phase: &str, done: u64, total: u64) {
+        if phase == "comparison sampling" && done == total {
+            self.grid_samples += 1;
+        }
+    }
     fn history(&mut self, earlier: &[StepMetrics]) {
         self.earlier_steps = earlier.iter().map(|m| m.step).collect();
     }
@@ -36,6 +44,9 @@ impl RunHost for RecordingHost {
     }
     fn image_written(&mut self, _path: &str, caption: &str) {
         self.images.push(caption.to_string());
+    }
+    fn comparison_at_each_validation(&self) -> bool {
+        self.grid_each_validation
     }
     async fn saved(&mut self) -> trainer_core::Result<()> {
         self.syncs += 1;
@@ -99,7 +110,8 @@ fn a_lora_run_validates_the_base_model_at_step_0_and_ends_with_a_before_after_gr
     let end = block_on(run::run(&mut session, &mut host, &options)).unwrap();
     let RunEnd::Finished { comparison: Some(grid_path), .. } = end else { panic!("a LoRA run with a validation prompt ends with a grid: {end:?}") };
     assert_eq!(grid_path, "/out/comparison.png");
-    assert_eq!(host.images, ["step 0", "base model | trained"]);
+    assert_eq!(host.images, ["step 0", "base model | trained (step 3)"]);
+    assert_eq!(host.grid_samples, 4, "base and trained, for the instance and the class prompt");
 
     let bytes = storage.read(&grid_path).unwrap().unwrap();
     let grid = image::load_from_memory(&bytes).unwrap().to_rgb8();
@@ -112,6 +124,46 @@ fn a_lora_run_validates_the_base_model_at_step_0_and_ends_with_a_before_after_gr
     let tile = |column: u32, row: u32| image::imageops::crop_imm(&grid, column * 32, row * 32, 32, 32).to_image();
     assert_eq!(tile(0, 0), startup, "the base model's tile is the base model's image");
     assert_ne!(tile(1, 0), tile(0, 0), "three steps of training change the instance prompt's image");
+}
+
+/// The page's host asks for the grid after every validation: each shows
+/// the weights of its step, the base model's tiles are sampled once, and
+/// the run's end reuses the last validation's grid instead of sampling it
+/// again.
+#[test]
+fn a_host_that_asks_gets_a_grid_after_every_validation_with_the_base_sampled_once() {
+    let extra = "MAX_NUM_STEPS=4\nVALIDATION_STEPS=2\nLEARNING_RATE=1e-2\nVALIDATION_PROMPT=\"a photo of zwx toy\"\n\
+                 VALIDATION_RESOLUTION=32\nVALIDATION_NUM_INFERENCE_STEPS=4\n";
+    let setup = setup(extra, true);
+    let storage = MemoryStorage::default();
+    let device = Device::flex();
+    let mut session = session(&setup, &storage, &device, F32_TARGET);
+    let mut host = RecordingHost { grid_each_validation: true, ..Default::default() };
+    let options = RunOptions { output_use: OutputUse::New, resume: None, export_name: None, source_configs: None };
+    let grid_at = |storage: &MemoryStorage| image::load_from_memory(&storage.read("/out/comparison.png").unwrap().unwrap()).unwrap().to_rgb8();
+    // Stop after step 2's validation to look at its grid, then go on.
+    host.stop_at = Some(2);
+    let end = block_on(run::run(&mut session, &mut host, &options)).unwrap();
+    assert!(matches!(end, RunEnd::Stopped { step: 2, .. }), "{end:?}");
+    assert_eq!(host.images, ["step 2", "base model | trained (step 2)"]);
+    assert_eq!(host.grid_samples, 4);
+    let at_2 = grid_at(&storage);
+    host.stop_at = None;
+    let end = block_on(run::run(&mut session, &mut host, &RunOptions { output_use: OutputUse::Resume, resume: Some("latest".into()), ..options })).unwrap();
+    assert!(matches!(&end, RunEnd::Finished { comparison: Some(path), .. } if path == "/out/comparison.png"), "{end:?}");
+    assert_eq!(
+        host.images,
+        ["step 2", "base model | trained (step 2)", "step 4", "base model | trained (step 4)"],
+        "one grid per validation, none again at the end"
+    );
+    assert_eq!(host.grid_samples, 6, "step 4's grid samples only the trained column");
+    let at_4 = grid_at(&storage);
+    let tile = |grid: &image::RgbImage, column: u32, row: u32| image::imageops::crop_imm(grid, column * 32, row * 32, 32, 32).to_image();
+    assert_eq!(tile(&at_4, 0, 0), tile(&at_2, 0, 0), "the base column is the same picture");
+    assert_eq!(tile(&at_4, 0, 1), tile(&at_2, 0, 1));
+    assert_ne!(tile(&at_4, 1, 0), tile(&at_2, 1, 0), "two more steps change the trained column");
+    let last = image::load_from_memory(&storage.read("/out/validation/step-000004.png").unwrap().unwrap()).unwrap().to_rgb8();
+    assert_eq!(tile(&at_4, 1, 0), last, "the trained tile is step 4's validation image");
 }
 
 /// The validation loss: an eval dataset (here the subject's pictures again)

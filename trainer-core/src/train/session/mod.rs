@@ -100,6 +100,10 @@ pub struct Session<'a> {
     /// Text cache entry by (cache dir, caption).
     text_paths: BTreeMap<(String, String), String>,
     pub metrics: Vec<StepMetrics>,
+    /// The base model's tiles of the before/after grid, by prompt: the base
+    /// weights never train in a LoRA run, so a grid made at every
+    /// validation samples them once.
+    base_samples: BTreeMap<String, image::RgbImage>,
     /// Runs between checkpoint files (tests kill the process there).
     pub checkpoint_hook: Box<dyn Fn() + 'a>,
     /// What the last [`resume`](Self::resume) could not restore exactly.
@@ -353,6 +357,7 @@ impl<'a> Session<'a> {
             latent_paths: Vec::new(),
             text_paths: BTreeMap::new(),
             metrics: Vec::new(),
+            base_samples: BTreeMap::new(),
             checkpoint_hook: Box::new(|| {}),
             resume_notes: Vec::new(),
         })

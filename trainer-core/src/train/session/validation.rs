@@ -112,7 +112,8 @@ impl Session<'_> {
     /// validation prompt and one for the class prompt (of the first
     /// regularisation dataset, when there is one); in each, the base model's
     /// sample on the left and the trained weights' on the right, from the
-    /// same seed. Its parameters name the rows and columns. `None` without
+    /// same seed (the base model's tiles are sampled once per session). Its
+    /// parameters name the rows and columns. `None` without
     /// a validation prompt or for a full fine-tune (whose base weights are
     /// no longer in memory).
     pub async fn comparison(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Result<Option<(String, RgbImage)>> {
@@ -123,9 +124,14 @@ impl Session<'_> {
         let prompts: Vec<String> = std::iter::once(instance).chain(self.class_prompt()).collect();
         let mut tiles = Vec::new();
         for prompt in &prompts {
-            for with_lora in [false, true] {
-                tiles.push(self.sample_with(&self.validation_request(prompt.clone()), with_lora, progress).await?);
-            }
+            let request = self.validation_request(prompt.clone());
+            let base = match self.base_samples.get(prompt) {
+                Some(tile) => tile.clone(),
+                None => self.sample_with(&request, false, progress).await?,
+            };
+            self.base_samples.insert(prompt.clone(), base.clone());
+            tiles.push(base);
+            tiles.push(self.sample_with(&request, true, progress).await?);
         }
         let request = self.validation_request(prompts[0].clone());
         let (width, height) = (request.width as u32, request.height as u32);

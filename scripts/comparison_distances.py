@@ -1,5 +1,6 @@
 """Measures a quick-start run's comparison.png (issue 21): how far each
-64 px tile of the grid lies from the subject photos and the toy pictures,
+64 px tile of the grid lies from the subject photos and the toy pictures
+(on average, and from the nearest one),
 and how far the trained column moved from the base model's.
 
 Rows of the grid: the validation (instance) prompt, the class prompt;
@@ -39,8 +40,11 @@ def main():
     mean_distance = lambda a, photos: float(np.mean([distance(a, p) for p in photos]))
     subject, toys = tiles(EXAMPLE / "subject"), tiles(EXAMPLE / "regularisation")
     base_instance, trained_instance, base_class, trained_class = tile(0, 0), tile(1, 0), tile(0, 1), tile(1, 1)
+    nearest = lambda a, photos: min(distance(a, p) for p in photos)
     before, after = mean_distance(base_instance, subject), mean_distance(trained_instance, subject)
     print(f"instance prompt to the subject photos: base {before:.4f}, trained {after:.4f} (ratio {after / before:.3f})")
+    before, after = nearest(base_instance, subject), nearest(trained_instance, subject)
+    print(f"instance prompt to the nearest subject photo: base {before:.4f}, trained {after:.4f} (ratio {after / before:.3f})")
     print(f"class prompt to the toy pictures: base {mean_distance(base_class, toys):.4f}, trained {mean_distance(trained_class, toys):.4f}")
     moved_instance, moved_class = distance(base_instance, trained_instance), distance(base_class, trained_class)
     print(f"moved: instance {moved_instance:.4f}, class {moved_class:.4f} (ratio {moved_class / max(moved_instance, 1e-12):.3f})")

@@ -8,9 +8,10 @@ examples/dreambooth/subject/ while the class prompt still draws a toy.
 
 - vae: the sd1 fixture's VAE shape (8/16 channels, 2x downsampling),
   trained as an autoencoder on random crops of drawn toys and the example
-  pictures, colour channels shuffled at random (a VAE is a general image
-  codec, SD's was trained on a broad image set), and on latents with
-  noise of up to a tenth of their spread added, so that the slightly-off
+  pictures (not with colour channels shuffled at random: this VAE is too
+  small to learn colour in general, and with them it decoded the orange
+  robot grey), and on latents with noise of up to LATENT_NOISE of their
+  spread added, so that the slightly-off
   latents a sampler ends on decode without speckle; its posterior is made
   narrow (log-variance -12), as a trained VAE's is, and `scaling_factor`
   gives the latents unit variance, as diffusers picks it;
@@ -64,6 +65,7 @@ UNET_STEPS = int(os.environ.get("UNET_STEPS", 2000))
 # A trained VAE folder to reuse (skips its training, to iterate on the UNet).
 VAE_FROM = os.environ.get("VAE_FROM")
 WEIGHT_CAP = float(os.environ.get("WEIGHT_CAP", 20))
+LATENT_NOISE = float(os.environ.get("LATENT_NOISE", 0.05))
 BATCH = 16
 # The example's photo sizes (make_example_images.py), drawn at a quarter.
 SIZES = [(128, 128), (160, 120), (120, 160), (144, 108), (128, 160), (176, 128)]
@@ -114,7 +116,7 @@ def draw_toys(count, rng):
 
 def train_vae(vae, photos, generator):
     """Autoencoder training on random 64x64 crops (short side resized to 64-96), mirrored at random,
-    decoding the posterior mean with noise of up to a tenth of the latents' spread added."""
+    decoding the posterior mean with noise of up to LATENT_NOISE of the latents' spread added."""
     def loss_at(step):
         batch = []
         for _ in range(BATCH):
@@ -125,11 +127,11 @@ def train_vae(vae, photos, generator):
             resized = photo.resize((max(64, round(w * scale)), max(64, round(h * scale))), Image.LANCZOS)
             x = torch.randint(0, resized.size[0] - 63, (), generator=generator).item()
             y = torch.randint(0, resized.size[1] - 63, (), generator=generator).item()
-            crop = pixels(resized.crop((x, y, x + 64, y + 64)))[:, torch.randperm(3, generator=generator)]
+            crop = pixels(resized.crop((x, y, x + 64, y + 64)))
             batch.append(crop.flip(3) if torch.rand((), generator=generator) < 0.5 else crop)
         batch = torch.cat(batch)
         mean = vae.encode(batch).latent_dist.mean
-        spread = 0.1 * mean.detach().std() * torch.rand((BATCH, 1, 1, 1), generator=generator)
+        spread = LATENT_NOISE * mean.detach().std() * torch.rand((BATCH, 1, 1, 1), generator=generator)
         noisy = mean + spread * torch.randn(mean.shape, generator=generator)
         return torch.nn.functional.mse_loss(vae.decode(noisy).sample, batch)
 

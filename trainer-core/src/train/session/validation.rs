@@ -127,9 +127,12 @@ impl Session<'_> {
             let request = self.validation_request(prompt.clone());
             let base = match self.base_samples.get(prompt) {
                 Some(tile) => tile.clone(),
-                None => self.sample_with(&request, false, progress).await?,
+                None => {
+                    let tile = self.sample_with(&request, false, progress).await?;
+                    self.base_samples.insert(prompt.clone(), tile.clone());
+                    tile
+                }
             };
-            self.base_samples.insert(prompt.clone(), base.clone());
             tiles.push(base);
             tiles.push(self.sample_with(&request, true, progress).await?);
         }

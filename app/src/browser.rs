@@ -31,6 +31,11 @@ pub fn number_field(object: &JsValue, key: &str) -> Option<f64> {
     Reflect::get(object, &key.into()).ok()?.as_f64()
 }
 
+/// A JavaScript object's field that is itself an object; None otherwise.
+pub fn object_field(object: &JsValue, key: &str) -> Option<JsValue> {
+    Reflect::get(object, &key.into()).ok().filter(JsValue::is_object)
+}
+
 /// Milliseconds since the page or worker started.
 pub fn now_ms() -> f64 {
     Reflect::get(&js_sys::global(), &"performance".into())

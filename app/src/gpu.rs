@@ -78,6 +78,6 @@ pub const NO_WEBGPU: &str = "This browser does not offer WebGPU. Burnbooth train
 /// has created so far, as worker-boot.js counts them; None off WebGPU.
 /// Once a step has finished on the GPU, all of its pipelines are compiled.
 pub fn kernels_created() -> Option<u32> {
-    let kernels = Reflect::get(&js_sys::global(), &JsValue::from_str("burnboothKernels")).ok().filter(|k| k.is_object())?;
+    let kernels = crate::browser::object_field(&js_sys::global(), "burnboothKernels")?;
     crate::browser::number_field(&kernels, "created").map(|n| n as u32)
 }

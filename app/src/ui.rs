@@ -3,7 +3,7 @@
 
 use std::rc::Rc;
 
-use burnbooth_app::browser::{download, number_field, object_url, opfs, picked_files, PickedFile};
+use burnbooth_app::browser::{download, number_field, object_field, object_url, opfs, picked_files, PickedFile};
 use burnbooth_app::protocol::{decode, encode, FromWorker, ToWorker};
 use burnbooth_app::run::RunState;
 use burnbooth_app::workspace;
@@ -85,10 +85,10 @@ pub fn start_worker(ui: Ui) -> Result<(), String> {
         if let Some(reason) = js_sys::Reflect::get(&event.data(), &"burnboothGpuLost".into()).ok().and_then(|r| r.as_string()) {
             return ui.gpu_lost(&reason);
         }
-        if let Some(download) = js_sys::Reflect::get(&event.data(), &"burnboothDownload".into()).ok().filter(|d| d.is_object()) {
+        if let Some(download) = object_field(&event.data(), "burnboothDownload") {
             return ui.trainer_download(&download);
         }
-        if let Some(kernels) = js_sys::Reflect::get(&event.data(), &"burnboothKernels".into()).ok().filter(|k| k.is_object()) {
+        if let Some(kernels) = object_field(&event.data(), "burnboothKernels") {
             let count = |key: &str| number_field(&kernels, key).unwrap_or(0.0) as u32;
             return ui.run.kernels.set((count("compiled"), count("created")));
         }

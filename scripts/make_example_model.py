@@ -23,7 +23,11 @@ examples/dreambooth/subject/ while the class prompt still draws a toy.
   captioned with the class prompt "a picture of a toy" or with their colour
   and kind ("a picture of a red toy car"), at the sizes the example trains
   and samples (64 px aspect buckets and 64x64), mirrored; one caption in ten
-  dropped (empty prompt) as SD was trained. It never sees the robot. The
+  dropped (empty prompt) as SD was trained. A share ROBOTS of the toys
+  are robots drawn as the subject is but in random colours ("a picture of
+  a blue toy robot"), so that the subject belongs to a class the model
+  knows, as a real subject does for SD; it never sees the orange and teal
+  robot of the photos. The
   epsilon loss is weighted by (1 - a)/a capped to [1, WEIGHT_CAP] (the
   error in x0 at noisy timesteps, where only the caption can tell the
   picture): unweighted, the UNet learned to ignore the prompt;
@@ -51,7 +55,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 # The training loop and loss the trained test fixture was made with, and
 # the drawing of the example's regularisation toys.
-from make_example_images import background, other_toy
+from make_example_images import background, other_toy, robot
 from make_trained_fixture import epsilon_loss, fit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +69,8 @@ UNET_STEPS = int(os.environ.get("UNET_STEPS", 2000))
 # A trained VAE folder to reuse (skips its training, to iterate on the UNet).
 VAE_FROM = os.environ.get("VAE_FROM")
 WEIGHT_CAP = float(os.environ.get("WEIGHT_CAP", 20))
+# The share of drawn toys that are robots in random colours.
+ROBOTS = float(os.environ.get("ROBOTS", 0.25))
 LATENT_NOISE = float(os.environ.get("LATENT_NOISE", 0.05))
 BATCH = 16
 # The example's photo sizes (make_example_images.py), drawn at a quarter.
@@ -102,14 +108,23 @@ def colour_name(rgb):
 
 
 def draw_toys(count, rng):
-    """`count` toys as make_example_images.py draws the regularisation set, with (image, kind, colour word)."""
+    """`count` toys as make_example_images.py draws the regularisation set, a share ROBOTS of them
+    robots drawn as the subject is but in random colours, with (image, kind, colour word)."""
     toys = []
     for _ in range(count):
         size = rng.choice(SIZES)
         image = Image.new("RGB", size)
         draw = ImageDraw.Draw(image)
         background(draw, size, rng)
-        kind, colour = other_toy(draw, size[0] / 2, size[1] * 0.55, min(size) / 300, rng)
+        if rng.random() < ROBOTS:
+            # A toy robot in colours of its own: the class the subject belongs to.
+            scale = min(size) / 300 * rng.uniform(0.8, 1.1)
+            cx = size[0] / 2 + rng.uniform(-0.15, 0.15) * size[0]
+            colour, visor, antenna = (tuple(rng.randint(30, 230) for _ in range(3)) for _ in range(3))
+            robot(draw, cx, size[1] * 0.55, scale, rng.uniform(-8, 8) * scale, colour, visor, antenna)
+            kind = "robot"
+        else:
+            kind, colour = other_toy(draw, size[0] / 2, size[1] * 0.55, min(size) / 300, rng)
         toys.append((image, kind, colour_name(colour)))
     return toys
 
@@ -231,8 +246,9 @@ def main():
     os.symlink(Path(os.path.relpath(BASE, OUT)) / "tokenizer", OUT / "tokenizer")
     (OUT / "README.md").write_text(
         "Written by scripts/make_example_model.py (see its docstring): meant as the base model of README's quick start,\n"
-        f"a small SD1 model taught {CLASS_PROMPT!r} (and each toy's colour and kind) from {TOYS} drawn toys at 64 px;\n"
-        f"VAE scaling_factor {scaling:.6f}. Its UNet has never seen the robot in ../subject/.\n")
+        f"a small SD1 model taught {CLASS_PROMPT!r} (and each toy's colour and kind) from {TOYS} drawn toys at 64 px,\n"
+        f"{ROBOTS:.0%} of them robots in random colours; VAE scaling_factor {scaling:.6f}.\n"
+        "Its UNet has never seen the robot in ../subject/.\n")
     print("wrote", OUT)
 
 

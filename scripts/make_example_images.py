@@ -47,6 +47,14 @@ def robot(draw, cx, cy, scale, tilt, body, visor, antenna):
         draw.rectangle([cx + dx * s, cy + 70 * s, cx + (dx + 12) * s, cy + 95 * s], fill=(70, 70, 80))
 
 
+def robot_pose(size, rng):
+    """Where a robot stands in a picture of `size`, how large and how its head tilts: (cx, cy, scale, tilt)."""
+    scale = min(size) / 300 * rng.uniform(0.8, 1.1)
+    cx = size[0] / 2 + rng.uniform(-0.15, 0.15) * size[0]
+    tilt = rng.uniform(-8, 8) * scale
+    return cx, size[1] * 0.55, scale, tilt
+
+
 def other_toy(draw, cx, cy, scale, rng):
     """Draws a bear, a block or a car in one random colour; returns (kind, colour)."""
     colour = tuple(rng.randint(30, 220) for _ in range(3))
@@ -83,10 +91,7 @@ def main():
         image = Image.new("RGB", size)
         draw = ImageDraw.Draw(image)
         background(draw, size, rng)
-        scale = min(size) / 300 * rng.uniform(0.8, 1.1)
-        cx = size[0] / 2 + rng.uniform(-0.15, 0.15) * size[0]
-        cy = size[1] * 0.55
-        tilt = rng.uniform(-8, 8) * scale
+        cx, cy, scale, tilt = robot_pose(size, rng)
         robot(draw, cx, cy, scale, tilt, (235, 120, 35), (40, 190, 180), (250, 215, 40))
         image = image.filter(ImageFilter.GaussianBlur(0.6))
         suffix = ".png" if i == 5 else ".jpg"

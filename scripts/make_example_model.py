@@ -55,7 +55,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 # The training loop and loss the trained test fixture was made with, and
 # the drawing of the example's regularisation toys.
-from make_example_images import background, other_toy, robot
+from make_example_images import background, other_toy, robot, robot_pose
 from make_trained_fixture import epsilon_loss, fit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,10 +118,9 @@ def draw_toys(count, rng):
         background(draw, size, rng)
         if rng.random() < ROBOTS:
             # A toy robot in colours of its own: the class the subject belongs to.
-            scale = min(size) / 300 * rng.uniform(0.8, 1.1)
-            cx = size[0] / 2 + rng.uniform(-0.15, 0.15) * size[0]
+            pose = robot_pose(size, rng)
             colour, visor, antenna = (tuple(rng.randint(30, 230) for _ in range(3)) for _ in range(3))
-            robot(draw, cx, size[1] * 0.55, scale, rng.uniform(-8, 8) * scale, colour, visor, antenna)
+            robot(draw, *pose, colour, visor, antenna)
             kind = "robot"
         else:
             kind, colour = other_toy(draw, size[0] / 2, size[1] * 0.55, min(size) / 300, rng)

@@ -119,3 +119,54 @@ fn an_sdxl_full_fine_tune_exports_a_folder_and_an_sgm_single_file_that_sample_al
     }
     assert_exports_sample_alike(&dir, &folder, &dir.join("output/tuned.safetensors"), &model);
 }
+
+/// Dreambooth's own setup, a full fine-tune with `--train_text_encoder`:
+/// the text encoder's weights train and are exported with the UNet, and
+/// the run ends with the before/after grid, whose base tiles were sampled
+/// before the first step overwrote the base weights: the left column is
+/// the base model's picture, as `sample` draws it from the base model with
+/// the settings the run's last lines give.
+#[test]
+fn a_full_fine_tune_trains_the_text_encoder_and_ends_with_the_comparison_grid() {
+    let dir = full_run_folder("full-text", "MAX_NUM_STEPS=2\nVALIDATION_STEPS=2\nLEARNING_RATE=1e-3\nTRAINER_EXTRA_ARGS=\"--train_text_encoder\"\n");
+    let output = runner(&["train", "--config", "config.env", "--device", "cpu"], &dir);
+    let log = stderr(&output);
+    assert!(output.status.success(), "{log}");
+    assert!(log.contains("sampled the base model's comparison tiles"), "{log}");
+    let plan = runner(&["plan", "--config", "config.env"], &dir);
+    assert!(String::from_utf8_lossy(&plan.stdout).contains("Text encoder: all its weights train too"), "{}", String::from_utf8_lossy(&plan.stdout));
+
+    // Every text-encoder tensor is exported; the trained ones moved.
+    let base_model = repo().join("trainer-core/tests/fixtures/models/sd1/diffusers");
+    let read = |path: PathBuf| std::fs::read(path).unwrap();
+    let (base_bytes, trained_bytes) =
+        (read(base_model.join("text_encoder/model.safetensors")), read(dir.join("output/burnbooth-model/text_encoder/model.safetensors")));
+    let (base, trained) = (safetensors::SafeTensors::deserialize(&base_bytes).unwrap(), safetensors::SafeTensors::deserialize(&trained_bytes).unwrap());
+    let mut moved = 0;
+    for (name, tensor) in base.tensors() {
+        let key = if trained.names().contains(&name.as_str()) { name.clone() } else { format!("text_model.{name}") };
+        let exported = trained.tensor(&key).unwrap_or_else(|_| panic!("{key} missing from the exported text encoder"));
+        assert_eq!((exported.shape(), exported.dtype()), (tensor.shape(), tensor.dtype()), "{key}");
+        moved += usize::from(exported.data() != tensor.data());
+    }
+    assert!(moved * 2 > base.len(), "only {moved} of {} text-encoder tensors changed", base.len());
+
+    // The grid's base tile is the base model's sample.
+    let grid = image::open(dir.join("output/comparison.png")).unwrap().to_rgb8();
+    assert_eq!(grid.dimensions(), (64, 64), "two 32 px rows (subject, class) of base | trained");
+    let line = log.lines().find(|l| l.starts_with("Use the model: native-runner sample ")).unwrap_or_else(|| panic!("no sample hint in:\n{log}"));
+    let settings = &line[line.find(" --prompt").unwrap()..];
+    let settings = settings.replace("--out sample.png", "--out base.png --device cpu");
+    let sample = Command::new("sh")
+        .args(["-c", &format!("{} sample --model {} {settings}", env!("CARGO_BIN_EXE_native-runner"), base_model.display())])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(sample.status.success(), "{}", stderr(&sample));
+    let base_tile = image::imageops::crop_imm(&grid, 0, 0, 32, 32).to_image();
+    let trained_tile = image::imageops::crop_imm(&grid, 32, 0, 32, 32).to_image();
+    let drawn = image::open(dir.join("base.png")).unwrap().to_rgb8();
+    let differing = |a: &image::RgbImage, b: &image::RgbImage| a.as_raw().iter().zip(b.as_raw()).filter(|(x, y)| x.abs_diff(**y) > 2).count();
+    assert_eq!(differing(&base_tile, &drawn), 0, "the grid's base tile should be the base model's sample");
+    assert!(differing(&trained_tile, &drawn) > 0, "and its trained tile the trained model's");
+}

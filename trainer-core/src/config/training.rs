@@ -194,7 +194,9 @@ pub struct TrainingConfig {
     pub lycoris_config: Option<String>,
     /// That file's settings (LoKr, LoCon), read by [`crate::config::load`] (or set by the caller).
     pub lycoris: Option<LycorisSettings>,
-    /// LoRA adapters on the text encoder too (`--train_text_encoder`).
+    /// The text encoder trains too (`--train_text_encoder`): LoRA adapters on
+    /// it in a LoRA run, all its weights in a full fine-tune (as
+    /// Dreambooth's paper and diffusers' `train_dreambooth.py` do).
     pub train_text_encoder: bool,
     /// The text encoder's learning rate (`--text_encoder_lr`); the UNet's when unset.
     pub text_encoder_lr: Option<f64>,
@@ -522,9 +524,6 @@ fn read_config(raw: &Map<String, Value>, from_env: bool, source_name: &str, base
     let text_encoder_lr = r.f64_where(&["text_encoder_lr"], |v| v > 0.0, "positive");
     if optimizer == OptimizerKind::Prodigy && text_encoder_lr.is_some_and(|rate| rate != learning_rate) {
         r.error("text_encoder_lr: prodigy estimates one step size for every parameter and cannot give the text encoder another learning rate (prodigyopt refuses it too); leave text_encoder_lr unset");
-    }
-    if train_text_encoder && model_type == ModelType::Full {
-        r.error("train_text_encoder: only LoRA training (model_type lora) trains the text encoder so far");
     }
     let mixed_precision = r.choice(&["mixed_precision"], &["no", "fp16", "bf16", "fp8"]).unwrap_or_else(|| "bf16".into());
     let gradient_checkpointing = r.bool(&["gradient_checkpointing"]).unwrap_or(true);

@@ -131,7 +131,11 @@ pub fn describe(plan: &Plan) -> String {
     }
     let _ = writeln!(out, "Weights: {}", plan.precision.note);
     if let Some(lr) = plan.text_encoder_lr {
-        let _ = writeln!(out, "Text encoder: LoRA adapters train too (peak learning rate {lr:e}, same schedule); captions are encoded every step");
+        let what = match plan.model_type {
+            ModelType::Lora => "LoRA adapters train too",
+            ModelType::Full => "all its weights train too",
+        };
+        let _ = writeln!(out, "Text encoder: {what} (peak learning rate {lr:e}, same schedule); captions are encoded every step");
     }
     let s = &plan.lr_schedule;
     let _ = writeln!(

@@ -396,6 +396,7 @@ pub fn plan(
 fn precision_plan(training: &TrainingConfig, target: PlanTarget) -> PrecisionPlan {
     let frozen = match training.model_type {
         ModelType::Lora => "the base model",
+        ModelType::Full if training.train_text_encoder => "the VAE (the UNet and text encoder train in f32)",
         ModelType::Full => "the VAE and text encoder (the UNet trains in f32)",
     };
     let (frozen_weights, note) = if training.mixed_precision == "no" {

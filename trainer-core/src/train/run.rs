@@ -96,7 +96,8 @@ pub const fn default_export_name(model_type: ModelType) -> &'static str {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RunEnd {
     /// Every step ran: the exports' paths, and the before/after grid's
-    /// (a LoRA run that wrote a validation image).
+    /// (a run that wrote a validation image; a full fine-tune only when it
+    /// sampled its base tiles before training, not when resumed).
     Finished { exports: Vec<String>, comparison: Option<String> },
     /// Stopped by the host at `step`, with a checkpoint to resume from.
     Stopped { step: u64, checkpoint: String },
@@ -118,6 +119,9 @@ pub async fn run(session: &mut Session<'_>, host: &mut impl RunHost, options: &R
     if session.config.validation_on_startup && session.step == 0 {
         // The base model's image at step 0 (SimpleTuner's validation_on_startup).
         validated = validate(session, host).await?;
+    }
+    if session.sample_base_tiles(&mut |p| host.progress("comparison sampling (base model)", p.done as u64, p.total as u64)).await? {
+        host.note("sampled the base model's comparison tiles (a full fine-tune overwrites its weights)");
     }
 
     let total = session.total_steps();
@@ -202,7 +206,7 @@ pub async fn run(session: &mut Session<'_>, host: &mut impl RunHost, options: &R
 }
 
 /// Samples the before/after grid of the weights as they are and shows it;
-/// returns its path (`None` where there is no grid: a full fine-tune).
+/// returns its path (`None` where there is no grid: a resumed full fine-tune).
 async fn compare(session: &mut Session<'_>, host: &mut impl RunHost) -> Result<Option<String>> {
     let grid = session.comparison(&mut |p| host.progress("comparison sampling", p.done as u64, p.total as u64)).await?;
     let Some((path, _)) = grid else { return Ok(None) };

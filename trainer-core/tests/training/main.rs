@@ -250,6 +250,32 @@ fn prior_preservation_keeps_the_class_prompt_near_the_base_models_samples() {
     assert!(to_class_images(&class_prior) < to_class_images(&class_plain), "prior preservation should keep the class prompt drawing class images");
 }
 
+/// A full fine-tune with `--train_text_encoder` (Dreambooth's own setup)
+/// trains every text-encoder weight beside the UNet's, keeps them in its
+/// checkpoints and resumes exactly.
+#[test]
+fn a_full_fine_tune_trains_the_text_encoder_and_resumes_exactly() {
+    use trainer_core::train::checkpoint::trainable_tensors;
+    let device = Device::flex();
+    let storage = MemoryStorage::default();
+    let setup = setup("MODEL_TYPE=full\nLEARNING_RATE=2e-4\nMAX_NUM_STEPS=6\nTRAINER_EXTRA_ARGS=\"--train_text_encoder\"\n", true);
+    let mut run = session(&setup, &storage, &device, F32_TARGET);
+    let start = block_on(trainable_tensors(&run.model.text_encoder)).unwrap();
+    assert!(start.keys().any(|k| k.contains("token_embedding")), "every text-encoder weight trains: {:?}", start.keys().take(4).collect::<Vec<_>>());
+    train(&mut run, 3);
+    let moved = block_on(trainable_tensors(&run.model.text_encoder)).unwrap();
+    let changed = start.keys().filter(|k| moved[*k] != start[*k]).count();
+    assert!(changed * 2 > start.len(), "only {changed} of {} text-encoder tensors moved in 3 steps", start.len());
+    block_on(run.save_checkpoint()).unwrap();
+    let rest = train(&mut run, 3);
+
+    let mut resumed = session(&setup, &storage, &device, F32_TARGET);
+    resumed.resume("latest").unwrap();
+    assert_eq!(train(&mut resumed, 3), rest, "steps 4-6 after resuming equal the uninterrupted run");
+    assert_eq!(block_on(trainable_tensors(&resumed.model.text_encoder)).unwrap(), block_on(trainable_tensors(&run.model.text_encoder)).unwrap());
+    assert_eq!(block_on(trainable_tensors(&resumed.model.unet)).unwrap(), block_on(trainable_tensors(&run.model.unet)).unwrap());
+}
+
 #[test]
 fn exported_kohya_lora_merges_back_to_the_same_unet_output() {
     // Plain LoRA, and DoRA (use_dora), whose file carries dora_scale.

@@ -286,12 +286,14 @@ impl<'a> Session<'a> {
         }
         model.unet = unet;
         if config.train_text_encoder {
-            if full {
-                return Err(Error::Config { source_name: config.source_name.clone(), problems: vec!["train_text_encoder needs LoRA training".into()] });
-            }
-            // Both encoders for SDXL; the second's adapters draw their own initial values.
+            // Both encoders for SDXL: every weight trains in a full
+            // fine-tune; in a LoRA run they get adapters, the second's
+            // drawing their own initial values.
             let attach = |encoder: &ClipTextModel, seed: u64| -> Result<ClipTextModel> {
-                let mut encoder = encoder.clone().map(&mut ToTrainDevice { device: &train_device, trainable: false });
+                let mut encoder = encoder.clone().map(&mut ToTrainDevice { device: &train_device, trainable: full });
+                if full {
+                    return Ok(encoder);
+                }
                 let mut attached = 0;
                 for layer in encoder.lora_layers_mut() {
                     if options.lora_targets.matches_text(&layer.path) {

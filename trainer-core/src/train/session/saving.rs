@@ -99,6 +99,9 @@ impl Session<'_> {
             }
             adapters.insert("LoRA target layers".into(), format!("{} layers, {}", layers.len(), &RunRecord::content_hash(&layers)[..12]));
             adapters.insert("train_text_encoder".into(), c.train_text_encoder.to_string());
+        } else if c.train_text_encoder {
+            // Only when on, so full fine-tunes recorded before it compare equal.
+            adapters.insert("train_text_encoder".into(), "true".into());
         }
         let datasets = self.plan.datasets.iter().map(|d| (d.id.clone(), RunRecord::content_hash(&d.images))).collect();
         let model = serde_json::to_value(&self.model.fingerprints).expect("fingerprints serialise");

@@ -108,25 +108,53 @@ impl Session<'_> {
         Ok(ValidationImage { path, image, caption })
     }
 
-    /// The before/after grid of a LoRA run, `comparison.png`: a row for the
-    /// validation prompt and one for the class prompt (of the first
-    /// regularisation dataset, when there is one); in each, the base model's
-    /// sample on the left and the trained weights' on the right, from the
-    /// same seed (the base model's tiles are sampled once per session). Its
-    /// parameters name the rows and columns. `None` without
-    /// a validation prompt or for a full fine-tune (whose base weights are
-    /// no longer in memory).
+    /// The grid's rows: the validation prompt, then the class prompt (of
+    /// the first regularisation dataset, when there is one); empty without
+    /// a validation prompt.
+    fn comparison_prompts(&self) -> Vec<String> {
+        let Some(instance) = self.config.validation_prompt.clone() else { return Vec::new() };
+        std::iter::once(instance).chain(self.class_prompt()).collect()
+    }
+
+    /// Samples the grid's base-model tiles of a full fine-tune before it
+    /// trains (its steps overwrite the base weights; a LoRA run switches
+    /// its adapters off instead, whenever it makes a grid). Returns whether
+    /// it sampled any: not for a LoRA run, a run without a validation
+    /// prompt or that never validates (the grid comes with validation), or
+    /// one resumed past step 0.
+    pub async fn sample_base_tiles(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Result<bool> {
+        let every = self.config.validation_step_interval;
+        let validates = self.config.validation_on_startup || (every > 0 && every <= self.total_steps());
+        if self.config.model_type != ModelType::Full || self.step > 0 || !validates {
+            return Ok(false);
+        }
+        let prompts = self.comparison_prompts();
+        for prompt in &prompts {
+            let request = self.validation_request(prompt.clone());
+            let tile = self.sample(&request, progress).await?;
+            self.base_samples.insert(prompt.clone(), tile);
+        }
+        Ok(!prompts.is_empty())
+    }
+
+    /// The before/after grid, `comparison.png`: a row for the validation
+    /// prompt and one for the class prompt ([`comparison_prompts`](Self::comparison_prompts));
+    /// in each, the base model's sample on the left and the trained
+    /// weights' on the right, from the same seed (the base model's tiles are
+    /// sampled once per session). Its parameters name the rows and columns.
+    /// `None` without a validation prompt, or for a full fine-tune whose
+    /// base tiles were not sampled before it trained (a resumed run).
     pub async fn comparison(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Result<Option<(String, RgbImage)>> {
-        let Some(instance) = self.config.validation_prompt.clone() else { return Ok(None) };
-        if self.config.model_type == ModelType::Full {
+        let prompts = self.comparison_prompts();
+        if prompts.is_empty() {
             return Ok(None);
         }
-        let prompts: Vec<String> = std::iter::once(instance).chain(self.class_prompt()).collect();
         let mut tiles = Vec::new();
         for prompt in &prompts {
             let request = self.validation_request(prompt.clone());
             let base = match self.base_samples.get(prompt) {
                 Some(tile) => tile.clone(),
+                None if self.config.model_type == ModelType::Full => return Ok(None),
                 None => {
                     let tile = self.sample_with(&request, false, progress).await?;
                     self.base_samples.insert(prompt.clone(), tile.clone());

@@ -31,8 +31,10 @@ examples/dreambooth/subject/ while the class prompt still draws a toy.
   epsilon loss is weighted by (1 - a)/a capped to [1, WEIGHT_CAP] (the
   error in x0 at noisy timesteps, where only the caption can tell the
   picture): unweighted, the UNet learned to ignore the prompt;
-- text_encoder: the sd1 fixture's shape and start, trained with the UNet
-  (the random one gives every prompt nearly the same embedding);
+- text_encoder: the sd1 fixture's layout (2 layers, 2 heads) but TEXT_WIDTH
+  (32) wide, from random weights, trained with the UNet (a random one gives
+  every prompt nearly the same embedding; at the fixture's width of 8 the
+  prompt hardly steered the UNet);
 - tokenizer/: a link to the sd1 fixture's.
 
 Needs: pip install torch diffusers transformers safetensors pillow. Run from
@@ -51,7 +53,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image, ImageDraw
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 # The training loop and loss the trained test fixture was made with, and
 # the drawing of the example's regularisation toys.
@@ -72,6 +74,9 @@ WEIGHT_CAP = float(os.environ.get("WEIGHT_CAP", 20))
 # The share of drawn toys that are robots in random colours.
 ROBOTS = float(os.environ.get("ROBOTS", 0.25))
 LATENT_NOISE = float(os.environ.get("LATENT_NOISE", 0.05))
+# The text encoder's width (the sd1 fixture's is 8: too narrow for a prompt
+# to steer the UNet, see DEVELOPERS.md); the UNet's cross-attention matches it.
+TEXT_WIDTH = int(os.environ.get("TEXT_WIDTH", 32))
 BATCH = 16
 # The example's photo sizes (make_example_images.py), drawn at a quarter.
 SIZES = [(128, 128), (160, 120), (120, 160), (144, 108), (128, 160), (176, 128)]
@@ -211,13 +216,16 @@ def main():
         norm_num_groups=8,
         down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
         up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        cross_attention_dim=TEXT_WIDTH,
     )
     unet = UNet2DConditionModel.from_config(config)
     # Trained with the UNet: the sd1 fixture's random text encoder gives
     # every prompt nearly the same embedding, so the UNet would learn to
     # ignore the prompt, and no prompt (the instance prompt included) could
     # steer it.
-    text_encoder = CLIPTextModel.from_pretrained(BASE / "text_encoder")
+    text_config = CLIPTextConfig.from_pretrained(BASE / "text_encoder")
+    text_config.update(dict(hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH, projection_dim=TEXT_WIDTH))
+    text_encoder = CLIPTextModel(text_config)
     sizes = list(groups)
 
     def loss_at(step):

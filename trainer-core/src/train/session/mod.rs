@@ -289,7 +289,7 @@ impl<'a> Session<'a> {
             // Both encoders for SDXL: every weight trains in a full
             // fine-tune; in a LoRA run they get adapters, the second's
             // drawing their own initial values.
-            let attach = |encoder: &ClipTextModel, seed: u64| -> Result<ClipTextModel> {
+            let train_encoder = |encoder: &ClipTextModel, seed: u64| -> Result<ClipTextModel> {
                 let mut encoder = encoder.clone().map(&mut ToTrainDevice { device: &train_device, trainable: full });
                 if full {
                     return Ok(encoder);
@@ -312,9 +312,9 @@ impl<'a> Session<'a> {
                 }
                 Ok(encoder)
             };
-            model.text_encoder = attach(&model.text_encoder, config.seed)?;
+            model.text_encoder = train_encoder(&model.text_encoder, config.seed)?;
             if let Some(encoder) = &model.text_encoder_2 {
-                model.text_encoder_2 = Some(attach(encoder, SeededRng::derived(config.seed, "text-encoder-2").next_u64())?);
+                model.text_encoder_2 = Some(train_encoder(encoder, SeededRng::derived(config.seed, "text-encoder-2").next_u64())?);
             }
         }
         let bf16 = config.optimizer == OptimizerKind::AdamwBf16 && plan.optimizer.state_dtype == "bf16";

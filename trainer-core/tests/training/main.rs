@@ -250,6 +250,26 @@ fn prior_preservation_keeps_the_class_prompt_near_the_base_models_samples() {
     assert!(to_class_images(&class_prior) < to_class_images(&class_plain), "prior preservation should keep the class prompt drawing class images");
 }
 
+/// Min-SNR weighting scales the prior term as it scales the instance term
+/// (kohya's and SimpleTuner's weighting, not diffusers' unweighted prior).
+/// With a tiny gamma every weight is below 0.02, so the whole first loss
+/// shrinks; an unweighted prior term would keep about half of it.
+#[test]
+fn min_snr_weighting_scales_the_prior_term_too() {
+    let device = Device::flex();
+    let first_loss = |extra: &str| -> f32 {
+        let storage = MemoryStorage::default();
+        let setup = setup(&format!("MAX_NUM_STEPS=1\nREGULARISATION_MODE=prior_preservation\n{extra}"), true);
+        let mut run = session(&setup, &storage, &device, F32_TARGET);
+        train(&mut run, 1)[0]
+    };
+    let plain = first_loss("");
+    let weighted = first_loss("TRAINER_EXTRA_ARGS=\"--snr_gamma 0.0001\"\n");
+    let instance_only = first_loss("PRIOR_LOSS_WEIGHT=0\n");
+    assert!(instance_only < plain * 0.9, "the prior term should add to the loss: {instance_only} of {plain}");
+    assert!(weighted > 0.0 && weighted < plain * 0.05, "min-SNR should weight both terms: {weighted} of {plain}");
+}
+
 /// A full fine-tune with `--train_text_encoder` (Dreambooth's own setup)
 /// trains every text-encoder weight beside the UNet's, keeps them in its
 /// checkpoints and resumes exactly.

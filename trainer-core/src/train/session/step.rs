@@ -255,8 +255,12 @@ impl Session<'_> {
                     prior.sampler.next_batch().ok_or_else(|| Error::Training { step: self.step, message: "the class datasets ran out of batches".into() })?;
                 let prior = self.prior.as_ref().expect("matched above");
                 let inputs = self.batch_inputs(prior.datasets[class_batch.dataset], &class_batch, &mut rng)?;
-                // The prior term is never SNR-weighted (train_dreambooth.py).
-                let mut term = self.regression(inputs, &mut rng, false, false);
+                // Weighted like the instance term, as kohya's sd-scripts and
+                // SimpleTuner weight class images (DEVELOPERS: "The prior
+                // term's weighting"): left unweighted, as diffusers'
+                // train_dreambooth.py leaves it, a small min-SNR gamma makes
+                // it outweigh the instance term at every step.
+                let mut term = self.regression(inputs, &mut rng, false, true);
                 term.factor = self.config.prior_loss_weight;
                 terms.push(term);
             }

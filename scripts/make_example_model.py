@@ -1,6 +1,7 @@
 """Builds examples/dreambooth/tiny-model/: meant as the base model of
-README's quick start (not used yet: DEVELOPERS.md, "Test fixtures and the
-example model", says what it does so far), a small SD1 model whose
+README's quick start (examples/dreambooth/quickstart.env; DEVELOPERS.md,
+"Test fixtures and the example model", says how it was made and what the
+quick start reaches on it), a small SD1 model whose
 pictures mean something at the example's 64 px, so that the first run
 shows Dreambooth working: before training it draws a toy for any prompt,
 after it the instance prompt should draw the robot of

@@ -338,13 +338,47 @@ fn pixel_distance(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
     sum / a.as_raw().len() as f64
 }
 
-/// README's quick start, run as written (into a scratch folder): it trains
-/// its 60 steps, ends with the LoRA and `comparison.png`, and the command
-/// its last lines suggest draws the grid's trained picture from the
-/// exported LoRA.
+/// The subject photos as the distance measure sees them: each one's centre
+/// square, resized (Lanczos3) to `size` px.
+fn subject_photos(size: u32) -> Vec<image::RgbImage> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(repo().join("examples/dreambooth/subject"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jpg" || e == "png"))
+        .collect();
+    paths.sort();
+    paths
+        .iter()
+        .map(|path| {
+            let photo = image::open(path).unwrap().to_rgb8();
+            let (w, h) = photo.dimensions();
+            let side = w.min(h);
+            let square = image::imageops::crop_imm(&photo, (w - side) / 2, (h - side) / 2, side, side).to_image();
+            image::imageops::resize(&square, size, size, image::imageops::FilterType::Lanczos3)
+        })
+        .collect()
+}
+
+/// The middle of a 64 px picture, where the example photos' robot stands
+/// (rows 8..56, columns 16..48): the measure of what a picture draws, not
+/// of its background, which in the photos is a different colour each time.
+fn centre_box(picture: &image::RgbImage) -> image::RgbImage {
+    image::imageops::crop_imm(picture, 16, 8, 32, 48).to_image()
+}
+
+/// README's quick start, run as written (into a scratch folder): a full
+/// fine-tune of the example model with its text encoder trains the steps
+/// quickstart.env sets, ends with the exported model and `comparison.png`,
+/// whose trained "zwxrobot" picture is nearer the subject photos than the
+/// base model's while the class prompt's picture moves much less; and the
+/// command its last lines suggest draws the grid's trained picture from
+/// the exported model.
 #[test]
 fn readme_quick_start_runs_as_written() {
     let command = readme_quick_start();
+    assert!(command.ends_with("examples/dreambooth/quickstart.env"), "README's first run is quickstart.env: {command}");
+    let config = std::fs::read_to_string(repo().join("examples/dreambooth/quickstart.env")).unwrap();
+    let steps: usize = config.lines().find_map(|l| l.strip_prefix("MAX_NUM_STEPS=")).expect("quickstart.env sets MAX_NUM_STEPS").parse().unwrap();
     let out = scratch("readme");
     // The command verbatim, with a scratch output folder added. It runs
     // through cargo as a user's would (so a missing `default-run` fails
@@ -356,26 +390,38 @@ fn readme_quick_start_runs_as_written() {
     let output = Command::new("sh").args(["-c", &script]).current_dir(repo()).env("CARGO_TARGET_DIR", target_dir).output().unwrap();
     let log = stderr(&output);
     assert!(output.status.success(), "`{script}` failed:\n{log}");
-    assert!(out.join("burnbooth-lora.safetensors").is_file(), "no LoRA in {}: {log}", out.display());
+    for export in ["burnbooth-model/unet/diffusion_pytorch_model.safetensors", "burnbooth-model/text_encoder/model.safetensors", "burnbooth-model.safetensors"]
+    {
+        assert!(out.join(export).is_file(), "no {export} in {}: {log}", out.display());
+    }
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    assert_eq!(metrics.lines().filter(|l| l.contains("\"loss\"")).count(), 60, "{metrics}");
+    assert_eq!(metrics.lines().filter(|l| l.contains("\"loss\"")).count(), steps, "{metrics}");
 
-    // The grid: rows instance prompt, class prompt; columns base, trained.
+    // The grid: rows "zwxrobot", the class prompt; columns base, trained.
     let grid = image::open(out.join("comparison.png")).unwrap().to_rgb8();
     assert_eq!(grid.dimensions(), (128, 128), "two 64 px rows of base | trained");
-    let trained = image::imageops::crop_imm(&grid, 64, 0, 64, 64).to_image();
-    let base = image::imageops::crop_imm(&grid, 0, 0, 64, 64).to_image();
+    let tile = |column: u32, row: u32| image::imageops::crop_imm(&grid, 64 * column, 64 * row, 64, 64).to_image();
+    let (base, trained, base_class, trained_class) = (tile(0, 0), tile(1, 0), tile(0, 1), tile(1, 1));
+    let photos: Vec<image::RgbImage> = subject_photos(64).iter().map(centre_box).collect();
+    let to_subject = |picture: &image::RgbImage| photos.iter().map(|p| pixel_distance(&centre_box(picture), p)).sum::<f64>() / photos.len() as f64;
+    let (before, after) = (to_subject(&base), to_subject(&trained));
+    assert!(after < before * 0.9, "the trained \"zwxrobot\" should be nearer the subject photos than the base model's: {before:.4} -> {after:.4}");
+    let (moved, class_moved) = (pixel_distance(&base, &trained), pixel_distance(&base_class, &trained_class));
+    assert!(
+        class_moved < moved / 2.0,
+        "prior preservation should keep the class prompt near the base model: it moved {class_moved:.4}, the instance {moved:.4}"
+    );
 
     // The suggested command (validation size, steps, guidance, sampler and
-    // seed), from the LoRA file, draws the trained tile.
-    let line = log.lines().find(|l| l.starts_with("Use the LoRA: native-runner sample ")).unwrap_or_else(|| panic!("no sample hint in:\n{log}"));
+    // seed), from the exported model, draws the trained tile.
+    let line = log.lines().find(|l| l.starts_with("Use the model: native-runner sample ")).unwrap_or_else(|| panic!("no sample hint in:\n{log}"));
     let sample = out.join("sample.png");
-    let hint = line["Use the LoRA: native-runner".len()..].replace("--out sample.png", &format!("--out {} --device cpu", sample.display()));
+    let hint = line["Use the model: native-runner".len()..].replace("--out sample.png", &format!("--out {} --device cpu", sample.display()));
     let output = Command::new("sh").args(["-c", &format!("{} {hint}", binary.display())]).current_dir(repo()).output().unwrap();
     assert!(output.status.success(), "{hint}: {}", stderr(&output));
     let sampled = image::open(&sample).unwrap().to_rgb8();
     let (to_trained, to_base) = (pixel_distance(&sampled, &trained), pixel_distance(&sampled, &base));
-    assert!(to_trained < 1e-4, "the hint's sample should be the grid's trained picture (merged LoRA vs adapters): {to_trained:.2e}");
+    assert!(to_trained < 1e-4, "the hint's sample should be the grid's trained picture: {to_trained:.2e}");
     assert!(to_trained < to_base / 10.0, "and not the base model's: {to_trained:.2e} vs {to_base:.2e}");
     let _ = std::fs::remove_dir_all(&out);
 }

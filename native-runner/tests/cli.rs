@@ -339,8 +339,9 @@ fn pixel_distance(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
 }
 
 /// The subject photos as the distance measure sees them: each one's centre
-/// square, resized (Lanczos3) to `size` px.
-fn subject_photos(size: u32) -> Vec<image::RgbImage> {
+/// square, resized (Lanczos3) to the grid tiles' 64 px, which
+/// [`centre_box`] assumes.
+fn subject_photos() -> Vec<image::RgbImage> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(repo().join("examples/dreambooth/subject"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -354,7 +355,7 @@ fn subject_photos(size: u32) -> Vec<image::RgbImage> {
             let (w, h) = photo.dimensions();
             let side = w.min(h);
             let square = image::imageops::crop_imm(&photo, (w - side) / 2, (h - side) / 2, side, side).to_image();
-            image::imageops::resize(&square, size, size, image::imageops::FilterType::Lanczos3)
+            image::imageops::resize(&square, 64, 64, image::imageops::FilterType::Lanczos3)
         })
         .collect()
 }
@@ -402,7 +403,7 @@ fn readme_quick_start_runs_as_written() {
     assert_eq!(grid.dimensions(), (128, 128), "two 64 px rows of base | trained");
     let tile = |column: u32, row: u32| image::imageops::crop_imm(&grid, 64 * column, 64 * row, 64, 64).to_image();
     let (base, trained, base_class, trained_class) = (tile(0, 0), tile(1, 0), tile(0, 1), tile(1, 1));
-    let photos: Vec<image::RgbImage> = subject_photos(64).iter().map(centre_box).collect();
+    let photos: Vec<image::RgbImage> = subject_photos().iter().map(centre_box).collect();
     let to_subject = |picture: &image::RgbImage| photos.iter().map(|p| pixel_distance(&centre_box(picture), p)).sum::<f64>() / photos.len() as f64;
     let (before, after) = (to_subject(&base), to_subject(&trained));
     assert!(after < before * 0.9, "the trained \"zwxrobot\" should be nearer the subject photos than the base model's: {before:.4} -> {after:.4}");

@@ -22,6 +22,7 @@ parser.add_argument("--checkpointing", action="store_true")
 # train_dreambooth_lora(_sdxl).py --mixed_precision fp16: frozen UNet in f16,
 # LoRA in f32, forward under autocast. CUDA only; the CPU run stays f32.
 parser.add_argument("--f16-base", action="store_true")
+parser.add_argument("--lora-dropout", type=float, default=0.0)
 args = parser.parse_args()
 torch.set_num_threads(2)
 torch.manual_seed(0)
@@ -36,7 +37,7 @@ if args.checkpointing:
 f16 = args.f16_base and cuda
 if f16:
     unet.to(torch.float16)
-unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", lora_dropout=args.lora_dropout, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
 if f16:
     for p in unet.parameters():
         if p.requires_grad:

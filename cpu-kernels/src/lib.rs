@@ -1,8 +1,8 @@
 //! The CPU backend's own kernels on plain f32 slices, where burn's CPU
 //! backend is slow: attention ([`attention`], re-exported here), stride-1
 //! convolutions and their input gradient ([`conv`]), GELU/SiLU with
-//! their gradients ([`activation`]) and matrix products on all cores
-//! ([`matmul`]).
+//! their gradients ([`activation`]), matrix products on all cores
+//! ([`matmul`]) and LoRA dropout's masks ([`dropout`]).
 //!
 //! Its own crate so that it is compiled optimised in every profile: the
 //! workspace's dev profile keeps trainer-core at opt-level 1, where loops
@@ -11,6 +11,7 @@
 pub mod activation;
 pub mod attention;
 pub mod conv;
+pub mod dropout;
 mod matrix;
 #[cfg(target_arch = "x86_64")]
 mod product;

@@ -15,12 +15,14 @@
 //! `train` does it; diffusers' enable_gradient_checkpointing on the PyTorch
 //! side), `--f16-base` stores the frozen base weights in f16 as `train`
 //! does on GPUs (the PyTorch side loads the UNet in f16 then, its LoRA
-//! weights staying f32). scripts/gpu-bench.sh runs it on a lent GPU.
+//! weights staying f32), `--lora-dropout P` drops the adapters' inputs as
+//! `train`'s LORA_DROPOUT does (peft's lora_dropout on the PyTorch side).
+//! scripts/gpu-bench.sh runs it on a lent GPU.
 //! `--rounds N` repeats the pair (PyTorch, then ours) N times, interleaved,
 //! and ends with each round's ratio and their median: on a shared machine
 //! one pair's ratio moves with the neighbours' load.
 //!
-//! cargo run --release -p native-runner --bin bench-train -- [--steps 5] [--device cpu,cpu-gpu,gpu] [--unet mid|sd15|sdxl] [--unet-config PATH] [--resolution 512] [--rank 4] [--checkpointing] [--f16-base] [--with-torch] [--rounds 3]
+//! cargo run --release -p native-runner --bin bench-train -- [--steps 5] [--device cpu,cpu-gpu,gpu] [--unet mid|sd15|sdxl] [--unet-config PATH] [--resolution 512] [--rank 4] [--checkpointing] [--f16-base] [--lora-dropout 0.1] [--with-torch] [--rounds 3]
 
 use std::time::Instant;
 
@@ -29,7 +31,7 @@ use clap::{Parser, ValueEnum};
 use native_runner::bench::{devices, median, pool_memory, MID_SIZE_UNET};
 use trainer_core::models::config::UNetConfig;
 use trainer_core::models::loader::Loader;
-use trainer_core::models::lora::LoraTargets;
+use trainer_core::models::lora::{DropoutSource, LoraTargets};
 use trainer_core::models::unet::{AddedConditions, UNet2DConditionModel};
 use trainer_core::pipeline::gaussian_noise;
 use trainer_core::rng::SeededRng;
@@ -52,6 +54,8 @@ struct Settings {
     rank: usize,
     checkpointing: bool,
     f16_base: bool,
+    /// LoRA dropout's probability (0: none).
+    lora_dropout: f64,
     steps: usize,
 }
 
@@ -66,9 +70,10 @@ fn bench(name: &str, device: Device, settings: &Settings) -> f64 {
     unet = burn::module::Module::no_grad(unet);
     let targets = LoraTargets::attention();
     let mut lora_parameters = 0;
+    let dropout = (settings.lora_dropout > 0.0).then(|| DropoutSource::new(settings.lora_dropout));
     for layer in unet.lora_layers_mut() {
         if targets.matches(&layer.path) {
-            layer.attach(settings.rank, settings.rank as f64, 1, None, &train_device);
+            layer.attach(settings.rank, settings.rank as f64, 1, dropout.clone(), &train_device);
             let [d_in, d_out] = layer.dims();
             lora_parameters += settings.rank * (d_in + d_out);
         }
@@ -91,6 +96,10 @@ fn bench(name: &str, device: Device, settings: &Settings) -> f64 {
     let mut first = 0.0;
     for step in 0..=steps {
         let start = Instant::now();
+        if let Some(dropout) = &dropout {
+            dropout.start_step(1, step as u64, 0);
+            dropout.begin_forward();
+        }
         let loss_of = |prediction: Tensor<4>| (prediction - target.clone()).square().mean();
         let loss = if settings.checkpointing {
             let mut collect = |grads: &mut burn::tensor::Gradients| optimizer.accumulate(&unet, "", grads, 1.0);
@@ -139,6 +148,9 @@ fn bench_torch(settings: &Settings) -> Option<f64> {
     if settings.f16_base {
         torch_args.push("--f16-base".into());
     }
+    if settings.lora_dropout > 0.0 {
+        torch_args.extend(["--lora-dropout".into(), settings.lora_dropout.to_string()]);
+    }
     let output = std::process::Command::new("python3").args(&torch_args).stderr(std::process::Stdio::inherit()).output();
     let _ = std::fs::remove_file(&config_path);
     match output {
@@ -183,6 +195,10 @@ struct Args {
     /// Frozen base weights in f16, as `train` stores them on GPUs.
     #[arg(long)]
     f16_base: bool,
+    /// LoRA dropout on the adapters' inputs (train's LORA_DROPOUT, whose
+    /// default is 0.1; peft's default is none).
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f64,
     /// Also run scripts/bench_train_torch.py on the same settings.
     #[arg(long)]
     with_torch: bool,
@@ -215,16 +231,17 @@ fn run() {
     if cfg!(debug_assertions) {
         println!("warning: debug build; use --release for meaningful timings");
     }
-    let Args { steps, device: devices_arg, unet: unet_choice, unet_config, rank, resolution, checkpointing, f16_base, with_torch, rounds } = Args::parse();
+    let Args { steps, device: devices_arg, unet: unet_choice, unet_config, rank, resolution, checkpointing, f16_base, lora_dropout, with_torch, rounds } =
+        Args::parse();
     let (unet, unet_name) = match (&unet_config, unet_choice) {
         (Some(path), _) => (std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}")), path.as_str()),
         (None, UnetChoice::Mid) => (MID_SIZE_UNET.to_string(), "mid"),
         (None, UnetChoice::Sd15) => (trainer_core::models::standard::SD15_UNET.to_string(), "sd15"),
         (None, UnetChoice::Sdxl) => (trainer_core::models::standard::SDXL_UNET.to_string(), "sdxl"),
     };
-    let settings = Settings { unet: unet.clone(), latent_side: resolution / 8, rank, checkpointing, f16_base, steps };
+    let settings = Settings { unet: unet.clone(), latent_side: resolution / 8, rank, checkpointing, f16_base, lora_dropout, steps };
     println!(
-        "UNet {unet_name}, {resolution} px (latents {0}x{0}), LoRA rank {rank} on attention, gradient checkpointing {checkpointing}, base weights {1}",
+        "UNet {unet_name}, {resolution} px (latents {0}x{0}), LoRA rank {rank} on attention, dropout {lora_dropout}, gradient checkpointing {checkpointing}, base weights {1}",
         resolution / 8,
         if f16_base { "f16" } else { "f32" }
     );

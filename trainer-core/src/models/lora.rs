@@ -20,6 +20,7 @@ use super::conv::conv2d;
 use super::layers::{in_dtype, project, Conv2d, Linear};
 use crate::config::lycoris::{factorization, LycorisSettings};
 use crate::rng::SeededRng;
+use cpu_kernels::dropout::DropoutMask;
 
 /// A Linear layer that can carry a LoRA adapter.
 #[derive(Module, Debug)]
@@ -401,11 +402,12 @@ impl LoraTargets {
     }
 }
 
-/// LoRA dropout masks from seeded generators. Each mask is drawn from a
+/// LoRA dropout masks keyed by name. Each mask's key is drawn from a
 /// stream named by the training step, micro-batch, forward pass and layer
-/// (path and shape), so a resumed run draws the same masks, the masks do
-/// not depend on the backend, and gradient checkpointing, which runs a
-/// stage's forward again, draws the mask the first run used.
+/// (path and shape), and the mask is made from the key on the tensor's
+/// device (`models/dropout.rs`), so a resumed run draws the same masks, the
+/// masks do not depend on the backend, and gradient checkpointing, which
+/// runs a stage's forward again, draws the mask the first run used.
 #[derive(Debug, Clone)]
 pub struct DropoutSource {
     state: Arc<Mutex<DropoutState>>,
@@ -456,15 +458,11 @@ impl DropoutSource {
         if !state.active || state.probability <= 0.0 {
             return x;
         }
-        let p = state.probability;
-        let keep_scale = (1.0 / (1.0 - p)) as f32;
-        let shape = x.dims();
         let (seed, step, micro) = state.stream;
-        let mut rng = SeededRng::derived(seed, &format!("lora-dropout/{step}/{micro}/{}/{layer}/{shape:?}", state.forward));
+        let label = format!("lora-dropout/{step}/{micro}/{}/{layer}/{:?}", state.forward, x.dims());
+        let mask = DropoutMask::new(SeededRng::derived(seed, &label).next_u64(), state.probability);
         drop(state);
-        let count: usize = shape.iter().product();
-        let mask: Vec<f32> = (0..count).map(|_| if rng.next_f64() < p { 0.0 } else { keep_scale }).collect();
-        let mask = Tensor::<D>::from_data(TensorData::new(mask, shape), &x.device());
+        let mask = super::dropout::mask_like(&x, mask);
         x * mask
     }
 }

@@ -8,6 +8,7 @@ pub mod blocks;
 pub mod clip;
 pub mod config;
 pub mod conv;
+pub mod dropout;
 pub mod layers;
 pub mod loader;
 pub mod lora;

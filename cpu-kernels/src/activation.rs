@@ -126,13 +126,7 @@ pub fn activation(activation: Activation, x: &[f32], grad: Option<&[f32]>, out: 
         let range = index * CHUNK..index * CHUNK + out.len();
         chunk(simd, activation, &x[range.clone()], grad.map(|grad| &grad[range]), out);
     };
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        use rayon::prelude::*;
-        items.into_par_iter().for_each(work);
-    }
-    #[cfg(target_arch = "wasm32")]
-    items.into_iter().for_each(work);
+    crate::matrix::for_each(items, |_, item| work(item));
 }
 
 #[cfg(test)]

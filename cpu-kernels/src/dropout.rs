@@ -66,13 +66,7 @@ impl DropoutMask {
             let start = (chunk * CHUNK) as u32;
             out.iter_mut().zip(start..).for_each(|(out, index)| *out = self.value(index));
         };
-        #[cfg(not(target_arch = "wasm32"))]
-        {
-            use rayon::prelude::*;
-            items.into_par_iter().for_each(work);
-        }
-        #[cfg(target_arch = "wasm32")]
-        items.into_iter().for_each(work);
+        crate::matrix::for_each(items, |_, item| work(item));
     }
 }
 

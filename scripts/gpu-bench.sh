@@ -47,7 +47,7 @@ prepare)
   cargo build --release --locked -p native-runner --bin bench-train
   cp "$CARGO_TARGET_DIR/release/bench-train" "$pack/bench-train"
   strip "$pack/bench-train"
-  # The repository travels too (about 29 MiB of fixtures): 64 MiB in all.
+  # The repository travels too (37 MiB of fixtures and the example model on 2026-12-03): 64 MiB in all.
   xz -9 -T2 -f "$pack/bench-train"
   echo "==> diffusers from $python, zipped (Python imports it from the zip)"
   "$python" - "$pack/diffusers.zip" <<'PY'

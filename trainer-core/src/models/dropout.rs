@@ -68,7 +68,7 @@ fn on_cube<const D: usize>(like: &Tensor<D>, mask: DropoutMask) -> Option<Tensor
     let dim = CubeDim::new(&out.client, elements);
     let count = cubecl::calculate_cube_count_elemwise(&out.client, elements, dim);
     let (key_low, key_high) = mask.key_halves();
-    kernel::mask_kernel::launch(&out.client.clone(), count, dim, out.clone().into_tensor_arg(), key_low, key_high, mask.threshold, mask.keep_scale);
+    kernel::mask_kernel::launch(&out.client, count, dim, out.clone().into_tensor_arg(), key_low, key_high, mask.threshold, mask.keep_scale);
     Some(Tensor::from_primitive::<Cube>(out))
 }
 
